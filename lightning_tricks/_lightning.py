@@ -1,0 +1,37 @@
+"""The one place that imports Lightning.
+
+Everything in ``lightning_tricks`` imports Lightning names from here, so supporting the unified
+``lightning`` package (``lightning.pytorch``) as well is a change to this file only.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from pytorch_lightning.callbacks import (
+    EarlyStopping as PLEarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+__all__ = [
+    "pl",
+    "Callback",
+    "LightningDataModule",
+    "LightningModule",
+    "Trainer",
+    "seed_everything",
+    "PLEarlyStopping",
+    "LearningRateMonitor",
+    "ModelCheckpoint",
+    "CSVLogger",
+    "Logger",
+    "TensorBoardLogger",
+    "rank_zero_info",
+    "rank_zero_only",
+    "rank_zero_warn",
+    "MisconfigurationException",
+]

@@ -33,6 +33,9 @@ _WHERE: dict[str, str] = {
     "FreezeUnfreeze": "finetune",
     # run output
     "CurvePlot": "plots",
+    # Lightning's own, re-exported for configs
+    "ModelCheckpoint": "lightning",
+    "LearningRateMonitor": "lightning",
 }
 
 __all__ = sorted(_WHERE)

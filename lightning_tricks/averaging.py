@@ -1,0 +1,377 @@
+"""Weight averaging cores: EMA / Polyak averaging, SWA running means, BatchNorm statistics update.
+
+Pure functions and one small class, no Trainer. The callbacks in
+:mod:`lightning_tricks.callbacks.averaging` are thin wiring over these.
+
+- :func:`ema_decay` is the decay used at one update, with the warmup of TensorFlow's
+  ``ExponentialMovingAverage(num_updates=...)``: ``min(decay, (1 + t) / (10 + t))``.
+- :func:`swa_weight` is the weight of the new sample in an equal running mean: ``1 / (n + 1)``.
+- :func:`swa_lr` is the SWA learning rate annealed from the current LR to ``swa_lr`` (the schedule of
+  ``torch.optim.swa_utils.SWALR``).
+- :class:`WeightAverage` keeps float32 shadow copies of a module's floating-point parameters (and
+  optionally buffers), grouped once by (device, dtype), so an update is one or a few
+  ``torch._foreach_*`` calls: ``avg <- avg + w * (x - avg)`` (``torch._foreach_lerp_``).
+- :func:`update_bn` recomputes BatchNorm running statistics as a cumulative average over one pass of
+  data (``torch.optim.swa_utils.update_bn`` semantics) with a caller-given forward function.
+- :func:`averaged_state_dict` reads the averaged weights an :class:`~lightning_tricks.callbacks.EMA`
+  or :class:`~lightning_tricks.callbacks.SWA` callback stored in a Lightning checkpoint.
+
+References:
+    Polyak, B. T. and Juditsky, A. B. (1992). Acceleration of stochastic approximation by averaging.
+    Izmailov, P. et al. (2018). Averaging Weights Leads to Wider Optima and Better Generalization.
+    arXiv:1803.05407.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ema_decay",
+    "swa_weight",
+    "swa_lr",
+    "lerp_",
+    "WeightAverage",
+    "update_bn",
+    "bn_modules",
+    "averaged_state_dict",
+    "AVERAGE_STATE_KEY",
+]
+
+#: Key under which the averaging callbacks store ``{state_dict name: averaged tensor}`` in their state.
+AVERAGE_STATE_KEY = "average"
+
+
+def ema_decay(num_updates: int, decay: float, warmup: bool = True) -> float:
+    """The EMA decay of update number ``num_updates`` (0 for the first update).
+
+    ``min(decay, (1 + t) / (10 + t))`` with warmup (TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``), else ``decay``. Computed on the host from an int, so it never syncs a device.
+
+    Example:
+        >>> [round(ema_decay(t, 0.999), 4) for t in (0, 1, 10, 10_000)]
+        [0.1, 0.1818, 0.55, 0.999]
+        >>> ema_decay(0, 0.9, warmup=False)
+        0.9
+    """
+    if num_updates < 0:
+        raise ValueError(f"num_updates must be >= 0, got {num_updates!r}")
+    if not warmup:
+        return float(decay)
+    return float(min(decay, (1.0 + num_updates) / (10.0 + num_updates)))
+
+
+def swa_weight(num_averaged: int) -> float:
+    """Weight of the next sample in an equal running mean of ``num_averaged`` samples: ``1 / (n + 1)``.
+
+    ``avg_{n+1} = avg_n + (x - avg_n) / (n + 1)``; the first update (``n = 0``) copies ``x``.
+
+    Example:
+        >>> [swa_weight(n) for n in range(4)]
+        [1.0, 0.5, 0.3333333333333333, 0.25]
+    """
+    if num_averaged < 0:
+        raise ValueError(f"num_averaged must be >= 0, got {num_averaged!r}")
+    return 1.0 / (num_averaged + 1)
+
+
+def swa_lr(k: int, lr0: float, target: float, anneal_len: int, anneal: str = "cos") -> float:
+    """Learning rate of the ``k``-th SWA step or epoch (``k = 1, 2, ...``), annealed ``lr0 -> target``.
+
+    ``alpha = a(min(1, k / anneal_len))`` with ``a(t) = (1 - cos(pi t)) / 2`` (``"cos"``) or ``a(t) = t``
+    (``"linear"``), and ``lr = target * alpha + lr0 * (1 - alpha)``; ``anneal_len = 0`` jumps to
+    ``target`` at once. The same values as ``torch.optim.swa_utils.SWALR`` after ``k`` calls of
+    ``step()`` (Izmailov et al. 2018, arXiv:1803.05407).
+
+    Example:
+        >>> [round(swa_lr(k, 0.1, 0.01, 2, "linear"), 3) for k in (1, 2, 3)]
+        [0.055, 0.01, 0.01]
+    """
+    if anneal not in ("cos", "linear"):
+        raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
+    if anneal_len < 0:
+        raise ValueError(f"anneal_len must be >= 0, got {anneal_len!r}")
+    t = 1.0 if anneal_len == 0 else max(0.0, min(1.0, k / anneal_len))
+    alpha = (1.0 - math.cos(math.pi * t)) / 2.0 if anneal == "cos" else t
+    return target * alpha + lr0 * (1.0 - alpha)
+
+
+@torch.no_grad()
+def lerp_(averages: list[Tensor], values: list[Tensor], weight: float) -> None:
+    """``avg <- avg + weight * (value - avg)`` for lists of tensors on one device.
+
+    Same dtype: one ``torch._foreach_lerp_``. Different dtypes (float32 average of bfloat16/float16
+    weights): ``torch._foreach_mul_`` then ``torch._foreach_add_`` (upcast in the kernel, no copy).
+    ``weight == 1`` copies (``torch._foreach_copy_``), so the first SWA update is exact.
+    """
+    if not averages:
+        return
+    if weight == 1.0:
+        torch._foreach_copy_(averages, values)
+    elif averages[0].dtype == values[0].dtype:
+        torch._foreach_lerp_(averages, values, weight)
+    else:
+        torch._foreach_mul_(averages, 1.0 - weight)
+        torch._foreach_add_(averages, values, alpha=weight)
+
+
+class _Group:
+    """Averages and the live tensors they track, all on one (device, dtype) pair."""
+
+    __slots__ = ("averages", "live", "staging")
+
+    def __init__(self, averages: list[Tensor], live: list[Tensor], staging: list[Tensor] | None) -> None:
+        self.averages = averages
+        self.live = live
+        self.staging = staging  # copies of ``live`` on the averages' device when the devices differ
+
+    @torch.no_grad()
+    def update_(self, weight: float) -> None:
+        values = self.live
+        if self.staging is not None:
+            # a blocking copy: the averages' device reads the values right after
+            torch._foreach_copy_(self.staging, self.live)
+            values = self.staging
+        lerp_(self.averages, values, weight)
+
+
+class WeightAverage:
+    """Float32 shadow copies of a module's floating-point parameters (and buffers), updated with foreach ops.
+
+    The tensors are collected by name and grouped by (device, dtype) once, in :meth:`bind`; an update
+    is then one ``torch._foreach_lerp_`` per group (one group for a model on one device in one dtype),
+    with no Python loop over parameters and no host-device sync (except ``device="cpu"`` for a model
+    on an accelerator: the copy to the host has to finish before the host averages it).
+
+    Args:
+        module: the module whose tensors are averaged.
+        buffers: also average floating-point buffers (BatchNorm ``running_mean`` / ``running_var``);
+            integer buffers (``num_batches_tracked``) are never averaged.
+        device: where the averages live (default: next to each tensor); ``"cpu"`` saves accelerator memory.
+        dtype: dtype of the averages (float32: the average of bfloat16 weights keeps its precision).
+
+    Example:
+        >>> lin = nn.Linear(2, 1)
+        >>> avg = WeightAverage(lin)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.add_(1.0)
+        >>> avg.update_(0.5)  # avg = avg + 0.5 * (w - avg)
+        >>> torch.allclose(avg.tensors()["weight"], lin.weight - 0.5)
+        True
+    """
+
+    def __init__(
+        self, module: nn.Module, buffers: bool = False, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.buffers = bool(buffers)
+        self.device = torch.device(device) if device is not None else None
+        self.dtype = dtype
+        self.names: list[str] = []
+        self._averages: dict[str, Tensor] = {}
+        self._groups: list[_Group] = []
+        self.bind(module, reset=True)
+
+    # -- which tensors -----------------------------------------------------------------------------
+    def _collect(self, module: nn.Module) -> dict[str, Tensor]:
+        found: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for name, p in module.named_parameters():
+            if p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                found[name] = p
+        if self.buffers:
+            for name, b in module.named_buffers():
+                if b.is_floating_point() and id(b) not in seen:
+                    seen.add(id(b))
+                    found[name] = b
+        return found
+
+    def bind(self, module: nn.Module, reset: bool = False) -> None:
+        """(Re)collect ``module``'s live tensors by name and build the foreach groups.
+
+        Call again after the module moved device (buffers are new objects then). ``reset=True`` (or a
+        first bind) sets each average to a copy of its tensor; otherwise existing averages are kept,
+        moved to the right device if needed.
+        """
+        live = self._collect(module)
+        if self.names and set(live) != set(self.names):
+            missing = sorted(set(self.names) ^ set(live))[:5]
+            raise ValueError(f"the module's tensors differ from the averaged ones, e.g. {missing}")
+        self.names = list(live)
+        grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for name, t in live.items():
+            device = self.device if self.device is not None else t.device
+            avg = self._averages.get(name)
+            if avg is None or reset or avg.shape != t.shape:
+                avg = t.detach().to(device=device, dtype=self.dtype, copy=True)
+            elif avg.device != device:
+                avg = avg.to(device)
+            self._averages[name] = avg
+            avgs, lives = grouped.setdefault((t.device, t.dtype), ([], []))
+            avgs.append(avg)
+            lives.append(t)
+        self._groups = []
+        for (dev, dt), (avgs, lives) in grouped.items():
+            staging = None
+            if avgs[0].device != dev:
+                pin = avgs[0].device.type == "cpu" and dev.type == "cuda"
+                staging = [torch.empty(t.shape, dtype=dt, device=avgs[0].device, pin_memory=pin) for t in lives]
+            self._groups.append(_Group(avgs, lives, staging))
+
+    # -- arithmetic --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_(self, weight: float) -> None:
+        """``avg <- avg + weight * (x - avg)`` for every tracked tensor ``x``.
+
+        EMA with decay ``d``: ``weight = 1 - d``; an equal running mean of ``n`` samples:
+        ``weight = 1 / (n + 1)``.
+        """
+        for g in self._groups:
+            g.update_(weight)
+
+    @torch.no_grad()
+    def reset_(self) -> None:
+        """Set every average to its live tensor (``avg <- x``)."""
+        for g in self._groups:
+            torch._foreach_copy_(g.averages, g.live)
+
+    @torch.no_grad()
+    def copy_to_module_(self) -> None:
+        """Write the averages into the module's tensors (``x <- avg``, cast to each tensor's dtype)."""
+        for g in self._groups:
+            torch._foreach_copy_(g.live, g.averages)
+
+    def live_tensors(self) -> list[Tensor]:
+        """The module tensors this average tracks, in group order."""
+        return [t for g in self._groups for t in g.live]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """``{state_dict name: average}`` (the averages themselves, not copies)."""
+        return {n: self._averages[n] for n in self.names}
+
+    def numel(self) -> int:
+        return sum(a.numel() for a in self._averages.values())
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """``{name: average}`` detached clones (safe to save while training goes on)."""
+        return {n: self._averages[n].detach().clone() for n in self.names}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copy saved averages in place (names must match the bound module's tensors)."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"averaged state lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+        for n in self.names:
+            self._averages[n].copy_(state[n])
+
+
+def snapshot(tensors: list[Tensor]) -> list[Tensor]:
+    """Detached clones of ``tensors`` (a backup to restore later with :func:`restore_`)."""
+    return [t.detach().clone() for t in tensors]
+
+
+@torch.no_grad()
+def restore_(tensors: list[Tensor], saved: list[Tensor]) -> None:
+    """Copy ``saved`` back into ``tensors`` in place (one ``torch._foreach_copy_``)."""
+    if tensors:
+        torch._foreach_copy_(tensors, saved)
+
+
+def bn_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers (with running statistics) of ``module``."""
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def bn_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """``{name: buffer}`` of the running statistics of every BatchNorm layer in ``module``."""
+    ids = {id(b) for m in bn_modules(module) for b in m.buffers(recurse=False)}
+    return {n: b for n, b in module.named_buffers() if id(b) in ids}
+
+
+@torch.no_grad()
+def update_bn(
+    module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any] | None = None,
+    max_batches: int | float | None = None,
+) -> int:
+    """Recompute BatchNorm running statistics over ``batches``: a cumulative (equal) average.
+
+    Resets every BatchNorm's running statistics, sets ``momentum=None`` (cumulative moving average),
+    runs ``forward(batch)`` in train mode over at most ``max_batches`` batches, then restores the
+    momenta and the train/eval mode: ``torch.optim.swa_utils.update_bn`` semantics, with the forward
+    call given by the caller (default: ``module(batch[0])`` for a list/tuple batch, else
+    ``module(batch)``). Returns the number of batches seen (0 and no change if there is no BatchNorm).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> update_bn(net, [torch.randn(8, 3) for _ in range(2)])
+        2
+    """
+    layers = bn_modules(module)
+    if not layers:
+        return 0
+    if forward is None:
+        def forward(batch: Any) -> Any:
+            return module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    momenta = {m: m.momentum for m in layers}
+    was_training = module.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    seen = 0
+    try:
+        for batch in batches:
+            if max_batches is not None and seen >= max_batches:
+                break
+            forward(batch)
+            seen += 1
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
+        module.train(was_training)
+    return seen
+
+
+def averaged_state_dict(
+    checkpoint: Mapping[str, Any], which: str | None = None, state_dict_key: str = "state_dict",
+) -> dict[str, Tensor]:
+    """The module state dict of a Lightning checkpoint with the averaged weights put in.
+
+    The averaging callbacks keep the raw (training) weights in ``checkpoint["state_dict"]`` (so a
+    resumed run continues exactly) and the averages in their own callback state. This merges them:
+    each averaged tensor replaces its raw counterpart, cast to the raw tensor's dtype.
+
+    Args:
+        checkpoint: a loaded Lightning checkpoint (``torch.load(path)``).
+        which: a substring of the averaging callback's state key (``"EMA"``, ``"SWA"``, or a full
+            key); ``None`` takes the only averaging state in the checkpoint.
+        state_dict_key: where the module weights are in the checkpoint.
+
+    Raises:
+        KeyError: no averaging state (or several and ``which`` is None, or none matching ``which``).
+    """
+    raw = dict(checkpoint[state_dict_key])
+    states = {k: v for k, v in (checkpoint.get("callbacks") or {}).items()
+              if isinstance(v, Mapping) and isinstance(v.get(AVERAGE_STATE_KEY), Mapping)
+              and v.get("started", True)}
+    if which is not None:
+        states = {k: v for k, v in states.items() if which == k or which in k}
+    if len(states) != 1:
+        raise KeyError(f"need exactly one started averaging state (which={which!r}), found "
+                       f"{sorted(states) or 'none'} among callbacks {sorted(checkpoint.get('callbacks') or {})}")
+    (state,) = states.values()
+    for name, avg in state[AVERAGE_STATE_KEY].items():
+        ref = raw.get(name)
+        raw[name] = avg.to(dtype=ref.dtype) if ref is not None else avg
+    return raw

@@ -1,0 +1,83 @@
+"""CurvePlot: record loss/accuracy per epoch and the LR per optimizer step, write a PNG at the end."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
+from lightning_tricks.plots import plot_curves
+
+
+class CurvePlot(Callback):
+    """Keep the curves of a run and save them as ``curves.png`` when fit ends.
+
+    Epoch-level metrics whose names contain ``loss`` or ``acc`` are read from
+    ``trainer.callback_metrics`` once per epoch (one host copy per epoch, none per step). The LR of each
+    parameter group is read from the optimizer after every optimizer step (a Python float, no sync).
+    The history is kept in checkpoints, so a resumed run plots the whole curve.
+
+    Args:
+        dirpath: folder of the PNG; defaults to the Trainer's ``log_dir`` (or ``default_root_dir``).
+        filename: name of the PNG.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "curves.png") -> None:
+        if not filename.endswith(".png"):
+            raise ValueError(f"filename must end with .png, got {filename!r}")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.epoch_metrics: dict[str, list[tuple[float, float]]] = {}
+        self.lr: dict[str, list[tuple[float, float]]] = {}
+        self._last_step = -1
+        self.path: str | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        for i, opt in enumerate(trainer.optimizers):
+            for j, group in enumerate(opt.param_groups):
+                name = group.get("name", f"group{j}")
+                key = name if len(trainer.optimizers) == 1 else f"opt{i}/{name}"
+                self.lr.setdefault(key, []).append((step, float(group["lr"])))
+
+    def _record(self, trainer: Trainer, keys: tuple[str, ...]) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, value in trainer.callback_metrics.items():
+            if not any(k in name for k in keys) or name.endswith("_step"):
+                continue
+            v = float(value)
+            if math.isfinite(v):
+                label = name[: -len("_epoch")] if name.endswith("_epoch") else name
+                series = self.epoch_metrics.setdefault(label, [])
+                point = (trainer.current_epoch + 1, v)
+                if series and series[-1][0] == point[0]:
+                    series[-1] = point
+                else:
+                    series.append(point)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, ("val/",))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, ("train/",))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
+        self.path = plot_curves(self.epoch_metrics, self.lr, os.path.join(directory, self.filename),
+                                title=type(pl_module).__name__)
+        rank_zero_info(f"CurvePlot: wrote {self.path}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_metrics": self.epoch_metrics, "lr": self.lr, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch_metrics = {k: [tuple(p) for p in v] for k, v in state_dict.get("epoch_metrics", {}).items()}
+        self.lr = {k: [tuple(p) for p in v] for k, v in state_dict.get("lr", {}).items()}
+        self._last_step = state_dict.get("last_step", -1)

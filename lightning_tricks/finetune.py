@@ -1,0 +1,198 @@
+"""Transfer learning as pure helpers: freeze a backbone, split it into layers, discriminative LRs.
+
+The recipe (CS231n; Yosinski et al. 2014, arXiv:1411.1792): with little data, use a pretrained
+backbone as a frozen feature extractor and train only the new head; with more data, then unfreeze
+the backbone and fine-tune it with a *lower* learning rate than the head. Layer-wise (discriminative)
+learning rates lower the LR further for layers closer to the input, whose features are the most
+general (Howard & Ruder 2018, ULMFiT, arXiv:1801.06146; layer-wise LR decay as in BEiT, Bao et al.
+2021, arXiv:2106.08254):
+
+    lr(layer) = head_lr * lr_factor * layer_decay ** depth,   depth = 0 for the layer next to the head,
+                                                              L - 1 for the layer next to the input.
+
+:func:`split_layers` cuts a backbone into those layers, :func:`backbone_param_groups` makes the
+optimizer groups, :func:`freeze` / :func:`unfreeze` switch ``requires_grad`` (and BatchNorm's mode).
+:class:`~lightning_tricks.callbacks.FreezeUnfreeze` wires them into a Trainer.
+
+Example:
+    >>> from torch import nn
+    >>> backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    >>> [[n for n, _ in layer] for layer in split_layers(backbone)]
+    [['0.weight', '0.bias', '1.weight', '1.bias'], ['3.weight', '3.bias']]
+    >>> layer_lr_factors(3, lr_factor=0.1, layer_decay=0.5)
+    [0.025, 0.05, 0.1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_tricks.mixins import no_decay_parameter_names
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+def resolve_module(root: nn.Module, path: str) -> tuple[str, nn.Module]:
+    """The submodule of ``root`` at dotted ``path``, or the unique one whose name ends with ``.path``.
+
+    ``resolve_module(classifier, "backbone")`` finds ``classifier.net.backbone`` when the module wraps
+    the network (as :class:`~lightning_tricks.mixins.Classifier` does). Returns ``(full_name, module)``.
+    """
+    if not path or not isinstance(path, str):
+        raise ValueError(f"backbone must be a non-empty attribute path, got {path!r}")
+    try:
+        return path, root.get_submodule(path)
+    except AttributeError:
+        pass
+    matches = [(n, m) for n, m in root.named_modules() if n.endswith("." + path)]
+    if len(matches) == 1:
+        return matches[0]
+    children = [n for n, _ in root.named_modules() if n and n.count(".") < 2]
+    if not matches:
+        raise ValueError(f"the module has no submodule {path!r} (nor one ending with '.{path}'); "
+                         f"submodules: {children}")
+    raise ValueError(f"backbone={path!r} is ambiguous, it matches {[n for n, _ in matches]}; give the full path")
+
+
+def split_layers(backbone: nn.Module) -> list[NamedParams]:
+    """The backbone's parameters cut into layers, input side first.
+
+    Each direct child that holds a weight of two or more dimensions (a ``Linear``, a ``Conv``, a
+    block containing them) starts a layer; children without one (BatchNorm, LayerNorm, ...) join the
+    layer before them (or the first layer if they come first). A backbone without children is one
+    layer. Parameter names are relative to ``backbone``; frozen and trainable parameters alike.
+    """
+    children = list(backbone.named_children())
+    own = [(n, p) for n, p in backbone.named_parameters(recurse=False)]
+    if not children:
+        return [own] if own else []
+    layers: list[NamedParams] = []
+    pending: NamedParams = list(own)
+    for cname, child in children:
+        params = [(f"{cname}.{n}", p) for n, p in child.named_parameters()]
+        if not params:
+            continue
+        if any(p.ndim >= 2 for _, p in params):
+            layers.append(pending + params)
+            pending = []
+        elif layers:
+            layers[-1].extend(params)
+        else:
+            pending.extend(params)
+    if pending:
+        if layers:
+            layers[-1].extend(pending)
+        else:
+            layers.append(pending)
+    return layers
+
+
+def layer_lr_factors(num_layers: int, lr_factor: float, layer_decay: float | None = None) -> list[float]:
+    """LR multipliers (relative to the head's LR) per layer, input side first.
+
+    ``lr_factor * layer_decay ** (num_layers - 1 - i)`` for layer ``i``; all ``lr_factor`` when
+    ``layer_decay`` is None.
+    """
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers!r}")
+    decay = 1.0 if layer_decay is None else float(layer_decay)
+    return [lr_factor * decay ** (num_layers - 1 - i) for i in range(num_layers)]
+
+
+def batchnorm_modules(module: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers (any dimension, SyncBatchNorm included) inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+
+def freeze(module: nn.Module, train_bn: bool = False) -> list[_BatchNorm]:
+    """``requires_grad=False`` on ``module``'s parameters; with ``train_bn`` BatchNorm stays trainable.
+
+    Returns the BatchNorm layers that are frozen (empty with ``train_bn=True``): the caller keeps them
+    in eval mode while frozen (:func:`set_bn_eval`), so they neither train nor update running
+    statistics and normalize as the pretrained network did.
+    """
+    bns = batchnorm_modules(module)
+    keep = {id(p) for m in bns for p in m.parameters()} if train_bn else set()
+    for p in module.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    return [] if train_bn else bns
+
+
+def unfreeze(module: nn.Module) -> None:
+    """``requires_grad=True`` on every parameter of ``module`` and BatchNorm layers back in training mode."""
+    for p in module.parameters():
+        p.requires_grad_(True)
+    for m in batchnorm_modules(module):
+        m.train()
+
+
+def set_bn_eval(bns: Iterable[_BatchNorm]) -> None:
+    """Eval mode on each BatchNorm layer (running statistics used and not updated)."""
+    for m in bns:
+        m.eval()
+
+
+def backbone_param_groups(
+    backbone: nn.Module,
+    prefix: str,
+    head_lr: float,
+    lr_factor: float = 0.1,
+    layer_decay: float | None = None,
+    weight_decay: float | None = None,
+    split_no_decay: bool = False,
+    exclude: Iterable[nn.Parameter] = (),
+    base_lr: float | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer groups for the backbone's parameters at discriminative learning rates.
+
+    One group per layer (:func:`split_layers`) with ``lr = head_lr * layer_lr_factors(...)[i]``, or one
+    group for the whole backbone when ``layer_decay`` is None. With ``split_no_decay`` each group is
+    split further into weights (``weight_decay``) and biases/normalization parameters (no decay), the
+    rule of :func:`~lightning_tricks.mixins.param_groups_weight_decay`. Parameters in ``exclude``
+    (already in the optimizer) are left out, and so are empty groups. ``weight_decay=None`` leaves the
+    key out (the optimizer's default applies). With ``base_lr`` (a schedule's base LR of the head)
+    each group also gets ``initial_lr = base_lr * factor`` so that LR schedules scale it like the head.
+
+    Group names: ``"<prefix>"`` or ``"<prefix>.layer<i>"`` (``i`` from the input side), with
+    ``"/no_decay"`` appended to the no-decay half. Each group has ``"param_names"`` (names relative to
+    ``backbone``, prefixed) so the layout can be rebuilt on resume.
+    """
+    excluded = {id(p) for p in exclude}
+    if layer_decay is None:
+        layers = [[(n, p) for n, p in backbone.named_parameters()]]
+        names = [prefix]
+    else:
+        layers = split_layers(backbone)
+        names = [f"{prefix}.layer{i}" for i in range(len(layers))]
+    factors = layer_lr_factors(len(layers), lr_factor, layer_decay)
+    skip = no_decay_parameter_names(backbone) if split_no_decay else set()
+    groups: list[dict[str, Any]] = []
+    for name, layer, factor in zip(names, layers, factors):
+        kept = [(n, p) for n, p in layer if id(p) not in excluded]
+        halves = [(name, [(n, p) for n, p in kept if n not in skip], weight_decay),
+                  (f"{name}/no_decay", [(n, p) for n, p in kept if n in skip], 0.0 if split_no_decay else None)]
+        for gname, named, wd in halves:
+            if not named:
+                continue
+            group: dict[str, Any] = {"name": gname, "params": [p for _, p in named], "lr": head_lr * factor,
+                                     "param_names": [f"{prefix}.{n}" for n, _ in named]}
+            if wd is not None:
+                group["weight_decay"] = wd
+            if base_lr is not None:
+                group["initial_lr"] = base_lr * factor
+            groups.append(group)
+    return groups
+
+
+def params_by_name(module: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
+    """``module``'s parameters with the given (full) names, in that order; a missing name raises."""
+    table = dict(module.named_parameters())
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"parameters {missing[:5]} not found in the module (architecture changed?)")
+    return [table[n] for n in names]

@@ -1,0 +1,44 @@
+"""Shared fixtures: composing the shipped Hydra config, tiny trainers, the real-data folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from lightning_tricks.train import config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def compose_train(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None) -> DictConfig:
+    """The training config as ``python -m lightning_tricks.train OVERRIDES`` would see it."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg("model=resnet", ...)``: a composed config writing into ``tmp_path``, quiet and tiny."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_train(["trainer=debug", *overrides], output_dir=tmp_path)
+
+    return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)

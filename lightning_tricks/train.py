@@ -13,6 +13,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -136,10 +137,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             raise ConfigError("test_weights=best needs a ModelCheckpoint with a monitor (callbacks.model_checkpoint)")
         for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
+    if trainer.is_global_zero:
+        _write_metrics(out, metrics)
     objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer,
                "callbacks": callbacks, "output_dir": out}
     rank_zero_info(summary(metrics, monitor, out, trainer))
     return metrics, objects
+
+
+def _write_metrics(out: Path, metrics: Mapping[str, float]) -> None:
+    """``metrics.json`` in the run directory: the job's overrides and results, read by sweep summaries."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    record = {"overrides": overrides, "metrics": dict(metrics)}
+    (out / "metrics.json").write_text(json.dumps(record, indent=1, default=float))
 
 
 def summary(metrics: Mapping[str, float], monitor: str | None, out: Path, trainer: Trainer) -> str:

@@ -26,10 +26,10 @@ def _group_overrides():
             yield f"{group}={option}"
     for option in _options("callbacks"):
         yield f"+callbacks={option}" if option != "default" else "callbacks=[default]"
-    for option in _options("launcher") if (CONF / "launcher").is_dir() else []:
-        yield f"+launcher={option}"
-    for option in _options("hparams_search") if (CONF / "hparams_search").is_dir() else []:
-        yield f"+hparams_search={option}"
+    for option in _options("launcher"):
+        yield f"launcher={option}"
+    for option in _options("hparams_search"):
+        yield f"hparams_search={option}"
 
 
 @pytest.mark.parametrize("override", list(_group_overrides()))

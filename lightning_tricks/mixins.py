@@ -208,9 +208,12 @@ class ClassificationMixin:
         hard = y.argmax(dim=1) if y.dtype.is_floating_point else y
         acc = getattr(self, f"{stage}_acc")
         acc(logits.detach(), hard)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        train = stage == "train"
+        # eval losses are averaged over ranks (once per epoch) so every rank decides on the same value;
+        # the training loss is not synced (that would cost a collective per step)
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=x.shape[0],
+                 sync_dist=not train)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=not train)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

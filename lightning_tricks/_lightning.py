@@ -35,3 +35,7 @@ __all__ = [
     "rank_zero_warn",
     "MisconfigurationException",
 ]
+from pytorch_lightning.loggers.logger import DummyLogger  # noqa: E402  (LRRangeTest: mute loggers during the sweep)
+from pytorch_lightning.utilities.seed import isolate_rng  # noqa: E402  (LRRangeTest: leave the RNG as it was)
+
+__all__ += ["DummyLogger", "isolate_rng"]

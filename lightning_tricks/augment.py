@@ -358,11 +358,10 @@ def random_crop_flip(
     flips = flips.to(x.device, non_blocking=True)
     padded = F.pad(x, (padding,) * 4, value=fill) if padding else x
     cols = torch.arange(w, device=x.device).expand(n, w)
-    cols = torch.where(flips[:, None], cols.flip(1), cols) + offsets[:, 1:2]
-    rows = torch.arange(h, device=x.device) + offsets[:, 0:1]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    cols = torch.where(flips[:, None], cols.flip(1), cols) + offsets[:, 1:2]  # (N, W)
+    rows = torch.arange(h, device=x.device) + offsets[:, 0:1]  # (N, H)
+    flat = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(n, 1, h * w)
+    return padded.flatten(2).gather(2, flat.expand(n, c, h * w)).view(n, c, h, w)
 
 
 class RandomCropFlip:

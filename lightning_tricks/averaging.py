@@ -176,6 +176,7 @@ class WeightAverage:
         self.dtype = dtype
         self.names: list[str] = []
         self._averages: dict[str, Tensor] = {}
+        self._live: dict[str, Tensor] = {}
         self._groups: list[_Group] = []
         self.bind(module, reset=True)
 
@@ -206,6 +207,7 @@ class WeightAverage:
             missing = sorted(set(self.names) ^ set(live))[:5]
             raise ValueError(f"the module's tensors differ from the averaged ones, e.g. {missing}")
         self.names = list(live)
+        self._live = live
         grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
         for name, t in live.items():
             device = self.device if self.device is not None else t.device
@@ -249,9 +251,9 @@ class WeightAverage:
         for g in self._groups:
             torch._foreach_copy_(g.live, g.averages)
 
-    def live_tensors(self) -> list[Tensor]:
-        """The module tensors this average tracks, in group order."""
-        return [t for g in self._groups for t in g.live]
+    def live(self) -> dict[str, Tensor]:
+        """``{state_dict name: module tensor}`` of the tensors this average tracks."""
+        return dict(self._live)
 
     def tensors(self) -> dict[str, Tensor]:
         """``{state_dict name: average}`` (the averages themselves, not copies)."""

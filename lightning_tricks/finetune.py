@@ -159,8 +159,9 @@ def backbone_param_groups(
     each group also gets ``initial_lr = base_lr * factor`` so that LR schedules scale it like the head.
 
     Group names: ``"<prefix>"`` or ``"<prefix>.layer<i>"`` (``i`` from the input side), with
-    ``"/no_decay"`` appended to the no-decay half. Each group has ``"param_names"`` (names relative to
-    ``backbone``, prefixed) so the layout can be rebuilt on resume.
+    ``"/no_decay"`` appended to the no-decay half. Each group has ``"param_names"`` (``prefix`` + the
+    name inside ``backbone``), torch's key for named parameter groups; drop it before
+    ``add_param_group`` when the optimizer's other groups have no names (torch requires all or none).
     """
     excluded = {id(p) for p in exclude}
     if layer_decay is None:

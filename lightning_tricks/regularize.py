@@ -18,15 +18,15 @@ L2 is not here: weight decay on weights only (no decay on biases and normalizati
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_tricks.mixins import no_decay_parameter_names
+from lightning_tricks.nn.naming import compile_patterns, matches
 
-__all__ = ["compile_patterns", "select_parameters", "l1_penalty", "add_l1_grad_"]
+__all__ = ["select_parameters", "l1_penalty", "add_l1_grad_"]
 
 
 def _check_lam(lam: float) -> None:
@@ -34,21 +34,9 @@ def _check_lam(lam: float) -> None:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
 
 
-def compile_patterns(include: str | Sequence[str] | None) -> list[re.Pattern[str]] | None:
-    """``include`` as compiled regexes (``None`` = everything); each is matched with ``re.search``."""
-    if include is None:
-        return None
-    patterns = [include] if isinstance(include, str) else list(include)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"include must be a regex string or a non-empty list of them, got {include!r}")
-    try:
-        return [re.compile(p) for p in patterns]
-    except re.error as err:
-        raise ValueError(f"include has an invalid regex {include!r}: {err}") from None
-
-
 def select_parameters(
     module: nn.Module, include: str | Sequence[str] | None = None, exclude_bias: bool = True,
+    trainable_only: bool = True,
 ) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` pairs of ``module`` that L1 applies to.
 
@@ -59,7 +47,8 @@ def select_parameters(
         exclude_bias: drop biases and normalization parameters (the same rule as weight decay,
             :func:`lightning_tricks.mixins.no_decay_parameter_names`).
 
-    Frozen parameters (``requires_grad=False``) are kept out.
+        trainable_only: leave out frozen parameters (``requires_grad=False``); the callback passes
+            ``False`` so that parameters unfrozen later are covered (their ``grad`` is ``None`` while frozen).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
@@ -68,13 +57,13 @@ def select_parameters(
         >>> [n for n, _ in select_parameters(net, include=r"^2\\.", exclude_bias=False)]
         ['2.weight', '2.bias']
     """
-    patterns = compile_patterns(include)
+    patterns = compile_patterns(include, "include")
     skip = no_decay_parameter_names(module) if exclude_bias else set()
     chosen = []
     for name, p in module.named_parameters():
-        if not p.requires_grad or name in skip:
+        if (trainable_only and not p.requires_grad) or name in skip:
             continue
-        if patterns is not None and not any(rx.search(name) for rx in patterns):
+        if not matches(name, patterns):
             continue
         chosen.append((name, p))
     return chosen
@@ -137,9 +126,8 @@ def add_l1_grad_(
     if not with_grad or lam == 0:
         return
     grads = [p.grad for p in with_grad]
-    signs = torch._foreach_sign([p.detach() for p in with_grad])
-    if scale is None:
-        torch._foreach_add_(grads, signs, alpha=lam)
-    else:
-        torch._foreach_mul_(signs, scale)
+    with torch.no_grad():
+        signs = torch._foreach_sign(with_grad)
+        if scale is not None:
+            torch._foreach_mul_(signs, scale)
         torch._foreach_add_(grads, signs, alpha=lam)

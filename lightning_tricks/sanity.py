@@ -17,7 +17,8 @@ Karpathy's recipe (CS231n "Training Neural Networks II", 2016-; seed note 002) b
    ops into preallocated buffers; :func:`grad_norms` and :func:`relu_stats` are the gradient-norm and
    dead-ReLU companions.
 
-"Regularization off" means: no label smoothing, no weight decay, and no dropout / drop path. The
+"Regularization off" means: no label smoothing, no weight decay, and no dropout, drop path,
+DropConnect or random pooling regions (:data:`REGULARIZER_TYPES` in eval mode). The
 initial-loss check runs the forward pass in eval mode (:func:`eval_mode`), where BatchNorm uses its
 running statistics: at initialization those are the identity, so the check sees the raw scale of the
 initialization and changes no buffer. The overfit check trains a copy in training mode (BatchNorm
@@ -49,12 +50,19 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_tricks.mixins import classification_loss
-from lightning_tricks.nn import DropPath
+from lightning_tricks.nn import DropConnectConv2d, DropConnectLinear, DropPath, FractionalMaxPool2d
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-#: Module types switched to eval mode when regularization is off.
-REGULARIZER_TYPES: tuple[type[nn.Module], ...] = (_DropoutNd, DropPath)
+
+class SanityCheckError(RuntimeError):
+    """A sanity check failed where failing was asked for (``action="raise"``)."""
+
+
+#: Module types switched to eval mode when regularization is off (their eval mode is deterministic).
+REGULARIZER_TYPES: tuple[type[nn.Module], ...] = (
+    _DropoutNd, DropPath, DropConnectLinear, DropConnectConv2d, FractionalMaxPool2d,
+)
 
 INITIAL_LOSS_CAUSES_HIGH = (
     "last-layer weights or bias initialized too large (logits far from uniform: initialize the head "
@@ -169,8 +177,9 @@ def initial_loss(
     """Measure the loss of ``module`` on ``batch`` with regularization off and compare it to ``expected``.
 
     The forward pass runs under ``no_grad`` in :func:`eval_mode` (no dropout, BatchNorm on its
-    running statistics, no buffer updates; each module's mode is restored), the loss is ``loss_fn(logits, y)`` (default: softmax cross-entropy
-    without label smoothing, hard or soft targets). With ``expected="log_num_classes"`` the target is
+    running statistics, no buffer updates; each module's mode is restored), the loss is
+    ``loss_fn(logits, y)`` (default: softmax cross-entropy without label smoothing, hard or soft
+    targets). With ``expected="log_num_classes"`` the target is
     ``log(C)``, ``C`` = ``num_classes`` or, if not given, the logits' last dimension; a mismatch
     between the two is reported as a failure.
 

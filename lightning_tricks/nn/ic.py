@@ -14,6 +14,11 @@ from torch import nn
 class ICBlock(nn.Sequential):
     """``BatchNorm -> Dropout(p)``, to be put in front of a weight layer.
 
+    Training: ``y = BN_batch(x) * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` per element (batch
+    statistics, running statistics updated). Eval: ``y = BN_running(x)``, deterministic (Dropout is
+    the identity). Build whole ``IC -> Linear/Conv -> activation`` stacks with
+    :func:`lightning_tricks.nn.linear_block` / :func:`~lightning_tricks.nn.conv_block`.
+
     Args:
         num_features: channels (``dims=2``) or features (``dims=1``) of the input.
         p: dropout probability in ``[0, 1)``.

@@ -1,0 +1,316 @@
+"""Mixup, CutMix and Cutout as callbacks: batch-level augmentation on the device, after transfer.
+
+The math is in :mod:`lightning_tricks.augment`; these classes only decide when to act, draw the
+randomness and put the new tensors into the batch.
+
+How the batch is replaced: Lightning calls ``Callback.on_train_batch_start(trainer, module, batch,
+batch_idx)`` after the batch is on the device and then passes *the same batch object* to
+``training_step``. The callbacks replace the inputs (and, for Mixup/CutMix, the targets, which become
+float soft targets ``(N, C)``) inside that object, so it must be mutable: a ``list`` (what
+``DataLoader`` with the default collate yields for ``(x, y)`` samples) or a ``dict`` (use
+``input_key`` / ``target_key``). A ``tuple`` batch raises a ``TypeError`` at the first batch: the
+targets cannot change dtype and shape in place, and writing into the input tensor could corrupt a
+dataset that yields views of resident tensors. Nothing is needed in the LightningModule beyond a loss
+that takes soft targets: ``F.cross_entropy(logits, y)`` accepts ``(N, C)`` probabilities, and
+:func:`lightning_tricks.mixins.classification_loss` (used by ``Classifier``) does too and applies
+label smoothing to them. Users whose batches are tuples can call the pure functions
+(:func:`~lightning_tricks.augment.mixup_batch`, ...) in their ``training_step`` instead.
+
+They act in training only (the hook is not called in validation, test or predict), with probability
+``p`` per batch, and can switch off for good at ``until_epoch`` or for the last ``off_last_epochs``
+epochs (Yun et al. and later recipes train the last epochs on clean data).
+
+Randomness: a CPU ``torch.Generator`` reseeded for every batch from ``(seed, global_rank, batch
+count)``, so DDP ranks draw differently, runs are reproducible, and resuming from a checkpoint continues
+the same draws: the state is just ``seed`` and the batch count, which are equal on all ranks (a saved
+generator state would be rank zero's only, as Lightning saves the checkpoint on rank zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
+from lightning_tricks.augment import cutmix_batch, cutout_batch, cutout_size, mixup_batch
+
+__all__ = ["Mixup", "CutMix", "Cutout"]
+
+
+def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an int >= {low}{extra}, got {value!r}")
+
+
+def _check_alpha(alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+
+
+class _BatchAugment(Callback):
+    """Shared wiring: when to act, the per-batch generator, putting tensors back into the batch."""
+
+    name = "augment"
+    changes_targets = True
+
+    def __init__(
+        self, p: float = 1.0, until_epoch: int | None = None, off_last_epochs: int = 0,
+        seed: int | None = None, input_key: int | str = 0, target_key: int | str = 1,
+    ) -> None:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+        _check_int("until_epoch", until_epoch, 1, allow_none=True)
+        _check_int("off_last_epochs", off_last_epochs, 0)
+        _check_int("seed", seed, 0, allow_none=True)
+        for what, key in (("input_key", input_key), ("target_key", target_key)):
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise ValueError(f"{what} must be an int (list position) or a str (dict key), got {key!r}")
+        if input_key == target_key:
+            raise ValueError(f"input_key and target_key must differ, got {input_key!r} for both")
+        self.p = float(p)
+        self.until_epoch = until_epoch
+        self.off_last_epochs = off_last_epochs
+        self.seed = seed
+        self.input_key = input_key
+        self.target_key = target_key
+        self.batches = 0  # training batches seen (the per-batch seed)
+        self._resolved_seed: int | None = seed
+        self._rank = 0
+        self._generator = torch.Generator()
+        self._announced_off = False
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._key_args())
+
+    def _key_args(self) -> dict[str, Any]:
+        return {"p": self.p}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self._resolved_seed, "batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches = int(state_dict.get("batches", 0))
+        seed = state_dict.get("seed")
+        if seed is not None:
+            self._resolved_seed = int(seed)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._resolved_seed is None:
+            self._resolved_seed = int(torch.initial_seed())
+        self._rank = int(trainer.global_rank)
+        if self.off_last_epochs:
+            max_epochs = trainer.max_epochs
+            if max_epochs is None or max_epochs < 0:
+                raise ValueError(f"{type(self).__name__}(off_last_epochs={self.off_last_epochs}) needs "
+                                 f"Trainer(max_epochs=...), got max_epochs={max_epochs!r}")
+            if self.off_last_epochs >= max_epochs:
+                rank_zero_warn(f"{type(self).__name__}: off_last_epochs={self.off_last_epochs} >= "
+                               f"max_epochs={max_epochs}, so it never acts")
+        self._setup(trainer, pl_module)
+
+    def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Subclass checks that need the Trainer."""
+
+    def active(self, epoch: int, max_epochs: int | None) -> bool:
+        """Whether the augmentation is on in ``epoch`` (0-based)."""
+        if self.until_epoch is not None and epoch >= self.until_epoch:
+            return False
+        if self.off_last_epochs and max_epochs is not None and epoch >= max_epochs - self.off_last_epochs:
+            return False
+        return True
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        count = self.batches
+        self.batches += 1
+        if not self.active(trainer.current_epoch, trainer.max_epochs):
+            if not self._announced_off:
+                rank_zero_info(f"{type(self).__name__} is off from epoch {trainer.current_epoch}")
+                self._announced_off = True
+            return
+        g = self._seed_generator(count)
+        if self.p < 1.0 and torch.rand((), generator=g).item() >= self.p:
+            return
+        x, y = self._read(batch)
+        new_x, new_y = self.apply(x, y, g, pl_module)
+        self._write(batch, new_x, new_y)
+
+    def apply(self, x: Tensor, y: Tensor, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _seed_generator(self, count: int) -> torch.Generator:
+        seed = self._resolved_seed if self._resolved_seed is not None else 0
+        state = np.random.SeedSequence([seed, self._rank, count]).generate_state(1, dtype=np.uint64)[0]
+        return self._generator.manual_seed(int(state))
+
+    def _read(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, tuple):
+            raise TypeError(
+                f"{type(self).__name__} replaces tensors inside the batch, so the batch must be a list or a dict; "
+                "got a tuple. Make the train loader (or on_after_batch_transfer) return a list "
+                "(DataLoader's default collate already does for (x, y) samples), or call "
+                "lightning_tricks.augment's functions in training_step instead."
+            )
+        if not isinstance(batch, (list, MutableMapping)):
+            raise TypeError(f"{type(self).__name__} needs a list or dict batch, got {type(batch).__name__}")
+        try:
+            x = batch[self.input_key]
+            y = batch[self.target_key] if self.changes_targets else None
+        except (IndexError, KeyError) as err:
+            raise TypeError(f"{type(self).__name__}: the batch has no entry {err} (input_key={self.input_key!r}, "
+                            f"target_key={self.target_key!r})") from None
+        if not isinstance(x, Tensor) or (self.changes_targets and not isinstance(y, Tensor)):
+            raise TypeError(f"{type(self).__name__}: batch[{self.input_key!r}] and batch[{self.target_key!r}] "
+                            "must be tensors")
+        return x, y
+
+    def _write(self, batch: Any, x: Tensor, y: Tensor | None) -> None:
+        batch[self.input_key] = x
+        if self.changes_targets:
+            batch[self.target_key] = y
+
+
+class _Mix(_BatchAugment):
+    def __init__(
+        self, alpha: float = 1.0, p: float = 1.0, until_epoch: int | None = None, off_last_epochs: int = 0,
+        num_classes: int | None = None, seed: int | None = None, input_key: int | str = 0,
+        target_key: int | str = 1,
+    ) -> None:
+        super().__init__(p, until_epoch, off_last_epochs, seed, input_key, target_key)
+        _check_alpha(alpha)
+        _check_int("num_classes", num_classes, 2, allow_none=True)
+        self.alpha = float(alpha)
+        self.num_classes = num_classes
+        self._classes: int | None = num_classes
+
+    def _key_args(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "p": self.p}
+
+    def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._classes is None:
+            found = getattr(pl_module, "num_classes", None) or getattr(trainer.datamodule, "num_classes", None)
+            self._classes = int(found) if found is not None else None
+
+    def _need_classes(self, y: Tensor) -> int | None:
+        if self._classes is None and not y.dtype.is_floating_point:
+            raise ValueError(f"{type(self).__name__} needs num_classes to make soft targets from class indices: "
+                             f"pass {type(self).__name__}(num_classes=...) or give the LightningModule or "
+                             "DataModule a num_classes attribute")
+        return self._classes
+
+
+class Mixup(_Mix):
+    """Mixup on training batches: ``x' = lam x + (1-lam) x[perm]``, ``y' = lam q + (1-lam) q[perm]``.
+
+    ``lam ~ Beta(alpha, alpha)`` per batch, ``perm`` a random permutation, ``q`` one-hot targets.
+    Zhang, Cisse, Dauphin, Lopez-Paz, "mixup: Beyond Empirical Risk Minimization", 2018,
+    arXiv:1710.09412. The targets become float ``(N, C)``; the loss must accept soft targets (see the
+    module docstring for how the batch is replaced).
+
+    Args:
+        alpha: Beta concentration, > 0 (the paper: 0.2 on ImageNet, 1.0 on CIFAR-10).
+        p: probability of mixing a batch, in (0, 1].
+        until_epoch: mix only in epochs ``< until_epoch`` (0-based); ``None`` = always.
+        off_last_epochs: do not mix in the last ``off_last_epochs`` epochs of ``max_epochs``.
+        num_classes: number of classes; ``None`` takes ``num_classes`` from the LightningModule or the
+            DataModule.
+        seed: base seed of the draws; ``None`` takes ``torch.initial_seed()`` (set by ``seed_everything``).
+        input_key, target_key: where ``x`` and ``y`` are in the batch (list positions or dict keys).
+
+    Example:
+        >>> cb = Mixup(alpha=0.2, off_last_epochs=2)   # Trainer(callbacks=[cb], max_epochs=10)
+        >>> [cb.active(epoch, max_epochs=10) for epoch in (0, 7, 8, 9)]
+        [True, True, False, False]
+    """
+
+    name = "mixup"
+
+    def apply(self, x: Tensor, y: Tensor, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+        out = mixup_batch(x, y, self._need_classes(y), self.alpha, generator=generator)
+        return out.x, out.y
+
+
+class CutMix(_Mix):
+    """CutMix on training batches: paste a box of ``x[perm]`` and mix labels by the pasted area.
+
+    ``lam ~ Beta(alpha, alpha)`` sets the box (sides ``sqrt(1 - lam) * (H, W)``, uniform center,
+    clipped), then ``lam = 1 - box_area / (H W)`` and ``y' = lam q + (1 - lam) q[perm]``.
+    Yun, Han, Oh, Chun, Choe, Yoo, "CutMix: Regularization Strategy to Train Strong Classifiers with
+    Localizable Features", 2019, arXiv:1905.04899. Images ``(N, C, H, W)`` only. Arguments as
+    :class:`Mixup` (the paper uses ``alpha=1``).
+
+    Example:
+        >>> cb = CutMix(alpha=1.0, p=0.5)
+    """
+
+    name = "cutmix"
+
+    def apply(self, x: Tensor, y: Tensor, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+        out = cutmix_batch(x, y, self._need_classes(y), self.alpha, generator=generator)
+        return out.x, out.y
+
+
+class Cutout(_BatchAugment):
+    """Cutout on training batches: ``count`` squares of side ``size`` per image set to ``value``.
+
+    Each square is centered uniformly over the image and clipped at the border; labels are unchanged.
+    DeVries and Taylor, "Improved Regularization of Convolutional Neural Networks with Cutout", 2017,
+    arXiv:1708.04552 (16x16 on CIFAR-10).
+
+    Args:
+        size: side in pixels (int >= 1) or as a fraction of ``min(H, W)`` (float in (0, 1]); a square
+            larger than the image raises ``ValueError`` (at ``setup`` when the DataModule has
+            ``input_shape``, else at the first batch).
+        count: squares per image, >= 1.
+        value: fill value (0 is the mean of standardized data).
+        p, until_epoch, off_last_epochs, seed, input_key: as :class:`Mixup`.
+
+    Example:
+        >>> cb = Cutout(size=16, count=1)
+    """
+
+    name = "cutout"
+    changes_targets = False
+
+    def __init__(
+        self, size: int | float = 0.5, count: int = 1, value: float = 0.0, p: float = 1.0,
+        until_epoch: int | None = None, off_last_epochs: int = 0, seed: int | None = None,
+        input_key: int | str = 0, target_key: int | str = 1,
+    ) -> None:
+        super().__init__(p, until_epoch, off_last_epochs, seed, input_key, target_key)
+        if isinstance(size, bool) or not isinstance(size, (int, float)):
+            raise ValueError(f"size must be an int (pixels) or a float fraction in (0, 1], got {size!r}")
+        if isinstance(size, int) and size < 1:
+            raise ValueError(f"size must be >= 1 pixel, got {size!r}")
+        if isinstance(size, float) and not 0.0 < size <= 1.0:
+            raise ValueError(f"size as a fraction must be in (0, 1], got {size!r}")
+        _check_int("count", count, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"value must be a number, got {value!r}")
+        self.size = size
+        self.count = count
+        self.value = float(value)
+
+    def _key_args(self) -> dict[str, Any]:
+        return {"size": self.size, "count": self.count, "p": self.p}
+
+    def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        shape = getattr(trainer.datamodule, "input_shape", None)
+        if shape is not None and len(shape) == 3:
+            cutout_size(self.size, int(shape[1]), int(shape[2]))  # raises if it does not fit
+
+    def apply(self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor | None]:
+        out, _ = cutout_batch(x, self.size, self.count, generator=generator, value=self.value)
+        return out, y

@@ -1,0 +1,257 @@
+"""Snapshot ensembles: M cosine LR cycles in one run, a snapshot at each cycle end, evaluated as an ensemble.
+
+The LR curve is :class:`lightning_tricks.schedules.CosineRestarts` with ``T_0 = ceil(T / M)`` and
+``min_factor=0``, i.e. Huang et al.'s
+
+.. math:: \\alpha(t) = \\frac{\\alpha_0}{2}\\left(\\cos\\left(\\frac{\\pi \\bmod(t, \\lceil T/M \\rceil)}{\\lceil T/M \\rceil}\\right) + 1\\right)
+
+(``t`` the optimizer step, ``T`` the run's optimizer steps). The evaluation of the snapshots and
+their mean-of-softmax ensemble is :func:`lightning_tricks.ensemble.evaluate_members`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
+from lightning_tricks.callbacks.averaging import _as_list, _untouched
+from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
+from lightning_tricks.schedules import CosineRestarts
+
+__all__ = ["SnapshotEnsemble", "snapshot_steps"]
+
+
+def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
+    """The optimizer-step counts after which the ``cycles`` snapshots are taken.
+
+    The cycles are ``ceil(T / M)`` steps long (:meth:`CosineRestarts.cycle_ends`); when ``M`` does not
+    divide ``T`` the last cycle is cut short and its snapshot is taken at the end of the run, ``T``.
+
+    Example:
+        >>> snapshot_steps(12, 3), snapshot_steps(10, 4)
+        ([4, 8, 12], [3, 6, 9, 10])
+    """
+    if cycles < 1 or total_steps < 1:
+        raise ValueError(f"need cycles >= 1 and total_steps >= 1, got cycles={cycles}, total_steps={total_steps}")
+    length = math.ceil(total_steps / cycles)
+    if (cycles - 1) * length >= total_steps:
+        raise ValueError(f"cycles={cycles} do not fit in {total_steps} optimizer steps: cycles of "
+                         f"ceil({total_steps}/{cycles})={length} steps leave the last cycle empty")
+    steps = [end + 1 for end in CosineRestarts(T_0=length, T_mult=1, min_factor=0.0).cycle_ends(total_steps)]
+    if len(steps) < cycles:
+        steps.append(total_steps)
+    return steps
+
+
+class SnapshotEnsemble(Callback):
+    """Train ``M`` cosine LR cycles, keep a snapshot at each cycle end, evaluate the snapshots' ensemble.
+
+    With ``schedule=True`` the callback drives the LR of every parameter group:
+    ``lr(t) = base_lr * CosineRestarts(T_0=ceil(T/M))(t, T)``, set before each optimizer step (``t`` =
+    ``trainer.global_step``, so gradient accumulation is respected; ``base_lr`` is the group's LR when
+    fit starts, saved for resume). With ``schedule=False`` the LR is yours (e.g.
+    ``LRSchedule(CosineRestarts(T_0=...))``, whose cycle ends must then match); snapshots are still taken
+    at the ends of the ``M`` equal cycles.
+
+    After the optimizer step that ends a cycle the module's ``state_dict`` is copied to host memory
+    (``keep="memory"``) or saved to ``dirpath`` (``keep="disk"``). At test time (``on_test_epoch_end``)
+    each snapshot and their ensemble (mean of softmax) are evaluated on the test data with torchmetrics
+    and logged as ``test/snapshot_<k>/acc``, ``test/snapshot_<k>/nll`` (k = 1..M) and
+    ``test/ensemble/acc``, ``test/ensemble/nll``; this costs one pass over the test data per snapshot.
+    :meth:`ensemble` gives a :class:`~lightning_tricks.ensemble.CheckpointEnsemble` for prediction.
+
+    Huang, Li, Pleiss, Liu, Hopcroft, Weinberger 2017, "Snapshot Ensembles: Train 1, get M for free",
+    arXiv:1704.00109 (cosine cycles: Loshchilov & Hutter 2017, arXiv:1608.03983).
+
+    Args:
+        cycles: the number of cycles and snapshots ``M`` (at least 1, at most the number of epochs).
+        keep: ``"memory"`` (host copies, also stored in checkpoints) or ``"disk"`` (files in
+            ``dirpath``; checkpoints store the paths).
+        dirpath: where ``keep="disk"`` writes (default ``<trainer.log_dir or default_root_dir>/snapshots``).
+        schedule: drive the cosine cycles of the LR.
+        evaluate: evaluate and log the snapshots and their ensemble at test time.
+        metrics: ``{name: torchmetrics.Metric}`` updated with ``(probs, target)``; default accuracy and
+            negative log-likelihood.
+
+    Example:
+        >>> SnapshotEnsemble(cycles=4).state_key
+        "SnapshotEnsemble{'cycles': 4}"
+    """
+
+    def __init__(self, cycles: int, keep: str = "memory", dirpath: str | Path | None = None, schedule: bool = True,
+                 evaluate: bool = True, metrics: dict[str, Any] | None = None) -> None:
+        if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
+            raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
+        if keep not in ("memory", "disk"):
+            raise ValueError(f"keep must be 'memory' or 'disk', got {keep!r}")
+        self.cycles = cycles
+        self.keep = keep
+        self.dirpath = None if dirpath is None else Path(dirpath)
+        self.schedule = bool(schedule)
+        self.evaluate = bool(evaluate)
+        self.metrics = metrics
+        self.total_steps: int | None = None
+        self.steps: list[int] = []  # optimizer-step counts that end a cycle
+        self._snapshots: list[dict[str, Tensor] | str] = []
+        self._taken: list[int] = []
+        self._base_lrs: list[list[float]] | None = None
+        self._last_step = -1
+        self._cosine: CosineRestarts | None = None
+        self.results: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(cycles=self.cycles)
+
+    @property
+    def snapshots(self) -> list[dict[str, Tensor] | str]:
+        """The snapshots taken so far: state dicts (``keep="memory"``) or file paths (``"disk"``)."""
+        return list(self._snapshots)
+
+    def ensemble(self, template: Template, device: torch.device | str | None = None) -> CheckpointEnsemble:
+        """A :class:`CheckpointEnsemble` of the snapshots (``template``: the module or a factory)."""
+        if not self._snapshots:
+            raise ValueError("no snapshot has been taken yet")
+        return CheckpointEnsemble(template, self._snapshots, use_average=False, device=device)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.max_epochs is not None and trainer.max_epochs > 0 \
+                and self.cycles > trainer.max_epochs:
+            raise ValueError(f"SnapshotEnsemble cycles={self.cycles} is larger than the number of epochs "
+                             f"(max_epochs={trainer.max_epochs}); use at most one cycle per epoch")
+
+    def _lr_callbacks(self, trainer: Trainer) -> list[Any]:
+        return [c for c in trainer.callbacks if type(c).__name__ == "LRSchedule"]
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("SnapshotEnsemble needs a finite run (max_epochs or max_steps) to place its cycles")
+        self.total_steps = int(total)
+        if self.cycles > self.total_steps:
+            raise ValueError(f"SnapshotEnsemble cycles={self.cycles} is larger than the run's "
+                             f"{self.total_steps} optimizer steps")
+        self.steps = snapshot_steps(self.total_steps, self.cycles)
+        self._cosine = CosineRestarts(T_0=math.ceil(self.total_steps / self.cycles), T_mult=1, min_factor=0.0)
+        others = self._lr_callbacks(trainer)
+        if self.schedule:
+            if trainer.lr_scheduler_configs:
+                raise ValueError("SnapshotEnsemble(schedule=True) drives the LR, but the module also configures "
+                                 "an LR scheduler; remove it or use schedule=False")
+            if others:
+                raise ValueError("SnapshotEnsemble(schedule=True) drives the LR, but an LRSchedule callback is "
+                                 "present too; remove it or use schedule=False")
+        else:
+            ours = [e + 1 for e in self._cosine.cycle_ends(self.total_steps)]
+            for cb in others:
+                ends = getattr(getattr(cb, "schedule", None), "cycle_ends", None)
+                if ends is not None and [e + 1 for e in ends(self.total_steps)] != ours:
+                    raise ValueError(f"the LRSchedule's cycles end after steps {[e + 1 for e in ends(self.total_steps)]}, "
+                                     f"the snapshots are taken after {self.steps}; give its CosineRestarts "
+                                     f"T_0={self._cosine.T_0}, T_mult=1")
+            if not others and not trainer.lr_scheduler_configs:
+                rank_zero_warn("SnapshotEnsemble(schedule=False) with no LR schedule: nothing restarts the LR, "
+                               "so the snapshots are just checkpoints of one descent")
+        if self._last_step < 0:
+            self._last_step = trainer.global_step
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.schedule:
+            return
+        if self._base_lrs is None:
+            self._base_lrs = [[float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
+                              for opt in trainer.optimizers]
+        self._set_lr(trainer)
+
+    # -- LR and snapshots --------------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """The LR multiplier at optimizer step ``step`` (after ``on_fit_start``)."""
+        assert self._cosine is not None and self.total_steps is not None
+        return self._cosine(min(step, self.total_steps - 1), self.total_steps)
+
+    def _set_lr(self, trainer: Trainer) -> None:
+        factor = self.lr_factor(trainer.global_step)
+        for opt, bases in zip(trainer.optimizers, self._base_lrs or []):
+            for group, base in zip(opt.param_groups, bases):
+                group["lr"] = base * factor
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.schedule:
+            self._set_lr(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if step in self.steps and step not in self._taken:
+            self._take(trainer, pl_module, step)
+
+    def _take(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        k = len(self._snapshots) + 1
+        if self.keep == "memory":
+            self._snapshots.append(state)
+        else:
+            root = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "snapshots"
+            path = root / f"snapshot_{k}-step={step}.pt"
+            if trainer.is_global_zero:
+                root.mkdir(parents=True, exist_ok=True)
+                torch.save(state, path)
+            trainer.strategy.barrier("snapshot")
+            self._snapshots.append(str(path))
+        self._taken.append(step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if len(self._snapshots) < self.cycles:
+            rank_zero_warn(f"SnapshotEnsemble took {len(self._snapshots)} of {self.cycles} snapshots (the run "
+                           f"stopped at step {trainer.global_step}; cycles end after steps {self.steps})")
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.evaluate:
+            return
+        if not self._snapshots:
+            rank_zero_warn("SnapshotEnsemble: no snapshots to evaluate (fit first, or load a checkpoint with them)")
+            return
+        self.results = {}
+        loaders = _as_list(trainer.test_dataloaders)
+        limits = trainer.num_test_batches
+        for i, loader in enumerate(loaders):
+            limit = limits[i] if i < len(limits) else float("inf")
+
+            def batches(loader: Any = loader, limit: float = limit, i: int = i) -> Any:
+                for b, batch in enumerate(loader):
+                    if b >= limit:
+                        break
+                    yield trainer.strategy.batch_to_device(batch, dataloader_idx=i)
+
+            with _untouched(pl_module, loaders):
+                out = evaluate_members(pl_module, self._snapshots, batches, metrics=self.metrics, use_average=False)
+            suffix = f"/dataloader_idx_{i}" if len(loaders) > 1 else ""
+            for k, member in enumerate(out["members"], start=1):
+                for name, value in member.items():
+                    self.results[f"test/snapshot_{k}/{name}{suffix}"] = value
+            for name, value in out["ensemble"].items():
+                self.results[f"test/ensemble/{name}{suffix}"] = value
+        for key, value in self.results.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, add_dataloader_idx=False)
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshots": list(self._snapshots), "taken": list(self._taken), "base_lrs": self._base_lrs,
+                "last_step": self._last_step, "keep": self.keep}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._snapshots = list(state_dict.get("snapshots", []))
+        self._taken = [int(s) for s in state_dict.get("taken", [])]
+        base = state_dict.get("base_lrs")
+        self._base_lrs = None if base is None else [[float(x) for x in b] for b in base]
+        self._last_step = int(state_dict.get("last_step", -1))

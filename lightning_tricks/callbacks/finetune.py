@@ -1,0 +1,217 @@
+"""Transfer learning: train the head on a frozen backbone, then fine-tune the backbone at lower LRs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    MisconfigurationException,
+    Trainer,
+    rank_zero_info,
+    rank_zero_warn,
+)
+from lightning_tricks.finetune import (
+    backbone_param_groups,
+    freeze,
+    params_by_name,
+    resolve_module,
+    set_bn_eval,
+    unfreeze,
+)
+
+
+class FreezeUnfreeze(Callback):
+    """Freeze the backbone, train the head, then unfreeze the backbone at discriminative LRs.
+
+    Until epoch ``unfreeze_at_epoch`` the backbone's parameters have ``requires_grad=False`` (they
+    get no gradient and are not in the optimizer) and its BatchNorm layers are in eval mode (running
+    statistics used, not updated), unless ``train_bn``, which keeps BatchNorm trainable and in
+    training mode. At the start of epoch ``unfreeze_at_epoch`` the backbone is unfrozen and added to
+    the *existing* optimizer as new parameter groups, so the head's optimizer state (momentum,
+    Adam moments, step counts) carries on. The backbone's LR is the head's current LR (group 0)
+    times ``lr_factor``; with ``layer_decay`` each layer of the backbone (see
+    :func:`~lightning_tricks.finetune.split_layers`) gets its own group at
+
+        ``head_lr * lr_factor * layer_decay ** depth``, depth 0 next to the head, ``L - 1`` next to the input
+
+    (discriminative fine-tuning: Howard & Ruder 2018, arXiv:1801.06146; layer-wise LR decay: Bao et
+    al. 2021, arXiv:2106.08254). The new groups keep the module's weight-decay rule: with
+    :class:`~lightning_tricks.mixins.ClassificationMixin`'s optimizer config, weights get its
+    ``weight_decay`` and biases/norm parameters none (when ``no_decay_bias_norm``). If the head's group
+    has an ``initial_lr`` (set by LR schedulers), the new groups get ``initial_lr`` scaled the same way.
+
+    Compared with Lightning's ``BackboneFinetuning`` (whose freeze/param-group bookkeeping and
+    resume-by-rebuilding-groups idea this follows): BatchNorm is put in eval mode while frozen
+    (Lightning only stops its running statistics and keeps normalizing with batch statistics), the
+    backbone is found inside a wrapper (``"backbone"`` matches ``net.backbone``), per-layer LRs and the
+    no-decay split are built in, a module whose optimizer already holds the frozen parameters is
+    rejected instead of silently training at the head's LR, and the backbone's LR is not ramped.
+
+    The module's ``configure_optimizers`` must only take parameters with ``requires_grad`` (the
+    library's :func:`~lightning_tricks.mixins.param_groups_weight_decay` does). The freeze happens in
+    ``setup``, before ``configure_optimizers``.
+
+    Resuming: the state holds whether the backbone was unfrozen and the added groups' layout; on
+    resume after the unfreeze epoch the groups are re-added in ``on_fit_start``, before Lightning
+    loads the optimizer state, so the state loads into the same layout.
+
+    Args:
+        backbone: attribute path of the backbone in the LightningModule (or the unique submodule whose
+            path ends with it).
+        unfreeze_at_epoch: the epoch (0-based) at whose start the backbone is unfrozen; ``None`` keeps
+            it frozen for the whole fit (a pure feature extractor).
+        lr_factor: backbone LR / head LR, > 0.
+        layer_decay: ``None`` (one LR for the backbone) or a factor in ``(0, 1]`` per layer of depth.
+        train_bn: keep the backbone's BatchNorm layers trainable (and in training mode) while frozen.
+
+    Example:
+        >>> cb = FreezeUnfreeze(backbone="backbone", unfreeze_at_epoch=5, lr_factor=0.1, layer_decay=0.7)
+        >>> cb.state_key
+        "FreezeUnfreeze{'backbone': 'backbone', 'unfreeze_at_epoch': 5}"
+    """
+
+    def __init__(
+        self,
+        backbone: str = "backbone",
+        unfreeze_at_epoch: int | None = 1,
+        lr_factor: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, str) or not backbone:
+            raise ValueError(f"backbone must be a non-empty attribute path, got {backbone!r}")
+        if unfreeze_at_epoch is not None and not (
+            isinstance(unfreeze_at_epoch, int) and not isinstance(unfreeze_at_epoch, bool) and unfreeze_at_epoch >= 0
+        ):
+            raise ValueError(f"unfreeze_at_epoch must be an int >= 0 or None, got {unfreeze_at_epoch!r}")
+        if not (isinstance(lr_factor, (int, float)) and lr_factor > 0):
+            raise ValueError(f"lr_factor must be > 0, got {lr_factor!r}")
+        if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
+            raise ValueError(f"layer_decay must be None or in (0, 1], got {layer_decay!r}")
+        self.backbone = backbone
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.lr_factor = float(lr_factor)
+        self.layer_decay = None if layer_decay is None else float(layer_decay)
+        self.train_bn = bool(train_bn)
+        self.unfrozen = False
+        self.unfrozen_at: int | None = None
+        self.groups: list[dict[str, Any]] = []  # the added groups without their params (names instead)
+        self._module: nn.Module | None = None
+        self._name = backbone
+        self._frozen_bns: list[nn.Module] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(backbone=self.backbone, unfreeze_at_epoch=self.unfreeze_at_epoch)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"unfrozen": self.unfrozen, "unfrozen_at": self.unfrozen_at,
+                "groups": [dict(g) for g in self.groups]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unfrozen = bool(state_dict.get("unfrozen", False))
+        self.unfrozen_at = state_dict.get("unfrozen_at")
+        self.groups = [dict(g) for g in state_dict.get("groups", [])]
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._name, self._module = resolve_module(pl_module, self.backbone)
+        if not any(True for _ in self._module.parameters()):
+            raise ValueError(f"backbone {self._name!r} has no parameters to freeze")
+        self._frozen_bns = freeze(self._module, train_bn=self.train_bn)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimizer = self._optimizer(trainer)
+        assert self._module is not None
+        frozen = {id(p) for p in self._module.parameters() if not p.requires_grad}
+        held = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) in frozen)
+        if held:
+            raise MisconfigurationException(
+                f"FreezeUnfreeze: the optimizer already holds {held} frozen parameters of {self._name!r}; "
+                "build the optimizer from parameters with requires_grad only (e.g. "
+                "lightning_tricks.mixins.param_groups_weight_decay), or they would train at the head's LR "
+                "after unfreezing")
+        if len(trainer.optimizers) > 1:
+            rank_zero_warn("FreezeUnfreeze: several optimizers; the backbone groups go to the first one")
+        if self.unfrozen:  # resumed after the unfreeze: rebuild the groups before the optimizer state loads
+            unfreeze(self._module)
+            self._frozen_bns = []
+            for meta in self.groups:
+                group = {k: v for k, v in meta.items() if k != "param_names"}
+                group["params"] = params_by_name(pl_module, meta["param_names"])
+                if "param_names" in optimizer.param_groups[0]:
+                    group["param_names"] = list(meta["param_names"])
+                optimizer.add_param_group(group)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.unfrozen:
+            set_bn_eval(self._frozen_bns)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.unfrozen:
+            return
+        if self.unfreeze_at_epoch is not None and trainer.current_epoch >= self.unfreeze_at_epoch:
+            self._unfreeze(trainer, pl_module)
+        else:
+            set_bn_eval(self._frozen_bns)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.unfrozen:
+            return
+        # a resume that skips on_train_epoch_start must still unfreeze on time (O(1) check per step)
+        if self.unfreeze_at_epoch is not None and trainer.current_epoch >= self.unfreeze_at_epoch:
+            self._unfreeze(trainer, pl_module)
+        # something (a user's on_validation_model_train, model.train()) may have switched the frozen
+        # BatchNorm layers back to training mode: re-apply eval only then
+        elif self._frozen_bns and self._frozen_bns[0].training:
+            set_bn_eval(self._frozen_bns)
+
+    # -- the unfreeze ---------------------------------------------------------------------------
+    def _optimizer(self, trainer: Trainer) -> torch.optim.Optimizer:
+        if not trainer.optimizers:
+            raise MisconfigurationException("FreezeUnfreeze needs an optimizer (configure_optimizers returned none)")
+        return trainer.optimizers[0]
+
+    def _unfreeze(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._module is not None
+        optimizer = self._optimizer(trainer)
+        head = optimizer.param_groups[0]
+        cfg = getattr(pl_module, "optimizer_config", None)
+        if cfg is not None and hasattr(cfg, "weight_decay"):
+            weight_decay, split = float(cfg.weight_decay), bool(getattr(cfg, "no_decay_bias_norm", False))
+        else:
+            named = {g.get("name"): g for g in optimizer.param_groups}
+            split = "no_decay" in named
+            weight_decay = (named.get("decay") or head).get("weight_decay")
+        in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
+        unfreeze(self._module)
+        self._frozen_bns = []
+        groups = backbone_param_groups(
+            self._module, self._name, head_lr=float(head["lr"]), lr_factor=self.lr_factor,
+            layer_decay=self.layer_decay, weight_decay=weight_decay, split_no_decay=split,
+            exclude=in_optimizer, base_lr=head.get("initial_lr"),
+        )
+        named_groups = "param_names" in head
+        self.groups = []
+        for group in groups:
+            names = group["param_names"] if named_groups else group.pop("param_names")
+            optimizer.add_param_group(group)
+            self.groups.append({**{k: v for k, v in optimizer.param_groups[-1].items() if k != "params"},
+                                "param_names": list(names)})
+        self.unfrozen, self.unfrozen_at = True, trainer.current_epoch
+        lrs = ", ".join(f"{g['name']}={g['lr']:.3g}" for g in self.groups)
+        rank_zero_info(f"FreezeUnfreeze: unfroze {self._name!r} at epoch {trainer.current_epoch}; "
+                       f"head LR {float(head['lr']):.3g}, new groups: {lrs}")
+        if trainer.lr_scheduler_configs:
+            rank_zero_warn("FreezeUnfreeze: torch LR schedulers fix their base LRs when built, so they do not "
+                           "schedule the backbone groups added now (they keep the LRs above); use "
+                           "lightning_tricks.callbacks.LRSchedule, or a scheduler that reads each group's LR")

@@ -1,0 +1,410 @@
+"""The LR range test as a callback: sweep at fit start, restore, suggest, plot, apply."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+import torch
+
+from lightning_tricks._lightning import (
+    Callback,
+    DummyLogger,
+    LightningModule,
+    MisconfigurationException,
+    Trainer,
+    isolate_rng,
+    rank_zero_info,
+    rank_zero_only,
+    rank_zero_warn,
+)
+from lightning_tricks.lr_range import (
+    LossSmoother,
+    RangeTestResult,
+    diverged,
+    normalize_mode,
+    sweep_lr,
+)
+
+APPLY_TO = ("lr", "one_cycle", None)
+SUGGESTIONS = ("steepest", "min_div10", None)
+
+
+class LRRangeTest(Callback):
+    """Smith's LR range test at fit start; restores the module and optimizer, then applies the result.
+
+    At ``on_fit_start`` the LR is swept from ``min_lr`` to ``max_lr`` over ``num_steps`` optimizer steps of
+    the real training loop (same data, precision, accumulation, devices), recording a bias-corrected EMA
+    of the loss and stopping early when it exceeds ``diverge_threshold`` x its minimum (formulas in
+    :mod:`lightning_tricks.lr_range`). Then the weights, the optimizer state, the AMP scaler, the loop
+    counters and the RNG are put back exactly as they were, the plot is saved, and the suggestion is
+    applied:
+
+    - ``apply_to="lr"``: the optimizer's base LR becomes the suggestion (``"steepest"`` by default); other
+      parameter groups keep their ratio to the first group. The module's ``optimizer_config.lr`` /
+      ``lr`` / ``learning_rate`` (attribute or hparam; or ``attr_name``) is updated too, like Lightning's
+      ``LearningRateFinder(update_attr=True)``.
+    - ``apply_to="one_cycle"``: the same value becomes the peak of the
+      :class:`~lightning_tricks.schedules.OneCycle` schedule of the run's
+      :class:`~lightning_tricks.callbacks.LRSchedule` (its base LR; required, checked at setup), chosen by
+      default as the minimum-loss LR / 10 (Smith 2018's "largest LR that still trains").
+    - ``apply_to=None``: only report (:attr:`result`, the plot, the log line).
+
+    During the sweep the other callbacks and the loggers are set aside and validation is off; the
+    module's own hooks run as in training. The sweep is skipped (with a message) under
+    ``fast_dev_run`` and when resuming from a checkpoint (the checkpoint's LR stands). DDP: every rank
+    sweeps; the stop decision is shared (any rank diverging stops all) and rank 0's curve is broadcast.
+    Sharded strategies (FSDP, DeepSpeed) are refused. Compared with Lightning's ``LearningRateFinder``
+    see :mod:`lightning_tricks.lr_range` (steepest against ``log(lr)`` on the falling side, accumulation
+    windows averaged, group ratios kept, PNG saved, one-cycle hand-off, RNG and metrics restored).
+
+    Args:
+        min_lr, max_lr: the sweep's bounds, ``0 < min_lr < max_lr``.
+        num_steps: optimizer steps of the sweep (>= 2).
+        mode: ``"exp"`` (geometric) or ``"linear"``.
+        smooth: EMA factor of the loss, in ``[0, 1)``.
+        diverge_threshold: stop when the smoothed loss exceeds this times its minimum (``> 1``), or ``None``.
+        skip_begin, skip_end: points left out of the steepest-descent search.
+        apply_to: ``"lr"``, ``"one_cycle"`` or ``None`` (see above).
+        suggestion: ``"steepest"`` or ``"min_div10"``; ``None`` picks ``"min_div10"`` for ``one_cycle``
+            and ``"steepest"`` otherwise.
+        attr_name: module attribute/hparam to update with the applied LR (default: autodetect).
+        plot_path: PNG path (relative paths are under ``trainer.default_root_dir``), or ``None``.
+        exit_after: end the fit right after the test (the function form :func:`~lightning_tricks.lr_range.lr_range_test`).
+
+    Example:
+        >>> finder = LRRangeTest(min_lr=1e-5, max_lr=1.0, num_steps=80, apply_to="lr")
+        >>> # Trainer(callbacks=[finder]).fit(module); finder.result.suggestion, finder.result.plot("lr.png")
+    """
+
+    def __init__(
+        self,
+        min_lr: float = 1e-7,
+        max_lr: float = 10.0,
+        num_steps: int = 100,
+        mode: str = "exp",
+        smooth: float = 0.98,
+        diverge_threshold: float | None = 4.0,
+        skip_begin: int = 10,
+        skip_end: int = 1,
+        apply_to: str | None = "lr",
+        suggestion: str | None = None,
+        attr_name: str | None = None,
+        plot_path: str | os.PathLike | None = "lr_range_test.png",
+        exit_after: bool = False,
+    ) -> None:
+        for name, v in (("min_lr", min_lr), ("max_lr", max_lr)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if min_lr >= max_lr:
+            raise ValueError(f"min_lr must be < max_lr (bounds reversed?), got min_lr={min_lr!r} >= max_lr={max_lr!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
+        mode = normalize_mode(mode)
+        if not 0.0 <= smooth < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
+        if diverge_threshold is not None and not (diverge_threshold > 1.0 and math.isfinite(diverge_threshold)):
+            raise ValueError(f"diverge_threshold must be None or a number > 1, got {diverge_threshold!r}")
+        for name, v in (("skip_begin", skip_begin), ("skip_end", skip_end)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if apply_to not in APPLY_TO:
+            raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
+        if suggestion not in SUGGESTIONS:
+            raise ValueError(f"suggestion must be one of {SUGGESTIONS}, got {suggestion!r}")
+        if skip_begin + skip_end + 2 > num_steps:
+            rank_zero_warn(f"LRRangeTest: num_steps={num_steps} leaves fewer than 2 points after skip_begin="
+                           f"{skip_begin} and skip_end={skip_end}; the steepest suggestion will be None")
+        self.min_lr, self.max_lr, self.num_steps, self.mode = float(min_lr), float(max_lr), num_steps, mode
+        self.smooth, self.diverge_threshold = float(smooth), diverge_threshold
+        self.skip_begin, self.skip_end = skip_begin, skip_end
+        self.apply_to, self.suggestion, self.attr_name = apply_to, suggestion, attr_name
+        self.plot_path, self.exit_after = plot_path, bool(exit_after)
+        self.result: RangeTestResult | None = None
+        self.applied_lr: float | None = None
+        self.plot_file: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(min_lr=self.min_lr, max_lr=self.max_lr, num_steps=self.num_steps,
+                                        mode=self.mode)
+
+    @property
+    def method(self) -> str:
+        """The suggestion applied: ``suggestion``, or its default for ``apply_to``."""
+        if self.suggestion is not None:
+            return self.suggestion
+        return "min_div10" if self.apply_to == "one_cycle" else "steepest"
+
+    # -- checks -----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.apply_to is None:
+            return
+        from lightning_tricks.callbacks.lr_scaling import LinearScaling
+
+        if any(isinstance(cb, LinearScaling) for cb in trainer.callbacks):
+            raise MisconfigurationException(
+                f"LRRangeTest(apply_to={self.apply_to!r}) and LinearScaling both set the base LR at fit start; "
+                "the range test already measures at this batch size. Drop one, or use apply_to=None")
+        if self.apply_to == "one_cycle" and _find_one_cycle(trainer) is None:
+            raise MisconfigurationException(
+                "LRRangeTest(apply_to='one_cycle') needs an LRSchedule callback with a OneCycle schedule "
+                "(e.g. schedule=one_cycle); found none. Use apply_to='lr' to set the base LR instead")
+
+    # -- Lightning hook ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        result = self.run(trainer, pl_module)
+        if result is not None and self.apply_to is not None:
+            self.apply(trainer, pl_module, result)
+        if self.exit_after:
+            trainer.should_stop = True  # FitLoop.done: no training after the test (min_epochs defaults to 0)
+
+    # -- the sweep --------------------------------------------------------------------------------
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> RangeTestResult | None:
+        """Sweep, restore everything, plot; return the result (also in :attr:`result`)."""
+        if trainer.fast_dev_run:
+            rank_zero_warn("LRRangeTest skipped: fast_dev_run is on")
+            return None
+        if trainer.ckpt_path:
+            rank_zero_info(f"LRRangeTest skipped: resuming from {trainer.ckpt_path}, whose optimizer keeps its LR")
+            return None
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise MisconfigurationException(
+                f"LRRangeTest works with one optimizer; configure_optimizers returned {len(optimizers)}")
+        strategy = type(trainer.strategy).__name__
+        if any(s in strategy for s in ("FSDP", "DeepSpeed", "ModelParallel")):
+            raise MisconfigurationException(f"LRRangeTest keeps an in-memory copy of the model and cannot run "
+                                            f"under the sharded strategy {strategy}; use DDP or one device")
+        optimizer = optimizers[0]
+        loop = trainer.fit_loop
+        saved = {
+            "model": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "precision": copy.deepcopy(trainer.precision_plugin.state_dict()),
+            "loop": copy.deepcopy(loop.state_dict()),
+            "callbacks": trainer.callbacks,
+            "loggers": trainer.loggers,
+            "schedulers": trainer.strategy.lr_scheduler_configs,
+            "max_steps": loop.epoch_loop.max_steps,
+            "max_epochs": loop.max_epochs,
+            "limit_val_batches": trainer.limit_val_batches,
+            "should_stop": trainer.should_stop,
+        }
+        groups = optimizer.param_groups
+        ratios = [g["lr"] / groups[0]["lr"] if groups[0]["lr"] else 1.0 for g in groups]
+        sweep = _Sweep(self, trainer.global_step, ratios, automatic=pl_module.automatic_optimization)
+        with isolate_rng():
+            try:
+                trainer.strategy.lr_scheduler_configs = []
+                trainer.callbacks = [sweep]
+                trainer.loggers = [DummyLogger()] if trainer.loggers else []
+                loop.epoch_loop.max_steps = trainer.global_step + self.num_steps
+                loop.max_epochs = -1
+                trainer.limit_val_batches = 0
+                trainer.should_stop = False
+                loop.load_state_dict(copy.deepcopy(saved["loop"]))
+                loop.restarting = False
+                loop.run()
+            finally:
+                self._restore(trainer, pl_module, optimizer, saved)
+        result = RangeTestResult(
+            lrs=sweep.lrs, losses=sweep.losses, raw_losses=sweep.raw, mode=self.mode, min_lr=self.min_lr,
+            max_lr=self.max_lr, num_steps=self.num_steps, skip_begin=self.skip_begin, skip_end=self.skip_end,
+            stop_reason=sweep.reason or f"completed {len(sweep.lrs)} of {self.num_steps} steps")
+        result = trainer.strategy.broadcast(result)  # one curve, one suggestion on every rank
+        self.result = result
+        self.plot_file = self._plot(trainer, result)
+        steep, div10 = result.suggestion, result.suggestion_min_div10
+        rank_zero_info(
+            f"LRRangeTest: {len(result.lrs)} steps, lr {self.min_lr:.3g} -> {result.lrs[-1] if result.lrs else 0:.3g} "
+            f"({self.mode}); {result.stop_reason}. Suggestions: steepest {_fmt(steep)}, min-loss/10 {_fmt(div10)}"
+            + (f"; plot {self.plot_file}" if self.plot_file else ""))
+        return result
+
+    @staticmethod
+    def _restore(trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
+                 saved: dict[str, Any]) -> None:
+        loop = trainer.fit_loop
+        trainer.strategy.lr_scheduler_configs = saved["schedulers"]
+        trainer.callbacks = saved["callbacks"]
+        trainer.loggers = saved["loggers"]
+        loop.epoch_loop.max_steps = saved["max_steps"]
+        loop.max_epochs = saved["max_epochs"]
+        trainer.limit_val_batches = saved["limit_val_batches"]
+        trainer.should_stop = saved["should_stop"]
+        pl_module.load_state_dict(saved["model"])
+        pl_module.zero_grad(set_to_none=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        trainer.precision_plugin.load_state_dict(saved["precision"])
+        loop.load_state_dict(copy.deepcopy(saved["loop"]))
+        loop.restarting = False
+        loop.epoch_loop.restarting = False
+        # the sweep iterated the dataloaders: let the real fit build fresh iterators (as Lightning's finder)
+        loop.epoch_loop.val_loop._combined_loader = None
+        loop._combined_loader = None
+        loop.setup_data()
+        try:
+            from torchmetrics import Metric
+        except ImportError:  # pragma: no cover - torchmetrics is a dependency
+            return
+        for m in pl_module.modules():
+            if isinstance(m, Metric):
+                m.reset()
+
+    def _plot(self, trainer: Trainer, result: RangeTestResult) -> str | None:
+        if self.plot_path is None or not result.lrs:
+            return None
+        path = os.fspath(self.plot_path)
+        if not os.path.isabs(path):
+            path = os.path.join(trainer.default_root_dir, path)
+        _save_plot(result, path)
+        return path
+
+    # -- applying the result ----------------------------------------------------------------------
+    def apply(self, trainer: Trainer, pl_module: LightningModule, result: RangeTestResult) -> float | None:
+        """Set the base LR (and the module's LR attribute) to the suggestion; return the LR set."""
+        lr = result.suggest(self.method)
+        if lr is None:
+            rank_zero_warn(f"LRRangeTest(apply_to={self.apply_to!r}): no {self.method} suggestion "
+                           f"({len(result.lrs)} points recorded); the LR stays as configured")
+            return None
+        optimizer = trainer.optimizers[0]
+        first = optimizer.param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            ratio = group["lr"] / first if first else 1.0
+            group["lr"] = lr * ratio
+            if "initial_lr" in group:
+                group["initial_lr"] = lr * ratio
+        where = self._update_attr(pl_module, lr)
+        self.applied_lr = lr
+        target = "OneCycle peak LR" if self.apply_to == "one_cycle" else "base LR"
+        rank_zero_info(f"LRRangeTest: {target} set to {lr:.4g} ({self.method})"
+                       + (f"; updated {where}" if where else ""))
+        return lr
+
+    def _update_attr(self, pl_module: LightningModule, lr: float) -> str | None:
+        names = [self.attr_name] if self.attr_name else ["lr", "learning_rate"]
+        config = getattr(pl_module, "optimizer_config", None)
+        if not self.attr_name and config is not None and hasattr(config, "lr"):
+            config.lr = lr
+            hp = getattr(pl_module, "hparams", {})
+            if isinstance(hp.get("optimizer"), dict) and "lr" in hp["optimizer"]:
+                hp["optimizer"]["lr"] = lr
+            return f"{type(pl_module).__name__}.optimizer_config.lr"
+        for name in names:
+            if name in getattr(pl_module, "hparams", {}):
+                pl_module.hparams[name] = lr
+                if hasattr(pl_module, name):
+                    setattr(pl_module, name, lr)
+                return f"{type(pl_module).__name__}.hparams.{name}"
+            if hasattr(pl_module, name):
+                setattr(pl_module, name, lr)
+                return f"{type(pl_module).__name__}.{name}"
+        if self.attr_name:
+            raise AttributeError(f"LRRangeTest(attr_name={self.attr_name!r}): the module has no such attribute "
+                                 "or hparam")
+        return None
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied_lr": self.applied_lr,
+                "suggestion": None if self.result is None else self.result.suggestion,
+                "suggestion_min_div10": None if self.result is None else self.result.suggestion_min_div10}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.applied_lr = state_dict.get("applied_lr", self.applied_lr)
+
+
+class _Sweep(Callback):
+    """Sets the sweep's LR before each optimizer step and records the loss after it (internal)."""
+
+    def __init__(self, test: LRRangeTest, start_step: int, ratios: list[float], automatic: bool) -> None:
+        self.test, self.start, self.ratios, self.automatic = test, start_step, ratios, automatic
+        self.smoother = LossSmoother(test.smooth)
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.raw: list[float] = []
+        self.best = math.inf
+        self.reason = ""
+        self._window: list[torch.Tensor] = []
+        self._last = start_step
+
+    def _lr(self, trainer: Trainer) -> float:
+        t = self.test
+        return sweep_lr(trainer.global_step - self.start, t.num_steps, t.min_lr, t.max_lr, t.mode)
+
+    def _set(self, trainer: Trainer) -> None:
+        lr = self._lr(trainer)
+        for group, ratio in zip(trainer.optimizers[0].param_groups, self.ratios):
+            group["lr"] = lr * ratio
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._set(trainer)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._set(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float()
+            if self.automatic:
+                loss = loss * trainer.accumulate_grad_batches  # Lightning divides it for accumulation
+            self._window.append(loss)
+        step = trainer.global_step
+        if step == self._last:
+            return  # inside an accumulation window
+        lr = sweep_lr(self._last - self.start, self.test.num_steps, self.test.min_lr, self.test.max_lr,
+                      self.test.mode)
+        self._last = step
+        if not self._window:  # the step returned no loss (training_step gave None): a gap, not a divergence
+            self.lrs.append(lr)
+            self.raw.append(math.nan)
+            self.losses.append(math.nan)
+            return
+        raw = float(torch.stack(self._window).mean())  # the one host sync per step
+        self._window = []
+        smoothed = self.smoother.update(raw) if math.isfinite(raw) else raw
+        self.lrs.append(lr)
+        self.raw.append(raw)
+        self.losses.append(smoothed)
+        # the first skip_begin points are noisy (few batches in the average) and are not used for the
+        # suggestion either: they neither set the best loss nor trigger the ratio test; a non-finite loss
+        # always stops
+        stop, reason = (False, "")
+        settled = len(self.losses) > max(self.test.skip_begin, 1)
+        if settled or not math.isfinite(smoothed):
+            stop, reason = diverged(smoothed, self.best, self.test.diverge_threshold)
+        if math.isfinite(smoothed) and len(self.losses) > self.test.skip_begin:
+            self.best = min(self.best, smoothed)
+        stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self.reason = f"stopped at lr {lr:.3g}: {reason or 'another rank diverged'}"
+            trainer.should_stop = True
+
+
+def _find_one_cycle(trainer: Trainer) -> Any:
+    from lightning_tricks.callbacks.lr_schedule import LRSchedule
+    from lightning_tricks.schedules import OneCycle, Warmup
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, LRSchedule):
+            s = cb.schedule
+            if isinstance(s, Warmup):
+                s = s.then
+            if isinstance(s, OneCycle):
+                return cb
+    return None
+
+
+@rank_zero_only
+def _save_plot(result: RangeTestResult, path: str) -> None:
+    result.plot(path)
+
+
+def _fmt(v: float | None) -> str:
+    return "none" if v is None else f"{v:.3g}"

@@ -1,0 +1,167 @@
+"""The linear (or square-root) scaling rule: base LR proportional to the global batch size."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
+
+RULES = ("linear", "sqrt")
+
+
+def global_batch_size(per_device: int, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
+    """Samples per optimizer step: ``per_device * accumulate_grad_batches * world_size``."""
+    for name, v in (("per_device", per_device), ("accumulate_grad_batches", accumulate_grad_batches),
+                    ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return per_device * accumulate_grad_batches * world_size
+
+
+def scaling_factor(global_batch: int, reference_batch_size: int, rule: str = "linear") -> float:
+    """``global / reference`` (``rule="linear"``, Goyal et al. 2017) or its square root (``"sqrt"``).
+
+    Example:
+        >>> scaling_factor(1024, 256), scaling_factor(1024, 256, "sqrt")
+        (4.0, 2.0)
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    ratio = global_batch / reference_batch_size
+    return ratio if rule == "linear" else math.sqrt(ratio)
+
+
+def find_batch_size(trainer: Trainer, pl_module: LightningModule) -> tuple[int, str] | None:
+    """The per-device batch size and where it was found, or ``None``.
+
+    Looks at ``datamodule.batch_size``, ``module.batch_size`` / ``module.hparams.batch_size``, then the
+    train dataloader's ``batch_size`` (or its ``batch_sampler.batch_size``).
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    candidates: list[tuple[Any, str]] = []
+    if datamodule is not None:
+        candidates.append((getattr(datamodule, "batch_size", None), f"{type(datamodule).__name__}.batch_size"))
+    candidates.append((getattr(pl_module, "batch_size", None), f"{type(pl_module).__name__}.batch_size"))
+    hparams = getattr(pl_module, "hparams", None)
+    if hparams is not None and "batch_size" in hparams:
+        candidates.append((hparams["batch_size"], f"{type(pl_module).__name__}.hparams.batch_size"))
+    for value, where in candidates:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value, where
+    loader = trainer.train_dataloader
+    if loader is None:
+        trainer.fit_loop.setup_data()  # what trainer.estimated_stepping_batches does too
+        loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)) and len(loader) == 1:
+        loader = loader[0]
+    value = getattr(loader, "batch_size", None)
+    if value is None:
+        value = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value, f"the train dataloader ({type(loader).__name__}.batch_size)"
+    return None
+
+
+class LinearScaling(Callback):
+    """Scale every parameter group's base LR by the global batch size over a reference batch size.
+
+    ``lr = lr * (B / reference_batch_size)`` with ``B = per-device batch x accumulate_grad_batches x
+    world size`` (``rule="linear"``, Goyal et al. 2017, "Accurate, Large Minibatch SGD", arXiv:1706.02677;
+    Krizhevsky 2014 arXiv:1404.5997 for ``rule="sqrt"``, ``lr * sqrt(B / reference)``, often better for
+    Adam). The optimizer's configured LR is the LR for ``reference_batch_size`` samples per step.
+
+    Applied once at fit start (``on_fit_start``, when the optimizers exist), to ``group["lr"]`` and, if
+    present, ``group["initial_lr"]`` and the module's own schedulers' ``base_lrs``.
+    :class:`LRSchedule` captures its base LRs later (at train start), so the two compose in either order;
+    a resumed run takes the already-scaled LRs from the checkpoint's optimizer state (no double scaling).
+    What it did is printed once on rank zero. Pair a large factor with a warmup
+    (``Warmup(...)``/``schedule=warmup_cosine``), as Goyal et al. do: it warns when there is none.
+
+    Args:
+        reference_batch_size: the global batch size the configured LR was tuned for.
+        rule: ``"linear"`` or ``"sqrt"``.
+        batch_size: per-device batch size; default: ``datamodule.batch_size``, ``module.batch_size`` or
+            the train dataloader's ``batch_size`` (an error says so when none is found).
+
+    Example:
+        >>> scaling = LinearScaling(reference_batch_size=256)  # SGD lr=0.1 for 256 -> 0.4 at 4 x 256
+    """
+
+    def __init__(self, reference_batch_size: int = 256, rule: str = "linear", batch_size: int | None = None) -> None:
+        if isinstance(reference_batch_size, bool) or not isinstance(reference_batch_size, int) \
+                or reference_batch_size < 1:
+            raise ValueError(f"reference_batch_size must be an int >= 1, got {reference_batch_size!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+        self.reference_batch_size = reference_batch_size
+        self.rule = rule
+        self.batch_size = batch_size
+        self.factor: float | None = None
+        self.global_batch_size: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(reference_batch_size=self.reference_batch_size, rule=self.rule)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.batch_size is not None:
+            per_device, where = self.batch_size, "LinearScaling(batch_size=...)"
+        else:
+            found = find_batch_size(trainer, pl_module)
+            if found is None:
+                raise ValueError(
+                    "LinearScaling could not find the per-device batch size: no int `batch_size` on the "
+                    "datamodule, the module or its hparams, and the train dataloader has none; "
+                    "pass LinearScaling(batch_size=...)")
+            per_device, where = found
+        accumulate = int(trainer.accumulate_grad_batches)
+        world = int(trainer.world_size)
+        self.global_batch_size = global_batch_size(per_device, accumulate, world)
+        self.factor = scaling_factor(self.global_batch_size, self.reference_batch_size, self.rule)
+        changes = []
+        for i, opt in enumerate(trainer.optimizers):
+            for j, group in enumerate(opt.param_groups):
+                old = group["lr"]
+                group["lr"] = old * self.factor
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * self.factor
+                changes.append(f"{old:.4g} -> {group['lr']:.4g}")
+        if not changes:
+            rank_zero_warn("LinearScaling found no optimizer to scale")
+            return
+        for config in trainer.lr_scheduler_configs:
+            base = getattr(config.scheduler, "base_lrs", None)
+            if isinstance(base, list):
+                config.scheduler.base_lrs = [b * self.factor for b in base]
+            rank_zero_warn(f"LinearScaling scaled the base LRs of the module's {type(config.scheduler).__name__}; "
+                           "bounds it keeps elsewhere (max_lr, eta_min, ...) are not scaled. "
+                           "lightning_tricks.callbacks.LRSchedule has none of these.")
+        rank_zero_info(
+            f"LinearScaling ({self.rule}): global batch {self.global_batch_size} = {per_device} per device "
+            f"(from {where}) x {accumulate} accumulated x {world} device(s); reference {self.reference_batch_size}; "
+            f"LR x {self.factor:.4g}: {', '.join(changes)}"
+            + (f" (resuming from {trainer.ckpt_path}: its optimizer state, already scaled, replaces these)"
+               if trainer.ckpt_path else ""))
+        if self.factor >= 2 and not self._has_warmup(trainer):
+            rank_zero_warn(f"LinearScaling multiplies the LR by {self.factor:.3g} without a warmup; Goyal et al. "
+                           "ramp the LR up over the first epochs: add LRSchedule(Warmup(...)) "
+                           "(schedule=warmup_cosine)")
+
+    @staticmethod
+    def _has_warmup(trainer: Trainer) -> bool:
+        from lightning_tricks.callbacks.lr_schedule import LRSchedule
+        from lightning_tricks.schedules import Warmup
+
+        return any(isinstance(cb, LRSchedule) and isinstance(cb.schedule, Warmup) for cb in trainer.callbacks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the scaled LRs live in the optimizer state; this is a record of what was done
+        self.factor = state_dict.get("factor", self.factor)
+        self.global_batch_size = state_dict.get("global_batch_size", self.global_batch_size)

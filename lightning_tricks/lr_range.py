@@ -1,0 +1,302 @@
+"""The LR range test (Smith 2017): sweep the LR up over a short run, read a good LR off the loss curve.
+
+Pure pieces (no Trainer): the sweep :func:`sweep_lr`, the bias-corrected loss EMA :class:`LossSmoother`,
+the divergence rule :func:`diverged`, the suggestions :func:`suggest_steepest` / :func:`suggest_min_div10`
+and the result :class:`RangeTestResult` with its PNG :meth:`~RangeTestResult.plot`. The sweep itself runs
+inside a Lightning fit: :class:`lightning_tricks.callbacks.LRRangeTest` (a callback, at fit start) or
+:func:`lr_range_test` (a function that builds the Trainer).
+
+The rule, step ``i`` of ``N``:
+
+- LR: ``lr_i = min_lr * (max_lr / min_lr) ** (i / (N - 1))`` (``mode="exp"``) or
+  ``min_lr + (max_lr - min_lr) * i / (N - 1)`` (``"linear"``); the last step uses ``max_lr``.
+- smoothed loss: ``a_i = beta * a_{i-1} + (1 - beta) * loss_i``, ``s_i = a_i / (1 - beta ** (i + 1))``
+  (an EMA with bias correction, ``a_{-1} = 0``).
+- stop when ``s_i > diverge_threshold * min(s_b..s_i)`` (checked from ``i > b = skip_begin``: the first
+  points average only a few batches) or, at any step, when the loss is not finite.
+- suggestion ``"steepest"``: the LR where ``d s / d log(lr)`` (``d s / d lr`` for a linear sweep) is most
+  negative, on the falling side of the curve (up to the minimum of ``s``), skipping ``skip_begin`` points
+  at the start and ``skip_end`` at the end; ``"min_div10"``: the LR of the minimum of ``s``, divided by 10.
+
+Smith 2017, "Cyclical Learning Rates for Training Neural Networks", arXiv:1506.01186; Smith 2018,
+arXiv:1803.09820 (the range test picks the one-cycle peak). Compared with Lightning's
+``Trainer``/``Tuner.lr_find`` the steepest point is taken against ``log(lr)`` (the axis of the sweep and of
+the plot), restricted to the falling side, the losses of an accumulation window are averaged (not only
+the last batch's scaled loss), and several parameter groups keep their LR ratios.
+
+Example:
+    >>> lrs = [sweep_lr(i, 5, 1e-4, 1.0) for i in range(5)]
+    >>> [f"{lr:.0e}" for lr in lrs]
+    ['1e-04', '1e-03', '1e-02', '1e-01', '1e+00']
+    >>> result = RangeTestResult(lrs=lrs, losses=[2.0, 1.9, 1.0, 0.8, 3.0], skip_begin=0, skip_end=0)
+    >>> result.suggestion, result.suggestion_min_div10
+    (0.001, 0.01)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MODES",
+    "sweep_lr",
+    "LossSmoother",
+    "smooth_losses",
+    "diverged",
+    "suggest_steepest",
+    "suggest_min_div10",
+    "RangeTestResult",
+    "plot_range_test",
+    "lr_range_test",
+]
+
+MODES = ("exp", "linear")
+
+
+def normalize_mode(mode: str) -> str:
+    """``"exp"`` or ``"linear"`` (``"exponential"``, Lightning's name, is accepted too)."""
+    m = {"exponential": "exp"}.get(str(mode).lower(), str(mode).lower())
+    if m not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (or 'exponential'), got {mode!r}")
+    return m
+
+
+def sweep_lr(i: int, num_steps: int, min_lr: float, max_lr: float, mode: str = "exp") -> float:
+    """The LR of step ``i`` of an ``num_steps``-step sweep from ``min_lr`` to ``max_lr`` (both included)."""
+    if num_steps < 2:
+        return min_lr
+    r = min(max(i, 0), num_steps - 1) / (num_steps - 1)
+    if normalize_mode(mode) == "exp":
+        return min_lr * (max_lr / min_lr) ** r
+    return min_lr + (max_lr - min_lr) * r
+
+
+class LossSmoother:
+    """Exponential moving average of the loss with bias correction (``beta=0``: no smoothing).
+
+    Example:
+        >>> s = LossSmoother(0.5)
+        >>> s.update(4.0), s.update(2.0)   # (0.5*4)/(1-0.5) = 4; (0.5*2 + 0.25*4)/(1-0.25)
+        (4.0, 2.6666666666666665)
+    """
+
+    def __init__(self, beta: float = 0.98) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {beta!r}")
+        self.beta = beta
+        self.avg = 0.0
+        self.count = 0
+
+    def update(self, loss: float) -> float:
+        self.count += 1
+        self.avg = self.beta * self.avg + (1.0 - self.beta) * loss
+        return self.avg / (1.0 - self.beta ** self.count)
+
+
+def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
+    """:class:`LossSmoother` over a whole list."""
+    smoother = LossSmoother(beta)
+    return [smoother.update(float(x)) for x in losses]
+
+
+def diverged(smoothed: float, best: float, threshold: float | None) -> tuple[bool, str]:
+    """``(stop, reason)``: stop when the loss is not finite or ``smoothed > threshold * best``.
+
+    Example:
+        >>> diverged(9.0, 2.0, 4.0)
+        (True, 'smoothed loss 9 > 4 x best 2')
+    """
+    if not math.isfinite(smoothed):
+        return True, f"loss is {smoothed}"
+    if threshold is not None and smoothed > threshold * best:
+        return True, f"smoothed loss {smoothed:.4g} > {threshold:g} x best {best:.4g}"
+    return False, ""
+
+
+def _finite_min_index(losses: Sequence[float]) -> int | None:
+    finite = [(v, i) for i, v in enumerate(losses) if math.isfinite(v)]
+    return min(finite)[1] if finite else None
+
+
+def suggest_steepest(lrs: Sequence[float], losses: Sequence[float], skip_begin: int = 10, skip_end: int = 1,
+                     log_lr: bool = True) -> int | None:
+    """Index of the steepest descent of ``losses`` against ``log(lr)`` (or ``lr``), or ``None``.
+
+    Only points in ``[skip_begin, len - skip_end)`` with a finite loss, and not past the minimum loss,
+    are considered; fewer than two such points give ``None``.
+    """
+    n = len(lrs)
+    lowest = _finite_min_index(losses)
+    if lowest is None:
+        return None
+    stop = min(n - skip_end, lowest + 1)
+    idx = [i for i in range(skip_begin, stop) if math.isfinite(losses[i])]
+    if len(idx) < 2:
+        return None
+    x = np.array([math.log(lrs[i]) if log_lr else lrs[i] for i in idx], dtype=np.float64)
+    y = np.array([losses[i] for i in idx], dtype=np.float64)
+    grads = np.gradient(y, x)
+    return idx[int(np.argmin(grads))]
+
+
+def suggest_min_div10(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
+    """The LR of the lowest (finite) loss, divided by 10; ``None`` without a finite loss."""
+    i = _finite_min_index(losses)
+    return None if i is None else lrs[i] / 10.0
+
+
+@dataclasses.dataclass
+class RangeTestResult:
+    """What a range test measured, and the LRs it suggests.
+
+    Attributes:
+        lrs: the LR of each completed optimizer step (first parameter group).
+        losses: the smoothed loss after each step (what the suggestions use).
+        raw_losses: the loss of each step (mean over an accumulation window).
+        mode: ``"exp"`` or ``"linear"``.
+        stop_reason: why the sweep ended.
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    raw_losses: list[float] = dataclasses.field(default_factory=list)
+    mode: str = "exp"
+    min_lr: float | None = None
+    max_lr: float | None = None
+    num_steps: int | None = None
+    skip_begin: int = 10
+    skip_end: int = 1
+    stop_reason: str = ""
+
+    @property
+    def suggestion_index(self) -> int | None:
+        return suggest_steepest(self.lrs, self.losses, self.skip_begin, self.skip_end, log_lr=self.mode == "exp")
+
+    @property
+    def suggestion(self) -> float | None:
+        """The LR of steepest loss descent (``None`` when too few points were recorded)."""
+        i = self.suggestion_index
+        return None if i is None else self.lrs[i]
+
+    @property
+    def suggestion_min_div10(self) -> float | None:
+        """The LR of the lowest smoothed loss, divided by 10."""
+        return suggest_min_div10(self.lrs, self.losses)
+
+    @property
+    def min_loss_lr(self) -> float | None:
+        i = _finite_min_index(self.losses)
+        return None if i is None else self.lrs[i]
+
+    def suggest(self, method: str = "steepest") -> float | None:
+        """``"steepest"`` -> :attr:`suggestion`; ``"min_div10"`` -> :attr:`suggestion_min_div10`."""
+        if method == "steepest":
+            return self.suggestion
+        if method == "min_div10":
+            return self.suggestion_min_div10
+        raise ValueError(f"method must be 'steepest' or 'min_div10', got {method!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def plot(self, path: str | os.PathLike | None = None, ax: Any = None) -> Any:
+        """Loss against LR with the suggestions marked; saved as PNG at ``path``. Returns the figure."""
+        return plot_range_test(self, path, ax)
+
+
+def plot_range_test(result: RangeTestResult, path: str | os.PathLike | None = None, ax: Any = None) -> Any:
+    """Draw ``result`` with matplotlib's Agg canvas (no display, no pyplot state); save to ``path`` if given."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if ax is None:
+        fig = Figure(figsize=(6.4, 4.2), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
+    lrs, smoothed = result.lrs, result.losses
+    if result.raw_losses:
+        ax.plot(lrs, result.raw_losses, color="0.75", linewidth=0.8, label="loss")
+    ax.plot(lrs, smoothed, color="C0", linewidth=1.8, label="smoothed loss")
+    if result.mode == "exp":
+        ax.set_xscale("log")
+    finite = [v for v in smoothed if math.isfinite(v)]
+    if finite:  # frame the falling part; the divergence at the end may leave the plot
+        low, first = min(finite), finite[0]
+        span = max(first - low, 0.05 * abs(low), 1e-8)
+        ax.set_ylim(low - 0.1 * span, first + 0.5 * span)
+    steep = result.suggestion_index
+    if steep is not None:
+        ax.plot([lrs[steep]], [smoothed[steep]], "o", color="C3", markersize=9,
+                label=f"steepest: {lrs[steep]:.3g}")
+    div10 = result.suggestion_min_div10
+    if div10 is not None:
+        ax.axvline(div10, color="C1", linestyle="--", linewidth=1.2, label=f"min loss / 10: {div10:.3g}")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title(f"LR range test: {result.stop_reason or f'{len(lrs)} steps'}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+        fig.savefig(os.fspath(path), format="png", bbox_inches="tight")
+    return fig
+
+
+def lr_range_test(
+    module: Any,
+    data: Any,
+    *,
+    min_lr: float = 1e-7,
+    max_lr: float = 10.0,
+    num_steps: int = 100,
+    mode: str = "exp",
+    smooth: float = 0.98,
+    diverge_threshold: float | None = 4.0,
+    skip_begin: int = 10,
+    skip_end: int = 1,
+    plot_path: str | os.PathLike | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> RangeTestResult:
+    """Run the LR range test on ``module`` and return the result; the module is left as it was.
+
+    ``data`` is a ``LightningDataModule`` or a train dataloader. A ``Trainer`` is built from
+    ``trainer_kwargs`` (defaults: one device, no logger, no checkpoints, no progress bar); the sweep runs
+    in it through :class:`~lightning_tricks.callbacks.LRRangeTest`, which restores the weights, optimizer
+    state and RNG afterwards and trains no further.
+
+    Example:
+        >>> from lightning_tricks.data import DigitsDataModule
+        >>> from lightning_tricks.mixins import Classifier
+        >>> from lightning_tricks.models import MLP
+        >>> module = Classifier(MLP((1, 8, 8), 10), 10, {"name": "sgd", "lr": 0.05})
+        >>> result = lr_range_test(module, DigitsDataModule(loader="resident"), min_lr=1e-4, max_lr=10,
+        ...                        trainer_kwargs={"accelerator": "cpu"})        # doctest: +SKIP
+        >>> module.optimizer_config.lr = result.suggestion                        # doctest: +SKIP
+    """
+    from lightning_tricks._lightning import LightningDataModule, Trainer
+    from lightning_tricks.callbacks.lr_finder import LRRangeTest
+
+    callback = LRRangeTest(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode, smooth=smooth,
+                           diverge_threshold=diverge_threshold, skip_begin=skip_begin, skip_end=skip_end,
+                           apply_to=None, plot_path=plot_path, exit_after=True)
+    kwargs: dict[str, Any] = {"devices": 1, "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                              "enable_progress_bar": False, "enable_model_summary": False,
+                              "num_sanity_val_steps": 0}
+    kwargs.update(trainer_kwargs or {})
+    extra = list(kwargs.pop("callbacks", None) or [])
+    trainer = Trainer(callbacks=[callback, *extra], **kwargs)
+    if isinstance(data, LightningDataModule):
+        trainer.fit(module, datamodule=data)
+    else:
+        trainer.fit(module, train_dataloaders=data)
+    if callback.result is None:
+        raise RuntimeError("the LR range test did not run (fast_dev_run?)")
+    return callback.result

@@ -1,0 +1,771 @@
+"""Learning-rate and momentum schedules as pure functions of the optimizer step.
+
+Every schedule is a small object called as ``schedule(step, total_steps) -> float``: the multiplier of
+each parameter group's base learning rate at optimizer step ``step`` (0-based, counting optimizer
+steps, not batches) of a run of ``total_steps`` steps. There is no optimizer and no Trainer inside, so
+a schedule is tested against its formula with plain numbers and drives any training loop;
+:class:`lightning_tricks.callbacks.LRSchedule` applies one in a Lightning ``Trainer``.
+
+Step arguments (``step_size``, ``milestones``, ``steps``, ``T_0``, ...) are either an ``int`` (optimizer
+steps) or a ``float`` in ``(0, 1]`` (a fraction of ``total_steps``, rounded to the nearest step, at
+least one step for lengths), so one config serves runs of any length; :func:`resolve_steps` is the one
+place that converts them.
+
+Caffe's policies (Jia et al. 2014, arXiv:1408.5093; ``solver.prototxt`` ``lr_policy``), with ``t`` the
+step and ``T`` the run length:
+
+==============  =================================  ===========================================
+Caffe policy    multiplier                         class
+==============  =================================  ===========================================
+``fixed``       ``1``                              :class:`Constant`
+``step``        ``gamma ** floor(t / step_size)``  :class:`Step`
+``multistep``   ``gamma ** #(milestones <= t)``    :class:`MultiStep`
+``exp``         ``gamma ** t``                     :class:`Exponential`
+``inv``         ``(1 + gamma * t) ** -power``      :class:`Inverse`
+``poly``        ``(1 - t / T) ** power``           :class:`Poly`
+``sigmoid``     ``1 / (1 + exp(-gamma (t - s)))``  :class:`Sigmoid`
+==============  =================================  ===========================================
+
+and the modern ones: :class:`Cosine` decay to a floor (Loshchilov & Hutter 2017, arXiv:1608.03983),
+:class:`CosineRestarts` (SGDR, same paper), :class:`Cyclic` (Smith 2017, arXiv:1506.01186),
+:class:`OneCycle` (Smith & Topin 2017, arXiv:1708.07120; Smith 2018, arXiv:1803.09820) with
+:class:`OneCycleMomentum`, :class:`Linear`, and :class:`Warmup`, the one linear warmup that goes in front
+of any other schedule (Goyal et al. 2017, arXiv:1706.02677).
+
+Where ``torch.optim.lr_scheduler`` has the same schedule the values are equal to its to 1e-9 over a
+whole run (``tests/test_schedules.py``).
+
+Momentum schedules (:class:`OneCycleMomentum`, :class:`CyclicMomentum`, or any schedule such as
+``Constant(0.9)``) return the momentum value itself (SGD ``momentum`` / Adam ``beta1``), not a multiplier.
+
+Example:
+    >>> sched = Warmup(steps=0.1, then=Cosine(min_factor=0.01))
+    >>> [round(sched(t, 100), 4) for t in (0, 5, 10, 55, 99)]
+    [0.0, 0.5, 1.0, 0.505, 0.0103]
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Union
+
+__all__ = [
+    "Schedule",
+    "StepValue",
+    "resolve_steps",
+    "Constant",
+    "Step",
+    "MultiStep",
+    "Exponential",
+    "Inverse",
+    "Poly",
+    "Sigmoid",
+    "Cosine",
+    "CosineRestarts",
+    "Cyclic",
+    "CyclicMomentum",
+    "OneCycle",
+    "OneCycleMomentum",
+    "Linear",
+    "Warmup",
+]
+
+StepValue = Union[int, float]
+"""An ``int`` number of optimizer steps, or a ``float`` in ``(0, 1]``: a fraction of the run."""
+
+
+# --------------------------------------------------------------------------------------------------
+# step arguments: optimizer steps or fractions of the run
+# --------------------------------------------------------------------------------------------------
+def _check_step_value(value: object, name: str, *, minimum: int = 1) -> StepValue:
+    """Validate a step argument at construction; return it as ``int`` or fraction ``float``.
+
+    ``minimum`` is the smallest allowed int (0 or 1). Integral floats above 1 (``1000.0`` from a
+    YAML file) are taken as step counts.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be an int number of optimizer steps or a float in (0, 1] "
+                         f"(a fraction of the run), got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        if 0.0 < value <= 1.0:
+            return value
+        if value > 1.0 and value.is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be an int >= {minimum} (optimizer steps) or a float in (0, 1] "
+                         f"(a fraction of the run), got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} (optimizer steps) or a float in (0, 1] "
+                         f"(a fraction of the run), got {value!r}")
+    return int(value)
+
+
+def resolve_steps(value: StepValue, total_steps: int | None, name: str = "steps", *, minimum: int = 0) -> int:
+    """The number of optimizer steps meant by ``value``: an int as is, a float as a fraction of the run.
+
+    Fractions are rounded half up, and raised to ``minimum`` (a length that must be positive is at
+    least one step even in a very short run): ``resolve_steps(0.25, 10) == 3``,
+    ``resolve_steps(0.01, 10, minimum=1) == 1``. A fraction needs ``total_steps``.
+
+    Example:
+        >>> resolve_steps(500, None), resolve_steps(0.1, 2000)
+        (500, 200)
+    """
+    if isinstance(value, float):
+        if total_steps is None:
+            raise ValueError(f"{name}={value!r} is a fraction of the run, so it needs total_steps "
+                             "(the run length in optimizer steps); give it or use an int number of steps")
+        return max(minimum, int(math.floor(value * total_steps + 0.5)))
+    return int(value)
+
+
+def _total_or_raise(total_steps: int | None, who: str, name: str = "steps") -> int:
+    if total_steps is None:
+        raise ValueError(f"{who} with {name}=None runs over the whole run, so it needs total_steps "
+                         f"(the run length in optimizer steps); give it or set {name}")
+    return total_steps
+
+
+def _check_factor(value: float, name: str, low: float = 0.0, high: float | None = None,
+                  *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    bad_low = value <= low if low_open else value < low
+    if bad_low or (high is not None and value > high):
+        lo = "(" if low_open else "["
+        hi = f"{high}]" if high is not None else "inf)"
+        raise ValueError(f"{name} must be in {lo}{low}, {hi}, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# base class
+# --------------------------------------------------------------------------------------------------
+class Schedule:
+    """Base of all schedules: ``schedule(step, total_steps=None) -> float``.
+
+    Subclasses implement :meth:`value`; :meth:`__call__` checks ``step`` and ``total_steps``.
+    """
+
+    def __call__(self, step: int, total_steps: int | None = None) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step!r}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+        return float(self.value(int(step), None if total_steps is None else int(total_steps)))
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        """The multiplier at ``step`` (already checked to be ``>= 0``)."""
+        raise NotImplementedError
+
+    def check(self, total_steps: int | None) -> None:
+        """Raise ``ValueError`` now if this schedule cannot run ``total_steps`` steps.
+
+        Called by :class:`~lightning_tricks.callbacks.LRSchedule` when the run length is known, so a
+        warmup longer than the run or a fraction without a run length fails before training.
+        """
+        self(0, total_steps)
+        if total_steps is not None:
+            self(total_steps - 1, total_steps)
+
+    def curve(self, total_steps: int) -> list[float]:
+        """The multipliers of a whole run, ``[self(t, total_steps) for t in range(total_steps)]``."""
+        return [self(t, total_steps) for t in range(total_steps)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Caffe policies
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Constant(Schedule):
+    """Caffe ``fixed``: the multiplier is ``factor`` at every step.
+
+    As a momentum schedule, ``Constant(0.9)`` holds the momentum at 0.9.
+
+    Example:
+        >>> Constant()(123, 1000)
+        1.0
+    """
+
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.factor = _check_factor(self.factor, "factor")
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        return self.factor
+
+
+@dataclasses.dataclass
+class Step(Schedule):
+    """Caffe ``step`` (``torch.optim.lr_scheduler.StepLR``): ``gamma ** floor(t / step_size)``.
+
+    Example:
+        >>> s = Step(step_size=10, gamma=0.5)
+        >>> s(9), s(10), s(25)
+        (1.0, 0.5, 0.25)
+    """
+
+    step_size: StepValue
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.step_size = _check_step_value(self.step_size, "step_size", minimum=1)
+        self.gamma = _check_factor(self.gamma, "gamma", low_open=True)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        size = resolve_steps(self.step_size, total_steps, "step_size", minimum=1)
+        return self.gamma ** (step // size)
+
+
+@dataclasses.dataclass
+class MultiStep(Schedule):
+    """Caffe ``multistep`` (``torch.optim.lr_scheduler.MultiStepLR``): ``gamma ** #(milestones <= t)``.
+
+    Milestones are optimizer steps or fractions of the run, strictly increasing once resolved.
+
+    Example:
+        >>> s = MultiStep(milestones=[0.5, 0.75], gamma=0.1)
+        >>> [round(s(t, 100), 6) for t in (49, 50, 74, 75)]
+        [1.0, 0.1, 0.1, 0.01]
+    """
+
+    milestones: Sequence[StepValue]
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.milestones, (str, bytes, int, float)) or not hasattr(self.milestones, "__iter__"):
+            raise ValueError(f"milestones must be a list of steps, got {self.milestones!r}")
+        self.milestones = tuple(_check_step_value(m, f"milestones[{i}]", minimum=1)
+                                for i, m in enumerate(self.milestones))
+        if not self.milestones:
+            raise ValueError("milestones must not be empty")
+        if all(isinstance(m, int) for m in self.milestones) or all(isinstance(m, float) for m in self.milestones):
+            self._check_increasing(list(self.milestones))
+        self.gamma = _check_factor(self.gamma, "gamma", low_open=True)
+
+    def _check_increasing(self, values: list) -> None:
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError(f"milestones must be strictly increasing, got {list(self.milestones)!r}"
+                             + (f" (= {values} steps)" if values != list(self.milestones) else ""))
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        ms = [resolve_steps(m, total_steps, "milestones", minimum=1) for m in self.milestones]
+        self._check_increasing(ms)
+        return self.gamma ** bisect.bisect_right(ms, step)
+
+
+@dataclasses.dataclass
+class Exponential(Schedule):
+    """Caffe ``exp`` (``torch.optim.lr_scheduler.ExponentialLR``): ``gamma ** t``.
+
+    Example:
+        >>> Exponential(gamma=0.5)(3)
+        0.125
+    """
+
+    gamma: float
+
+    def __post_init__(self) -> None:
+        self.gamma = _check_factor(self.gamma, "gamma", low_open=True)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        return self.gamma ** step
+
+
+@dataclasses.dataclass
+class Inverse(Schedule):
+    """Caffe ``inv``: ``(1 + gamma * t) ** (-power)``.
+
+    Example:
+        >>> Inverse(gamma=1e-4, power=0.75)(10000)  # (1 + 1) ** -0.75
+        0.5946035575013605
+    """
+
+    gamma: float
+    power: float
+
+    def __post_init__(self) -> None:
+        self.gamma = _check_factor(self.gamma, "gamma")
+        self.power = _check_factor(self.power, "power")
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        return (1.0 + self.gamma * step) ** (-self.power)
+
+
+@dataclasses.dataclass
+class Poly(Schedule):
+    """Caffe ``poly`` (``torch.optim.lr_scheduler.PolynomialLR``): ``(1 - min(t, S) / S) ** power``.
+
+    ``steps`` (``S``) defaults to the whole run; after it the multiplier stays 0.
+
+    Example:
+        >>> Poly(power=2.0)(50, 100)
+        0.25
+    """
+
+    power: float = 1.0
+    steps: StepValue | None = None
+
+    def __post_init__(self) -> None:
+        self.power = _check_factor(self.power, "power")
+        if self.steps is not None:
+            self.steps = _check_step_value(self.steps, "steps", minimum=1)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        s = _total_or_raise(total_steps, "Poly") if self.steps is None else \
+            resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        return (1.0 - min(step, s) / s) ** self.power
+
+
+@dataclasses.dataclass
+class Sigmoid(Schedule):
+    """Caffe ``sigmoid``: ``1 / (1 + exp(-gamma * (t - step_size)))``.
+
+    A negative ``gamma`` decays the rate around step ``step_size``; a positive one raises it.
+
+    Example:
+        >>> round(Sigmoid(gamma=-0.1, step_size=50)(50), 6)
+        0.5
+    """
+
+    gamma: float
+    step_size: StepValue
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) \
+                or not math.isfinite(self.gamma) or self.gamma == 0:
+            raise ValueError(f"gamma must be a finite non-zero number (negative to decay), got {self.gamma!r}")
+        self.gamma = float(self.gamma)
+        self.step_size = _check_step_value(self.step_size, "step_size", minimum=0)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        center = resolve_steps(self.step_size, total_steps, "step_size")
+        z = -self.gamma * (step - center)
+        if z >= 0:  # exp(-z) cannot overflow
+            e = math.exp(-z)
+            return e / (1.0 + e)
+        return 1.0 / (1.0 + math.exp(z))
+
+
+# --------------------------------------------------------------------------------------------------
+# cosine family
+# --------------------------------------------------------------------------------------------------
+def _cosine(fraction: float, min_factor: float) -> float:
+    return min_factor + (1.0 - min_factor) * (1.0 + math.cos(math.pi * fraction)) / 2.0
+
+
+@dataclasses.dataclass
+class Cosine(Schedule):
+    """Cosine decay (``torch.optim.lr_scheduler.CosineAnnealingLR``) from 1 to ``min_factor``.
+
+    ``min_factor + (1 - min_factor) * (1 + cos(pi * min(t, S) / S)) / 2`` with ``S = steps`` (default:
+    the whole run); after ``S`` it stays at ``min_factor``. Loshchilov & Hutter 2017, arXiv:1608.03983.
+
+    Example:
+        >>> c = Cosine(min_factor=0.1)
+        >>> c(0, 100), round(c(50, 100), 6), round(c(100, 100), 6)
+        (1.0, 0.55, 0.1)
+    """
+
+    min_factor: float = 0.0
+    steps: StepValue | None = None
+
+    def __post_init__(self) -> None:
+        self.min_factor = _check_factor(self.min_factor, "min_factor", 0.0, 1.0)
+        if self.steps is not None:
+            self.steps = _check_step_value(self.steps, "steps", minimum=1)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        s = _total_or_raise(total_steps, "Cosine") if self.steps is None else \
+            resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        return _cosine(min(step, s) / s, self.min_factor)
+
+
+@dataclasses.dataclass
+class CosineRestarts(Schedule):
+    """SGDR, cosine decay with warm restarts (``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts``).
+
+    Cycle ``i`` lasts ``T_i = T_0 * T_mult ** i`` steps; inside it, with ``t_cur`` the steps since the
+    last restart, the multiplier is ``min_factor + (1 - min_factor) * (1 + cos(pi * t_cur / T_i)) / 2``.
+    Loshchilov & Hutter 2017, arXiv:1608.03983. Snapshot ensembles (Huang et al. 2017,
+    arXiv:1704.00109) take a snapshot at each :meth:`cycle_ends` step.
+
+    Args:
+        T_0: length of the first cycle, in optimizer steps or as a fraction of the run.
+        T_mult: integer growth of the cycle length, ``>= 1``.
+        min_factor: the floor at the end of each cycle, in ``[0, 1]``.
+
+    Example:
+        >>> s = CosineRestarts(T_0=10, T_mult=2)
+        >>> s(0), round(s(5), 6), s(10), s(30)
+        (1.0, 0.5, 1.0, 1.0)
+        >>> s.cycle_ends(70)
+        [9, 29, 69]
+    """
+
+    T_0: StepValue
+    T_mult: int = 1
+    min_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.T_0 = _check_step_value(self.T_0, "T_0", minimum=1)
+        if isinstance(self.T_mult, float) and self.T_mult.is_integer():
+            self.T_mult = int(self.T_mult)
+        if isinstance(self.T_mult, bool) or not isinstance(self.T_mult, int) or self.T_mult < 1:
+            raise ValueError(f"T_mult must be an int >= 1, got {self.T_mult!r}")
+        self.min_factor = _check_factor(self.min_factor, "min_factor", 0.0, 1.0)
+
+    def position(self, step: int, total_steps: int | None = None) -> tuple[int, int, int]:
+        """``(cycle index, steps since the restart, cycle length)`` at ``step``, in exact integers."""
+        t_i = resolve_steps(self.T_0, total_steps, "T_0", minimum=1)
+        if self.T_mult == 1:
+            return step // t_i, step % t_i, t_i
+        cycle, t_cur = 0, step
+        while t_cur >= t_i:
+            t_cur -= t_i
+            t_i *= self.T_mult
+            cycle += 1
+        return cycle, t_cur, t_i
+
+    def cycle_ends(self, total_steps: int) -> list[int]:
+        """The steps that end a cycle (the last step before each restart) within ``total_steps``.
+
+        A cycle cut short by the end of the run is not listed.
+        """
+        ends, t_i, start = [], resolve_steps(self.T_0, total_steps, "T_0", minimum=1), 0
+        while start + t_i <= total_steps:
+            ends.append(start + t_i - 1)
+            start += t_i
+            t_i *= self.T_mult
+        return ends
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        _, t_cur, t_i = self.position(step, total_steps)
+        return _cosine(t_cur / t_i, self.min_factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# cyclical learning rates
+# --------------------------------------------------------------------------------------------------
+CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+
+
+def _cyclic_scale(step: int, up: int, down: int, mode: str, gamma: float) -> float:
+    """Fraction of the way from the low to the high bound at ``step`` (torch ``CyclicLR``'s formula)."""
+    total = float(up + down)
+    ratio = up / total
+    cycle = math.floor(1 + step / total)
+    x = 1.0 + step / total - cycle
+    scale = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+    if mode == "triangular":
+        amplitude = 1.0
+    elif mode == "triangular2":
+        amplitude = 1 / (2.0 ** (cycle - 1))
+    else:  # exp_range
+        amplitude = gamma ** step
+    return scale * amplitude
+
+
+def _check_cyclic(obj: Cyclic | CyclicMomentum) -> None:
+    obj.step_size_up = _check_step_value(obj.step_size_up, "step_size_up", minimum=1)
+    if obj.step_size_down is not None:
+        obj.step_size_down = _check_step_value(obj.step_size_down, "step_size_down", minimum=1)
+    if obj.mode not in CYCLIC_MODES:
+        raise ValueError(f"mode must be one of {CYCLIC_MODES}, got {obj.mode!r}")
+    obj.gamma = _check_factor(obj.gamma, "gamma", 0.0, 1.0, low_open=True)
+
+
+def _cyclic_sizes(obj: Cyclic | CyclicMomentum, total_steps: int | None) -> tuple[int, int]:
+    up = resolve_steps(obj.step_size_up, total_steps, "step_size_up", minimum=1)
+    down = up if obj.step_size_down is None else \
+        resolve_steps(obj.step_size_down, total_steps, "step_size_down", minimum=1)
+    return up, down
+
+
+@dataclasses.dataclass
+class Cyclic(Schedule):
+    """Cyclical learning rate (``torch.optim.lr_scheduler.CyclicLR``) between two bounds.
+
+    The multiplier goes linearly from ``min_factor`` up to ``max_factor`` in ``step_size_up`` steps and
+    back in ``step_size_down`` (default: the same), with the amplitude kept (``"triangular"``), halved
+    each cycle (``"triangular2"``) or scaled by ``gamma ** t`` (``"exp_range"``). The base LR is the top
+    of the cycle when ``max_factor=1``. Smith 2017, arXiv:1506.01186 (2 to 10 epochs per half cycle).
+
+    :meth:`momentum` gives the matching momentum cycle (high when the LR is low).
+
+    Example:
+        >>> c = Cyclic(min_factor=0.1, step_size_up=10)
+        >>> c(0), c(10), round(c(15), 6), c(20)
+        (0.1, 1.0, 0.55, 0.1)
+    """
+
+    min_factor: float = 0.1
+    max_factor: float = 1.0
+    step_size_up: StepValue = 2000
+    step_size_down: StepValue | None = None
+    mode: str = "triangular"
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.min_factor = _check_factor(self.min_factor, "min_factor")
+        self.max_factor = _check_factor(self.max_factor, "max_factor")
+        if self.min_factor > self.max_factor:
+            raise ValueError(f"min_factor must be <= max_factor (bounds reversed?), "
+                             f"got min_factor={self.min_factor!r} > max_factor={self.max_factor!r}")
+        _check_cyclic(self)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        up, down = _cyclic_sizes(self, total_steps)
+        return self.min_factor + (self.max_factor - self.min_factor) * _cyclic_scale(
+            step, up, down, self.mode, self.gamma)
+
+    def momentum(self, base_momentum: float = 0.8, max_momentum: float = 0.9) -> CyclicMomentum:
+        """The momentum schedule that cycles inversely to this one (torch ``cycle_momentum=True``)."""
+        return CyclicMomentum(base_momentum=base_momentum, max_momentum=max_momentum,
+                              step_size_up=self.step_size_up, step_size_down=self.step_size_down,
+                              mode=self.mode, gamma=self.gamma)
+
+
+@dataclasses.dataclass
+class CyclicMomentum(Schedule):
+    """Momentum cycled inversely to :class:`Cyclic`: ``max_momentum`` when the LR is at its low bound.
+
+    Returns the momentum value (SGD ``momentum`` / Adam ``beta1``), equal to torch ``CyclicLR``'s
+    ``cycle_momentum``.
+
+    Example:
+        >>> m = CyclicMomentum(step_size_up=10)
+        >>> m(0), m(10)
+        (0.9, 0.8)
+    """
+
+    base_momentum: float = 0.8
+    max_momentum: float = 0.9
+    step_size_up: StepValue = 2000
+    step_size_down: StepValue | None = None
+    mode: str = "triangular"
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.base_momentum = _check_factor(self.base_momentum, "base_momentum", 0.0, 1.0)
+        self.max_momentum = _check_factor(self.max_momentum, "max_momentum", 0.0, 1.0)
+        if self.base_momentum > self.max_momentum:
+            raise ValueError(f"base_momentum must be <= max_momentum (bounds reversed?), got "
+                             f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}")
+        _check_cyclic(self)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        up, down = _cyclic_sizes(self, total_steps)
+        return self.max_momentum - (self.max_momentum - self.base_momentum) * _cyclic_scale(
+            step, up, down, self.mode, self.gamma)
+
+
+# --------------------------------------------------------------------------------------------------
+# one-cycle
+# --------------------------------------------------------------------------------------------------
+ANNEAL = ("cos", "linear")
+
+
+def _anneal(start: float, end: float, pct: float, how: str) -> float:
+    if how == "cos":
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    return (end - start) * pct + start
+
+
+def _one_cycle(step: int, total_steps: int | None, pct_start: float, three_phase: bool, anneal: str,
+               points: Sequence[tuple[float, float]], who: str) -> float:
+    """Piecewise anneal through ``points`` (``(start, end)`` per phase) as torch ``OneCycleLR`` does."""
+    total = _total_or_raise(total_steps, who, "total_steps")
+    ends = [float(pct_start * total) - 1, float(2 * pct_start * total) - 2, total - 1] if three_phase \
+        else [float(pct_start * total) - 1, total - 1]
+    for i, (a, b) in enumerate(zip([0.0, *ends], ends)):
+        if b <= a:
+            raise ValueError(f"{who}(pct_start={pct_start!r}{', three_phase=True' if three_phase else ''}) "
+                             f"leaves phase {i + 1} without steps in a run of total_steps={total}; "
+                             "use a longer run or another pct_start")
+    step = min(step, total - 1)
+    start_step = 0.0
+    for i, end_step in enumerate(ends):
+        if step <= end_step or i == len(ends) - 1:
+            pct = (step - start_step) / (end_step - start_step)
+            return _anneal(points[i][0], points[i][1], pct, anneal)
+        start_step = end_step
+    raise AssertionError("unreachable")
+
+
+def _check_one_cycle(obj: OneCycle | OneCycleMomentum) -> None:
+    high = 0.5 if obj.three_phase else 1.0
+    obj.pct_start = _check_factor(obj.pct_start, "pct_start", 0.0, high, low_open=True)
+    if obj.pct_start >= high:
+        raise ValueError(f"pct_start must be in (0, {high}){' with three_phase=True' if obj.three_phase else ''}, "
+                         f"got {obj.pct_start!r}")
+    if obj.anneal not in ANNEAL:
+        raise ValueError(f"anneal must be one of {ANNEAL}, got {obj.anneal!r}")
+
+
+@dataclasses.dataclass
+class OneCycle(Schedule):
+    """One-cycle policy (``torch.optim.lr_scheduler.OneCycleLR``); the base LR is the peak (max) LR.
+
+    The multiplier rises from ``1 / div_factor`` to 1 over the first ``pct_start`` of the run, then
+    falls to ``1 / (div_factor * final_div_factor)`` (``three_phase``: back to ``1 / div_factor`` over a
+    second ``pct_start``, then down to the floor), by half cosines (``anneal="cos"``) or lines.
+    Momentum moves the other way: :meth:`momentum` / :class:`OneCycleMomentum`. Smith & Topin 2017,
+    arXiv:1708.07120; Smith 2018, arXiv:1803.09820. The LR range test
+    (:class:`~lightning_tricks.callbacks.LRRangeTest` with ``apply_to="one_cycle"``) picks the peak.
+
+    Example:
+        >>> oc = OneCycle(pct_start=0.25, div_factor=10, final_div_factor=100)
+        >>> round(oc(0, 100), 6), oc(24, 100), round(oc(99, 100), 6)
+        (0.1, 1.0, 0.001)
+    """
+
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal: str = "cos"
+    three_phase: bool = False
+
+    def __post_init__(self) -> None:
+        self.div_factor = _check_factor(self.div_factor, "div_factor", low_open=True)
+        self.final_div_factor = _check_factor(self.final_div_factor, "final_div_factor", low_open=True)
+        _check_one_cycle(self)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        initial = 1.0 / self.div_factor
+        final = initial / self.final_div_factor
+        points = [(initial, 1.0), (1.0, initial), (initial, final)] if self.three_phase \
+            else [(initial, 1.0), (1.0, final)]
+        return _one_cycle(step, total_steps, self.pct_start, self.three_phase, self.anneal, points, "OneCycle")
+
+    def momentum(self, base_momentum: float = 0.85, max_momentum: float = 0.95) -> OneCycleMomentum:
+        """The momentum schedule of this cycle (``max_momentum`` when the LR is low, ``base`` at the peak)."""
+        return OneCycleMomentum(base_momentum=base_momentum, max_momentum=max_momentum,
+                                pct_start=self.pct_start, anneal=self.anneal, three_phase=self.three_phase)
+
+
+@dataclasses.dataclass
+class OneCycleMomentum(Schedule):
+    """The momentum of the one-cycle policy: from ``max_momentum`` down to ``base_momentum`` at the LR
+    peak and back up (torch ``OneCycleLR(cycle_momentum=True)``). Returns the momentum value.
+
+    Build it from the LR schedule so the phases match: ``OneCycle(pct_start=0.25).momentum()``.
+
+    Example:
+        >>> m = OneCycle(pct_start=0.5).momentum()
+        >>> m(0, 100), m(49, 100), m(99, 100)
+        (0.95, 0.85, 0.95)
+    """
+
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+    pct_start: float = 0.3
+    anneal: str = "cos"
+    three_phase: bool = False
+
+    def __post_init__(self) -> None:
+        self.base_momentum = _check_factor(self.base_momentum, "base_momentum", 0.0, 1.0)
+        self.max_momentum = _check_factor(self.max_momentum, "max_momentum", 0.0, 1.0)
+        if self.base_momentum > self.max_momentum:
+            raise ValueError(f"base_momentum must be <= max_momentum (bounds reversed?), got "
+                             f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}")
+        _check_one_cycle(self)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        lo, hi = self.base_momentum, self.max_momentum
+        points = [(hi, lo), (lo, hi), (hi, hi)] if self.three_phase else [(hi, lo), (lo, hi)]
+        return _one_cycle(step, total_steps, self.pct_start, self.three_phase, self.anneal, points,
+                          "OneCycleMomentum")
+
+
+# --------------------------------------------------------------------------------------------------
+# linear and warmup
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Linear(Schedule):
+    """Linear ramp (``torch.optim.lr_scheduler.LinearLR``) from ``start_factor`` to ``end_factor``.
+
+    ``start + (end - start) * min(t, S) / S`` with ``S = steps`` (default: the whole run); the default
+    is a linear decay from 1 to 0.
+
+    Example:
+        >>> Linear()(25, 100), Linear(start_factor=0.5, end_factor=1.0, steps=10)(5)
+        (0.75, 0.75)
+    """
+
+    start_factor: float = 1.0
+    end_factor: float = 0.0
+    steps: StepValue | None = None
+
+    def __post_init__(self) -> None:
+        self.start_factor = _check_factor(self.start_factor, "start_factor")
+        self.end_factor = _check_factor(self.end_factor, "end_factor")
+        if self.steps is not None:
+            self.steps = _check_step_value(self.steps, "steps", minimum=1)
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        s = _total_or_raise(total_steps, "Linear") if self.steps is None else \
+            resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        return self.start_factor + (self.end_factor - self.start_factor) * min(step, s) / s
+
+
+@dataclasses.dataclass
+class Warmup(Schedule):
+    """Linear warmup in front of any schedule (Goyal et al. 2017, arXiv:1706.02677).
+
+    For ``t < W`` (``W = steps``) the multiplier is ``(start_factor + (1 - start_factor) * t / W) *
+    then(0)``; from ``W`` on it is ``then(t - W, total_steps - W)``: the schedule after the warmup sees
+    the rest of the run as its whole run (so ``Cosine()`` ends at its floor on the last step, and
+    fractions inside ``then`` are fractions of the post-warmup run). This wrapper is the only warmup in
+    the library; no schedule has its own.
+
+    Args:
+        steps: warmup length, optimizer steps or a fraction of the run; must be shorter than the run.
+        then: the schedule after the warmup (default :class:`Constant`).
+        start_factor: multiplier at step 0, in ``[0, 1]`` (0: the first step has LR 0).
+
+    Example:
+        >>> w = Warmup(steps=4, then=Step(step_size=2, gamma=0.5))
+        >>> [w(t, 10) for t in range(8)]
+        [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.5, 0.5]
+    """
+
+    steps: StepValue
+    then: Schedule | Callable[[int, int | None], float] | None = None
+    start_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.steps = _check_step_value(self.steps, "steps", minimum=1)
+        if self.then is None:
+            self.then = Constant()
+        if not callable(self.then):
+            raise ValueError(f"then must be a schedule (callable as then(step, total_steps)), got {self.then!r}")
+        self.start_factor = _check_factor(self.start_factor, "start_factor", 0.0, 1.0)
+
+    def warmup_steps(self, total_steps: int | None) -> int:
+        """The warmup length in steps; raises if it is not shorter than the run."""
+        w = resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        if total_steps is not None and w >= total_steps:
+            raise ValueError(f"warmup steps={self.steps!r} ({w} steps) must be shorter than the run "
+                             f"(total_steps={total_steps})")
+        return w
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        w = self.warmup_steps(total_steps)
+        rest = None if total_steps is None else total_steps - w
+        assert self.then is not None
+        if step < w:
+            return (self.start_factor + (1.0 - self.start_factor) * step / w) * self.then(0, rest)
+        return self.then(step - w, rest)
+
+    def check(self, total_steps: int | None) -> None:
+        super().check(total_steps)
+        then_check = getattr(self.then, "check", None)
+        if then_check is not None:
+            w = self.warmup_steps(total_steps)
+            then_check(None if total_steps is None else total_steps - w)

@@ -162,3 +162,33 @@ def test_real_fashion_mnist_files():
     dm.setup()
     assert len(dm.splits["test"][1]) == 10000 and len(dm.splits["train"][1]) == 54000
     assert torch.bincount(dm.splits["test"][1]).tolist() == [1000] * 10
+
+
+def test_resident_loader_follows_trainer_epoch_for_exact_resume():
+    """Lightning calls loader.sampler.set_epoch(e) before each epoch: the order depends on e only."""
+    x = torch.arange(20)
+    a = TensorBatchLoader(x, batch_size=5, shuffle=True, seed=3)
+    b = TensorBatchLoader(x, batch_size=5, shuffle=True, seed=3)
+    for _ in range(3):  # a has been iterated for three epochs; b is "resumed" at epoch 3
+        list(a)
+    a.sampler.set_epoch(3)
+    b.sampler.set_epoch(3)
+    assert torch.equal(torch.cat([t[0] for t in a]), torch.cat([t[0] for t in b]))
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(3 + 3))
+    b.set_epoch(3)
+    assert torch.equal(torch.cat([t[0] for t in b]), expected)
+
+
+def test_trainer_sets_resident_loader_epoch(monkeypatch):
+    from lightning_tricks._lightning import Trainer
+    from lightning_tricks.mixins import Classifier
+    from lightning_tricks.models import MLP
+
+    calls = []
+    original = TensorBatchLoader.set_epoch
+    monkeypatch.setattr(TensorBatchLoader, "set_epoch", lambda self, e: (calls.append((self.shuffle, e)),
+                                                                          original(self, e)))
+    trainer = Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(Classifier(MLP((1, 8, 8), 10, hidden=(8,)), 10), DigitsDataModule(loader="resident"))
+    assert [e for shuffled, e in calls if shuffled] == [0, 1, 2]

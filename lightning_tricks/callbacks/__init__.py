@@ -30,6 +30,8 @@ _WHERE: dict[str, str] = {
     "InitialLossCheck": "sanity",
     "OverfitCheck": "sanity",
     "UpdateRatioMonitor": "sanity",
+    "GradNormMonitor": "sanity",
+    "DeadUnitMonitor": "sanity",
     "FreezeUnfreeze": "finetune",
     # run output
     "CurvePlot": "plots",

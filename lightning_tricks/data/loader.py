@@ -56,7 +56,16 @@ class TensorBatchLoader:
         return math.ceil(self.num_samples / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the next pass use epoch ``epoch``'s permutation (Lightning calls this through ``sampler``)."""
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> TensorBatchLoader:
+        # Lightning calls ``loader.sampler.set_epoch(epoch)`` before each epoch: exposing ourselves as the
+        # sampler makes the shuffle order a function of the epoch, so a resumed run draws the same batches
+        return self
+
+    batch_sampler = None  # read by Lightning's DataLoader checks; there is no separate batch sampler
 
     def _indices(self) -> Tensor:
         n = self.tensors[0].shape[0]

@@ -109,8 +109,10 @@ def tiny_trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> Trainer:
 def test_lr_follows_optimizer_steps_with_gradient_accumulation(tmp_path: Path) -> None:
     sched = Warmup(steps=2, then=Cosine(min_factor=0.1))
     module = Tiny(lr=0.1)
-    tiny_trainer(tmp_path, [LRSchedule(sched)], accumulate_grad_batches=3).fit(module)
+    callback = LRSchedule(sched)
+    tiny_trainer(tmp_path, [callback], accumulate_grad_batches=3).fit(module)
     total = 8  # 2 epochs x ceil(10 batches / 3)
+    assert callback.run_length == total and callback.lr_at(3) == {0: [pytest.approx(0.1 * sched(3, total))]}
     expected = [0.1 * sched(t, total) for t in range(total)]
     assert [s for s, _, _ in module.at_step] == list(range(total))
     assert [lr for _, lr, _ in module.at_step] == pytest.approx(expected, abs=1e-12)
@@ -216,7 +218,8 @@ def test_refuses_a_module_that_returns_its_own_scheduler(tmp_path: Path) -> None
 
 
 def test_trainer_dependent_errors_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"warmup steps=50 \(50 steps\) must be shorter than the run \(total_steps=20\)"):
+    match = r"warmup steps=50 \(50 steps\) must be shorter than the run \(total_steps=20\)"
+    with pytest.raises(ValueError, match=match):
         tiny_trainer(tmp_path, [LRSchedule(Warmup(steps=50, then=Cosine()))]).fit(Tiny())
     with pytest.raises(ValueError, match=r"pass LRSchedule\(total_steps=...\)"):
         tiny_trainer(tmp_path, [LRSchedule(Cosine())], max_epochs=-1, max_steps=-1).fit(Tiny())

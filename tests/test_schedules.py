@@ -112,8 +112,9 @@ def test_equals_torch_scheduler_over_a_whole_run(ours: Schedule, make, total: in
 def test_one_cycle_momentum_equals_torch(optimizer: str, three_phase: bool) -> None:
     total = 90
     oc = OneCycle(pct_start=0.3, three_phase=three_phase)
-    make = lambda o: tl.OneCycleLR(o, max_lr=BASE, total_steps=total, pct_start=0.3, three_phase=three_phase,  # noqa: E731
-                                   base_momentum=0.8, max_momentum=0.93)
+    def make(o: torch.optim.Optimizer) -> tl.OneCycleLR:
+        return tl.OneCycleLR(o, max_lr=BASE, total_steps=total, pct_start=0.3, three_phase=three_phase,
+                             base_momentum=0.8, max_momentum=0.93)
     lrs, moms = torch_run(make, total, optimizer)
     assert_close_run(oc, lrs, total)
     mom = oc.momentum(base_momentum=0.8, max_momentum=0.93)
@@ -125,8 +126,9 @@ def test_one_cycle_momentum_equals_torch(optimizer: str, three_phase: bool) -> N
 def test_cyclic_momentum_equals_torch(mode: str) -> None:
     total = 70
     cyc = Cyclic(min_factor=0.2, step_size_up=6, step_size_down=4, mode=mode, gamma=0.98)
-    make = lambda o: tl.CyclicLR(o, base_lr=0.2 * BASE, max_lr=BASE, step_size_up=6, step_size_down=4,  # noqa: E731
-                                 mode=mode, gamma=0.98, base_momentum=0.8, max_momentum=0.9)
+    def make(o: torch.optim.Optimizer) -> tl.CyclicLR:
+        return tl.CyclicLR(o, base_lr=0.2 * BASE, max_lr=BASE, step_size_up=6, step_size_down=4, mode=mode,
+                           gamma=0.98, base_momentum=0.8, max_momentum=0.9)
     lrs, moms = torch_run(make, total)
     assert_close_run(cyc, lrs, total)
     mom = cyc.momentum(base_momentum=0.8, max_momentum=0.9)
@@ -260,7 +262,8 @@ def test_bad_arguments_fail_at_construction(make, match: str) -> None:
 
 def test_bad_run_lengths_fail_when_the_run_length_is_known() -> None:
     w = Warmup(steps=200, then=Cosine())
-    with pytest.raises(ValueError, match=r"warmup steps=200 \(200 steps\) must be shorter than the run \(total_steps=100\)"):
+    match = r"warmup steps=200 \(200 steps\) must be shorter than the run \(total_steps=100\)"
+    with pytest.raises(ValueError, match=match):
         w.check(100)
     with pytest.raises(ValueError, match="must be shorter than the run"):
         w(0, 100)

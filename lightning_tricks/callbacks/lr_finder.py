@@ -72,7 +72,8 @@ class LRRangeTest(Callback):
             and ``"steepest"`` otherwise.
         attr_name: module attribute/hparam to update with the applied LR (default: autodetect).
         plot_path: PNG path (relative paths are under ``trainer.default_root_dir``), or ``None``.
-        exit_after: end the fit right after the test (the function form :func:`~lightning_tricks.lr_range.lr_range_test`).
+        exit_after: end the fit right after the test (as the function form
+            :func:`~lightning_tricks.lr_range.lr_range_test` does).
 
     Example:
         >>> finder = LRRangeTest(min_lr=1e-5, max_lr=1.0, num_steps=80, apply_to="lr")

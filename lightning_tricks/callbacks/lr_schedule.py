@@ -199,7 +199,8 @@ class LRSchedule(Callback):
                 check(self._total) if check is not None else fn(0, self._total)
             except ValueError as e:
                 hint = "" if self._total is not None else (
-                    " (the Trainer gives no run length: max_steps=-1 and max_epochs=-1; pass LRSchedule(total_steps=...))")
+                    " (the Trainer gives no run length: max_steps=-1 and max_epochs=-1; "
+                    "pass LRSchedule(total_steps=...))")
                 raise ValueError(f"LRSchedule {name} {fn!r} cannot run {self._total} steps: {e}{hint}") from e
 
     def _run_length(self, trainer: Trainer) -> int | None:

@@ -27,6 +27,15 @@ def compose_train(overrides: Sequence[str] = (), output_dir: str | os.PathLike |
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two contending ones (and CI has two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """``make_cfg("model=resnet", ...)``: a composed config writing into ``tmp_path``, quiet and tiny."""

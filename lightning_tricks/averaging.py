@@ -203,6 +203,9 @@ class WeightAverage:
         moved to the right device if needed.
         """
         live = self._collect(module)
+        if (not reset and self._groups and list(live) == self.names
+                and all(live[n] is self._live[n] for n in self.names)):
+            return  # same tensors as before: keep the groups (and any staging buffers)
         if self.names and set(live) != set(self.names):
             missing = sorted(set(self.names) ^ set(live))[:5]
             raise ValueError(f"the module's tensors differ from the averaged ones, e.g. {missing}")

@@ -39,11 +39,13 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from lightning_tricks.averaging import averaged_state_dict
 
 __all__ = [
     "mean_softmax",
+    "MeanNLL",
     "load_weights",
     "evaluate_members",
     "EnsembleModule",
@@ -111,12 +113,18 @@ def _default_target(batch: Any) -> Tensor:
     return y.argmax(dim=-1) if y.is_floating_point() and y.ndim > 1 else y
 
 
+class MeanNLL(MeanMetric):
+    """The mean negative log-likelihood ``-log p[y]`` over ``update(probs, target)`` calls (torchmetrics)."""
+
+    def update(self, probs: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        super().update(F.nll_loss(probs.float().clamp_min(1e-12).log(), target, reduction="none"))
+
+
 def _make_metrics(num_classes: int, templates: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
-    from torchmetrics import MeanMetric
     from torchmetrics.classification import MulticlassAccuracy
 
     if templates is None:
-        metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"), "nll": MeanMetric()}
+        metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"), "nll": MeanNLL()}
     else:
         metrics = {k: m.clone() for k, m in templates.items()}
         for m in metrics.values():
@@ -125,13 +133,8 @@ def _make_metrics(num_classes: int, templates: Mapping[str, Any] | None, device:
 
 
 def _update(metrics: Mapping[str, Any], probs: Tensor, target: Tensor) -> None:
-    from torchmetrics import MeanMetric
-
-    for name, m in metrics.items():
-        if isinstance(m, MeanMetric) and name == "nll":
-            m.update(F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction="none"))
-        else:
-            m.update(probs, target)
+    for m in metrics.values():
+        m.update(probs, target)
 
 
 @torch.no_grad()
@@ -156,7 +159,7 @@ def evaluate_members(
         forward: ``forward(module, batch) -> logits`` (default ``module(batch[0])``).
         target: ``target(batch) -> class indices`` (default ``batch[1]``; soft targets are argmaxed).
         metrics: ``{name: torchmetrics.Metric}`` templates updated with ``(probs, target)`` (cloned per
-            member). Default: ``acc`` (micro accuracy) and ``nll`` (mean negative log-likelihood).
+            member). Default: ``acc`` (micro accuracy) and ``nll`` (:class:`MeanNLL`).
         restore: put the module's weights back at the end.
         use_average: see :func:`load_weights`.
 

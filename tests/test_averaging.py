@@ -181,8 +181,8 @@ def test_update_bn_equals_torch_update_bn() -> None:
 
 def test_averaged_state_dict_merges_the_average() -> None:
     raw = {"w": torch.ones(2, dtype=torch.bfloat16), "b": torch.zeros(1)}
-    ckpt = {"state_dict": raw, "callbacks": {"EMA{'decay': 0.9}": {"started": True, "average": {"w": torch.full((2,), 0.5)}},
-                                            "Other": {"x": 1}}}
+    ema_state = {"started": True, "average": {"w": torch.full((2,), 0.5)}}
+    ckpt = {"state_dict": raw, "callbacks": {"EMA{'decay': 0.9}": ema_state, "Other": {"x": 1}}}
     merged = averaged_state_dict(ckpt)
     assert merged["w"].dtype == torch.bfloat16 and torch.equal(merged["w"].float(), torch.full((2,), 0.5))
     assert merged["b"] is raw["b"]

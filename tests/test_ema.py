@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import Callback, ModelCheckpoint, Trainer, seed_everything
 from lightning_tricks.averaging import averaged_state_dict
-from lightning_tricks.callbacks import EMA
+from lightning_tricks.callbacks import EMA, SWA
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
 
@@ -137,6 +137,38 @@ def test_ema_average_at_end_and_float32_buffers_average() -> None:
     assert not torch.equal(raw["net.head.0.weight"], module.net.head[0].weight)
 
 
+def test_ema_checkpoint_saved_while_module_holds_the_average_keeps_raw_weights(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = RefClassifier()
+    ema = EMA(decay=0.9)
+    trainer = _trainer([ema], limit_val_batches=0)
+    trainer.fit(module, _loader())
+    assert ema.holds_average
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    ckpt = torch.load(tmp_path / "end.ckpt", weights_only=False)
+    raw = ema.raw_tensors(module)
+    for name, t in ckpt["state_dict"].items():
+        assert torch.equal(t, raw[name]), name
+    for name, t in ckpt["callbacks"][ema.state_key]["average"].items():
+        assert torch.equal(t, ema.average_tensors()[name]), name
+    assert torch.equal(averaged_state_dict(ckpt)["net.head.0.weight"], module.net.head[0].weight.detach())
+
+
+def test_ema_without_an_average_evaluates_raw_weights_and_says_so() -> None:
+    import warnings
+
+    seed_everything(0)
+    module = RefClassifier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer([EMA(start_step=9)]).fit(module, _loader(), _loader(32))  # validation before the start: raw
+    assert not [w for w in caught if "no average yet" in str(w.message)]
+    fresh = _trainer([EMA()])
+    with pytest.warns(UserWarning, match="no average yet"):
+        got = fresh.test(module, _loader(32), verbose=False)[0]
+    assert got == _trainer([]).test(module, _loader(32), verbose=False)[0]
+
+
 def test_ema_keeps_float32_average_of_bfloat16_weights() -> None:
     seed_everything(0)
     module = RefClassifier()
@@ -165,8 +197,8 @@ def test_ema_evaluate_both_logs_ema_under_module_names_and_raw_with_suffix() -> 
     val_both, test_both, w_both = _fit_eval("both")
     assert torch.equal(w_ema, w_raw) and torch.equal(w_ema, w_both)  # evaluation never changes training
     assert val_ema["val/loss"] != pytest.approx(val_raw["val/loss"], abs=1e-4)  # the two weights differ
-    assert val_both == pytest.approx({**val_ema, "val/loss_raw": val_raw["val/loss"], "val/acc_raw": val_raw["val/acc"]},
-                                     abs=1e-6)
+    want = {**val_ema, "val/loss_raw": val_raw["val/loss"], "val/acc_raw": val_raw["val/acc"]}
+    assert val_both == pytest.approx(want, abs=1e-6)
     # after fit the module holds the average: "raw" tests swap the raw weights in, "both" logs both
     assert test_ema == pytest.approx({k: v for k, v in test_both.items() if not k.endswith("_raw")}, abs=1e-6)
     assert test_both["test/loss_raw"] == pytest.approx(test_raw["test/loss"], abs=1e-6)
@@ -191,7 +223,8 @@ def test_ema_test_from_checkpoint_uses_that_checkpoints_average(tmp_path: Path) 
     assert got == pytest.approx(want, abs=1e-6)
     raw = RefClassifier()
     raw.load_state_dict(checkpoint["state_dict"])
-    assert _trainer([]).test(raw, _loader(32), verbose=False)[0]["test/loss"] != pytest.approx(want["test/loss"], abs=1e-4)
+    raw_loss = _trainer([]).test(raw, _loader(32), verbose=False)[0]["test/loss"]
+    assert raw_loss != pytest.approx(want["test/loss"], abs=1e-4)
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -260,21 +293,30 @@ class _SaveAverage(Callback):
     def __init__(self, out: str) -> None:
         self.out = out
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:  # after the callbacks' on_train_end
         ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
-        torch.save({"avg": ema.average_tensors(), "ref": dict(pl_module.ref.module.named_parameters())},
+        swa = next(c for c in trainer.callbacks if isinstance(c, SWA))
+        torch.save({"avg": ema.average_tensors(), "ref": dict(pl_module.ref.module.named_parameters()),
+                    "swa": swa.average_tensors(), "module": pl_module.state_dict()},
                    f"{self.out}/rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.ddp
-def test_ema_under_ddp_is_identical_on_all_ranks(tmp_path: Path) -> None:
+def test_ema_and_swa_under_ddp_are_identical_on_all_ranks(tmp_path: Path) -> None:
     seed_everything(0)
     module = RefClassifier(0.9)
     ema = EMA(decay=0.9, warmup=False, average_at_end=False)
-    trainer = _trainer([ema, _SaveAverage(str(tmp_path))], accelerator="cpu", devices=2, strategy="ddp_spawn",
-                       max_epochs=1, limit_val_batches=0)
+    swa = SWA(start=0, update_every="step")  # ends with the SWA weights and BatchNorm statistics in the module
+    trainer = _trainer([ema, swa, _SaveAverage(str(tmp_path))], accelerator="cpu", devices=2,
+                       strategy="ddp_spawn", max_epochs=1, limit_val_batches=0)
     trainer.fit(module, _loader(8))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for name, t in r0["avg"].items():
         assert torch.equal(t, r1["avg"][name])
         torch.testing.assert_close(t, r0["ref"][name[len("net."):]], rtol=0, atol=1e-6)
+    for name, t in r0["swa"].items():
+        assert torch.equal(t, r1["swa"][name])
+    # each rank recomputed BatchNorm statistics on its own shard; they were averaged across ranks
+    assert r0["module"]["net.backbone.2.running_mean"].abs().sum() > 0
+    for name, t in r0["module"].items():
+        torch.testing.assert_close(t, r1["module"][name], rtol=0, atol=1e-6)

@@ -145,7 +145,8 @@ def test_snapshot_bad_input_fails_clearly() -> None:
     with pytest.raises(ValueError, match="an LRSchedule callback is present"):
         _trainer([SnapshotEnsemble(cycles=2), LRSchedule(CosineRestarts(T_0=12))]).fit(_make(), _loader())
     with pytest.raises(ValueError, match="T_0=12"):
-        _trainer([SnapshotEnsemble(cycles=2, schedule=False), LRSchedule(CosineRestarts(T_0=8))]).fit(_make(), _loader())
+        mismatched = LRSchedule(CosineRestarts(T_0=8))
+        _trainer([SnapshotEnsemble(cycles=2, schedule=False), mismatched]).fit(_make(), _loader())
 
 
 def test_snapshot_with_a_matching_cosine_restarts_schedule() -> None:

@@ -74,10 +74,12 @@ def _assert_equals_ref(swa: SWA, module: SwaRef) -> None:
 def test_swa_epoch_average_equals_averaged_model(accumulate: int) -> None:
     seed_everything(0)
     module = SwaRef(start_epoch=2)
-    swa = SWA(start=0.5, average_at_end=False)  # 0.5 * 4 epochs: epochs 2 and 3
-    _trainer([swa], accumulate_grad_batches=accumulate).fit(module, _loader(), _loader(32))
+    swa = SWA(start=0.5, average_at_end=False, evaluate="both")  # 0.5 * 4 epochs: epochs 2 and 3
+    trainer = _trainer([swa], accumulate_grad_batches=accumulate)
+    trainer.fit(module, _loader(), _loader(32))
     assert swa.start_epoch == 2 and swa.num_averaged == 2
-    _assert_equals_ref(swa, module)  # validation on the average never disturbed the raw weights
+    _assert_equals_ref(swa, module)  # validating the average (and the raw weights) never disturbed training
+    assert trainer.callback_metrics["val/loss"] != pytest.approx(float(trainer.callback_metrics["val/loss_raw"]))
 
 
 def test_swa_step_average_equals_averaged_model() -> None:

@@ -71,7 +71,9 @@ def _untouched(pl_module: nn.Module, loaders: list[Any]) -> Iterator[None]:
     or recomputing BatchNorm statistics would change the rest of the training run.
     """
     device = next((t.device for t in pl_module.parameters()), torch.device("cpu"))
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     epochs = [(ld, ld.epoch) for ld in loaders if isinstance(getattr(ld, "epoch", None), int)]
     with torch.random.fork_rng(devices=devices):
         try:
@@ -294,13 +296,17 @@ class _Averaging(Callback):
             self._average = WeightAverage(pl_module, buffers=self._include_buffers(), device=device)
         else:
             self._average.bind(pl_module)
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self._started = bool(state.get("started", False))
-            avg = state.get(AVERAGE_STATE_KEY) or {}
-            if self._started:
-                self._average.load_state_dict(avg)
-            self._load_extra_state(state)
+        self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        """Load a state read from a checkpoint into the (bound) average."""
+        if self._pending is None or self._average is None:
+            return
+        state, self._pending = self._pending, None
+        self._started = bool(state.get("started", False))
+        if self._started:
+            self._average.load_state_dict(state.get(AVERAGE_STATE_KEY) or {})
+        self._load_extra_state(state)
 
     def _hold_average(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._backup is not None or self._average is None or not self._started:
@@ -322,7 +328,7 @@ class _Averaging(Callback):
         self._backup = None
 
     # -- evaluation --------------------------------------------------------------------------------
-    def _eval_start(self, trainer: Trainer, pl_module: LightningModule, both_allowed: bool = True) -> None:
+    def _eval_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._bind(pl_module)
         self._eval_return_to = None
         if self.evaluate == "raw":
@@ -331,7 +337,7 @@ class _Averaging(Callback):
                 self._hold_raw()
             return
         if not self._started:
-            if not trainer.training and not trainer.sanity_checking:
+            if trainer.state.fn != "fit":  # in fit, evaluating the raw weights before the start is the rule
                 self._warn_once("no-average", f"{type(self).__name__}: there is no average yet (no fit ran "
                                 "and no checkpoint with its state was loaded); evaluating the raw weights")
             return
@@ -417,13 +423,8 @@ class _Averaging(Callback):
         self._backup = None
         self._eval_return_to = None
         self._pending = dict(state_dict)
-        if self._average is not None:
-            # already bound (e.g. test(ckpt_path=...) after fit): the module's tensors are the same
-            state, self._pending = self._pending, None
-            self._started = bool(state.get("started", False))
-            if self._started:
-                self._average.load_state_dict(state.get(AVERAGE_STATE_KEY) or {})
-            self._load_extra_state(state)
+        # already bound (e.g. test(ckpt_path=...) after fit): the module's tensors are the same ones
+        self._apply_pending()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,10 +446,13 @@ class EMA(_Averaging):
     built once, so an update is one ``torch._foreach_lerp_`` per list with the decay computed on the host
     from an int: no Python loop over parameters and no device sync.
 
-    Compared with Lightning's ``EMAWeightAveraging``: no ``deepcopy`` of the module, no per-parameter
-    Python loop and no ``n_averaged == 0`` device sync per step, swaps with foreach copies instead of a
-    clone per tensor, float32 averages of low-precision weights, decay warmup, and checkpoints whose
-    ``state_dict`` stays the raw weights (exact resume) with the average in the callback state.
+    Compared with Lightning's ``EMAWeightAveraging`` (``AveragedModel`` with a per-tensor ``avg_fn``):
+    no ``deepcopy`` of the module, no per-parameter Python loop and no temporaries per step (it computes
+    ``d * ema + (1 - d) * w`` into new tensors), no ``n_averaged == 0`` device sync per step, float32
+    averages of low-precision weights, decay warmup, buffers copied rather than averaged by default,
+    the raw weights kept (not overwritten) at the end of fit so they can still be tested, and checkpoints
+    whose ``state_dict`` stays the raw weights (exact resume) with the average in the callback state.
+    ``benchmarks/ema_update.py`` measures the per-step cost against it.
 
     Polyak & Juditsky 1992 (averaging); the decay warmup is TensorFlow's
     ``ExponentialMovingAverage(num_updates=...)``; see also Izmailov et al. 2018, arXiv:1803.05407.
@@ -548,7 +552,8 @@ class EMA(_Averaging):
                 self._start(step)
             return
         if step - self._last_update_step >= self.every_n_steps:
-            self._average.update_(1.0 - ema_decay(self.num_updates, self.decay, self.warmup))  # type: ignore[union-attr]
+            decay = ema_decay(self.num_updates, self.decay, self.warmup)  # host arithmetic on an int
+            self._average.update_(1.0 - decay)  # type: ignore[union-attr]
             self.num_updates += 1
             self._last_update_step = step
 
@@ -622,7 +627,8 @@ class SWA(_Averaging):
         if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and math.isfinite(swa_lr) and swa_lr > 0):
             raise ValueError(f"swa_lr must be a positive number or None, got {swa_lr!r}")
         if anneal_epochs is not None and anneal_steps is not None:
-            raise ValueError(f"give anneal_epochs or anneal_steps, not both (got {anneal_epochs!r} and {anneal_steps!r})")
+            raise ValueError(f"give anneal_epochs or anneal_steps, not both "
+                             f"(got {anneal_epochs!r} and {anneal_steps!r})")
         for arg, value in (("anneal_epochs", anneal_epochs), ("anneal_steps", anneal_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{arg} must be an int >= 0 or None, got {value!r}")
@@ -709,7 +715,8 @@ class SWA(_Averaging):
         if self.anneal_steps is not None:
             k, length = self._swa_steps + 1, self.anneal_steps
         else:
-            k, length = trainer.current_epoch - self.start_epoch + 1, (self.anneal_epochs or 0)  # type: ignore[operator]
+            k = trainer.current_epoch - self.start_epoch + 1  # type: ignore[operator]
+            length = self.anneal_epochs or 0
         for opt, lr0s in zip(optimizers, self._lr0):
             for group, lr0 in zip(opt.param_groups, lr0s):
                 group["lr"] = swa_lr(k, lr0, self.swa_lr, length, self.anneal)
@@ -775,6 +782,11 @@ class SWA(_Averaging):
 
         with _untouched(pl_module, loaders), torch.no_grad():
             update_bn(pl_module, batches(), forward, max_batches=limit)
+            if trainer.world_size > 1:
+                # each rank saw its shard: average the statistics so every rank evaluates the same model
+                for b in buffers.values():
+                    if b.is_floating_point():
+                        b.copy_(trainer.strategy.reduce(b.clone(), reduce_op="mean"))
         self._bn_state = {n: b.detach().clone() for n, b in buffers.items()}
         self._bn_version = self.num_averaged
 

@@ -3,7 +3,9 @@
 The LR curve is :class:`lightning_tricks.schedules.CosineRestarts` with ``T_0 = ceil(T / M)`` and
 ``min_factor=0``, i.e. Huang et al.'s
 
-.. math:: \\alpha(t) = \\frac{\\alpha_0}{2}\\left(\\cos\\left(\\frac{\\pi \\bmod(t, \\lceil T/M \\rceil)}{\\lceil T/M \\rceil}\\right) + 1\\right)
+.. math::
+    \\alpha(t) = \\frac{\\alpha_0}{2}
+    \\left(\\cos\\left(\\frac{\\pi \\bmod(t, \\lceil T/M \\rceil)}{\\lceil T/M \\rceil}\\right) + 1\\right)
 
 (``t`` the optimizer step, ``T`` the run's optimizer steps). The evaluation of the snapshots and
 their mean-of-softmax ensemble is :func:`lightning_tricks.ensemble.evaluate_members`.
@@ -151,8 +153,9 @@ class SnapshotEnsemble(Callback):
             ours = [e + 1 for e in self._cosine.cycle_ends(self.total_steps)]
             for cb in others:
                 ends = getattr(getattr(cb, "schedule", None), "cycle_ends", None)
-                if ends is not None and [e + 1 for e in ends(self.total_steps)] != ours:
-                    raise ValueError(f"the LRSchedule's cycles end after steps {[e + 1 for e in ends(self.total_steps)]}, "
+                theirs = None if ends is None else [e + 1 for e in ends(self.total_steps)]
+                if theirs is not None and theirs != ours:
+                    raise ValueError(f"the LRSchedule's cycles end after steps {theirs}, "
                                      f"the snapshots are taken after {self.steps}; give its CosineRestarts "
                                      f"T_0={self._cosine.T_0}, T_mult=1")
             if not others and not trainer.lr_scheduler_configs:

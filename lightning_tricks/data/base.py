@@ -106,7 +106,7 @@ class TensorDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if self.batch_augment is not None and trainer is not None and trainer.training:
             x, *rest = batch
-            batch = (self.batch_augment(x), *rest)
+            batch = [self.batch_augment(x), *rest]
         return batch
 
 

@@ -79,9 +79,9 @@ class TensorBatchLoader:
             idx = torch.cat([idx, idx[: total - n]])
         return idx[self.rank : total : self.world_size].to(self.tensors[0].device)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+    def __iter__(self) -> Iterator[list[Tensor]]:
         idx = self._indices()
         self.epoch += 1  # the next pass draws a new permutation even if set_epoch is never called
         for b in range(len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
-            yield tuple(t[sel] for t in self.tensors)
+            yield [t[sel] for t in self.tensors]  # a list, like DataLoader's collate: callbacks may replace items

@@ -1,0 +1,36 @@
+"""Every per-step trick agrees across DDP ranks: 2 CPU processes (gloo), LRSchedule + EMA + EarlyStopping + SWA."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_tricks_agree_across_two_ddp_ranks(tmp_path):
+    worker = Path(__file__).with_name("ddp_tricks_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+    r = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
+    a, b = ranks
+    assert (a["rank"], b["rank"]) == (0, 1)
+    # same LR sequence, set per optimizer step (warmup then cosine), on both ranks
+    assert len(a["lrs"]) == a["global_step"] > 4 and a["lrs"] == b["lrs"]
+    assert a["lrs"][0] < a["lrs"][3]  # warming up
+    # the averages, gathered from both ranks, are bit-identical
+    for name in ("ema", "swa"):
+        first, second = a["gathered"][name]
+        assert torch.equal(first, second), name
+        assert torch.equal(a[name], b[name])
+    assert not torch.equal(a["ema"], a["swa"])
+    # the run stopped early, on the same epoch on both ranks, for a reason both can read
+    assert a["stopped_epoch"] == b["stopped_epoch"] > 0
+    assert a["current_epoch"] == b["current_epoch"] < 12
+    assert torch.equal(*a["gathered"]["stop"])
+    assert a["stop_reason"] and "GL=" in a["stop_reason"]

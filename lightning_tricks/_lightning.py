@@ -39,3 +39,6 @@ from pytorch_lightning.loggers.logger import DummyLogger  # noqa: E402  (LRRange
 from pytorch_lightning.utilities.seed import isolate_rng  # noqa: E402  (LRRangeTest: leave the RNG as it was)
 
 __all__ += ["DummyLogger", "isolate_rng"]
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason  # noqa: E402  (EarlyStopping: stop kinds)
+
+__all__ += ["EarlyStoppingReason"]

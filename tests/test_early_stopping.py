@@ -1,0 +1,359 @@
+"""EarlyStopping in a Trainer: overfitting digits, restore-best, resume mid-strip, DDP, configs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks._lightning import CSVLogger, Callback, LightningModule, ModelCheckpoint, Trainer, seed_everything
+from lightning_tricks.callbacks import EarlyStopping
+from lightning_tricks.data import DigitsDataModule, TensorBatchLoader
+from lightning_tricks.mixins import Classifier
+from lightning_tricks.models import MLP
+from lightning_tricks.stopping import first_stop
+
+from conftest import compose_train
+from test_stopping import PQ_TRAIN, PQ_VAL, UP_CURVE
+
+MAX_EPOCHS = 25
+
+
+# ------------------------------------------------------------------------------------------------
+# a deliberately overfitting setting: 32 training digits, a 512-512 MLP, Adam, no regularization
+# ------------------------------------------------------------------------------------------------
+_SPLITS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _loaders() -> tuple[TensorBatchLoader, TensorBatchLoader]:
+    if not _SPLITS:
+        dm = DigitsDataModule(val_fraction=0.5)
+        dm.setup()
+        _SPLITS.update(dm.splits)
+    x, y = _SPLITS["train"]
+    xv, yv = _SPLITS["val"]
+    return (TensorBatchLoader(x[:32], y[:32], batch_size=16, shuffle=True, drop_last=True),
+            TensorBatchLoader(xv, yv, batch_size=1024))
+
+
+def _overfit_module() -> Classifier:
+    seed_everything(0)
+    return Classifier(MLP((1, 8, 8), 10, hidden=(512, 512), norm="none"), 10, {"name": "adam", "lr": 3e-3})
+
+
+def _trainer(callbacks, **kwargs) -> Trainer:
+    opts = dict(max_epochs=MAX_EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    opts.update(kwargs)
+    return Trainer(callbacks=callbacks, **opts)
+
+
+CASES = {
+    "patience": dict(criterion="patience", patience=3),
+    "increase": dict(criterion="patience", patience=2, patience_rule="increase"),
+    "gl": dict(criterion="gl", alpha=5.0),
+    # Adam drives the training loss down geometrically, so P_5 stays in the hundreds and PQ small
+    "pq": dict(criterion="pq", alpha=0.02, strip=5),
+    "up": dict(criterion="up", s=2, strip=3),
+    "gl_accuracy": dict(monitor="val/acc", mode="max", criterion="gl", alpha=3.0),  # E = 1 - acc
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_overfitting_digits_stop_early_and_restore_the_best_weights(case):
+    module = _overfit_module()
+    train, val = _loaders()
+    es = EarlyStopping(**CASES[case], restore_best=True)
+    trainer = _trainer([es])
+    trainer.fit(module, train, val)
+
+    # stopped early, exactly where the pure rule stops on the recorded curves
+    assert es.stop_reason is not None, f"{case} did not stop in {MAX_EPOCHS} epochs: {es.history}"
+    assert es.stopped_epoch < MAX_EPOCHS - 1 and es.epochs == list(range(es.stopped_epoch + 1))
+    replay = first_stop(es.history, es.train_history, es.rule, name=es.monitor)
+    assert replay.index == es.stopped_epoch
+    assert es.stop_reason == f"stopped at epoch {es.stopped_epoch}: {replay.decision.reason}"
+    assert es.best_epoch < es.stopped_epoch
+    # every criterion's value was logged at the last check
+    for key in ("gl", "up_count", "wait_count"):
+        assert f"early_stopping/{key}" in trainer.callback_metrics
+    assert trainer.callback_metrics["early_stopping/wait_count"] == es.wait_count
+
+    # the module holds the best epoch's weights: re-validating gives the best logged value
+    assert es.history[-1] != es.best_value
+    metrics = trainer.validate(module, val, verbose=False)[0]
+    assert metrics[es.monitor] == pytest.approx(es.best_value, rel=1e-6, abs=1e-7)
+
+
+def test_restore_from_the_best_checkpoint(tmp_path):
+    module = _overfit_module()
+    train, val = _loaders()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1)
+    es = EarlyStopping(criterion="gl", alpha=5.0, restore_from="checkpoint")
+    trainer = _trainer([es, ckpt], enable_checkpointing=True)
+    trainer.fit(module, train, val)
+    assert es.stop_reason is not None and es.best_weights is None  # nothing kept in memory
+    assert f"epoch={es.best_epoch}-" in Path(ckpt.best_model_path).name
+    metrics = trainer.validate(module, val, verbose=False)[0]
+    assert metrics["val/loss"] == pytest.approx(es.best_value, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory")
+@pytest.mark.parametrize("case", ["up", "pq"])
+def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
+    train, val = _loaders()
+    strip = CASES[case]["strip"]
+    full = EarlyStopping(**CASES[case])
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False,
+                                  save_top_k=-1, every_n_epochs=1)
+    module = _overfit_module()
+    _trainer([full, every_epoch], enable_checkpointing=True).fit(module, train, val)
+    assert full.stop_reason is not None
+
+    # resume mid-strip, more than a strip before the stop (the resumed run crosses a strip end) and after
+    # the best epoch (its weights must come from the checkpoint); checks are 1-based: check = epoch + 1
+    resume = max(e for e in range(full.best_epoch + 1, full.stopped_epoch - strip) if (e + 1) % strip != 0)
+    path = tmp_path / f"e{resume:02d}.ckpt"
+    saved = torch.load(path, weights_only=False)["callbacks"][full.state_key]
+    assert saved["history"] == full.history[: resume + 1] and saved["best_weights"]
+    resumed = EarlyStopping(**CASES[case])
+    module2 = _overfit_module()
+    again = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False,
+                            save_top_k=-1, every_n_epochs=1)
+    _trainer([resumed, again], enable_checkpointing=True).fit(module2, *_loaders(), ckpt_path=str(path))
+
+    assert resumed.stopped_epoch == full.stopped_epoch
+    assert resumed.stop_reason == full.stop_reason
+    assert resumed.history == full.history and resumed.epochs == full.epochs
+    assert resumed.train_history == full.train_history
+    # both ended with the best epoch's weights, which the resumed run took from the checkpoint
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, module2.state_dict()[name]), name
+
+
+def test_state_round_trips_with_plain_types():
+    es = EarlyStopping(criterion="up", strip=2, s=2)
+    es.history, es.train_history, es.epochs = [1.0, 0.5, 0.7], [2.0, 1.0, math.nan], [0, 1, 2]
+    es._best, es._held_check = {"w": torch.ones(3)}, 1
+    state = es.state_dict()
+    assert state["history"] == [1.0, 0.5, 0.7] and state["epochs"] == [0, 1, 2]
+    assert torch.equal(state["best_weights"]["w"], torch.ones(3)) and state["best_weights_check"] == 1
+    other = EarlyStopping(criterion="up", strip=2, s=2)
+    other.load_state_dict(state)
+    assert other.history == es.history and other.epochs == es.epochs and other.best_epoch == 1
+    assert other.best_weights is not None and torch.equal(other.best_weights["w"], torch.ones(3))
+    # smaller checkpoints: the in-memory copy is left out on request
+    assert "best_weights" not in EarlyStopping(save_best_weights=False).state_dict()
+    # distinct keys for two instances side by side
+    keys = {EarlyStopping(criterion="gl").state_key, EarlyStopping(criterion="pq").state_key,
+            EarlyStopping(criterion="gl", alpha=2.0).state_key, EarlyStopping(monitor="val/acc").state_key}
+    assert len(keys) == 4
+    # a checkpoint without the best weights: the final weights stay, with a warning
+    light = EarlyStopping()
+    light.load_state_dict({k: v for k, v in state.items() if not k.startswith("best_weights")})
+    layer = nn.Linear(2, 2)
+    before = layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="not available"):
+        light.on_train_end(None, layer)
+    assert torch.equal(layer.weight, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# a scripted module: logs a given validation curve (plus a per-rank drift) and a training metric
+# ------------------------------------------------------------------------------------------------
+class Scripted(LightningModule):
+    def __init__(self, val: list[float], train: list[float] | None = None, drift: float = 0.0) -> None:
+        super().__init__()
+        self.val_curve, self.train_curve, self.drift = val, train, drift
+        self.layer = nn.Linear(2, 1)
+        self.seen: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        if self.train_curve is not None:
+            self.log("train/err", self.train_curve[self.current_epoch], on_step=False, on_epoch=True, batch_size=2)
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        # rank r sees val[e] - r * drift * e; not synced on purpose
+        value = self.val_curve[self.current_epoch] - self.global_rank * self.drift * self.current_epoch
+        self.seen.append(value)
+        self.log("val/err", value, on_epoch=True, sync_dist=False, batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _scripted_loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+
+
+def _scripted_trainer(callbacks, **kwargs) -> Trainer:
+    opts = dict(max_epochs=len(PQ_VAL), limit_train_batches=1, limit_val_batches=1)
+    opts.update(kwargs)
+    return _trainer(callbacks, **opts)
+
+
+@pytest.mark.parametrize("after_validation", [False, True])
+def test_scripted_curve_stops_on_the_epoch_worked_out_by_hand(tmp_path, after_validation):
+    # tests/test_stopping.py: PQ_0.3 with strip 3 stops at check 9 (epoch 8): GL/P_3 = 9.091/23.81 = 0.382
+    es = EarlyStopping(monitor="val/err", criterion="pq", alpha=0.3, strip=3, train_monitor="train/err",
+                       check_on_train_epoch_end=not after_validation)
+    module = Scripted(PQ_VAL, PQ_TRAIN)
+    trainer = _scripted_trainer([es], logger=CSVLogger(tmp_path, name="", version=""))
+    if after_validation:  # the training metric of a check is then the previous epoch's: shift it by one
+        module.train_curve = PQ_TRAIN[1:] + [PQ_TRAIN[-1]]
+        with pytest.warns(UserWarning, match="one epoch behind"):
+            trainer.fit(module, _scripted_loader(), _scripted_loader())
+    else:
+        trainer.fit(module, _scripted_loader(), _scripted_loader())
+    assert es.stopped_epoch == 8 and es.history == pytest.approx(PQ_VAL[:9])
+    assert es.stop_reason == "stopped at epoch 8: PQ=GL/P_3=9.09/23.8=0.382 > alpha=0.3 (best 0.44 at 4)"
+    # every criterion's value went to the logger at every check, whichever hook ran the check
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("early_stopping/gl")]
+    assert len(rows) == 9
+    assert float(rows[-1]["early_stopping/pq"]) == pytest.approx(0.381818, abs=1e-5)
+    assert float(rows[-1]["early_stopping/gl"]) == pytest.approx(100 * (0.48 / 0.44 - 1), rel=1e-5)
+
+
+def test_min_epochs_and_reason_in_max_mode():
+    # UP_CURVE as an accuracy; UP_2 (strip 2) stops at check 8, with min_epochs=9 at the next strip end, 10
+    curve = [1.0 - v for v in UP_CURVE]
+    es = EarlyStopping(monitor="val/err", mode="max", criterion="up", s=2, strip=2, min_epochs=9)
+    _scripted_trainer([es]).fit(Scripted(curve), _scripted_loader(), _scripted_loader())
+    assert es.stopped_epoch == 9
+    assert es.stop_reason.startswith("stopped at epoch 9: UP_2: val/err rose at the end of 2 successive strips")
+    assert es.stop_reason.endswith("(best 0.5 at 4)")
+
+
+class _EveryEpoch(Callback):
+    """The module's weights at the end of every epoch (before EarlyStopping's check)."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "best_on_cpu"),
+    [("cpu", False), pytest.param("gpu", False, marks=pytest.mark.gpu),
+     pytest.param("gpu", True, marks=pytest.mark.gpu)],
+)
+def test_restored_weights_are_exactly_the_best_epochs(accelerator, best_on_cpu):
+    # UP_CURVE: best 0.5 at epoch 4; UP_2 (strip 2) stops at epoch 7
+    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2, best_on_cpu=best_on_cpu)
+    record = _EveryEpoch()
+    module = Scripted(UP_CURVE)
+    _scripted_trainer([record, es], accelerator=accelerator).fit(module, _scripted_loader(), _scripted_loader())
+    assert es.stopped_epoch == 7 and es.best_epoch == 4 and len(record.weights) == 8
+    device = "cpu" if best_on_cpu or accelerator == "cpu" else "cuda"
+    assert all(t.device.type == device for t in es.best_weights.values())
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, record.weights[4][name]), name
+        assert not torch.equal(tensor, record.weights[7][name]), name
+
+
+def test_perfect_accuracy_then_worse_gives_an_infinite_gl():
+    # E = 1 - acc: E_opt = 0 at epoch 1, so any later error is an infinite relative loss
+    es = EarlyStopping(monitor="val/err", mode="max", criterion="gl", alpha=5.0)
+    trainer = _scripted_trainer([es])
+    trainer.fit(Scripted([0.9, 1.0, 0.99, 1.0, 1.0]), _scripted_loader(), _scripted_loader())
+    assert es.stop_reason == "stopped at epoch 2: GL=inf > alpha=5 (best 1 at 1)"
+    assert trainer.callback_metrics["early_stopping/gl"] == math.inf
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"criterion": "plateau"}, r"criterion must be one of \('patience', 'gl', 'pq', 'up'\), got 'plateau'"),
+        ({"criterion": "gl", "alpha": 0}, r"alpha must be a finite number > 0.*got 0"),
+        ({"criterion": "pq", "alpha": -2.0}, r"alpha must be a finite number > 0.*got -2\.0"),
+        ({"criterion": "pq", "strip": 0}, r"strip must be an int >= 1, got 0"),
+        ({"criterion": "up", "strip": 2.5}, r"strip must be an int >= 1, got 2\.5"),
+        ({"restore_from": "disk"}, r"restore_from must be one of \('memory', 'checkpoint'\), got 'disk'"),
+        ({"mode": "maximum"}, r"mode must be one of \('min', 'max'\), got 'maximum'"),
+        ({"monitor": ""}, r"monitor must be a non-empty metric name, got ''"),
+        ({"restore_best": "yes"}, r"restore_best must be a bool, got 'yes'"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EarlyStopping(**kwargs)
+
+
+def test_monitored_metric_never_logged_names_it_and_the_choices():
+    es = EarlyStopping(monitor="val/loss")
+    with pytest.raises(RuntimeError, match=r"monitor='val/loss' was not logged; the logged metrics are \['val/err'\]"):
+        _scripted_trainer([es]).fit(Scripted(PQ_VAL), _scripted_loader(), _scripted_loader())
+
+
+def test_pq_without_the_training_metric_names_it():
+    es = EarlyStopping(monitor="val/err", criterion="pq")
+    with pytest.raises(RuntimeError, match=r"train_monitor='train/loss_epoch'.*not logged.*'val/err'"):
+        _scripted_trainer([es]).fit(Scripted(PQ_VAL), _scripted_loader(), _scripted_loader())
+
+
+def test_restore_from_checkpoint_needs_a_matching_model_checkpoint(tmp_path):
+    es = EarlyStopping(monitor="val/err", restore_from="checkpoint")
+    other = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    with pytest.raises(ValueError, match=r"ModelCheckpoint\(monitor='val/err', mode='min'.*'val/acc', 'max'"):
+        _scripted_trainer([es, other], enable_checkpointing=True).fit(Scripted(PQ_VAL), _scripted_loader(),
+                                                                     _scripted_loader())
+
+
+# ------------------------------------------------------------------------------------------------
+# configs
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "criterion"), [("early_stopping", "patience"), ("early_stopping_gl", "gl"),
+                                                 ("early_stopping_pq", "pq"), ("early_stopping_up", "up")])
+def test_configs_compose_and_instantiate(name, criterion):
+    cfg = compose_train([f"+callbacks={name}"])
+    es = instantiate(cfg.callbacks[name])
+    assert isinstance(es, EarlyStopping) and es.criterion == criterion and es.restore_best
+    removed = compose_train([f"+callbacks={name}", f"~callbacks.{name}"])
+    assert name not in removed.callbacks
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP: two CPU processes (gloo), each rank logging its own, unsynced value
+# ------------------------------------------------------------------------------------------------
+class _Dump(Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        es = next(cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping))
+        out = {"stopped": es.stopped_epoch, "reason": es.stop_reason, "history": es.history,
+               "seen": pl_module.seen, "best": es.best_epoch, "current_epoch": trainer.current_epoch}
+        Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_stop_on_the_same_epoch(tmp_path):
+    # rank 0 sees UP_CURVE: UP_2 with strip 2 stops at check 8 (epoch 7). Rank 1 sees UP_CURVE[e] - 0.05 e,
+    # which keeps falling at every strip end, so on its own it would never stop.
+    drifted = [v - 0.05 * e for e, v in enumerate(UP_CURVE)]
+    assert first_stop(drifted, rule=EarlyStopping(criterion="up", s=2, strip=2).rule).index is None
+    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2)
+    trainer = _scripted_trainer([es, _Dump(str(tmp_path))], max_epochs=len(UP_CURVE), accelerator="cpu",
+                                devices=2, strategy="ddp_spawn")
+    trainer.fit(Scripted(UP_CURVE, drift=0.05), _scripted_loader(), _scripted_loader())
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["seen"] != r1["seen"]  # the ranks logged different values ...
+    assert r0["stopped"] == r1["stopped"] == 7  # ... and stopped together, on rank zero's curve
+    assert r0["current_epoch"] == r1["current_epoch"] == 8
+    assert r0["history"] == r1["history"] == pytest.approx(UP_CURVE[:8])
+    assert r0["reason"] == r1["reason"] and r0["reason"].startswith("stopped at epoch 7: UP_2")
+    assert r0["best"] == r1["best"] == 4

@@ -145,7 +145,7 @@ def test_resume_does_not_scale_twice(tmp_path: Path) -> None:
 
 
 def test_linear_scaling_config_instantiates() -> None:
-    from tests.conftest import compose_train
+    from conftest import compose_train
 
     cfg = compose_train(["+callbacks=linear_scaling"])
     callback = instantiate(cfg.callbacks.linear_scaling)

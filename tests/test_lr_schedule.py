@@ -255,7 +255,7 @@ def test_every_schedule_has_a_config() -> None:
 
 @pytest.mark.parametrize("name", SCHEDULE_CONFIGS)
 def test_schedule_config_composes_and_instantiates(name: str) -> None:
-    from tests.conftest import compose_train
+    from conftest import compose_train
 
     cfg = compose_train([f"schedule={name}"])
     callback = instantiate(cfg.schedule)

@@ -19,15 +19,6 @@ from lightning_tricks.callbacks.lr_scaling import global_batch_size, scaling_fac
 from lightning_tricks.schedules import Cosine, Warmup
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n: int = 64) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 4, generator=g)

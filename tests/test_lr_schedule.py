@@ -28,15 +28,6 @@ from lightning_tricks.schedules import Constant, Cosine, OneCycle, Step, Warmup
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Tiny(LightningModule):
     """A linear regression over 10 batches of 4 that records the LR it trains with."""
 

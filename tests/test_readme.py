@@ -11,7 +11,7 @@ def test_readme_callback_example_runs():
     block = block.replace("max_epochs=10,", "max_epochs=3, enable_progress_bar=False, logger=False,")
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
-    trainer, module = namespace["trainer"], namespace["module"]
+    trainer = namespace["trainer"]
     assert trainer.global_step > 0
     assert trainer.callback_metrics["test/acc"] > 0.5  # three epochs on digits learn a lot already
     lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]

@@ -33,10 +33,10 @@ SETTINGS = {
     "models": ["mlp", "resnet"],
     "norms": ["ic", "classic", "none"],
     "seeds": [0, 1, 2],
-    "epochs": {"mlp": 5, "resnet": 2},
-    "limit_train_batches": {"mlp": 1.0, "resnet": 80},   # fraction or number of batches per epoch
+    "epochs": {"mlp": 5, "resnet": 3},
+    "limit_train_batches": {"mlp": 1.0, "resnet": 150},  # fraction or number of batches per epoch
     "batch_size": 128,
-    "lr": 0.05,
+    "lr": 0.05,                        # peak LR, decayed linearly to 0 over the run (per step)
     "momentum": 0.9,
     "dropout": 0.1,
     "mlp_hidden": (256, 256),
@@ -78,16 +78,31 @@ def build_net(model: str, norm: str, dm, s: dict):
     return ResNet(dm.input_shape, dm.num_classes, widths=s["resnet_widths"], norm=norm, dropout=s["dropout"])
 
 
+def make_module(net, num_classes: int, s: dict):
+    """``Classifier`` with SGD + momentum and a per-step linear decay of the LR to 0."""
+    import torch
+
+    from lightning_tricks.mixins import Classifier
+
+    class LinearDecayClassifier(Classifier):
+        def configure_optimizers(self):
+            opt = super().configure_optimizers()
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    return LinearDecayClassifier(net, num_classes, {"name": "sgd", "lr": s["lr"], "momentum": s["momentum"]})
+
+
 def fit_once(model: str, norm: str, seed: int, dm, s: dict, epochs: int | None = None,
              limit: float | int | None = None) -> dict:
     import torch
 
     from lightning_tricks._lightning import Trainer, seed_everything
-    from lightning_tricks.mixins import Classifier
 
     seed_everything(seed, verbose=False)
     net = build_net(model, norm, dm, s)
-    module = Classifier(net, dm.num_classes, {"name": "sgd", "lr": s["lr"], "momentum": s["momentum"]})
+    module = make_module(net, dm.num_classes, s)
     trainer = Trainer(
         max_epochs=epochs or s["epochs"][model], limit_train_batches=limit or s["limit_train_batches"][model],
         accelerator="auto", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
@@ -113,7 +128,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def table(rows: list[dict], s: dict, dataset: str, n_train: int) -> str:
     lines = [
         f"IC vs classic placement on {dataset} ({n_train} training images), {len(s['seeds'])} seeds, "
-        f"dropout {s['dropout']}, SGD lr {s['lr']} momentum {s['momentum']}, batch {s['batch_size']}.",
+        f"dropout {s['dropout']}, SGD lr {s['lr']} (linear decay to 0) momentum {s['momentum']}, "
+        f"batch {s['batch_size']}; epochs x batches per epoch: "
+        + ", ".join(f"{m} {s['epochs'][m]} x {s['limit_train_batches'][m]}" for m in s["models"]) + ".",
         "",
         "| model | norm | params | epochs | test acc % (mean ± std) | fit time (s, median) | time / classic |",
         "|---|---|---:|---:|---:|---:|---:|",

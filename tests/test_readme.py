@@ -5,7 +5,8 @@ import re
 from conftest import ROOT
 
 
-def test_readme_callback_example_runs():
+def test_readme_callback_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example's Trainer writes checkpoints under the working directory
     text = (ROOT / "README.md").read_text()
     block = re.search(r"### 1\. Callbacks in your own Trainer\s+```python\n(.*?)```", text, re.S).group(1)
     block = block.replace("max_epochs=10,", "max_epochs=3, enable_progress_bar=False, logger=False,")

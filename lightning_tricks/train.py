@@ -159,7 +159,9 @@ def summary(metrics: Mapping[str, float], monitor: str | None, out: Path, traine
         lines.append(f"best {monitor:<24} {metrics[f'best/{monitor}']:.4f}")
     for key in sorted(metrics):
         if key.startswith(("val/", "test/")) and not key.endswith("_step"):
-            lines.append(f"final {key:<23} {metrics[key]:.4f}")
+            # val/*: the last validation during fit; test/*: the weights fit ended with (EMA, restore-best)
+            label = "last" if key.startswith("val/") else "final"
+            lines.append(f"{label} {key:<{28 - len(label)}} {metrics[key]:.4f}")
     fit_s = metrics.get("time/fit_s", math.nan)
     lines.append(f"epochs {trainer.current_epoch:<22} steps {trainer.global_step}   fit wall time {fit_s:.1f} s")
     lines.append(f"run directory  {out}")

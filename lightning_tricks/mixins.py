@@ -34,14 +34,23 @@ if hasattr(nn, "RMSNorm"):
     NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
 
 
+WEIGHT_NORM_SCALE = "parametrizations.weight.original0"  # the length g of torch's weight_norm
+
+
 def no_decay_parameter_names(module: nn.Module) -> set[str]:
-    """Names of the parameters that should get no weight decay: biases and normalization parameters."""
+    """Names of the parameters that should get no weight decay: biases and normalization parameters.
+
+    Normalization parameters are those of norm layers (BatchNorm, LayerNorm, GroupNorm, ...) and the
+    length ``g`` of weight-normalized layers (``torch.nn.utils.parametrizations.weight_norm``), which
+    is a scale like a norm layer's weight.
+    """
     names = set()
     for mod_name, mod in module.named_modules():
         is_norm = isinstance(mod, NORM_TYPES)
         for p_name, _ in mod.named_parameters(recurse=False):
-            if is_norm or p_name == "bias":
-                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if is_norm or p_name == "bias" or full.endswith(WEIGHT_NORM_SCALE):
+                names.add(full)
     return names
 
 

@@ -28,15 +28,6 @@ from lightning_tricks.callbacks import CutMix, Cutout, Mixup
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP spinning makes tiny models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -128,3 +128,11 @@ def test_classifier_smooths_in_training_only_and_logs_accuracy():
     assert math.isclose(module.hparams["label_smoothing"], 0.2)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
         Classifier(MLP((1, 8, 8), 10), 10, label_smoothing=1.0)
+
+
+def test_weight_norm_length_is_not_decayed():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    net = nn.Sequential(weight_norm(nn.Linear(4, 3)), nn.Linear(3, 2))
+    names = no_decay_parameter_names(net)
+    assert names == {"0.bias", "0.parametrizations.weight.original0", "1.bias"}

@@ -71,7 +71,8 @@ class CurvePlot(Callback):
             return
         directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
         self.path = plot_curves(self.epoch_metrics, self.lr, os.path.join(directory, self.filename),
-                                title=type(pl_module).__name__)
+                                title=f"{type(pl_module).__name__}({type(getattr(pl_module, 'net', pl_module)).__name__}), "
+                                      f"{trainer.current_epoch} epochs, {trainer.global_step} steps")
         rank_zero_info(f"CurvePlot: wrote {self.path}")
 
     def state_dict(self) -> dict[str, Any]:

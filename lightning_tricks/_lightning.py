@@ -42,3 +42,11 @@ __all__ += ["DummyLogger", "isolate_rng"]
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason  # noqa: E402  (EarlyStopping: stop kinds)
 
 __all__ += ["EarlyStoppingReason"]
+from pytorch_lightning.callbacks import StochasticWeightAveraging  # noqa: E402  (benchmarks/overhead.py: Lightning's SWA, for comparison)
+
+try:  # noqa: SIM105 - EMAWeightAveraging is in pytorch-lightning >= 2.5 only (benchmarks/overhead.py compares with it)
+    from pytorch_lightning.callbacks import EMAWeightAveraging  # noqa: E402
+except ImportError:  # pragma: no cover - older Lightning
+    EMAWeightAveraging = None  # type: ignore[assignment,misc]
+
+__all__ += ["StochasticWeightAveraging", "EMAWeightAveraging"]

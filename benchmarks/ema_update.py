@@ -143,8 +143,10 @@ def make_update(method: str, model: nn.Module, decay: float) -> Callable[[], Non
         am.update_parameters(model)  # the first call copies
         return lambda: am.update_parameters(model)
     if method == "lightning":
-        # the one Lightning import outside lightning_tricks._lightning: the benchmark measures Lightning itself
-        from pytorch_lightning.callbacks import EMAWeightAveraging
+        from lightning_tricks._lightning import EMAWeightAveraging
+
+        if EMAWeightAveraging is None:
+            raise RuntimeError("this Lightning has no EMAWeightAveraging (needs >= 2.5)")
 
         cb, trainer = EMAWeightAveraging(decay=decay), _Trainer()
         module = _wrap(model)

@@ -27,6 +27,8 @@ the full recipe beats the baseline by at least 1 point at equal epochs.
     python benchmarks/ablation.py                           # CPU setting: a Fashion-MNIST subset, ~2 min
     python benchmarks/ablation.py --full --device cuda      # GPU setting: all of Fashion-MNIST, 3 seeds
     python benchmarks/ablation.py --variants baseline,full --epochs 3 --seeds 2
+    python benchmarks/ablation.py --full --device cuda --seeds 1 --first-seed 1 --name full_s1   # one seed per call
+    python benchmarks/ablation.py --full --merge results/ablation_full_s0.csv results/ablation_full_s1.csv ...
 
 Writes ``benchmarks/results/ablation_<setting>.md`` (the tables) and ``.csv`` (one row per run).
 """
@@ -243,7 +245,11 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST idx .gz files "
                         "(default ../shared/data/fashion_mnist)")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (first-seed .. first-seed + N - 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="with --seeds: the first seed (split a long "
+                        "run into calls, one seed each, then --merge their CSVs)")
+    parser.add_argument("--merge", nargs="+", metavar="CSV", help="no training: one table from the CSVs of "
+                        "earlier calls (pass the same setting flags as those calls)")
     parser.add_argument("--limit-train", type=int)
     parser.add_argument("--limit-test", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -258,7 +264,8 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     args = parser.parse_args(argv)
     s = C.pick_settings(SETTINGS, FULL, args.full, {
         "device": args.device, "data_dir": args.data_dir, "epochs": args.epochs,
-        "seeds": list(range(args.seeds)) if args.seeds else None, "limit_train": args.limit_train,
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)) if args.seeds else None,
+        "limit_train": args.limit_train,
         "limit_test": args.limit_test, "batch_size": args.batch_size,
         "widths": tuple(int(w) for w in args.widths.split(",")) if args.widths else None,
         "augment": args.augment, "precision": args.precision, "threads": args.threads, "name": args.name,
@@ -270,6 +277,8 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     if "baseline" not in names:
         names.insert(0, "baseline")  # every delta is taken against the baseline of the same run
+    if args.merge:
+        return merge(args.merge, s, C.resolve_device(s["device"]), args.out_dir)
     if not Path(s["data_dir"], "train-images-idx3-ubyte.gz").is_file():
         raise SystemExit(f"Fashion-MNIST not found in {s['data_dir']} (the four idx .gz files); pass --data-dir")
     device = C.resolve_device(s["device"])
@@ -287,14 +296,37 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
                 rows.append(r)
                 print(f"seed {seed} {name:15s} test acc {100 * r['test_acc']:6.2f}%  fit {r['fit_s']:6.1f} s",
                       file=sys.stderr, flush=True)
-        n_train = ("all 60,000 training images" if s["limit_train"] is None
-                   else f"first {s['limit_train']:,} training images") + ", " + (
-            "10,000 test images" if s["limit_test"] is None else f"first {s['limit_test']:,} test images")
-        md = summarize(rows, s, device, n_train)
-        print(md)
-        md_path, _ = C.write_results(f"ablation_{s['name']}", rows, md, args.out_dir)
-        print(f"wrote {md_path} and .csv", file=sys.stderr)
-        return rows, md
+        return finish(rows, s, device, args.out_dir)
+
+
+def describe_data(s: dict) -> str:
+    return ("all 60,000 training images" if s["limit_train"] is None
+            else f"first {s['limit_train']:,} training images") + ", " + (
+        "10,000 test images" if s["limit_test"] is None else f"first {s['limit_test']:,} test images")
+
+
+def finish(rows: list[dict], s: dict, device: Any, out_dir: str) -> tuple[list[dict], str]:
+    md = summarize(rows, s, device, describe_data(s))
+    print(md)
+    md_path, _ = C.write_results(f"ablation_{s['name']}", rows, md, out_dir)
+    print(f"wrote {md_path} and .csv", file=sys.stderr)
+    return rows, md
+
+
+def merge(paths: Sequence[str], s: dict, device: Any, out_dir: str) -> tuple[list[dict], str]:
+    """One table from the CSVs of several calls (e.g. one seed per call on a time-limited GPU)."""
+    import csv
+
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                r["seed"] = int(r["seed"])
+                for key in ("test_acc", "test_loss", "val_acc", "fit_s"):
+                    r[key] = float(r[key])
+                rows.append(r)
+    s = {**s, "seeds": sorted({r["seed"] for r in rows})}
+    return finish(rows, s, device, out_dir)
 
 
 if __name__ == "__main__":

@@ -422,7 +422,7 @@ def profile(model: str, name: str, s: dict, device: torch.device, rows: int = 25
     s = {**s, "timed_steps": steps}
     trainer = build_trainer([ProfileWindow(), *callbacks], s, device)
     trainer.fit(module, train_dataloaders=make_loader(model, s, device))
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     head = (f"torch profiler: {model}, configuration {name!r} ({config.label}), {steps} steps after "
             f"{start} warm-up steps, {C.machine(device)}, {C.stamp()}")
@@ -468,7 +468,8 @@ def summarize(times: dict[tuple[str, str], list[float]], s: dict, device: torch.
     md = "\n".join([
         f"Per-step cost, {s['repeats']} repeats x {s['timed_steps']} timed steps after {s['warmup_steps']} "
         f"warm-up steps, data resident on the device ({s['steps_per_epoch']} batches per epoch, so epoch ends "
-        "are included). Models: "
+        "are included); a step is timed from one `on_train_batch_start` to the next, the device synchronized "
+        "at both clock reads. Models: "
         + ", ".join(f"{m} ({params[m]:,} params, batch {s['batch_size'][m]})" for m in s["models"]) + ". "
         "`x bare Lightning` is the per-repeat ratio to bare Lightning of the same repeat, averaged.",
         "",
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
         for name in s["configs"]:
             gone = missing_modules(CONFIGS[name])
             if gone:
-                skipped[name] = "module(s) not written yet: " + ", ".join(f"lightning_tricks.callbacks.{m}" for m in gone)
+                skipped[name] = "not written yet: " + ", ".join(f"lightning_tricks.callbacks.{m}" for m in gone)
         if "lightning_ema" in s["configs"]:
             from lightning_tricks._lightning import EMAWeightAveraging
 

@@ -43,7 +43,7 @@ from lightning_tricks._lightning import seed_everything
 from lightning_tricks.lr_range import lr_range_test
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.sanity import initial_loss, overfit_check, take_samples
-from lightning_tricks.train import ConfigError, _instantiate, _output_dir, config_dir, train
+from lightning_tricks.train import ConfigError, _output_dir, build_data_and_module, config_dir, train
 
 #: The ``recipe`` block of the config; every key can be overridden as ``recipe.<key>=...``.
 RECIPE_DEFAULTS: dict[str, Any] = {
@@ -154,16 +154,8 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
 
 def build(cfg: DictConfig) -> tuple[Any, Classifier]:
     """The DataModule (set up for fit) and the Classifier that ``lightning_tricks.train`` would build."""
-    datamodule = _instantiate(cfg.data, "data")
-    datamodule.prepare_data()
+    datamodule, module = build_data_and_module(cfg)
     datamodule.setup("fit")
-    net = _instantiate(cfg.model, "model", input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    try:
-        module = Classifier(net, num_classes=datamodule.num_classes, optimizer=optimizer,  # type: ignore[arg-type]
-                            label_smoothing=float(cfg.module.label_smoothing))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
     return datamodule, module
 
 

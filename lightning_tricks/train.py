@@ -74,6 +74,20 @@ def _output_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def build_data_and_module(cfg: DictConfig) -> tuple[Any, Classifier]:
+    """The DataModule (data files checked now, with their path) and the Classifier for ``cfg``."""
+    datamodule = _instantiate(cfg.data, "data")
+    datamodule.prepare_data()  # fails now, with the path, if files are missing
+    net = _instantiate(cfg.model, "model", input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    try:
+        module = Classifier(net, num_classes=datamodule.num_classes, optimizer=optimizer,  # type: ignore[arg-type]
+                            label_smoothing=float(cfg.module.label_smoothing))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return datamodule, module
+
+
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
     """The named callback entries of ``cfg.callbacks`` (null entries skipped), then ``cfg.schedule``."""
     callbacks = []
@@ -103,15 +117,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         seed_everything(int(cfg.seed), workers=True)
     out = _output_dir(cfg)
-    datamodule = _instantiate(cfg.data, "data")
-    datamodule.prepare_data()  # fails now, with the path, if files are missing
-    net = _instantiate(cfg.model, "model", input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    try:
-        module = Classifier(net, num_classes=datamodule.num_classes, optimizer=optimizer,  # type: ignore[arg-type]
-                            label_smoothing=float(cfg.module.label_smoothing))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    datamodule, module = build_data_and_module(cfg)
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)

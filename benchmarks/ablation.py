@@ -172,7 +172,7 @@ def run_one(name: str, seed: int, s: dict, accelerator: str, extra: Sequence[str
 
 
 # -- the tables ------------------------------------------------------------------------------------
-def summarize(rows: list[dict], s: dict, device: Any, n_train: str) -> str:
+def summarize(rows: list[dict], s: dict, machine: str, n_train: str) -> str:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
@@ -234,7 +234,7 @@ def summarize(rows: list[dict], s: dict, device: Any, n_train: str) -> str:
         gain = full_acc - base_acc
         verdict = "met" if gain >= 1.0 else f"missed by {1.0 - gain:.2f} points"
         parts += ["", f"Full recipe vs baseline: {gain:+.2f} points (target ≥ +1 point at equal epochs: {verdict})."]
-    parts += ["", f"Machine: {C.machine(device)}; {C.stamp()}."]
+    parts += ["", f"Machine: {machine}; {C.stamp()}."]
     return "\n".join(parts)
 
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     if "baseline" not in names:
         names.insert(0, "baseline")  # every delta is taken against the baseline of the same run
     if args.merge:
-        return merge(args.merge, s, C.resolve_device(s["device"]), args.out_dir)
+        return merge(args.merge, s, args.out_dir)
     if not Path(s["data_dir"], "train-images-idx3-ubyte.gz").is_file():
         raise SystemExit(f"Fashion-MNIST not found in {s['data_dir']} (the four idx .gz files); pass --data-dir")
     device = C.resolve_device(s["device"])
@@ -290,13 +290,14 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
         run_one("baseline", 0, warm, acc, extra=["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
                                                   "+trainer.limit_test_batches=1"])
         rows = []
+        machine = C.machine(device)
         for seed in s["seeds"]:
             for name in names:  # interleaved: drift in the machine's load hits every variant alike
                 r = run_one(name, seed, s, acc, extra=args.extra)
-                rows.append(r)
+                rows.append({**r, "machine": machine})
                 print(f"seed {seed} {name:15s} test acc {100 * r['test_acc']:6.2f}%  fit {r['fit_s']:6.1f} s",
                       file=sys.stderr, flush=True)
-        return finish(rows, s, device, args.out_dir)
+        return finish(rows, s, machine, args.out_dir)
 
 
 def describe_data(s: dict) -> str:
@@ -305,16 +306,17 @@ def describe_data(s: dict) -> str:
         "10,000 test images" if s["limit_test"] is None else f"first {s['limit_test']:,} test images")
 
 
-def finish(rows: list[dict], s: dict, device: Any, out_dir: str) -> tuple[list[dict], str]:
-    md = summarize(rows, s, device, describe_data(s))
+def finish(rows: list[dict], s: dict, machine: str, out_dir: str) -> tuple[list[dict], str]:
+    md = summarize(rows, s, machine, describe_data(s))
     print(md)
     md_path, _ = C.write_results(f"ablation_{s['name']}", rows, md, out_dir)
     print(f"wrote {md_path} and .csv", file=sys.stderr)
     return rows, md
 
 
-def merge(paths: Sequence[str], s: dict, device: Any, out_dir: str) -> tuple[list[dict], str]:
-    """One table from the CSVs of several calls (e.g. one seed per call on a time-limited GPU)."""
+def merge(paths: Sequence[str], s: dict, out_dir: str) -> tuple[list[dict], str]:
+    """One table from the CSVs of several calls (e.g. one seed per call on a time-limited GPU); the
+    machine line comes from the CSVs, so the merge can run anywhere."""
     import csv
 
     rows = []
@@ -326,7 +328,8 @@ def merge(paths: Sequence[str], s: dict, device: Any, out_dir: str) -> tuple[lis
                     r[key] = float(r[key])
                 rows.append(r)
     s = {**s, "seeds": sorted({r["seed"] for r in rows})}
-    return finish(rows, s, device, out_dir)
+    machines = sorted({r.get("machine") or "unknown (CSV without a machine column)" for r in rows})
+    return finish(rows, s, " / ".join(machines), out_dir)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ averaged. Absolute ms/step are only meaningful on a GPU; on a CPU read the ratio
     python benchmarks/overhead.py --configs lightning,ema,lightning_ema --models mlp
     python benchmarks/overhead.py --profile stack          # torch profiler table of one configuration
 
-Writes ``benchmarks/results/overhead_<device>.md`` / ``.csv`` (and ``overhead_profile_<config>_<device>.txt``).
+Writes ``benchmarks/results/overhead_<device>[_<models>].md`` / ``.csv`` (and
+``overhead_profile_<config>_<model>_<device>.txt``).
 """
 
 from __future__ import annotations
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
             text = profile(s["models"][0], args.profile, s, device)
             print(text)
             out.mkdir(parents=True, exist_ok=True)
-            path = out / f"overhead_profile_{args.profile}_{device.type}.txt"
+            path = out / f"overhead_profile_{args.profile}_{s['models'][0]}_{device.type}.txt"
             path.write_text(text + "\n")
             print(f"wrote {path}", file=sys.stderr)
             return [], text
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
 
         rows, md = summarize(times, s, device, skipped, params)
         print(md)
-        suffix = "_tiny" if args.tiny else ""
+        suffix = ("" if args.models is None else "_" + "_".join(s["models"])) + ("_tiny" if args.tiny else "")
         md_path, _ = C.write_results(f"overhead_{device.type}{suffix}", rows, md, out)
         print(f"wrote {md_path} and .csv", file=sys.stderr)
         return rows, md

@@ -85,8 +85,8 @@ def test_overhead_table(tmp_path: Path) -> None:
     base = [r for r in rows if r["config"] == "lightning"]
     assert base and all(r["x_bare_lightning"] == pytest.approx(1.0) for r in base)
     assert "| mlp | + whole bag-of-tricks stack |" in md
-    assert finite(read_csv(tmp_path / "overhead_cpu_tiny.csv"), ["ms_per_step", "x_bare_lightning"])
-    assert (tmp_path / "overhead_cpu_tiny.md").read_text().startswith("Per-step cost")
+    assert finite(read_csv(tmp_path / "overhead_cpu_mlp_tiny.csv"), ["ms_per_step", "x_bare_lightning"])
+    assert (tmp_path / "overhead_cpu_mlp_tiny.md").read_text().startswith("Per-step cost")
 
 
 def test_overhead_profile_names_the_hooks(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_overhead_profile_names_the_hooks(tmp_path: Path) -> None:
     _, text = overhead.main(["--tiny", "--models", "mlp", "--warmup-steps", "2", "--timed-steps", "2",
                              "--steps-per-epoch", "2", "--profile", "ema", "--out-dir", str(tmp_path)])
     assert "EMA.on_train_batch_end" in text and "train_step (whole)" in text
-    assert (tmp_path / "overhead_profile_ema_cpu.txt").is_file()
+    assert (tmp_path / "overhead_profile_ema_mlp_cpu.txt").is_file()
 
 
 def test_overhead_skips_a_missing_module() -> None:
@@ -129,6 +129,14 @@ def test_ablation_table(tmp_path: Path, fashion_dir: Path) -> None:
     assert finite(rows, ["test_acc", "test_loss", "fit_s"])
     assert "**Removing one trick from the full recipe:**" in md and "Full recipe vs baseline" in md
     assert finite(read_csv(tmp_path / "ablation_tiny.csv"), ["test_acc", "fit_s"])
+    # a second call with another seed, then one table from both CSVs (how a time-limited GPU run is split)
+    ablation.main(["--data-dir", str(fashion_dir), "--variants", "baseline,full", "--epochs", "1", "--widths", "4,8",
+                   "--batch-size", "32", "--limit-train", "200", "--seeds", "1", "--first-seed", "1",
+                   "--name", "tiny_s1", "--out-dir", str(tmp_path)])
+    merged, md = ablation.main(["--merge", str(tmp_path / "ablation_tiny.csv"), str(tmp_path / "ablation_tiny_s1.csv"),
+                                "--widths", "4,8", "--name", "merged", "--out-dir", str(tmp_path)])
+    assert sorted({r["seed"] for r in merged}) == [0, 1] and len(merged) == 5
+    assert "2 seed(s) (0, 1)" in md and finite(merged, ["test_acc", "fit_s"])
 
 
 def test_speedrun_table_cifar_layout(tmp_path: Path, cifar_dir: Path) -> None:

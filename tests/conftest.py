@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,40 @@ from lightning_tricks.train import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+# optional extras of pyproject.toml -> the module each one installs (tests that need one carry
+# ``needs_extra(name)``: marked ``extras`` and skipped, with the install command, when it is absent)
+EXTRAS = {
+    "sweep": "hydra_plugins.hydra_optuna_sweeper",
+    "cluster": "hydra_plugins.hydra_submitit_launcher",
+}
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported; a missing parent package (``hydra_plugins``) counts as absent."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def extra_marks(extra: str) -> list[pytest.MarkDecorator]:
+    """Marks of a test (or ``pytest.param``) that needs the optional extra ``extra`` (see ``EXTRAS``)."""
+    return [pytest.mark.extras,
+            pytest.mark.skipif(not installed(EXTRAS[extra]),
+                               reason=f"needs the '{extra}' extra: pip install -e \".[{extra}]\"")]
+
+
+def needs_extra(extra: str) -> Callable[[Callable], Callable]:
+    """Decorator form of :func:`extra_marks`."""
+
+    def decorate(test: Callable) -> Callable:
+        for mark in extra_marks(extra):
+            test = mark(test)
+        return test
+
+    return decorate
 
 
 def compose_train(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None) -> DictConfig:

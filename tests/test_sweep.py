@@ -1,7 +1,6 @@
 """Hydra multirun sweeps (grid, Optuna random search), their summary table, and the SLURM config."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import pytest
 import yaml
 
 from lightning_tricks.sweep import collect, summarize
+
+from conftest import needs_extra
 
 
 def _run(*args, cwd, timeout=600):
@@ -49,8 +50,7 @@ def test_grid_multirun_2x2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-                    reason="hydra-optuna-sweeper not installed (pip install lightning-tricks[sweep])")
+@needs_extra("sweep")
 def test_random_search_three_trials(tmp_path):
     sweep = tmp_path / "sweep"
     r = _run("--multirun", "hparams_search=random", "hydra.sweeper.n_trials=3", "trainer=debug", "logger=none",
@@ -64,8 +64,7 @@ def test_random_search_three_trials(tmp_path):
     assert best == pytest.approx(max(float(r["best/val/acc"]) for r in rows))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
-                    reason="hydra-submitit-launcher not installed (pip install lightning-tricks[cluster])")
+@needs_extra("cluster")
 def test_slurm_launcher_composes(tmp_path):
     r = _run("launcher=slurm", "trainer=ddp", "launcher.nodes=2", "launcher.gpus_per_node=4",
              "launcher.partition=gpu", "--cfg", "all", "--resolve", cwd=tmp_path, timeout=120)

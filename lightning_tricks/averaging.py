@@ -1,7 +1,7 @@
 """Weight averaging cores: EMA / Polyak averaging, SWA running means, BatchNorm statistics update.
 
 Pure functions and one small class, no Trainer. The callbacks in
-:mod:`lightning_tricks.callbacks.averaging` are thin wiring over these.
+:mod:`lightning_tricks.callbacks.ema` and :mod:`lightning_tricks.callbacks.swa` are thin wiring over these.
 
 - :func:`ema_decay` is the decay used at one update, with the warmup of TensorFlow's
   ``ExponentialMovingAverage(num_updates=...)``: ``min(decay, (1 + t) / (10 + t))``.

@@ -6,7 +6,7 @@ hyperparameters by hand before any long run:
 1. **Initial loss**: with regularization off, the untrained model's loss must be ~``log(C)``.
 2. **Overfit a tiny subset**: with regularization off, the loss on ~20 examples must reach ~0.
 3. **Find an LR that makes the loss fall** (regularization on, the whole training set): the LR range
-   test (Smith 2017, arXiv:1506.01186; :func:`lightning_tricks.lr_range.lr_range_test`) sweeps the LR
+   test (Smith 2017, arXiv:1506.01186; :func:`lightning_tricks.callbacks.lr_range_test.lr_range_test`) sweeps the LR
    exponentially over ~100 iterations and suggests the LR of steepest descent.
 4. **Coarse search** for 1-5 epochs over a few LRs around the range test's suggestion (and weight
    decays, if given), judged on the validation metric.
@@ -40,7 +40,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_tricks._lightning import seed_everything
-from lightning_tricks.lr_range import lr_range_test
+from lightning_tricks.callbacks.lr_range_test import lr_range_test
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.sanity import initial_loss, overfit_check, take_samples
 from lightning_tricks.train import ConfigError, _output_dir, build_data_and_module, config_dir, train

@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import Callback, LightningModule, MisconfigurationException, Trainer, seed_everything
 from lightning_tricks.callbacks import LinearScaling, LRRangeTest, LRSchedule
+from lightning_tricks.callbacks.lr_range_test import lr_range_test
 from lightning_tricks.data import DigitsDataModule
-from lightning_tricks.lr_range import (
+from lightning_tricks.lr_range_test import (
     LossSmoother,
     RangeTestResult,
     diverged,
-    lr_range_test,
     smooth_losses,
     suggest_min_div10,
     suggest_steepest,

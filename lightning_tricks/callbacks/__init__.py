@@ -14,13 +14,13 @@ _WHERE: dict[str, str] = {
     # learning rate (issue: schedules)
     "LRSchedule": "lr_schedule",
     "LinearScaling": "lr_scaling",
-    "LRRangeTest": "lr_finder",
+    "LRRangeTest": "lr_range_test",
     # early stopping
     "EarlyStopping": "early_stopping",
     # weight averaging and ensembles
-    "EMA": "averaging",
-    "SWA": "averaging",
-    "SnapshotEnsemble": "ensembles",
+    "EMA": "ema",
+    "SWA": "swa",
+    "SnapshotEnsemble": "snapshot_ensemble",
     # batch augmentation and regularization
     "Mixup": "augment",
     "CutMix": "augment",

@@ -12,6 +12,7 @@ import torch
 from lightning_tricks._lightning import (
     Callback,
     DummyLogger,
+    LightningDataModule,
     LightningModule,
     MisconfigurationException,
     Trainer,
@@ -20,7 +21,7 @@ from lightning_tricks._lightning import (
     rank_zero_only,
     rank_zero_warn,
 )
-from lightning_tricks.lr_range import (
+from lightning_tricks.lr_range_test import (
     LossSmoother,
     RangeTestResult,
     diverged,
@@ -38,7 +39,7 @@ class LRRangeTest(Callback):
     At ``on_fit_start`` the LR is swept from ``min_lr`` to ``max_lr`` over ``num_steps`` optimizer steps of
     the real training loop (same data, precision, accumulation, devices), recording a bias-corrected EMA
     of the loss and stopping early when it exceeds ``diverge_threshold`` x its minimum (formulas in
-    :mod:`lightning_tricks.lr_range`). Then the weights, the optimizer state, the AMP scaler, the loop
+    :mod:`lightning_tricks.lr_range_test`). Then the weights, the optimizer state, the AMP scaler, the loop
     counters and the RNG are put back exactly as they were, the plot is saved, and the suggestion is
     applied:
 
@@ -57,7 +58,7 @@ class LRRangeTest(Callback):
     ``fast_dev_run`` and when resuming from a checkpoint (the checkpoint's LR stands). DDP: every rank
     sweeps; the stop decision is shared (any rank diverging stops all) and rank 0's curve is broadcast.
     Sharded strategies (FSDP, DeepSpeed) are refused. Compared with Lightning's ``LearningRateFinder``
-    see :mod:`lightning_tricks.lr_range` (steepest against ``log(lr)`` on the falling side, accumulation
+    see :mod:`lightning_tricks.lr_range_test` (steepest against ``log(lr)`` on the falling side, accumulation
     windows averaged, group ratios kept, PNG saved, one-cycle hand-off, RNG and metrics restored).
 
     Args:
@@ -73,7 +74,7 @@ class LRRangeTest(Callback):
         attr_name: module attribute/hparam to update with the applied LR (default: autodetect).
         plot_path: PNG path (relative paths are under ``trainer.default_root_dir``), or ``None``.
         exit_after: end the fit right after the test (as the function form
-            :func:`~lightning_tricks.lr_range.lr_range_test` does).
+            :func:`lr_range_test` does).
 
     Example:
         >>> finder = LRRangeTest(min_lr=1e-5, max_lr=1.0, num_steps=80, apply_to="lr")
@@ -409,3 +410,52 @@ def _save_plot(result: RangeTestResult, path: str) -> None:
 
 def _fmt(v: float | None) -> str:
     return "none" if v is None else f"{v:.3g}"
+
+
+def lr_range_test(
+    module: Any,
+    data: Any,
+    *,
+    min_lr: float = 1e-7,
+    max_lr: float = 10.0,
+    num_steps: int = 100,
+    mode: str = "exp",
+    smooth: float = 0.98,
+    diverge_threshold: float | None = 4.0,
+    skip_begin: int = 10,
+    skip_end: int = 1,
+    plot_path: str | os.PathLike | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> RangeTestResult:
+    """Run the LR range test on ``module`` and return the result; the module is left as it was.
+
+    ``data`` is a ``LightningDataModule`` or a train dataloader. A ``Trainer`` is built from
+    ``trainer_kwargs`` (defaults: one device, no logger, no checkpoints, no progress bar); the sweep runs
+    in it through :class:`~lightning_tricks.callbacks.LRRangeTest`, which restores the weights, optimizer
+    state and RNG afterwards and trains no further.
+
+    Example:
+        >>> from lightning_tricks.data import DigitsDataModule
+        >>> from lightning_tricks.mixins import Classifier
+        >>> from lightning_tricks.models import MLP
+        >>> module = Classifier(MLP((1, 8, 8), 10), 10, {"name": "sgd", "lr": 0.05})
+        >>> result = lr_range_test(module, DigitsDataModule(loader="resident"), min_lr=1e-4, max_lr=10,
+        ...                        trainer_kwargs={"accelerator": "cpu"})        # doctest: +SKIP
+        >>> module.optimizer_config.lr = result.suggestion                        # doctest: +SKIP
+    """
+    callback = LRRangeTest(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode, smooth=smooth,
+                           diverge_threshold=diverge_threshold, skip_begin=skip_begin, skip_end=skip_end,
+                           apply_to=None, plot_path=plot_path, exit_after=True)
+    kwargs: dict[str, Any] = {"devices": 1, "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                              "enable_progress_bar": False, "enable_model_summary": False,
+                              "num_sanity_val_steps": 0}
+    kwargs.update(trainer_kwargs or {})
+    extra = list(kwargs.pop("callbacks", None) or [])
+    trainer = Trainer(callbacks=[callback, *extra], **kwargs)
+    if isinstance(data, LightningDataModule):
+        trainer.fit(module, datamodule=data)
+    else:
+        trainer.fit(module, train_dataloaders=data)
+    if callback.result is None:
+        raise RuntimeError("the LR range test did not run (fast_dev_run?)")
+    return callback.result

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
-from lightning_tricks.callbacks.averaging import _as_list, _untouched
+from lightning_tricks.callbacks._averaging import _as_list, _untouched
 from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
 from lightning_tricks.schedules import CosineRestarts
 

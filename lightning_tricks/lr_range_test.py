@@ -4,7 +4,7 @@ Pure pieces (no Trainer): the sweep :func:`sweep_lr`, the bias-corrected loss EM
 the divergence rule :func:`diverged`, the suggestions :func:`suggest_steepest` / :func:`suggest_min_div10`
 and the result :class:`RangeTestResult` with its PNG :meth:`~RangeTestResult.plot`. The sweep itself runs
 inside a Lightning fit: :class:`lightning_tricks.callbacks.LRRangeTest` (a callback, at fit start) or
-:func:`lr_range_test` (a function that builds the Trainer).
+:func:`lightning_tricks.callbacks.lr_range_test.lr_range_test` (a function that builds the Trainer).
 
 The rule, step ``i`` of ``N``:
 
@@ -53,7 +53,6 @@ __all__ = [
     "suggest_min_div10",
     "RangeTestResult",
     "plot_range_test",
-    "lr_range_test",
 ]
 
 MODES = ("exp", "linear")
@@ -248,55 +247,3 @@ def plot_range_test(result: RangeTestResult, path: str | os.PathLike | None = No
         os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
         fig.savefig(os.fspath(path), format="png", bbox_inches="tight")
     return fig
-
-
-def lr_range_test(
-    module: Any,
-    data: Any,
-    *,
-    min_lr: float = 1e-7,
-    max_lr: float = 10.0,
-    num_steps: int = 100,
-    mode: str = "exp",
-    smooth: float = 0.98,
-    diverge_threshold: float | None = 4.0,
-    skip_begin: int = 10,
-    skip_end: int = 1,
-    plot_path: str | os.PathLike | None = None,
-    trainer_kwargs: dict[str, Any] | None = None,
-) -> RangeTestResult:
-    """Run the LR range test on ``module`` and return the result; the module is left as it was.
-
-    ``data`` is a ``LightningDataModule`` or a train dataloader. A ``Trainer`` is built from
-    ``trainer_kwargs`` (defaults: one device, no logger, no checkpoints, no progress bar); the sweep runs
-    in it through :class:`~lightning_tricks.callbacks.LRRangeTest`, which restores the weights, optimizer
-    state and RNG afterwards and trains no further.
-
-    Example:
-        >>> from lightning_tricks.data import DigitsDataModule
-        >>> from lightning_tricks.mixins import Classifier
-        >>> from lightning_tricks.models import MLP
-        >>> module = Classifier(MLP((1, 8, 8), 10), 10, {"name": "sgd", "lr": 0.05})
-        >>> result = lr_range_test(module, DigitsDataModule(loader="resident"), min_lr=1e-4, max_lr=10,
-        ...                        trainer_kwargs={"accelerator": "cpu"})        # doctest: +SKIP
-        >>> module.optimizer_config.lr = result.suggestion                        # doctest: +SKIP
-    """
-    from lightning_tricks._lightning import LightningDataModule, Trainer
-    from lightning_tricks.callbacks.lr_finder import LRRangeTest
-
-    callback = LRRangeTest(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode, smooth=smooth,
-                           diverge_threshold=diverge_threshold, skip_begin=skip_begin, skip_end=skip_end,
-                           apply_to=None, plot_path=plot_path, exit_after=True)
-    kwargs: dict[str, Any] = {"devices": 1, "max_epochs": 1, "logger": False, "enable_checkpointing": False,
-                              "enable_progress_bar": False, "enable_model_summary": False,
-                              "num_sanity_val_steps": 0}
-    kwargs.update(trainer_kwargs or {})
-    extra = list(kwargs.pop("callbacks", None) or [])
-    trainer = Trainer(callbacks=[callback, *extra], **kwargs)
-    if isinstance(data, LightningDataModule):
-        trainer.fit(module, datamodule=data)
-    else:
-        trainer.fit(module, train_dataloaders=data)
-    if callback.result is None:
-        raise RuntimeError("the LR range test did not run (fast_dev_run?)")
-    return callback.result

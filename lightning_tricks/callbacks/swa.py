@@ -1,0 +1,266 @@
+"""SWA: an equal average of the weights from a start epoch on, with BatchNorm statistics recomputed.
+
+The formulas are in :mod:`lightning_tricks.averaging` (``swa_weight``, ``swa_lr``, ``update_bn``); how
+the weights move between raw and average is in :mod:`lightning_tricks.callbacks._averaging`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_tricks._lightning import LightningModule, Trainer
+from lightning_tricks.averaging import AVERAGE_STATE_KEY, bn_buffers, bn_modules, restore_, swa_lr, swa_weight, update_bn
+from lightning_tricks.callbacks._averaging import _as_list, _Averaging, _untouched
+
+__all__ = ["SWA"]
+
+
+class SWA(_Averaging):
+    r"""Stochastic Weight Averaging: an equal average of the weights from a start epoch on.
+
+    From epoch ``s`` on, the average takes in the weights at the end of every epoch
+    (``update_every="epoch"``) or after every optimizer step (``"step"``):
+
+    .. math:: \bar w_{n+1} = \bar w_n + \frac{w - \bar w_n}{n + 1}
+
+    (the first update copies). With ``swa_lr`` the learning rate of each parameter group goes from its
+    value at the start ``lr_0`` to ``swa_lr`` as in ``torch.optim.swa_utils.SWALR``: at the k-th SWA epoch
+    (``anneal_epochs``) or step (``anneal_steps``), ``alpha = a(min(1, k / K))`` with ``a`` cosine or
+    linear and ``lr = swa_lr * alpha + lr_0 * (1 - alpha)``; with neither given the SWA LR is constant.
+    BatchNorm running statistics do not match averaged weights, so before the average is evaluated
+    (validation, test, end of fit) they are recomputed over the training data with ``momentum=None``
+    (``torch.optim.swa_utils.update_bn``); this costs one forward pass over the training set each time
+    the average changed since the last recompute (once per epoch with ``update_every="epoch"``).
+
+    Izmailov, Podoprikhin, Garipov, Vetrov, Wilson 2018, "Averaging Weights Leads to Wider Optima and
+    Better Generalization", arXiv:1803.05407.
+
+    Args:
+        start: first averaged epoch: a fraction in (0, 1) of ``max_epochs`` (``int(start * max_epochs)``)
+            or an int epoch index >= 0. It must fall inside the run.
+        swa_lr: the SWA learning rate (same for all groups), or None to leave the LR alone.
+        anneal_epochs: anneal to ``swa_lr`` over this many epochs (LR changed at epoch starts, as
+            ``SWALR`` stepped once per epoch). Exclusive with ``anneal_steps``.
+        anneal_steps: anneal to ``swa_lr`` over this many optimizer steps (LR changed every step).
+        anneal: ``"cos"`` or ``"linear"``.
+        update_every: ``"epoch"`` (average at the last optimizer step of each epoch) or ``"step"``.
+        bn_update: recompute BatchNorm statistics of the average before evaluating it.
+        bn_update_batches: at most this many training batches for the recompute (None: the whole
+            training pass, ``limit_train_batches`` respected).
+        evaluate: ``"average"``, ``"raw"`` or ``"both"`` (see :class:`EMA`). Before the first update
+            the raw weights are evaluated.
+        on_cpu, average_at_end, raw_suffix: as in :class:`EMA`.
+
+    Example:
+        >>> SWA(start=0.75, swa_lr=0.01, anneal_epochs=2).state_key
+        "SWA{'start': 0.75, 'update_every': 'epoch'}"
+    """
+
+    def __init__(
+        self, start: float | int = 0.75, swa_lr: float | None = None, anneal_epochs: int | None = None,
+        anneal_steps: int | None = None, anneal: str = "cos", update_every: str = "epoch",
+        bn_update: bool = True, bn_update_batches: int | None = None, evaluate: str = "average",
+        on_cpu: bool = False, average_at_end: bool = True, raw_suffix: str = "_raw",
+    ) -> None:
+        super().__init__(evaluate, average_at_end, on_cpu, raw_suffix)
+        if isinstance(start, bool) or not isinstance(start, (int, float)):
+            raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
+        if isinstance(start, float) and not 0.0 < start < 1.0:
+            raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
+        if isinstance(start, int) and start < 0:
+            raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
+        if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and math.isfinite(swa_lr) and swa_lr > 0):
+            raise ValueError(f"swa_lr must be a positive number or None, got {swa_lr!r}")
+        if anneal_epochs is not None and anneal_steps is not None:
+            raise ValueError(f"give anneal_epochs or anneal_steps, not both "
+                             f"(got {anneal_epochs!r} and {anneal_steps!r})")
+        for arg, value in (("anneal_epochs", anneal_epochs), ("anneal_steps", anneal_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{arg} must be an int >= 0 or None, got {value!r}")
+        if (anneal_epochs or anneal_steps) and swa_lr is None:
+            raise ValueError("anneal_epochs/anneal_steps need swa_lr (the LR to anneal to)")
+        if anneal not in ("cos", "linear"):
+            raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
+        if update_every not in ("epoch", "step"):
+            raise ValueError(f"update_every must be 'epoch' or 'step', got {update_every!r}")
+        if bn_update_batches is not None and (not isinstance(bn_update_batches, int) or bn_update_batches < 1):
+            raise ValueError(f"bn_update_batches must be an int >= 1 or None, got {bn_update_batches!r}")
+        self.start = start
+        self.swa_lr = None if swa_lr is None else float(swa_lr)
+        self.anneal_epochs = anneal_epochs
+        self.anneal_steps = anneal_steps
+        self.anneal = anneal
+        self.update_every = update_every
+        self.bn_update = bool(bn_update)
+        self.bn_update_batches = bn_update_batches
+        self.start_epoch: int | None = None  # resolved in setup
+        self.num_averaged = 0
+        self._last_step = -1
+        self._last_epoch_averaged = -1
+        self._swa_steps = 0  # optimizer steps taken in the SWA phase (the LR annealing counter)
+        self._lr0: list[list[float]] | None = None  # per optimizer, per group: LR when SWA started
+        self._bn_state: dict[str, Tensor] | None = None  # BN statistics recomputed for the average
+        self._bn_version = -1  # num_averaged the BN statistics belong to
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(start=self.start, update_every=self.update_every)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def resolve_start_epoch(self, max_epochs: int | None) -> int:
+        """The first averaged epoch for a run of ``max_epochs`` epochs (checks it is inside the run)."""
+        known = max_epochs is not None and max_epochs > 0
+        if isinstance(self.start, float):
+            if not known:
+                raise ValueError(f"SWA start={self.start} is a fraction of max_epochs, but max_epochs is "
+                                 f"{max_epochs!r}; set max_epochs or give start as an int epoch")
+            epoch = int(self.start * max_epochs)  # type: ignore[operator]
+        else:
+            epoch = int(self.start)
+        if known and epoch >= max_epochs:  # type: ignore[operator]
+            raise ValueError(f"SWA start={self.start!r} resolves to epoch {epoch}, beyond the run "
+                             f"(max_epochs={max_epochs}, epochs 0..{max_epochs - 1})")  # type: ignore[operator]
+        return epoch
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.start_epoch = self.resolve_start_epoch(trainer.max_epochs)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.start_epoch is None:
+            self.start_epoch = self.resolve_start_epoch(trainer.max_epochs)
+        if self.swa_lr is not None and trainer.lr_scheduler_configs:
+            self._warn_once("schedulers", "SWA(swa_lr=...) sets the learning rate in the SWA phase, over the "
+                            "configured LR scheduler(s)")
+        if self._last_step < 0:
+            self._last_step = trainer.global_step
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the number of batches per epoch is known from here on (before the first step)
+        total = trainer.estimated_stepping_batches
+        per_epoch = trainer.num_training_batches
+        if math.isfinite(total) and math.isfinite(per_epoch) and per_epoch > 0:
+            accumulate = max(1, trainer.accumulate_grad_batches)
+            epochs = math.ceil(total / math.ceil(per_epoch / accumulate))
+            if self.start_epoch >= epochs:
+                raise ValueError(f"SWA start epoch {self.start_epoch} is beyond the run "
+                                 f"(about {epochs} epochs of {int(total)} optimizer steps)")
+
+    def _in_swa(self, trainer: Trainer) -> bool:
+        return self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
+
+    # -- LR ----------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.swa_lr is None or not self._in_swa(trainer):
+            return
+        optimizers = trainer.optimizers
+        if self._lr0 is None:
+            self._lr0 = [[float(g["lr"]) for g in opt.param_groups] for opt in optimizers]
+        if self.anneal_steps is not None:
+            k, length = self._swa_steps + 1, self.anneal_steps
+        else:
+            k = trainer.current_epoch - self.start_epoch + 1  # type: ignore[operator]
+            length = self.anneal_epochs or 0
+        for opt, lr0s in zip(optimizers, self._lr0):
+            for group, lr0 in zip(opt.param_groups, lr0s):
+                group["lr"] = swa_lr(k, lr0, self.swa_lr, length, self.anneal)
+
+    # -- averaging ---------------------------------------------------------------------------------
+    def _update(self, trainer: Trainer) -> None:
+        assert self._average is not None
+        self._average.update_(swa_weight(self.num_averaged))
+        self.num_averaged += 1
+        self._started = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # no optimizer step in this batch
+        self._last_step = step
+        if not self._in_swa(trainer):
+            return
+        self._swa_steps += 1
+        if self.update_every == "step":
+            self._update(trainer)
+        elif trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+            self._update(trainer)
+            self._last_epoch_averaged = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # safety net: an epoch whose last batch was not recognised is still averaged once
+        if (self.update_every == "epoch" and self._in_swa(trainer)
+                and self._last_epoch_averaged < trainer.current_epoch):
+            self._update(trainer)
+            self._last_epoch_averaged = trainer.current_epoch
+
+    # -- BatchNorm ---------------------------------------------------------------------------------
+    def _extra_targets(self, pl_module: LightningModule) -> dict[str, Tensor]:
+        return bn_buffers(pl_module) if self.bn_update else {}
+
+    def _after_average_loaded(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.bn_update or not bn_modules(pl_module):
+            return
+        buffers = bn_buffers(pl_module)
+        if self._bn_state is not None and self._bn_version == self.num_averaged:
+            restore_(list(buffers.values()), [self._bn_state[n] for n in buffers])
+            return
+        loader = trainer.train_dataloader
+        if loader is None and trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        loaders = _as_list(loader)
+        if not loaders:
+            self._warn_once("no-bn-data", "SWA: no training data to recompute the BatchNorm statistics of "
+                            "the average; evaluating it with the raw model's statistics")
+            return
+        limit = trainer.num_training_batches if trainer.train_dataloader is not None else float("inf")
+        if self.bn_update_batches is not None:
+            limit = min(limit, self.bn_update_batches)
+
+        def batches() -> Iterator[Any]:
+            for b in loaders[0]:
+                yield trainer.strategy.batch_to_device(b)
+
+        def forward(batch: Any) -> Any:
+            return pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+        with _untouched(pl_module, loaders), torch.no_grad():
+            update_bn(pl_module, batches(), forward, max_batches=limit)
+            if trainer.world_size > 1:
+                # each rank saw its shard: average the statistics so every rank evaluates the same model
+                for b in buffers.values():
+                    if b.is_floating_point():
+                        b.copy_(trainer.strategy.reduce(b.clone(), reduce_op="mean"))
+        self._bn_state = {n: b.detach().clone() for n, b in buffers.items()}
+        self._bn_version = self.num_averaged
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._started and self._bn_state is not None and self._bn_version == self.num_averaged:
+            # the averaged weights as evaluated: with the BatchNorm statistics recomputed for them
+            state[AVERAGE_STATE_KEY].update({n: t.clone() for n, t in self._bn_state.items()})
+        return state
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"num_averaged": self.num_averaged, "start_epoch": self.start_epoch, "last_step": self._last_step,
+                "last_epoch_averaged": self._last_epoch_averaged, "swa_steps": self._swa_steps,
+                "lr0": self._lr0, "bn_state": self._bn_state, "bn_version": self._bn_version}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.num_averaged = int(state.get("num_averaged", 0))
+        start_epoch = state.get("start_epoch")
+        if start_epoch is not None and self.start_epoch is None:
+            self.start_epoch = int(start_epoch)
+        self._last_step = int(state.get("last_step", -1))
+        self._last_epoch_averaged = int(state.get("last_epoch_averaged", -1))
+        self._swa_steps = int(state.get("swa_steps", 0))
+        self._lr0 = state.get("lr0")
+        self._bn_state = state.get("bn_state")
+        self._bn_version = int(state.get("bn_version", -1))

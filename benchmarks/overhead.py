@@ -97,7 +97,8 @@ def build_net(model: str, s: dict) -> torch.nn.Module:
 def make_module(net: torch.nn.Module, optimizer: dict, label_smoothing: float = 0.0):
     """A minimal LightningModule: forward, cross-entropy (hard or soft targets), epoch-mean loss logged."""
     from lightning_tricks._lightning import LightningModule
-    from lightning_tricks.mixins import OptimizerConfig, build_optimizer, classification_loss
+    from lightning_tricks.losses import classification_loss
+    from lightning_tricks.optim import OptimizerConfig, build_optimizer
 
     class StepModule(LightningModule):
         def __init__(self) -> None:
@@ -296,7 +297,7 @@ def time_raw(model: str, s: dict, device: torch.device, seed: int) -> float:
     """Seconds per step of a hand-written loop over the same resident batches."""
     import time
 
-    from lightning_tricks.mixins import OptimizerConfig, build_optimizer
+    from lightning_tricks.optim import OptimizerConfig, build_optimizer
 
     torch.manual_seed(seed)
     net = build_net(model, s).to(device)

@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_tricks.mixins import no_decay_parameter_names
+from lightning_tricks.optim import no_decay_parameter_names
 
 NamedParams = list[tuple[str, nn.Parameter]]
 

@@ -45,6 +45,7 @@ import numpy as np
 
 __all__ = [
     "MODES",
+    "MIN_DROP",
     "sweep_lr",
     "LossSmoother",
     "smooth_losses",
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 MODES = ("exp", "linear")
+MIN_DROP = 0.01  # a curve must fall by this fraction of its first smoothed loss to suggest anything
 
 
 def normalize_mode(mode: str) -> str:
@@ -174,7 +176,20 @@ class RangeTestResult:
     stop_reason: str = ""
 
     @property
+    def fell(self) -> bool:
+        """Whether the smoothed loss ever fell at least ``MIN_DROP`` (1%) below its first value.
+
+        A curve that never fell (the loss exploded from the first steps, or stayed flat) has no LR worth
+        suggesting: both suggestions are then ``None`` and nothing is applied.
+        """
+        lowest = _finite_min_index(self.losses)
+        return lowest is not None and lowest > 0 and math.isfinite(self.losses[0]) and \
+            self.losses[lowest] < (1.0 - MIN_DROP) * self.losses[0]
+
+    @property
     def suggestion_index(self) -> int | None:
+        if not self.fell:
+            return None
         return suggest_steepest(self.lrs, self.losses, self.skip_begin, self.skip_end, log_lr=self.mode == "exp")
 
     @property
@@ -185,8 +200,8 @@ class RangeTestResult:
 
     @property
     def suggestion_min_div10(self) -> float | None:
-        """The LR of the lowest smoothed loss, divided by 10."""
-        return suggest_min_div10(self.lrs, self.losses)
+        """The LR of the lowest smoothed loss, divided by 10 (``None`` when the loss never fell)."""
+        return suggest_min_div10(self.lrs, self.losses) if self.fell else None
 
     @property
     def min_loss_lr(self) -> float | None:

@@ -204,7 +204,8 @@ def run_recipe(cfg: DictConfig) -> RecipeReport:
                "min_loss_lr": result.min_loss_lr, "steps": len(result.lrs), "stop_reason": result.stop_reason,
                "plot": str(out / "lr_range_test.png")}
     if center is None:
-        summary = (f"Too few finite losses to suggest an LR (sweep {r['min_lr']:g} -> {r['max_lr']:g}: "
+        why = "the smoothed loss never fell" if result.losses and not result.fell else "too few finite losses"
+        summary = (f"No LR to suggest: {why} (sweep {r['min_lr']:g} -> {r['max_lr']:g}: "
                    f"{result.stop_reason or 'no steps'}); searching around the configured LR {configured:g}.")
         center = configured
     else:

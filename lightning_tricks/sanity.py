@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from lightning_tricks.mixins import classification_loss
+from lightning_tricks.losses import classification_loss
 from lightning_tricks.nn import DropConnectConv2d, DropConnectLinear, DropPath, FractionalMaxPool2d
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -574,3 +574,27 @@ def relu_stats(out: Tensor) -> tuple[Tensor, Tensor]:
         return zero_frac, zero.all().float()
     alive = (~zero).transpose(0, 1).reshape(out.shape[1], -1).any(dim=1)
     return zero_frac, 1.0 - alive.float().mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# divergence: the first non-finite loss or gradient norm ends the run
+# --------------------------------------------------------------------------------------------------
+class Diverged(RuntimeError):
+    """Training diverged: a loss (or gradient norm) was not finite. ``step``/``epoch``/``lrs`` say where."""
+
+    def __init__(self, message: str, step: int, epoch: int, lrs: Sequence[float]) -> None:
+        super().__init__(message)
+        self.step, self.epoch, self.lrs = step, epoch, list(lrs)
+
+
+def divergence_message(what: str, value: float, step: int, epoch: int, lrs: Sequence[float]) -> str:
+    """The one line that reports a divergence: what was not finite, where, and at which LR.
+
+    Example:
+        >>> divergence_message("loss", float("nan"), 12, 0, [1e6])
+        'diverged: the loss is nan at optimizer step 12 (epoch 0), lr 1e+06; no update was applied. Lower optimizer.lr (or add warmup / gradient clipping)'
+    """
+    distinct = sorted(set(lrs))
+    lr = "lr " + ", ".join(f"{v:.3g}" for v in distinct[:4]) + (" ..." if len(distinct) > 4 else "")
+    return (f"diverged: the {what} is {value} at optimizer step {step} (epoch {epoch}), {lr}; no update was "
+            "applied. Lower optimizer.lr (or add warmup / gradient clipping)")

@@ -35,6 +35,14 @@ of any other schedule (Goyal et al. 2017, arXiv:1706.02677).
 Where ``torch.optim.lr_scheduler`` has the same schedule the values are equal to its to 1e-9 over a
 whole run (``tests/test_schedules.py``).
 
+Phases: what another trick contributes to the tail of the LR curve. :class:`SWALRPhase` is SWA's
+constant or annealed SWA learning rate (``torch.optim.swa_utils.SWALR`` semantics); because its target
+is an absolute LR, not a multiplier, it is evaluated per parameter group as
+``phase.lr(step, lr_at_start)`` with ``lr_at_start = base_lr * schedule(phase.start_step, T)``.
+:class:`lightning_tricks.callbacks.LRSchedule` evaluates it (``add_phase``); the other tricks' LR
+changes are schedules (snapshot cycles are :class:`CosineRestarts`) or base-LR changes (linear
+scaling, the range test's hand-off).
+
 Momentum schedules (:class:`OneCycleMomentum`, :class:`CyclicMomentum`, or any schedule such as
 ``Constant(0.9)``) return the momentum value itself (SGD ``momentum`` / Adam ``beta1``), not a multiplier.
 
@@ -71,6 +79,7 @@ __all__ = [
     "OneCycleMomentum",
     "Linear",
     "Warmup",
+    "SWALRPhase",
 ]
 
 StepValue = Union[int, float]
@@ -769,3 +778,95 @@ class Warmup(Schedule):
         if then_check is not None:
             w = self.warmup_steps(total_steps)
             then_check(None if total_steps is None else total_steps - w)
+
+
+# --------------------------------------------------------------------------------------------------
+# phases: absolute LRs other tricks put over the tail of a schedule
+# --------------------------------------------------------------------------------------------------
+def _check_count(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass
+class SWALRPhase:
+    """SWA's learning-rate phase (``torch.optim.swa_utils.SWALR`` with a scalar ``swa_lr``).
+
+    From optimizer step ``start_step`` on, each parameter group's LR goes from ``lr0`` (its LR at
+    ``start_step`` under the schedule, ``lr_at_start``) to the absolute ``swa_lr`` (the same for all
+    groups): at the ``k``-th SWA step or epoch (``k = 1, 2, ...``)
+
+        ``alpha = a(min(1, k / K))``, ``a(t) = (1 - cos(pi t)) / 2`` (``"cos"``) or ``t`` (``"linear"``),
+        ``lr = swa_lr * alpha + lr0 * (1 - alpha)``
+
+    with ``k = step - start_step + 1`` and ``K = anneal_steps`` (the LR changes every optimizer step),
+    or ``k = (step - start_step) // steps_per_epoch + 1`` and ``K = anneal_epochs`` (changed at epoch
+    starts, as ``SWALR`` stepped once per epoch); with neither the LR is ``swa_lr`` from the start
+    step on (``K = 0``). The values are those of :func:`lightning_tricks.averaging.swa_lr`.
+    Izmailov et al. 2018, arXiv:1803.05407.
+
+    Args:
+        swa_lr: the SWA learning rate, > 0.
+        start_step: the first optimizer step of the phase (0-based, ``trainer.global_step``).
+        anneal: ``"cos"`` or ``"linear"``.
+        anneal_steps: anneal over this many optimizer steps (exclusive with ``anneal_epochs``).
+        anneal_epochs: anneal over this many epochs; needs ``steps_per_epoch``.
+        steps_per_epoch: optimizer steps per epoch (``ceil(batches / accumulate_grad_batches)``).
+
+    Example:
+        >>> phase = SWALRPhase(swa_lr=0.01, start_step=10, anneal="linear", anneal_steps=2)
+        >>> [round(phase.lr(t, 0.1), 3) for t in (10, 11, 12)]
+        [0.055, 0.01, 0.01]
+    """
+
+    swa_lr: float
+    start_step: int
+    anneal: str = "cos"
+    anneal_steps: int | None = None
+    anneal_epochs: int | None = None
+    steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        self.swa_lr = _check_factor(self.swa_lr, "swa_lr", low_open=True)
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
+            raise ValueError(f"start_step must be an int >= 0, got {self.start_step!r}")
+        if self.anneal not in ANNEAL:
+            raise ValueError(f"anneal must be one of {ANNEAL}, got {self.anneal!r}")
+        self.anneal_steps = _check_count(self.anneal_steps, "anneal_steps")
+        self.anneal_epochs = _check_count(self.anneal_epochs, "anneal_epochs")
+        if self.anneal_steps is not None and self.anneal_epochs is not None:
+            raise ValueError(f"give anneal_steps or anneal_epochs, not both "
+                             f"(got {self.anneal_steps!r} and {self.anneal_epochs!r})")
+        if self.steps_per_epoch is not None and (isinstance(self.steps_per_epoch, bool)
+                                                 or not isinstance(self.steps_per_epoch, int)
+                                                 or self.steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be an int >= 1 or None, got {self.steps_per_epoch!r}")
+        if self.anneal_epochs and self.steps_per_epoch is None:
+            raise ValueError(f"anneal_epochs={self.anneal_epochs!r} needs steps_per_epoch (optimizer steps "
+                             "per epoch) to know where epochs start")
+
+    def active(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is in the phase."""
+        return step >= self.start_step
+
+    def count(self, step: int) -> tuple[int, int]:
+        """``(k, K)``: the SWALR step count at ``step`` (``>= start_step``) and the anneal length."""
+        done = step - self.start_step
+        if self.anneal_steps is not None:
+            return done + 1, self.anneal_steps
+        if self.anneal_epochs:
+            assert self.steps_per_epoch is not None
+            return done // self.steps_per_epoch + 1, self.anneal_epochs
+        return 1, 0
+
+    def lr(self, step: int, lr_at_start: float) -> float:
+        """The LR of a group whose schedule gives ``lr_at_start`` at ``start_step``, at ``step >= start_step``."""
+        if step < self.start_step:
+            raise ValueError(f"step {step} is before the phase's start_step {self.start_step}")
+        k, length = self.count(step)
+        t = 1.0 if length == 0 else max(0.0, min(1.0, k / length))
+        alpha = (1.0 - math.cos(math.pi * t)) / 2.0 if self.anneal == "cos" else t
+        return self.swa_lr * alpha + lr_at_start * (1.0 - alpha)

@@ -17,11 +17,13 @@ import json
 import math
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -33,9 +35,26 @@ from lightning_tricks._lightning import (
     ModelCheckpoint,
     Trainer,
     rank_zero_info,
+    rank_zero_warn,
     seed_everything,
 )
+from lightning_tricks.data import DataFileError
 from lightning_tricks.mixins import Classifier
+from lightning_tricks.sanity import Diverged
+
+
+def _unique_id() -> str:
+    """Six hex digits, new per process: ``${lt_uid:}`` in ``hydra.run.dir`` / ``hydra.sweep.dir``.
+
+    Registered with ``use_cache=True``: every job of a sweep (Hydra copies the resolver cache to the jobs'
+    configs) and every DDP rank (Lightning passes the resolved ``hydra.run.dir`` to child ranks) sees the
+    same value, while two runs started in the same second get different directories.
+    """
+    return uuid.uuid4().hex[:6]
+
+
+if not OmegaConf.has_resolver("lt_uid"):
+    OmegaConf.register_new_resolver("lt_uid", _unique_id, use_cache=True)
 
 
 def config_dir() -> str:
@@ -74,10 +93,89 @@ def _output_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def _check_fresh(out: Path, ckpt_path: Any) -> None:
+    """Refuse to write a new run into a directory that holds another run's results (resume continues in place)."""
+    if ckpt_path:
+        return
+    found = [p.name for p in (out / "metrics.json", out / "checkpoints") if p.exists() and
+             (p.is_file() or any(p.glob("*.ckpt")))]
+    if found:
+        raise ConfigError(f"run directory {out} already holds a run ({', '.join(found)}); start a new run in a new "
+                          f"directory (drop hydra.run.dir / paths.output_dir) or resume this one with "
+                          f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}")
+
+
+def _check_trainer_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Trainer values that Lightning would only reject mid-run (or with an unrelated error), checked now."""
+    for key in ("max_epochs", "min_epochs", "max_steps", "min_steps", "accumulate_grad_batches",
+                "check_val_every_n_epoch", "log_every_n_steps", "num_nodes", "num_sanity_val_steps"):
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"trainer.{key} must be an int, got {value!r}")
+    max_epochs = kwargs.get("max_epochs")
+    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1 for a run bounded by trainer.max_steps), "
+                          f"got {max_epochs}")
+    if kwargs.get("accumulate_grad_batches", 1) < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {kwargs['accumulate_grad_batches']}")
+    accelerator = str(kwargs.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if kwargs.get("sync_batchnorm") and on_cpu:
+        raise ConfigError(f"trainer.sync_batchnorm=true needs GPUs, but the run is on the CPU "
+                          f"(trainer.accelerator={accelerator}); add trainer.sync_batchnorm=false")
+
+
+TEST_WEIGHTS = ("final", "best")
+
+
+def _check_run_options(cfg: DictConfig, callbacks: list[Callback], trainer_kwargs: Mapping[str, Any]) -> None:
+    """``test_weights`` and ``ckpt_path`` checked before training, each with one line naming the value."""
+    test_weights = cfg.get("test_weights", "final")
+    if test_weights not in TEST_WEIGHTS:
+        raise ConfigError(f"test_weights must be one of {TEST_WEIGHTS}, got {test_weights!r}")
+    if cfg.get("test", True) and test_weights == "best":
+        checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None or checkpoint.monitor != cfg.get("monitor"):
+            raise ConfigError(f"test_weights=best needs a ModelCheckpoint monitoring {cfg.get('monitor')!r} "
+                              "(callbacks.model_checkpoint); add it back or use test_weights=final")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        _check_checkpoint(Path(str(ckpt_path)), cfg, trainer_kwargs)
+
+
+def _check_checkpoint(path: Path, cfg: DictConfig, trainer_kwargs: Mapping[str, Any]) -> None:
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means: not a checkpoint we can resume
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"ckpt_path={path} is not a readable Lightning checkpoint ({reason})") from e
+    if not isinstance(ckpt, dict) or not {"state_dict", "loops", "optimizer_states"} <= set(ckpt):
+        raise ConfigError(f"ckpt_path={path} is not a Lightning training checkpoint (no state_dict/loops/optimizer "
+                          "states); to start from weights only, load them into the module instead")
+    saved = ((ckpt.get("hyper_parameters") or {}).get("optimizer") or {}).get("name")
+    wanted = str(cfg.optimizer.get("name", "sgd")).lower() if cfg.get("optimizer") else None
+    if saved and wanted and str(saved).lower() != wanted:
+        raise ConfigError(f"ckpt_path={path} was trained with optimizer {saved!r}, this run uses {wanted!r}: its "
+                          f"optimizer state cannot be resumed; add optimizer={saved} (and the run's other overrides)")
+    processed = ckpt["loops"].get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    max_epochs, max_steps = trainer_kwargs.get("max_epochs"), trainer_kwargs.get("max_steps")
+    if (max_epochs is not None and max_epochs > 0 and processed >= max_epochs) or \
+            (max_steps is not None and max_steps > 0 and ckpt.get("global_step", 0) >= max_steps):
+        raise ConfigError(f"ckpt_path={path} is from a finished run ({processed} epoch(s), {ckpt.get('global_step')} "
+                          f"steps; this run stops at trainer.max_epochs={max_epochs}, trainer.max_steps={max_steps}): "
+                          "nothing to resume; raise trainer.max_epochs to train further")
+
+
 def build_data_and_module(cfg: DictConfig) -> tuple[Any, Classifier]:
     """The DataModule (data files checked now, with their path) and the Classifier for ``cfg``."""
     datamodule = _instantiate(cfg.data, "data")
     datamodule.prepare_data()  # fails now, with the path, if files are missing
+    try:
+        datamodule.setup("fit")  # splits, label range and a training split of at least one batch: checked now
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from e
     net = _instantiate(cfg.model, "model", input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     try:
@@ -117,21 +215,40 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         seed_everything(int(cfg.seed), workers=True)
     out = _output_dir(cfg)
+    _check_fresh(out, cfg.get("ckpt_path"))
     datamodule, module = build_data_and_module(cfg)
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
     trainer_kwargs.setdefault("default_root_dir", str(out))
+    _check_trainer_kwargs(trainer_kwargs)
+    _check_run_options(cfg, callbacks, trainer_kwargs)
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
 
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    diverged: Diverged | None = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except Diverged as e:  # DivergenceGuard stopped it: averages and checkpoints are still finite
+        diverged = e
+        rank_zero_warn(str(e))
     fit_s = time.perf_counter() - t0
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["time/fit_s"] = fit_s
     monitor = cfg.get("monitor")
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    if diverged is not None:
+        metrics.update({"status": "diverged", "diverged/step": diverged.step, "diverged/epoch": diverged.epoch})
+        if monitor:
+            metrics[f"best/{monitor}"] = worst_value(cfg.get("monitor_mode", "max"))
+        if trainer.is_global_zero:
+            _write_metrics(out, metrics)
+        objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer,
+                   "callbacks": callbacks, "output_dir": out}
+        rank_zero_info(summary(metrics, monitor, out, trainer))
+        return metrics, objects
+    metrics["status"] = "ok"
     if monitor:
         if monitor not in metrics:
             raise ConfigError(f"monitor={monitor!r} was never logged; logged metrics: {sorted(metrics)}")
@@ -151,17 +268,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-def _write_metrics(out: Path, metrics: Mapping[str, float]) -> None:
+def worst_value(mode: str) -> float:
+    """The value a sweeper ranks last for a monitor of this mode (what a diverged job returns)."""
+    return -math.inf if mode == "max" else math.inf
+
+
+def _write_metrics(out: Path, metrics: Mapping[str, Any]) -> None:
     """``metrics.json`` in the run directory: the job's overrides and results, read by sweep summaries."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     record = {"overrides": overrides, "metrics": dict(metrics)}
     (out / "metrics.json").write_text(json.dumps(record, indent=1, default=float))
 
 
-def summary(metrics: Mapping[str, float], monitor: str | None, out: Path, trainer: Trainer) -> str:
+def summary(metrics: Mapping[str, Any], monitor: str | None, out: Path, trainer: Trainer) -> str:
     """One screen: best/final metrics, wall time, where the run's files are."""
     lines = ["", "=" * 72, "lightning-tricks run summary", "-" * 72]
-    if monitor and f"best/{monitor}" in metrics:
+    if metrics.get("status") == "diverged":
+        lines.append(f"DIVERGED at optimizer step {metrics['diverged/step']} (epoch {metrics['diverged/epoch']}): "
+                     "no test, the job ranks last in sweeps")
+    elif monitor and f"best/{monitor}" in metrics:
         lines.append(f"best {monitor:<24} {metrics[f'best/{monitor}']:.4f}")
     for key in sorted(metrics):
         if key.startswith(("val/", "test/")) and not key.endswith("_step"):
@@ -185,7 +310,7 @@ def main(cfg: DictConfig) -> float | None:
     """Run :func:`train`; return the monitored metric for sweepers. Config errors end in one line."""
     try:
         metrics, _ = train(cfg)
-    except (ConfigError, FileNotFoundError, MisconfigurationException) as e:
+    except (ConfigError, DataFileError, FileNotFoundError, MisconfigurationException) as e:
         print(f"lightning-tricks: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     monitor = cfg.get("monitor")

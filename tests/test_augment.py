@@ -410,3 +410,24 @@ def test_train_runs_with_mixup_cutmix_cutout(tmp_path):
     metrics, objects = train(cfg)
     assert any(isinstance(c, Mixup) for c in objects["callbacks"])
     assert all(v == v for v in metrics.values())  # no NaN
+
+
+def test_stacked_augmentations_act_in_a_fixed_order_whatever_the_list_order():
+    def run(order: str, setup: bool = True) -> list:
+        made = {"mixup": Mixup(alpha=1.0, num_classes=4, seed=1), "cutout": Cutout(size=2, seed=2)}
+        stack = [made[n] for n in order.split(",")]
+        trainer = SimpleNamespace(current_epoch=0, max_epochs=10, global_rank=0, datamodule=None, callbacks=stack)
+        if setup:
+            for cb in stack:
+                cb.setup(trainer, None, "fit")
+        batch = [torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4) + 1, torch.tensor([0, 3])]
+        for cb in stack:
+            cb.on_train_batch_start(trainer, None, batch, 0)
+        assert made["mixup"].batches == made["cutout"].batches == 1
+        return batch
+
+    a, b = run("mixup,cutout"), run("cutout,mixup")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # without setup each acts alone in list order, and the order shows
+    assert not torch.equal(run("mixup,cutout", setup=False)[0], run("cutout,mixup", setup=False)[0])
+    assert torch.equal(run("cutout,mixup", setup=False)[0], a[0])  # the fixed order is cutout, then mixup

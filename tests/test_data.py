@@ -192,3 +192,53 @@ def test_trainer_sets_resident_loader_epoch(monkeypatch):
                       enable_model_summary=False, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(Classifier(MLP((1, 8, 8), 10, hidden=(8,)), 10), DigitsDataModule(loader="resident"))
     assert [e for shuffled, e in calls if shuffled] == [0, 1, 2]
+
+
+def _order(loader) -> list[int]:
+    return torch.cat([t[0] for t in loader]).tolist()
+
+
+def test_resident_loader_state_resumes_mid_pass():
+    x = torch.arange(20)
+    a = TensorBatchLoader(x, batch_size=3, shuffle=True, seed=5)
+    list(a)  # epoch 0 done
+    it = iter(a)
+    seen = [next(it)[0].tolist() for _ in range(2)]  # two batches of epoch 1
+    state = a.state_dict()
+    assert state == {"epoch": 1, "batches": 2}
+    rest = [b[0].tolist() for b in it]
+    b = TensorBatchLoader(x, batch_size=3, shuffle=True, seed=5)
+    b.load_state_dict(state)
+    assert b.state_dict() == state  # a loaded, not yet started pass round-trips
+    b.set_epoch(1)  # what Lightning does before the resumed epoch: same epoch keeps the resume point
+    assert [t[0].tolist() for t in b] == rest
+    assert [v for batch in seen + rest for v in batch] == torch.randperm(20, generator=torch.Generator().manual_seed(5 + 1)).tolist()
+    assert b.state_dict() == {"epoch": 2, "batches": 0}  # the pass ended: the next one is epoch 2's
+
+
+def test_resident_loader_state_at_epoch_end_and_another_epoch():
+    x = torch.arange(12)
+    a = TensorBatchLoader(x, batch_size=4, shuffle=True, seed=0)
+    it = iter(a)
+    next(it), next(it)  # limit_train_batches=2 of 3: Lightning's epoch ends here
+    b = TensorBatchLoader(x, batch_size=4, shuffle=True, seed=0)
+    b.load_state_dict(a.state_dict())
+    b.set_epoch(1)  # the next epoch starts from its first batch
+    assert _order(b) == torch.randperm(12, generator=torch.Generator().manual_seed(1)).tolist()
+    c = TensorBatchLoader(x, batch_size=4, shuffle=True, seed=0)
+    c.load_state_dict({"epoch": 0, "batches": 3})  # a complete pass: continue with epoch 1
+    assert c.state_dict() == {"epoch": 1, "batches": 0}
+
+
+def test_resident_loader_state_ignores_a_finished_extra_pass_and_rejects_bad_values():
+    x = torch.arange(12)
+    a = TensorBatchLoader(x, batch_size=4, shuffle=True)
+    it = iter(a)
+    next(it)
+    for _ in iter(a):  # an extra full pass (e.g. BatchNorm recomputation) while the epoch's pass is open
+        pass
+    assert a.state_dict() == {"epoch": 0, "batches": 1}
+    for bad, match in (({"epoch": -1}, "epoch must be an int >= 0, got -1"),
+                       ({"epoch": 0, "batches": 1.5}, "batches must be an int >= 0, got 1.5")):
+        with pytest.raises(ValueError, match=match):
+            a.load_state_dict(bad)

@@ -313,3 +313,28 @@ def test_ddp_ranks_share_one_curve_and_restore_their_weights(tmp_path: Path) -> 
     assert r0["lrs"] == r1["lrs"] and r0["losses"] == r1["losses"] and r0["suggestion"] == r1["suggestion"]
     assert len(r0["lrs"]) == 12
     assert r0["world"] == 2 and r0["factor"] == 0.25  # 8 per device x 2 devices / 64
+
+
+def test_a_curve_that_never_fell_suggests_nothing():
+    rising = RangeTestResult(lrs=[1e-1, 1.0, 10.0, 100.0], losses=[2.0, 2.5, 9.0, 40.0], skip_begin=0, skip_end=0)
+    assert not rising.fell
+    assert rising.suggestion is None and rising.suggestion_min_div10 is None
+    flat = RangeTestResult(lrs=[1e-3, 1e-2, 1e-1], losses=[2.0, 1.995, 1.999], skip_begin=0, skip_end=0)
+    assert not flat.fell and flat.suggest("min_div10") is None  # 0.25% is noise, not a fall
+    falling = RangeTestResult(lrs=[1e-3, 1e-2, 1e-1], losses=[2.0, 1.5, 3.0], skip_begin=0, skip_end=0)
+    assert falling.fell and falling.suggestion_min_div10 == pytest.approx(1e-3)
+
+
+def test_range_test_from_a_diverging_start_leaves_the_lr(tmp_path):
+    seed_everything(0)
+    module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.05})
+    finder = LRRangeTest(min_lr=1e4, max_lr=1e6, num_steps=20, skip_begin=0, apply_to="lr",
+                         suggestion="min_div10")
+    trainer = Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      callbacks=[finder], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="never fell below its first value"):
+        trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
+    assert finder.result is not None and not finder.result.fell
+    assert finder.applied_lr is None
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 0.05  # the configured base LR stays

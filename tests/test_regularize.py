@@ -132,6 +132,6 @@ def test_l1_callback_rejects_bad_arguments_and_empty_selection():
 
 def test_l1_yaml_composes_and_instantiates():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="callbacks/l1")
-    cb = instantiate(cfg.callbacks.l1)
+        cfg = compose(config_name="callbacks/l1_regularization")
+    cb = instantiate(cfg.callbacks.l1_regularization)
     assert isinstance(cb, L1Regularization) and cb.lam == 1e-5 and cb.exclude_bias

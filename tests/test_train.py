@@ -92,6 +92,7 @@ def test_cli_bad_inputs_end_in_one_message(tmp_path):
 
 
 def test_callbacks_are_added_and_removed_by_name():
-    cfg = compose_train(["~callbacks.curve_plot"])
-    assert list(cfg.callbacks) == ["model_checkpoint"]
+    assert set(compose_train().callbacks) == {"random_state", "divergence_guard", "model_checkpoint", "curve_plot"}
+    cfg = compose_train(["~callbacks.curve_plot", "~callbacks.divergence_guard", "+callbacks=ema"])
+    assert set(cfg.callbacks) == {"random_state", "model_checkpoint", "ema"}
     assert Path(ROOT / "conf" / "callbacks" / "default.yaml").is_file()

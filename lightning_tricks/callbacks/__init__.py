@@ -34,7 +34,9 @@ _WHERE: dict[str, str] = {
     "DeadUnitMonitor": "sanity",
     "FreezeUnfreeze": "finetune",
     # run output
+    "DivergenceGuard": "divergence_guard",
     "CurvePlot": "plots",
+    "RandomState": "random_state",
     # Lightning's own, re-exported for configs
     "ModelCheckpoint": "lightning",
     "LearningRateMonitor": "lightning",

@@ -23,7 +23,12 @@ epochs (Yun et al. and later recipes train the last epochs on clean data).
 Randomness: a CPU ``torch.Generator`` reseeded for every batch from ``(seed, global_rank, batch
 count)``, so DDP ranks draw differently, runs are reproducible, and resuming from a checkpoint continues
 the same draws: the state is just ``seed`` and the batch count, which are equal on all ranks (a saved
-generator state would be rank zero's only, as Lightning saves the checkpoint on rank zero).
+generator state would be rank zero's only, as Lightning saves the checkpoint on rank zero). They never
+draw from the global RNG, so they need nothing from :class:`~lightning_tricks.callbacks.RandomState`.
+
+Stacked (e.g. ``Cutout`` and ``Mixup`` in one Trainer), they act in one fixed order whatever the order
+of the callback list: Cutout, then CutMix, then Mixup (same class: by ``state_key``). The first of them
+in that order applies all of them, each with its own state, in its ``on_train_batch_start``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> Non
 def _check_alpha(alpha: Any) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+
+
+# the fixed order of stacked batch augmentations (by ``name``): occlusion first, then the label-mixing ones
+_ORDER = ("cutout", "cutmix", "mixup")
 
 
 class _BatchAugment(Callback):
@@ -85,6 +94,7 @@ class _BatchAugment(Callback):
         self._rank = 0
         self._generator = torch.Generator()
         self._announced_off = False
+        self._peers: list[_BatchAugment] | None = None  # set at setup: the stack this one applies (leader) or []
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -107,6 +117,10 @@ class _BatchAugment(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        stack = sorted((c for c in getattr(trainer, "callbacks", [self]) if isinstance(c, _BatchAugment)),
+                       key=lambda c: (_ORDER.index(type(c).name) if type(c).name in _ORDER else len(_ORDER),
+                                      c.state_key))
+        self._peers = stack if stack and stack[0] is self else []
         if self._resolved_seed is None:
             self._resolved_seed = int(torch.initial_seed())
         self._rank = int(trainer.global_rank)
@@ -132,6 +146,15 @@ class _BatchAugment(Callback):
         return True
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # alone (or before setup): act; stacked: the first in the fixed order applies the whole stack
+        for augment in [self] if self._peers is None else self._peers:
+            augment._augment(trainer, pl_module, batch)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._peers = None  # drop the references to the other callbacks
+
+    def _augment(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         count = self.batches
         self.batches += 1
         if not self.active(trainer.current_epoch, trainer.max_epochs):

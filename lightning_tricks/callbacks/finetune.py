@@ -43,7 +43,11 @@ class FreezeUnfreeze(Callback):
     al. 2021, arXiv:2106.08254). The new groups keep the module's weight-decay rule: with
     :class:`~lightning_tricks.mixins.ClassificationMixin`'s optimizer config, weights get its
     ``weight_decay`` and biases/norm parameters none (when ``no_decay_bias_norm``). If the head's group
-    has an ``initial_lr`` (set by LR schedulers), the new groups get ``initial_lr`` scaled the same way.
+    has an ``initial_lr`` (set by LR schedulers), the new groups get ``initial_lr`` scaled the same way;
+    otherwise their ``initial_lr`` is their LR. The callback never writes an LR afterwards: the new groups
+    contribute to the LR through :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner, which picks
+    them up before the next optimizer step with ``initial_lr`` as their base LR (as timm keeps base values
+    in ``initial_lr``), so they follow the schedule like the head.
 
     Compared with Lightning's ``BackboneFinetuning`` (whose freeze/param-group bookkeeping and
     resume-by-rebuilding-groups idea this follows): BatchNorm is put in eval mode while frozen
@@ -204,6 +208,7 @@ class FreezeUnfreeze(Callback):
         self.groups = []
         for group in groups:
             names = group["param_names"] if named_groups else group.pop("param_names")
+            group.setdefault("initial_lr", group["lr"])  # the base LR the LR owner (LRSchedule) schedules
             optimizer.add_param_group(group)
             self.groups.append({**{k: v for k, v in optimizer.param_groups[-1].items() if k != "params"},
                                 "param_names": list(names)})

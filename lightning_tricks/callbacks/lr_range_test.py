@@ -21,6 +21,7 @@ from lightning_tricks._lightning import (
     rank_zero_only,
     rank_zero_warn,
 )
+from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.lr_range_test import (
     LossSmoother,
     RangeTestResult,
@@ -52,6 +53,12 @@ class LRRangeTest(Callback):
       :class:`~lightning_tricks.callbacks.LRSchedule` (its base LR; required, checked at setup), chosen by
       default as the minimum-loss LR / 10 (Smith 2018's "largest LR that still trains").
     - ``apply_to=None``: only report (:attr:`result`, the plot, the log line).
+
+    The hand-off is a base-LR change through :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner
+    (:meth:`LRSchedule.set_base_lrs`; one is added when there is none): the test never writes the LR of
+    the training run itself. Where the module's own torch LR scheduler owns the LR, the applied LR also
+    becomes that scheduler's ``base_lrs``. The one exception is the sweep, which runs before training with the other
+    callbacks set aside and writes ``group["lr"]`` at each of its steps; the optimizer is restored after it.
 
     During the sweep the other callbacks and the loggers are set aside and validation is off; the
     module's own hooks run as in training. The sweep is skipped (with a message) under
@@ -127,6 +134,7 @@ class LRRangeTest(Callback):
         self.result: RangeTestResult | None = None
         self.applied_lr: float | None = None
         self.plot_file: str | None = None
+        self._lr_owner: LRSchedule | None = None
 
     @property
     def state_key(self) -> str:
@@ -154,6 +162,8 @@ class LRRangeTest(Callback):
             raise MisconfigurationException(
                 "LRRangeTest(apply_to='one_cycle') needs an LRSchedule callback with a OneCycle schedule "
                 "(e.g. schedule=one_cycle); found none. Use apply_to='lr' to set the base LR instead")
+        # before Lightning restores callback states: an added owner gets its own back
+        self._lr_owner = lr_owner(trainer, f"LRRangeTest(apply_to={self.apply_to!r})")
 
     # -- Lightning hook ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -270,16 +280,16 @@ class LRRangeTest(Callback):
         """Set the base LR (and the module's LR attribute) to the suggestion; return the LR set."""
         lr = result.suggest(self.method)
         if lr is None:
-            rank_zero_warn(f"LRRangeTest(apply_to={self.apply_to!r}): no {self.method} suggestion "
-                           f"({len(result.lrs)} points recorded); the LR stays as configured")
+            why = (f"the smoothed loss never fell below its first value ({result.stop_reason or 'no fall'}: "
+                   f"the sweep starts too high, lower min_lr)" if result.losses and not result.fell
+                   else f"{len(result.lrs)} points recorded")
+            rank_zero_warn(f"LRRangeTest(apply_to={self.apply_to!r}): no {self.method} suggestion ({why}); "
+                           "the LR stays as configured")
             return None
-        optimizer = trainer.optimizers[0]
-        first = optimizer.param_groups[0]["lr"]
-        for group in optimizer.param_groups:
-            ratio = group["lr"] / first if first else 1.0
-            group["lr"] = lr * ratio
-            if "initial_lr" in group:
-                group["initial_lr"] = lr * ratio
+        groups = trainer.optimizers[0].param_groups
+        first = groups[0]["lr"]
+        owner = self._lr_owner or lr_owner(trainer, f"LRRangeTest(apply_to={self.apply_to!r})")
+        owner.set_base_lrs(trainer, {0: [lr * (g["lr"] / first if first else 1.0) for g in groups]}, by="LRRangeTest")
         where = self._update_attr(pl_module, lr)
         self.applied_lr = lr
         target = "OneCycle peak LR" if self.apply_to == "one_cycle" else "base LR"
@@ -339,6 +349,7 @@ class _Sweep(Callback):
         return sweep_lr(trainer.global_step - self.start, t.num_steps, t.min_lr, t.max_lr, t.mode)
 
     def _set(self, trainer: Trainer) -> None:
+        # the one LR write outside LRSchedule: the sweep runs before training, alone, and is undone after
         lr = self._lr(trainer)
         for group, ratio in zip(trainer.optimizers[0].param_groups, self.ratios):
             group["lr"] = lr * ratio
@@ -390,7 +401,6 @@ class _Sweep(Callback):
 
 
 def _find_one_cycle(trainer: Trainer) -> Any:
-    from lightning_tricks.callbacks.lr_schedule import LRSchedule
     from lightning_tricks.schedules import OneCycle, Warmup
 
     for cb in trainer.callbacks:

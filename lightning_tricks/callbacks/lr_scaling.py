@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
+from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 
 RULES = ("linear", "sqrt")
 
@@ -71,10 +72,13 @@ class LinearScaling(Callback):
     Krizhevsky 2014 arXiv:1404.5997 for ``rule="sqrt"``, ``lr * sqrt(B / reference)``, often better for
     Adam). The optimizer's configured LR is the LR for ``reference_batch_size`` samples per step.
 
-    Applied once at fit start (``on_fit_start``, when the optimizers exist), to ``group["lr"]`` and, if
-    present, ``group["initial_lr"]`` and the module's own schedulers' ``base_lrs``.
-    :class:`LRSchedule` captures its base LRs later (at train start), so the two compose in either order;
-    a resumed run takes the already-scaled LRs from the checkpoint's optimizer state (no double scaling).
+    Applied once at fit start (``on_fit_start``, when the optimizers exist) as a base-LR change through
+    :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (:meth:`LRSchedule.scale_base_lrs`; one
+    is added when there is none): before training starts it scales ``group["lr"]`` and, if present,
+    ``group["initial_lr"]``, which LRSchedule captures as base LRs at train start, so the two compose in
+    either order. When the module configures its own torch LR scheduler, that scheduler owns the LR of its
+    optimizer: its ``base_lrs`` are scaled too (with a warning: bounds it keeps elsewhere are not).
+    A resumed run takes the already-scaled base LRs from the checkpoint (no double scaling).
     What it did is printed once on rank zero. Pair a large factor with a warmup
     (``Warmup(...)``/``schedule=warmup_cosine``), as Goyal et al. do: it warns when there is none.
 
@@ -102,10 +106,15 @@ class LinearScaling(Callback):
         self.batch_size = batch_size
         self.factor: float | None = None
         self.global_batch_size: int | None = None
+        self._lr_owner: LRSchedule | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(reference_batch_size=self.reference_batch_size, rule=self.rule)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before Lightning restores callback states: an added owner gets its own back
+            self._lr_owner = lr_owner(trainer, "LinearScaling")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.batch_size is not None:
@@ -122,21 +131,13 @@ class LinearScaling(Callback):
         world = int(trainer.world_size)
         self.global_batch_size = global_batch_size(per_device, accumulate, world)
         self.factor = scaling_factor(self.global_batch_size, self.reference_batch_size, self.rule)
-        changes = []
-        for i, opt in enumerate(trainer.optimizers):
-            for j, group in enumerate(opt.param_groups):
-                old = group["lr"]
-                group["lr"] = old * self.factor
-                if "initial_lr" in group:
-                    group["initial_lr"] = group["initial_lr"] * self.factor
-                changes.append(f"{old:.4g} -> {group['lr']:.4g}")
-        if not changes:
+        if not trainer.optimizers:
             rank_zero_warn("LinearScaling found no optimizer to scale")
             return
+        owner = self._lr_owner if self._lr_owner is not None else lr_owner(trainer, "LinearScaling")
+        changes = [f"{old:.4g} -> {new:.4g}" for _, _, old, new in owner.scale_base_lrs(trainer, self.factor,
+                                                                                         by="LinearScaling")]
         for config in trainer.lr_scheduler_configs:
-            base = getattr(config.scheduler, "base_lrs", None)
-            if isinstance(base, list):
-                config.scheduler.base_lrs = [b * self.factor for b in base]
             rank_zero_warn(f"LinearScaling scaled the base LRs of the module's {type(config.scheduler).__name__}; "
                            "bounds it keeps elsewhere (max_lr, eta_min, ...) are not scaled. "
                            "lightning_tricks.callbacks.LRSchedule has none of these.")
@@ -153,7 +154,6 @@ class LinearScaling(Callback):
 
     @staticmethod
     def _has_warmup(trainer: Trainer) -> bool:
-        from lightning_tricks.callbacks.lr_schedule import LRSchedule
         from lightning_tricks.schedules import Warmup
 
         return any(isinstance(cb, LRSchedule) and isinstance(cb.schedule, Warmup) for cb in trainer.callbacks)

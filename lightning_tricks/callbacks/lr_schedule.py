@@ -1,4 +1,9 @@
-"""Apply any :mod:`lightning_tricks.schedules` schedule per optimizer step, resumably."""
+"""Apply any :mod:`lightning_tricks.schedules` schedule per optimizer step, resumably: the one LR owner.
+
+:class:`LRSchedule` is the only component that writes ``param_group["lr"]`` (and momentum) during fit.
+Other tricks contribute to the LR through it (:func:`lr_owner` finds or adds it), never by writing the
+groups themselves; see the class docstring for who contributes what.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,45 @@ from lightning_tricks._lightning import (
     LightningModule,
     MisconfigurationException,
     Trainer,
+    rank_zero_info,
     rank_zero_warn,
 )
+from lightning_tricks.schedules import Constant
+
+__all__ = ["LRSchedule", "lr_owner"]
 
 ScheduleFn = Callable[[int, "int | None"], float]
 
 
+def lr_owner(trainer: Trainer, by: str) -> LRSchedule:
+    """The :class:`LRSchedule` that owns the LR in ``trainer``; one is added when there is none.
+
+    Call it from a callback's ``setup`` (before Lightning restores callback states, so an added owner
+    gets its checkpoint state back on resume). The owner is found with ``isinstance``, never by name.
+    With several LRSchedules, the one that drives optimizer 0 (``optimizers=None`` or containing 0)
+    is returned. With none, ``LRSchedule(Constant(), log=False)`` is appended to ``trainer.callbacks``
+    (said once on rank zero); if the module turns out to configure its own torch LR scheduler, that
+    added owner steps aside for the scheduler's optimizers at fit start (base-LR changes then go to the
+    scheduler's ``base_lrs``; phases and schedules are refused there).
+
+    Args:
+        trainer: the Trainer.
+        by: who asks, e.g. ``"SWA(swa_lr=0.01)"`` (used in messages).
+    """
+    owners = [cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)]
+    if owners:
+        first = [cb for cb in owners if cb.optimizers is None or 0 in cb.optimizers]
+        return (first or owners)[0]
+    owner = LRSchedule(Constant(), log=False)
+    owner._implicit = True
+    trainer.callbacks.append(owner)
+    rank_zero_info(f"{by} changes the learning rate through LRSchedule, and there was none: added "
+                   "LRSchedule(Constant()) to own the LR (add your own LRSchedule to choose the schedule)")
+    return owner
+
+
 class LRSchedule(Callback):
-    """Set every parameter group's LR to ``base_lr * schedule(t, T)`` before each optimizer step.
+    """Set every parameter group's LR to ``base_lr * schedule(t, T)`` before each optimizer step; the LR owner.
 
     ``t`` is ``trainer.global_step``, the number of optimizer steps done so far, so gradient
     accumulation is respected (``accumulate_grad_batches=k`` moves the schedule once per ``k``
@@ -28,26 +64,48 @@ class LRSchedule(Callback):
     ``trainer.estimated_stepping_batches``. ``base_lr`` is each group's LR when training starts
     (``group["initial_lr"]`` if the group has one, the torch convention, else ``group["lr"]``), stored
     in ``group["initial_lr"]`` and in this callback's checkpoint state, so a resumed run continues on the
-    same curve. Callbacks that change base LRs at fit start (:class:`LinearScaling`,
-    :class:`LRRangeTest`) act before the capture whatever their order in the callback list.
+    same curve.
 
-    Parameter groups added during training (e.g. when a backbone is unfrozen) join the schedule with the
-    LR they were added with as their base LR.
+    **What it owns.** During fit this callback is the only writer of ``param_group["lr"]`` (and of the
+    momentum / ``beta1`` with a ``momentum`` schedule) of the optimizers it drives, as timm's
+    ``Scheduler.update_groups`` is for timm (one writer, base values in ``initial_lr``). The result does
+    not depend on the order of the callback list. Other tricks contribute through its methods, found
+    with :func:`lr_owner` (which adds an ``LRSchedule(Constant())`` when the user gave none):
+
+    - :class:`~lightning_tricks.callbacks.SWA` (``swa_lr``): a phase over the tail of the schedule,
+      :class:`~lightning_tricks.schedules.SWALRPhase`, via :meth:`add_phase`. From its start step each
+      group anneals from ``base_lr * schedule(start, T)`` to ``swa_lr``; before it, the schedule rules.
+    - :class:`~lightning_tricks.callbacks.SnapshotEnsemble` (``schedule=True``): the schedule itself,
+      its :class:`~lightning_tricks.schedules.CosineRestarts`, via :meth:`set_schedule`; refused when the
+      user's LRSchedule has another schedule.
+    - :class:`~lightning_tricks.callbacks.LinearScaling`: :meth:`scale_base_lrs`;
+      :class:`~lightning_tricks.callbacks.LRRangeTest` (``apply_to``): :meth:`set_base_lrs`. Base-LR
+      changes made before training starts go to the groups' ``lr``/``initial_lr`` and are captured
+      with them; on resume the checkpoint's base LRs stand (no double scaling).
+    - :class:`~lightning_tricks.callbacks.FreezeUnfreeze`: parameter groups added during training join
+      the schedule with their ``initial_lr`` (else their LR at that moment) as base LR.
+
+    Pairs that cannot compose are refused at fit start with one message naming both: two LRSchedules
+    driving the same optimizer; an LRSchedule beside the module's own LR scheduler for the same
+    optimizer; a phase or schedule contributed where a module scheduler owns the LR; a second
+    contributor of a schedule or phase. Anything else that writes ``lr`` during fit is caught right
+    before the optimizer step: a ``RuntimeError`` names the optimizer, the group, the value found and
+    the value written.
 
     With a ``momentum`` schedule (e.g. ``OneCycle(...).momentum()``), each group's SGD/RMSprop
     ``momentum`` or Adam ``beta1`` is set to ``momentum(t, T)`` (a value, not a multiplier).
 
-    When the LR is written: at ``on_train_start``, ``on_train_batch_start`` and ``on_train_batch_end``
-    (always ``schedule(trainer.global_step)``, so between steps the optimizer holds the LR of the *next*
-    step: step 0's before the first batch, the same value through an accumulation window, and a
-    ``LearningRateMonitor`` or the forward pass reads the right value whatever the callback order), and
-    in ``on_before_optimizer_step``, right before the update that uses it (this also covers manual
-    optimization with several steps per batch). The LR set there is logged as ``log_name`` (``"lr"``;
-    ``"lr/<group name>"`` per group when groups have different base LRs; ``"momentum"`` likewise), as a
-    CPU tensor: no device transfer, no sync.
-
-    A module whose ``configure_optimizers`` also returns an LR scheduler for a driven optimizer is
-    refused with an error: two schedules would fight over the LR.
+    When the LR is written: once per optimizer step, in the first of ``on_train_start``,
+    ``on_train_batch_start``, ``on_train_batch_end`` and ``on_before_optimizer_step`` that sees a new
+    ``trainer.global_step`` (always ``schedule(trainer.global_step)``, so between steps the optimizer
+    holds the LR of the *next* step: step 0's before the first batch, the same value through an
+    accumulation window, and a ``LearningRateMonitor`` or the forward pass reads the right value whatever
+    the callback order). Every one of these calls first compares the groups' ``lr`` with what was
+    written (a few float comparisons, no allocation, no device sync), so another writer is caught at
+    the latest in the hook after its write; one in ``on_before_optimizer_step`` that runs after this
+    callback's is caught one step late, at the next ``on_train_batch_end``. The LR of each optimizer step is logged in ``on_before_optimizer_step`` as
+    ``log_name`` (``"lr"``; ``"lr/<group name>"`` per group when groups have different base LRs;
+    ``"momentum"`` likewise), as a CPU tensor: no device transfer, no sync.
 
     Args:
         schedule: any callable ``schedule(step, total_steps) -> multiplier``, e.g.
@@ -94,18 +152,41 @@ class LRSchedule(Callback):
         self.optimizers = optimizers
         self.log = bool(log)
         self.log_name = log_name
+        self._initial_schedule = schedule
+        self._key_schedule = repr(schedule)  # the state key stays the same when a contributor sets the schedule
+        self._implicit = False  # added by lr_owner(), not by the user
+        # contributions (per fit)
+        self._phases: dict[str, Any] = {}  # contributor -> phase (at most one)
+        self._schedule_by: str | None = None  # contributor that set the schedule
+        self._hints: dict[str, str] = {}  # contributor -> its own way out, added to a refusal
         # runtime state (per fit)
+        self._prepared = False
         self._indices: list[int] = []
+        self._deferred: dict[int, str] = {}  # optimizer index -> the module's scheduler that owns its LR
         self._total: int | None = None
         self._base: dict[int, list[float]] | None = None
         self._loaded: dict[str, Any] | None = None
+        self._phase_factor: dict[str, float] = {}  # contributor -> schedule(start_step, T)
         self._lr_keys: dict[int, list[str | None]] = {}
         self._momentum_keys: dict[int, list[str | None]] = {}
+        self._written_step = -1  # global_step of the last write, -1: write at the next call
+        self._written: dict[int, list[float]] = {}  # optimizer index -> the lr written in each group
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(schedule=repr(self.schedule), momentum=repr(self.momentum),
+        return self._generate_state_key(schedule=self._key_schedule, momentum=repr(self.momentum),
                                         optimizers=self.optimizers)
+
+    @property
+    def added(self) -> bool:
+        """Whether :func:`lr_owner` added this LRSchedule (no user gave one); its schedule is then free for a
+        contributor to set (:meth:`set_schedule`) and it steps aside where the module has its own scheduler."""
+        return self._implicit
+
+    def _name(self) -> str:
+        added = " (added by lr_owner)" if self._implicit else ""
+        opts = "" if self.optimizers is None else f", optimizers={self.optimizers}"
+        return f"LRSchedule({self.schedule!r}{opts}){added}"
 
     # -- the rule ---------------------------------------------------------------------------------
     @property
@@ -117,32 +198,270 @@ class LRSchedule(Callback):
         """The LR of every driven group at optimizer step ``step``: ``{optimizer index: [lr per group]}``."""
         if self._base is None:
             raise RuntimeError("LRSchedule has no base LRs yet: they are captured when training starts")
+        phase = self._active_phase(step)
+        if phase is not None:
+            name, p = phase
+            f0 = self._start_factor(name, p)
+            return {i: [p.lr(step, b * f0) for b in base] for i, base in self._base.items()}
         factor = self.schedule(step, self._total)
         return {i: [b * factor for b in base] for i, base in self._base.items()}
 
-    def _apply(self, trainer: Trainer, step: int, only: int | None = None) -> tuple[float, float | None]:
+    def _active_phase(self, step: int) -> tuple[str, Any] | None:
+        for name, phase in self._phases.items():
+            if phase.active(step):
+                return name, phase
+        return None
+
+    def _start_factor(self, name: str, phase: Any) -> float:
+        f = self._phase_factor.get(name)
+        if f is None:
+            f = float(self.schedule(phase.start_step, self._total))
+            self._phase_factor[name] = f
+        return f
+
+    # -- contributions (the public API other callbacks use) ---------------------------------------
+    def add_phase(self, by: str, phase: Any, hint: str = "") -> None:
+        """Put ``phase`` over the tail of the schedule for every driven group (SWA's SWA-LR phase).
+
+        ``phase`` has ``start_step``, ``active(step)`` and ``lr(step, lr_at_start)`` (e.g.
+        :class:`~lightning_tricks.schedules.SWALRPhase`); from ``start_step`` on a group's LR is
+        ``phase.lr(step, base_lr * schedule(start_step, T))``. Call it in ``on_fit_start`` or
+        ``on_train_start`` (this callback's ``setup`` clears the contributions of the previous fit), before
+        the phase starts. One phase per fit: a second contributor is refused, and so is a
+        phase where the module's own LR scheduler owns the LR (checked at fit start). ``by`` names the
+        contributor in messages; ``hint`` is added to a refusal (the contributor's own way out).
+        """
+        for other in self._phases:
+            if other != by:
+                raise MisconfigurationException(
+                    f"{by} and {other} both put an LR phase over {self._name()}; only one can own the tail of "
+                    f"the LR curve. Keep the LR argument of one of them.{_hint(hint)}")
+        self._phases[by] = phase
+        self._hints[by] = hint
+        self._phase_factor.pop(by, None)
+        self._written_step = -1
+        if self._prepared:
+            self._check_contributions(by, hint)
+
+    def set_schedule(self, by: str, schedule: ScheduleFn, hint: str = "") -> None:
+        """Let ``by`` choose the schedule (SnapshotEnsemble's cosine cycles); call it in ``on_fit_start``.
+
+        Accepted when this owner was added by :func:`lr_owner` or its schedule already equals
+        ``schedule``; refused (with one message naming both) when the user's LRSchedule has another
+        schedule, when another contributor set one, or where the module's own LR scheduler owns the LR.
+        """
+        if self._schedule_by is not None and self._schedule_by != by:
+            raise MisconfigurationException(
+                f"{by} and {self._schedule_by} both set the schedule of {self._name()}; keep one of them."
+                f"{_hint(hint)}")
+        if not self._implicit and self._schedule_by is None:
+            if schedule != self.schedule:
+                raise MisconfigurationException(
+                    f"{by} sets the LR schedule to {schedule!r}, but {self._name()} has its own schedule: two "
+                    f"schedules cannot both own the LR. Remove the LRSchedule callback, or give it exactly "
+                    f"{schedule!r}.{_hint(hint)}")
+            return
+        self.schedule = schedule
+        self._schedule_by = by
+        self._hints[by] = hint
+        self._phase_factor = {}
+        self._written_step = -1
+        if self._prepared:
+            self._check_contributions(by, hint)
+            self._check_schedule("schedule", schedule)
+
+    def scale_base_lrs(self, trainer: Trainer, factor: float, by: str) -> list[tuple[int, int, float, float]]:
+        """Multiply every group's base LR by ``factor`` (LinearScaling); return ``(opt, group, old, new)``.
+
+        Before training starts this scales ``group["lr"]`` and, if present, ``group["initial_lr"]`` of
+        every optimizer (captured as base LRs at train start); afterwards the stored base LRs. Where the
+        module's own torch LR scheduler owns the LR (this owner was added and stepped aside), that
+        scheduler's ``base_lrs`` are scaled too.
+        """
+        return self._change_base(trainer, by, lambda i, j, x: x * factor)
+
+    def set_base_lrs(self, trainer: Trainer, lrs: dict[int, Sequence[float]], by: str
+                     ) -> list[tuple[int, int, float, float]]:
+        """Set the base LR of the groups of the given optimizers (the range test's hand-off).
+
+        ``lrs`` maps an optimizer index to one LR per group. Applied as :meth:`scale_base_lrs` is;
+        returns ``(opt, group, old, new)``.
+        """
+        optimizers = trainer.optimizers
+        for i, values in lrs.items():
+            if not 0 <= i < len(optimizers) or len(values) != len(optimizers[i].param_groups):
+                raise ValueError(f"{by}: set_base_lrs got {len(values)} LR(s) for optimizer {i}, which has "
+                                 f"{len(optimizers[i].param_groups) if 0 <= i < len(optimizers) else 'no'} group(s)")
+        return self._change_base(trainer, by, lambda i, j, x: float(lrs[i][j]) if i in lrs else x)
+
+    def _change_base(self, trainer: Trainer, by: str, fn: Callable[[int, int, float], float]
+                     ) -> list[tuple[int, int, float, float]]:
+        self._prepare(trainer)
+        changes: list[tuple[int, int, float, float]] = []
+        for i, opt in enumerate(trainer.optimizers):
+            base = None if self._base is None else self._base.get(i)
+            for j, group in enumerate(opt.param_groups):
+                if base is not None and j < len(base):  # after capture: the stored base LR
+                    old = base[j]
+                    base[j] = fn(i, j, old)
+                    group["initial_lr"] = base[j]
+                    changes.append((i, j, old, base[j]))
+                    continue
+                old = group["lr"]
+                new = fn(i, j, old)
+                if "initial_lr" in group:
+                    group["initial_lr"] = fn(i, j, group["initial_lr"])
+                group["lr"] = new
+                changes.append((i, j, old, new))
+        for config in trainer.lr_scheduler_configs:
+            opt = getattr(config.scheduler, "optimizer", None)
+            index = next((i for i, o in enumerate(trainer.optimizers) if o is opt), None)
+            base_lrs = getattr(config.scheduler, "base_lrs", None)
+            if index is not None and index not in self._indices and isinstance(base_lrs, list):
+                config.scheduler.base_lrs = [fn(index, j, b) for j, b in enumerate(base_lrs)]
+        self._written_step = -1
+        return changes
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _prepare(self, trainer: Trainer) -> None:
+        """Resolve the driven optimizers, the run length and the contributions; once per fit."""
+        if self._prepared:
+            return
+        optimizers = trainer.optimizers
+        if not optimizers:
+            raise MisconfigurationException(
+                "LRSchedule found no optimizer: configure_optimizers must return one for the schedule to drive")
+        indices = list(range(len(optimizers))) if self.optimizers is None else list(self.optimizers)
+        bad = [i for i in indices if i >= len(optimizers)]
+        if bad:
+            raise ValueError(f"LRSchedule(optimizers={self.optimizers!r}): index {bad[0]} is out of range; "
+                             f"the module has {len(optimizers)} optimizer(s)")
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, LRSchedule):
+                continue
+            theirs = range(len(optimizers)) if other.optimizers is None else other.optimizers
+            common = sorted(set(theirs) & set(indices))
+            if common:
+                raise MisconfigurationException(
+                    f"{self._name()} and {other._name()} both drive optimizer {common[0]}: one LR owner per "
+                    "optimizer. Keep one LRSchedule, or split the optimizers with LRSchedule(optimizers=...)")
+        self._deferred = {}
+        driven = {id(optimizers[i]): i for i in indices}
+        for config in trainer.lr_scheduler_configs:
+            opt = getattr(config.scheduler, "optimizer", None)
+            if opt is None or id(opt) not in driven:
+                continue
+            i, name = driven[id(opt)], type(config.scheduler).__name__
+            if not self._implicit:
+                raise MisconfigurationException(
+                    f"{self._name()} and the module's own LR scheduler {name} would both set the LR of optimizer "
+                    f"{i} ({type(opt).__name__}). Use one: return only the optimizer from configure_optimizers, "
+                    "or drop the LRSchedule callback (or pass LRSchedule(optimizers=...) to drive the others).")
+            self._deferred[i] = name  # added by lr_owner: the module's scheduler owns this optimizer's LR
+        indices = [i for i in indices if i not in self._deferred]
+        if self.momentum is not None:
+            for i in indices:
+                for j, group in enumerate(optimizers[i].param_groups):
+                    if "betas" not in group and "momentum" not in group:
+                        raise MisconfigurationException(
+                            f"LRSchedule(momentum={self.momentum!r}): optimizer {i} ({type(optimizers[i]).__name__}) "
+                            f"group {j} has neither 'momentum' nor 'betas' to schedule; use SGD/RMSprop/Adam(W) or "
+                            "drop the momentum schedule")
+        self._indices = indices
+        self._total = self._run_length(trainer)
+        self._prepared = True
+        for name, fn in (("schedule", self.schedule), ("momentum", self.momentum)):
+            if fn is not None:
+                self._check_schedule(name, fn)
+        for by in [*self._phases, *([self._schedule_by] if self._schedule_by else [])]:
+            self._check_contributions(by, self._hints.get(by, ""))
+
+    def _check_schedule(self, name: str, fn: ScheduleFn) -> None:
+        try:
+            check = getattr(fn, "check", None)
+            check(self._total) if check is not None else fn(0, self._total)
+        except ValueError as e:
+            hint = "" if self._total is not None else (
+                " (the Trainer gives no run length: max_steps=-1 and max_epochs=-1; "
+                "pass LRSchedule(total_steps=...))")
+            raise ValueError(f"LRSchedule {name} {fn!r} cannot run {self._total} steps: {e}{hint}") from e
+
+    def _check_contributions(self, by: str, hint: str) -> None:
+        if self._deferred:
+            i, name = next(iter(self._deferred.items()))
+            what = "an LR phase" if by in self._phases else "the LR schedule"
+            raise MisconfigurationException(
+                f"{by} sets {what} through LRSchedule, but the module's own LR scheduler {name} owns the LR of "
+                f"optimizer {i}: one would silently override the other. Either drop {by}'s LR argument (the LR "
+                f"stays with {name}), or return only the optimizer from configure_optimizers and give the "
+                f"schedule to an LRSchedule callback.{_hint(hint)}")
+
+    def _run_length(self, trainer: Trainer) -> int | None:
+        if self.total_steps is not None:
+            return self.total_steps
+        estimate = trainer.estimated_stepping_batches
+        if estimate is None or not math.isfinite(estimate) or estimate < 1:
+            return None
+        return int(estimate)
+
+    # -- writing and checking the groups ----------------------------------------------------------
+    def _write(self, trainer: Trainer, step: int) -> None:
         assert self._base is not None
+        phase = self._active_phase(step)
         factor = float(self.schedule(step, self._total))
+        f0 = 0.0 if phase is None else self._start_factor(phase[0], phase[1])
         mom = None if self.momentum is None else float(self.momentum(step, self._total))
         optimizers = trainer.optimizers
         for i, base in self._base.items():
-            if only is not None and i != only:
-                continue
             groups = optimizers[i].param_groups
             if len(groups) != len(base):
                 base = self._regroup(trainer, i)
-            for group, b in zip(groups, base):
-                group["lr"] = b * factor
+            written = self._written.get(i)
+            if written is None or len(written) != len(base):
+                written = self._written[i] = [0.0] * len(base)
+            for j, (group, b) in enumerate(zip(groups, base)):
+                lr = b * factor if phase is None else phase[1].lr(step, b * f0)
+                group["lr"] = lr
+                written[j] = lr
                 if mom is not None:
                     if "betas" in group:
                         group["betas"] = (mom, *tuple(group["betas"])[1:])
                     else:
                         group["momentum"] = mom
-        return factor, mom
+        self._written_step = step
+
+    def _sync(self, trainer: Trainer) -> None:
+        """Check that nobody else wrote the LR since the last write; write it if the step changed."""
+        if self._base is None:
+            return
+        step = trainer.global_step
+        optimizers = trainer.optimizers
+        regrouped = False
+        for i, written in self._written.items():
+            groups = optimizers[i].param_groups
+            if len(groups) != len(written):  # groups were added (e.g. an unfrozen backbone): they join now
+                regrouped = True
+                continue
+            for j, value in enumerate(written):
+                if groups[j]["lr"] != value:
+                    self._foreign_write(optimizers[i], i, j, groups[j]["lr"], value, self._written_step)
+        if regrouped or step != self._written_step:
+            self._write(trainer, step)
+
+    def _foreign_write(self, optimizer: torch.optim.Optimizer, i: int, j: int, found: float, written: float,
+                       step: int) -> None:
+        name = optimizer.param_groups[j].get("name")
+        label = f"group {j}" + (f" ({name!r})" if name is not None else "")
+        raise RuntimeError(
+            f"{self._name()} owns the learning rate, but optimizer {i} ({type(optimizer).__name__}) {label} has "
+            f"lr={found!r} where it wrote {written!r} for step {step}: something else set param_group['lr'] "
+            "during fit. Contribute to the LR through LRSchedule instead (lr_owner(trainer).add_phase / "
+            "set_schedule / scale_base_lrs / set_base_lrs), or remove the other writer (a callback, a module "
+            "hook, a torch LR scheduler stepped by hand).")
 
     def _regroup(self, trainer: Trainer, i: int) -> list[float]:
         """Groups were added to optimizer ``i`` during training (e.g. by unfreezing a backbone): they join
-        the schedule with their LR at this moment as base LR (or their ``initial_lr``)."""
+        the schedule with their ``initial_lr`` (else their LR at this moment) as base LR."""
         assert self._base is not None
         groups = trainer.optimizers[i].param_groups
         base = self._base[i][: len(groups)]
@@ -161,60 +480,18 @@ class LRSchedule(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._base, self._total, self._loaded, self._indices = None, None, None, []
+            self._prepared, self._deferred, self._phase_factor = False, {}, {}
+            self._phases, self._schedule_by, self._hints = {}, None, {}
+            self._written_step, self._written = -1, {}
+            if self._implicit:
+                self.schedule = self._initial_schedule
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        optimizers = trainer.optimizers
-        if not optimizers:
-            raise MisconfigurationException(
-                "LRSchedule found no optimizer: configure_optimizers must return one for the schedule to drive")
-        indices = list(range(len(optimizers))) if self.optimizers is None else self.optimizers
-        bad = [i for i in indices if i >= len(optimizers)]
-        if bad:
-            raise ValueError(f"LRSchedule(optimizers={self.optimizers!r}): index {bad[0]} is out of range; "
-                             f"the module has {len(optimizers)} optimizer(s)")
-        self._indices = list(indices)
-        driven = {id(optimizers[i]): i for i in indices}
-        for config in trainer.lr_scheduler_configs:
-            opt = getattr(config.scheduler, "optimizer", None)
-            if opt is not None and id(opt) in driven:
-                raise MisconfigurationException(
-                    f"LRSchedule({self.schedule!r}) and the module's own LR scheduler "
-                    f"{type(config.scheduler).__name__} would both set the LR of optimizer {driven[id(opt)]} "
-                    f"({type(opt).__name__}). Use one: return only the optimizer from configure_optimizers, "
-                    "or drop the LRSchedule callback (or pass LRSchedule(optimizers=...) to drive the others).")
-        if self.momentum is not None:
-            for i in indices:
-                for j, group in enumerate(optimizers[i].param_groups):
-                    if "betas" not in group and "momentum" not in group:
-                        raise MisconfigurationException(
-                            f"LRSchedule(momentum={self.momentum!r}): optimizer {i} ({type(optimizers[i]).__name__}) "
-                            f"group {j} has neither 'momentum' nor 'betas' to schedule; use SGD/RMSprop/Adam(W) or "
-                            "drop the momentum schedule")
-        self._total = self._run_length(trainer)
-        for name, fn in (("schedule", self.schedule), ("momentum", self.momentum)):
-            if fn is None:
-                continue
-            try:
-                check = getattr(fn, "check", None)
-                check(self._total) if check is not None else fn(0, self._total)
-            except ValueError as e:
-                hint = "" if self._total is not None else (
-                    " (the Trainer gives no run length: max_steps=-1 and max_epochs=-1; "
-                    "pass LRSchedule(total_steps=...))")
-                raise ValueError(f"LRSchedule {name} {fn!r} cannot run {self._total} steps: {e}{hint}") from e
-
-    def _run_length(self, trainer: Trainer) -> int | None:
-        if self.total_steps is not None:
-            return self.total_steps
-        estimate = trainer.estimated_stepping_batches
-        if estimate is None or not math.isfinite(estimate) or estimate < 1:
-            return None
-        return int(estimate)
+        self._prepare(trainer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = trainer.optimizers
-        if not self._indices:  # on_fit_start did not run (e.g. the hook was called by hand)
-            self.on_fit_start(trainer, pl_module)
+        self._prepare(trainer)  # a no-op unless on_fit_start did not run (the hook called by hand)
         base: dict[int, list[float]] = {}
         loaded = (self._loaded or {}).get("base_lrs")
         for i in self._indices:
@@ -233,47 +510,59 @@ class LRSchedule(Callback):
         if saved_total is not None and saved_total != self._total:
             rank_zero_warn(f"LRSchedule: the checkpoint's run was {saved_total} steps long, this run is "
                            f"{self._total}; the LR curve continues on the new length from step {trainer.global_step}")
+        saved_phases = (self._loaded or {}).get("phases") or {}
+        for name, phase in self._phases.items():
+            saved = saved_phases.get(name)
+            if saved is None:
+                continue
+            if int(saved.get("start_step", -1)) == phase.start_step and saved.get("factor_at_start") is not None:
+                self._phase_factor[name] = float(saved["factor_at_start"])
+            else:
+                rank_zero_warn(f"LRSchedule: the checkpoint's {name} phase started at step {saved.get('start_step')}, "
+                               f"this run's starts at {phase.start_step}")
         self._base = base
         self._loaded = None
         self._lr_keys = self._keys(optimizers, base, self.log_name)
         if self.momentum is not None:
             self._momentum_keys = self._keys(optimizers, {i: [0.0] * len(b) for i, b in base.items()}, "momentum")
-        self._apply(trainer, trainer.global_step)
+        self._written_step, self._written = -1, {}
+        self._sync(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._base is not None:
-            self._apply(trainer, trainer.global_step)
+        self._sync(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._base is not None:  # after a step: the optimizer now holds the LR of the next one
-            self._apply(trainer, trainer.global_step)
+        self._sync(trainer)  # after a step: the optimizer now holds the LR of the next one
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if self._base is None:
             return
+        self._sync(trainer)  # the guard: right before the update that uses the LR
+        if not self.log:
+            return
         index = next((i for i in self._base if trainer.optimizers[i] is optimizer), None)
         if index is None:
             return  # an optimizer this callback does not drive
-        self._apply(trainer, trainer.global_step, only=index)
-        if self.log:
-            groups = optimizer.param_groups
-            for j, key in enumerate(self._lr_keys[index]):
-                if key is not None:
-                    pl_module.log(key, torch.tensor(groups[j]["lr"], dtype=torch.float64), on_step=True,
-                                  on_epoch=False, batch_size=1)
-            for j, key in enumerate(self._momentum_keys.get(index, [])):
-                if key is not None:
-                    g = groups[j]
-                    value = g["betas"][0] if "betas" in g else g["momentum"]
-                    pl_module.log(key, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False,
-                                  batch_size=1)
+        groups = optimizer.param_groups
+        for j, key in enumerate(self._lr_keys[index]):
+            if key is not None:
+                pl_module.log(key, torch.tensor(groups[j]["lr"], dtype=torch.float64), on_step=True,
+                              on_epoch=False, batch_size=1)
+        for j, key in enumerate(self._momentum_keys.get(index, [])):
+            if key is not None:
+                g = groups[j]
+                value = g["betas"][0] if "betas" in g else g["momentum"]
+                pl_module.log(key, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False,
+                              batch_size=1)
 
     @staticmethod
     def _keys(optimizers: list, base: dict[int, list[float]], name: str) -> dict[int, list[str | None]]:
         """One key when all driven groups share a base LR, else one per group (``name/<group name>``)."""
         values = {b for bs in base.values() for b in bs}
+        if not base:
+            return {}
         if len(values) <= 1:
             first = min(base)
             return {i: [name if (i == first and j == 0) else None for j in range(len(bs))] for i, bs in base.items()}
@@ -295,11 +584,18 @@ class LRSchedule(Callback):
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"base_lrs": None if self._base is None else {i: list(b) for i, b in self._base.items()},
-                "total_steps": self._total}
+                "total_steps": self._total,
+                "phases": {name: {"start_step": int(p.start_step), "factor_at_start": self._phase_factor.get(name)}
+                           for name, p in self._phases.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         base = state_dict.get("base_lrs")
         self._loaded = {
             "base_lrs": None if base is None else {int(i): [float(x) for x in b] for i, b in base.items()},
             "total_steps": state_dict.get("total_steps"),
+            "phases": dict(state_dict.get("phases") or {}),
         }
+
+
+def _hint(hint: str) -> str:
+    return f" {hint}" if hint else ""

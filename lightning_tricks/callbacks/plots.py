@@ -15,7 +15,8 @@ class CurvePlot(Callback):
 
     Epoch-level metrics whose names contain ``loss`` or ``acc`` are read from
     ``trainer.callback_metrics`` once per epoch (one host copy per epoch, none per step). The LR of each
-    parameter group is read from the optimizer after every optimizer step (a Python float, no sync).
+    parameter group is read from the optimizer right before every optimizer step, so it is the LR that
+step used whatever the order of the callbacks (a Python float, no sync).
     The history is kept in checkpoints, so a resumed run plots the whole curve.
 
     Args:
@@ -30,19 +31,19 @@ class CurvePlot(Callback):
         self.filename = filename
         self.epoch_metrics: dict[str, list[tuple[float, float]]] = {}
         self.lr: dict[str, list[tuple[float, float]]] = {}
-        self._last_step = -1
         self.path: str | None = None
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # the LR this step uses, whatever the callback order (the LR owner, LRSchedule, has set it already)
         step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
-        for i, opt in enumerate(trainer.optimizers):
-            for j, group in enumerate(opt.param_groups):
-                name = group.get("name", f"group{j}")
-                key = name if len(trainer.optimizers) == 1 else f"opt{i}/{name}"
-                self.lr.setdefault(key, []).append((step, float(group["lr"])))
+        optimizers = trainer.optimizers
+        i = next((k for k, o in enumerate(optimizers) if o is optimizer), 0)
+        for j, group in enumerate(optimizer.param_groups):
+            name = group.get("name", f"group{j}")
+            key = name if len(optimizers) == 1 else f"opt{i}/{name}"
+            series = self.lr.setdefault(key, [])
+            if not series or series[-1][0] != step:
+                series.append((step, float(group["lr"])))
 
     def _record(self, trainer: Trainer, keys: tuple[str, ...]) -> None:
         if trainer.sanity_checking:
@@ -76,9 +77,8 @@ class CurvePlot(Callback):
         rank_zero_info(f"CurvePlot: wrote {self.path}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_metrics": self.epoch_metrics, "lr": self.lr, "last_step": self._last_step}
+        return {"epoch_metrics": self.epoch_metrics, "lr": self.lr}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_metrics = {k: [tuple(p) for p in v] for k, v in state_dict.get("epoch_metrics", {}).items()}
         self.lr = {k: [tuple(p) for p in v] for k, v in state_dict.get("lr", {}).items()}
-        self._last_step = state_dict.get("last_step", -1)

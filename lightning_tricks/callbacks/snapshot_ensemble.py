@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
+from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
 from lightning_tricks.schedules import CosineRestarts
 
@@ -53,10 +54,12 @@ def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
 class SnapshotEnsemble(Callback):
     """Train ``M`` cosine LR cycles, keep a snapshot at each cycle end, evaluate the snapshots' ensemble.
 
-    With ``schedule=True`` the callback drives the LR of every parameter group:
-    ``lr(t) = base_lr * CosineRestarts(T_0=ceil(T/M))(t, T)``, set before each optimizer step (``t`` =
-    ``trainer.global_step``, so gradient accumulation is respected; ``base_lr`` is the group's LR when
-    fit starts, saved for resume). With ``schedule=False`` the LR is yours (e.g.
+    With ``schedule=True`` the cycles are the LR schedule of every parameter group:
+    ``lr(t) = base_lr * CosineRestarts(T_0=ceil(T/M))(t, T)`` (``t`` = ``trainer.global_step``, so
+    gradient accumulation is respected). The callback does not write the LR itself: it contributes this
+    schedule to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (one is added when there is
+    none; it keeps the base LRs for resume). A user's LRSchedule with another schedule, or the module's
+    own torch LR scheduler, is refused at fit start. With ``schedule=False`` the LR is yours (e.g.
     ``LRSchedule(CosineRestarts(T_0=...))``, whose cycle ends must then match); snapshots are still taken
     at the ends of the ``M`` equal cycles.
 
@@ -101,7 +104,7 @@ class SnapshotEnsemble(Callback):
         self.steps: list[int] = []  # optimizer-step counts that end a cycle
         self._snapshots: list[dict[str, Tensor] | str] = []
         self._taken: list[int] = []
-        self._base_lrs: list[list[float]] | None = None
+        self._lr_owner: LRSchedule | None = None  # the LR owner the cycles go to (schedule=True)
         self._last_step = -1
         self._cosine: CosineRestarts | None = None
         self.results: dict[str, float] = {}
@@ -127,9 +130,11 @@ class SnapshotEnsemble(Callback):
                 and self.cycles > trainer.max_epochs:
             raise ValueError(f"SnapshotEnsemble cycles={self.cycles} is larger than the number of epochs "
                              f"(max_epochs={trainer.max_epochs}); use at most one cycle per epoch")
+        if stage == "fit" and self.schedule:  # before Lightning restores callback states: an added owner gets its own
+            self._lr_owner = lr_owner(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
 
-    def _lr_callbacks(self, trainer: Trainer) -> list[Any]:
-        return [c for c in trainer.callbacks if type(c).__name__ == "LRSchedule"]
+    def _lr_callbacks(self, trainer: Trainer) -> list[LRSchedule]:
+        return [c for c in trainer.callbacks if isinstance(c, LRSchedule) and not c.added]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         total = trainer.estimated_stepping_batches
@@ -143,12 +148,11 @@ class SnapshotEnsemble(Callback):
         self._cosine = CosineRestarts(T_0=math.ceil(self.total_steps / self.cycles), T_mult=1, min_factor=0.0)
         others = self._lr_callbacks(trainer)
         if self.schedule:
-            if trainer.lr_scheduler_configs:
-                raise ValueError("SnapshotEnsemble(schedule=True) drives the LR, but the module also configures "
-                                 "an LR scheduler; remove it or use schedule=False")
-            if others:
-                raise ValueError("SnapshotEnsemble(schedule=True) drives the LR, but an LRSchedule callback is "
-                                 "present too; remove it or use schedule=False")
+            if self._lr_owner is None:  # setup did not run (the hook called by hand)
+                self._lr_owner = lr_owner(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
+            self._lr_owner.set_schedule(
+                f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)", self._cosine,
+                hint="Or use SnapshotEnsemble(schedule=False) with your schedule (its cycle ends must match).")
         else:
             ours = [e + 1 for e in self._cosine.cycle_ends(self.total_steps)]
             for cb in others:
@@ -164,29 +168,11 @@ class SnapshotEnsemble(Callback):
         if self._last_step < 0:
             self._last_step = trainer.global_step
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.schedule:
-            return
-        if self._base_lrs is None:
-            self._base_lrs = [[float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
-                              for opt in trainer.optimizers]
-        self._set_lr(trainer)
-
     # -- LR and snapshots --------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
         """The LR multiplier at optimizer step ``step`` (after ``on_fit_start``)."""
         assert self._cosine is not None and self.total_steps is not None
         return self._cosine(min(step, self.total_steps - 1), self.total_steps)
-
-    def _set_lr(self, trainer: Trainer) -> None:
-        factor = self.lr_factor(trainer.global_step)
-        for opt, bases in zip(trainer.optimizers, self._base_lrs or []):
-            for group, base in zip(opt.param_groups, bases):
-                group["lr"] = base * factor
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.schedule:
-            self._set_lr(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -249,12 +235,10 @@ class SnapshotEnsemble(Callback):
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"snapshots": list(self._snapshots), "taken": list(self._taken), "base_lrs": self._base_lrs,
+        return {"snapshots": list(self._snapshots), "taken": list(self._taken),
                 "last_step": self._last_step, "keep": self.keep}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._snapshots = list(state_dict.get("snapshots", []))
         self._taken = [int(s) for s in state_dict.get("taken", [])]
-        base = state_dict.get("base_lrs")
-        self._base_lrs = None if base is None else [[float(x) for x in b] for b in base]
         self._last_step = int(state_dict.get("last_step", -1))

@@ -14,8 +14,10 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import LightningModule, Trainer
-from lightning_tricks.averaging import AVERAGE_STATE_KEY, bn_buffers, bn_modules, restore_, swa_lr, swa_weight, update_bn
+from lightning_tricks.averaging import AVERAGE_STATE_KEY, bn_buffers, bn_modules, restore_, swa_weight, update_bn
 from lightning_tricks.callbacks._averaging import _as_list, _Averaging, _untouched
+from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
+from lightning_tricks.schedules import SWALRPhase
 
 __all__ = ["SWA"]
 
@@ -32,6 +34,11 @@ class SWA(_Averaging):
     value at the start ``lr_0`` to ``swa_lr`` as in ``torch.optim.swa_utils.SWALR``: at the k-th SWA epoch
     (``anneal_epochs``) or step (``anneal_steps``), ``alpha = a(min(1, k / K))`` with ``a`` cosine or
     linear and ``lr = swa_lr * alpha + lr_0 * (1 - alpha)``; with neither given the SWA LR is constant.
+    SWA does not write the LR itself: it contributes this phase
+    (:class:`~lightning_tricks.schedules.SWALRPhase`, from the first optimizer step of the start epoch)
+    to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (one is added when there is none),
+    so ``lr_0 = base_lr * schedule(start_step, T)`` and the result does not depend on the callback order.
+    ``swa_lr`` beside the module's own torch LR scheduler is refused at fit start.
     BatchNorm running statistics do not match averaged weights, so before the average is evaluated
     (validation, test, end of fit) they are recomputed over the training data with ``momentum=None``
     (``torch.optim.swa_utils.update_bn``); this costs one forward pass over the training set each time
@@ -102,8 +109,7 @@ class SWA(_Averaging):
         self.num_averaged = 0
         self._last_step = -1
         self._last_epoch_averaged = -1
-        self._swa_steps = 0  # optimizer steps taken in the SWA phase (the LR annealing counter)
-        self._lr0: list[list[float]] | None = None  # per optimizer, per group: LR when SWA started
+        self._lr_owner: LRSchedule | None = None  # the LR owner SWA's phase goes to (with swa_lr)
         self._bn_state: dict[str, Tensor] | None = None  # BN statistics recomputed for the average
         self._bn_version = -1  # num_averaged the BN statistics belong to
 
@@ -130,14 +136,18 @@ class SWA(_Averaging):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.start_epoch = self.resolve_start_epoch(trainer.max_epochs)
+            if self.swa_lr is not None:  # before Lightning restores callback states: an added owner gets its own
+                self._lr_owner = lr_owner(trainer, self._lr_name())
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.start_epoch is None:
             self.start_epoch = self.resolve_start_epoch(trainer.max_epochs)
-        if self.swa_lr is not None and trainer.lr_scheduler_configs:
-            self._warn_once("schedulers", "SWA(swa_lr=...) sets the learning rate in the SWA phase, over the "
-                            "configured LR scheduler(s)")
+        if self.swa_lr is not None:
+            if self._lr_owner is None:  # setup did not run (the hook called by hand)
+                self._lr_owner = lr_owner(trainer, self._lr_name())
+            self._lr_owner.add_phase(self._lr_name(), self.lr_phase(trainer),
+                                     hint="(SWA(swa_lr=None) averages without touching the LR.)")
         if self._last_step < 0:
             self._last_step = trainer.global_step
 
@@ -155,21 +165,28 @@ class SWA(_Averaging):
     def _in_swa(self, trainer: Trainer) -> bool:
         return self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
 
-    # -- LR ----------------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.swa_lr is None or not self._in_swa(trainer):
-            return
-        optimizers = trainer.optimizers
-        if self._lr0 is None:
-            self._lr0 = [[float(g["lr"]) for g in opt.param_groups] for opt in optimizers]
-        if self.anneal_steps is not None:
-            k, length = self._swa_steps + 1, self.anneal_steps
-        else:
-            k = trainer.current_epoch - self.start_epoch + 1  # type: ignore[operator]
-            length = self.anneal_epochs or 0
-        for opt, lr0s in zip(optimizers, self._lr0):
-            for group, lr0 in zip(opt.param_groups, lr0s):
-                group["lr"] = swa_lr(k, lr0, self.swa_lr, length, self.anneal)
+    # -- LR: a phase that LRSchedule evaluates ------------------------------------------------------
+    def _lr_name(self) -> str:
+        anneal = (f", anneal_steps={self.anneal_steps}" if self.anneal_steps is not None
+                  else f", anneal_epochs={self.anneal_epochs}" if self.anneal_epochs else "")
+        return f"SWA(swa_lr={self.swa_lr}{anneal})"
+
+    def lr_phase(self, trainer: Trainer) -> SWALRPhase:
+        """SWA's LR phase for this fit: from the first optimizer step of the start epoch, with
+        ``steps_per_epoch = ceil(num_training_batches / accumulate_grad_batches)``."""
+        assert self.swa_lr is not None and self.start_epoch is not None
+        trainer.estimated_stepping_batches  # noqa: B018 - sets up the train data, so the batch count is known
+        batches = trainer.num_training_batches
+        per_epoch = None
+        if math.isfinite(batches) and batches > 0:
+            per_epoch = math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))
+        elif self.start_epoch > 0 or self.anneal_epochs:
+            raise ValueError(f"{self._lr_name()} with start epoch {self.start_epoch} needs the number of batches per "
+                             f"epoch, but the train data has none ({batches}); give the loader a length or use "
+                             "start=0 with anneal_steps")
+        return SWALRPhase(swa_lr=self.swa_lr, start_step=self.start_epoch * (per_epoch or 0), anneal=self.anneal,
+                          anneal_steps=self.anneal_steps, anneal_epochs=self.anneal_epochs or None,
+                          steps_per_epoch=per_epoch)
 
     # -- averaging ---------------------------------------------------------------------------------
     def _update(self, trainer: Trainer) -> None:
@@ -186,7 +203,6 @@ class SWA(_Averaging):
         self._last_step = step
         if not self._in_swa(trainer):
             return
-        self._swa_steps += 1
         if self.update_every == "step":
             self._update(trainer)
         elif trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
@@ -250,8 +266,8 @@ class SWA(_Averaging):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"num_averaged": self.num_averaged, "start_epoch": self.start_epoch, "last_step": self._last_step,
-                "last_epoch_averaged": self._last_epoch_averaged, "swa_steps": self._swa_steps,
-                "lr0": self._lr0, "bn_state": self._bn_state, "bn_version": self._bn_version}
+                "last_epoch_averaged": self._last_epoch_averaged,
+                "bn_state": self._bn_state, "bn_version": self._bn_version}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.num_averaged = int(state.get("num_averaged", 0))
@@ -260,7 +276,5 @@ class SWA(_Averaging):
             self.start_epoch = int(start_epoch)
         self._last_step = int(state.get("last_step", -1))
         self._last_epoch_averaged = int(state.get("last_epoch_averaged", -1))
-        self._swa_steps = int(state.get("swa_steps", 0))
-        self._lr0 = state.get("lr0")
         self._bn_state = state.get("bn_state")
         self._bn_version = int(state.get("bn_version", -1))

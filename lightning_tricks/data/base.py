@@ -72,7 +72,24 @@ class TensorDataModule(LightningDataModule):
             n_val = int(round(len(y) * self.val_fraction))
             splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
             splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
+        self._check(splits)
         self.splits = splits
+
+    def _check(self, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Labels in ``[0, num_classes)`` and a training split of at least one batch, said before training."""
+        name = type(self).__name__
+        for split, (_, y) in splits.items():
+            if len(y) and not y.dtype.is_floating_point:
+                low, high = int(y.min()), int(y.max())
+                if low < 0 or high >= self.num_classes:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"{name}: the {split} split has label {bad}, outside 0..{self.num_classes - 1} "
+                                     f"(num_classes={self.num_classes}); check the data files or num_classes")
+        n = len(splits["train"][1])
+        if n < self.batch_size:
+            raise ValueError(f"{name}: the training split has {n} sample(s), fewer than batch_size={self.batch_size} "
+                             "(training batches drop the incomplete last one, so no step would run); lower "
+                             "data.batch_size or data.val_fraction")
 
     def _loader(self, split: str, train: bool) -> Any:
         if not self.splits:

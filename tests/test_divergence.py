@@ -1,0 +1,100 @@
+"""A diverging run stops at the first non-finite loss, leaves finite weights, and says so everywhere."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lightning_tricks._lightning import Trainer, seed_everything
+from lightning_tricks.callbacks import EMA, DivergenceGuard
+from lightning_tricks.data import DigitsDataModule
+from lightning_tricks.mixins import Classifier
+from lightning_tricks.models import MLP
+from lightning_tricks.sanity import Diverged, divergence_message
+from lightning_tricks.sweep import summarize
+from lightning_tricks.train import train, worst_value
+
+
+def test_message_names_step_epoch_and_lr():
+    msg = divergence_message("loss", math.inf, 7, 2, [0.5, 0.5, 0.05])
+    assert msg.startswith("diverged: the loss is inf at optimizer step 7 (epoch 2), lr 0.05, 0.5;")
+
+
+def test_guard_raises_before_the_update_and_weights_stay_finite(tmp_path):
+    seed_everything(0)
+    module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 1e6})
+    ema = EMA(decay=0.9)
+    trainer = Trainer(max_epochs=3, limit_train_batches=5, limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, callbacks=[ema, DivergenceGuard()], default_root_dir=tmp_path)
+    with pytest.raises(Diverged, match=r"at optimizer step \d+ \(epoch \d\), lr 1e\+06") as info:
+        trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
+    assert info.value.step == trainer.global_step  # the step whose loss was not finite never ran
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(torch.isfinite(t).all() for t in ema.average_tensors().values())
+
+
+def test_without_the_guard_the_same_run_ends_non_finite(tmp_path):
+    seed_everything(0)
+    module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 1e6})
+    trainer = Trainer(max_epochs=3, limit_train_batches=5, limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
+    assert not all(torch.isfinite(p).all() for p in module.parameters())  # what the guard prevents
+
+
+def test_weights_check_catches_an_overflow_from_a_finite_gradient(tmp_path):
+    class Overflow(Classifier):
+        def on_after_backward(self) -> None:
+            next(self.parameters()).grad.fill_(3e38)  # finite; lr * grad overflows float32
+
+    module = Overflow(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 10.0, "momentum": 0.0})
+    ema = EMA(decay=0.9)
+    trainer = Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, num_sanity_val_steps=0,
+                      callbacks=[DivergenceGuard(), ema], default_root_dir=tmp_path)
+    with pytest.raises(Diverged, match="weight norm after the update is inf at optimizer step 0"):
+        trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
+    assert all(torch.isfinite(t).all() for t in ema.average_tensors().values())  # the average never saw it
+    off = Overflow(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 10.0, "momentum": 0.0})
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      callbacks=[DivergenceGuard(check_weights=False)], default_root_dir=tmp_path)
+    trainer.fit(off, DigitsDataModule(batch_size=32, loader="resident"))  # the switch turns the check off
+    assert not torch.isfinite(next(off.parameters())).all()
+
+
+def test_bad_argument():
+    with pytest.raises(ValueError, match="check_weights must be a bool, got 'yes'"):
+        DivergenceGuard(check_weights="yes")  # type: ignore[arg-type]
+
+
+def test_cli_run_records_status_and_ranks_last(make_cfg, tmp_path):
+    metrics, objects = train(make_cfg("experiment=bag_of_tricks", "optimizer.lr=1e6", "trainer.max_epochs=2"))
+    assert metrics["status"] == "diverged"
+    assert metrics["best/val/acc"] == worst_value("max") == -math.inf
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["metrics"]["status"] == "diverged"
+    ema = next(c for c in objects["callbacks"] if isinstance(c, EMA))
+    assert all(torch.isfinite(t).all() for t in ema.average_tensors().values())
+    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), ckpt
+    # a sweep with one healthy and one diverged job ranks the diverged one last and shows its status
+    sweep = tmp_path / "sweep"
+    for job, m in (("0", record["metrics"]), ("1", {"best/val/acc": 0.5, "status": "ok"})):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "metrics.json").write_text(json.dumps({"overrides": [], "metrics": m}))
+    _, table = summarize(sweep, "val/acc", "max")
+    lines = table.splitlines()
+    assert "status" in lines[0].split()
+    assert lines[2].split()[0] == "1" and "diverged" in lines[3]
+
+
+def test_healthy_run_has_status_ok(make_cfg):
+    metrics, _ = train(make_cfg())
+    assert metrics["status"] == "ok"

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_tricks.schedules import swa_lr  # the SWA LR formula lives with the other LR formulas
+
 __all__ = [
     "ema_decay",
     "swa_weight",
@@ -78,27 +80,6 @@ def swa_weight(num_averaged: int) -> float:
     if num_averaged < 0:
         raise ValueError(f"num_averaged must be >= 0, got {num_averaged!r}")
     return 1.0 / (num_averaged + 1)
-
-
-def swa_lr(k: int, lr0: float, target: float, anneal_len: int, anneal: str = "cos") -> float:
-    """Learning rate of the ``k``-th SWA step or epoch (``k = 1, 2, ...``), annealed ``lr0 -> target``.
-
-    ``alpha = a(min(1, k / anneal_len))`` with ``a(t) = (1 - cos(pi t)) / 2`` (``"cos"``) or ``a(t) = t``
-    (``"linear"``), and ``lr = target * alpha + lr0 * (1 - alpha)``; ``anneal_len = 0`` jumps to
-    ``target`` at once. The same values as ``torch.optim.swa_utils.SWALR`` after ``k`` calls of
-    ``step()`` (Izmailov et al. 2018, arXiv:1803.05407).
-
-    Example:
-        >>> [round(swa_lr(k, 0.1, 0.01, 2, "linear"), 3) for k in (1, 2, 3)]
-        [0.055, 0.01, 0.01]
-    """
-    if anneal not in ("cos", "linear"):
-        raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
-    if anneal_len < 0:
-        raise ValueError(f"anneal_len must be >= 0, got {anneal_len!r}")
-    t = 1.0 if anneal_len == 0 else max(0.0, min(1.0, k / anneal_len))
-    alpha = (1.0 - math.cos(math.pi * t)) / 2.0 if anneal == "cos" else t
-    return target * alpha + lr0 * (1.0 - alpha)
 
 
 @torch.no_grad()

@@ -79,7 +79,11 @@ __all__ = [
     "OneCycleMomentum",
     "Linear",
     "Warmup",
+    "swa_lr",
     "SWALRPhase",
+    "SCALING_RULES",
+    "global_batch_size",
+    "scaling_factor",
 ]
 
 StepValue = Union[int, float]
@@ -791,6 +795,27 @@ def _check_count(value: object, name: str) -> int | None:
     return int(value)
 
 
+def swa_lr(k: int, lr0: float, target: float, anneal_len: int, anneal: str = "cos") -> float:
+    """Learning rate of the ``k``-th SWA step or epoch (``k = 1, 2, ...``), annealed ``lr0 -> target``.
+
+    ``alpha = a(min(1, k / anneal_len))`` with ``a(t) = (1 - cos(pi t)) / 2`` (``"cos"``) or ``a(t) = t``
+    (``"linear"``), and ``lr = target * alpha + lr0 * (1 - alpha)``; ``anneal_len = 0`` jumps to
+    ``target`` at once. The same values as ``torch.optim.swa_utils.SWALR`` after ``k`` calls of
+    ``step()`` (Izmailov et al. 2018, arXiv:1803.05407).
+
+    Example:
+        >>> [round(swa_lr(k, 0.1, 0.01, 2, "linear"), 3) for k in (1, 2, 3)]
+        [0.055, 0.01, 0.01]
+    """
+    if anneal not in ("cos", "linear"):
+        raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
+    if anneal_len < 0:
+        raise ValueError(f"anneal_len must be >= 0, got {anneal_len!r}")
+    t = 1.0 if anneal_len == 0 else max(0.0, min(1.0, k / anneal_len))
+    alpha = (1.0 - math.cos(math.pi * t)) / 2.0 if anneal == "cos" else t
+    return target * alpha + lr0 * (1.0 - alpha)
+
+
 @dataclasses.dataclass
 class SWALRPhase:
     """SWA's learning-rate phase (``torch.optim.swa_utils.SWALR`` with a scalar ``swa_lr``).
@@ -867,6 +892,32 @@ class SWALRPhase:
         if step < self.start_step:
             raise ValueError(f"step {step} is before the phase's start_step {self.start_step}")
         k, length = self.count(step)
-        t = 1.0 if length == 0 else max(0.0, min(1.0, k / length))
-        alpha = (1.0 - math.cos(math.pi * t)) / 2.0 if self.anneal == "cos" else t
-        return self.swa_lr * alpha + lr_at_start * (1.0 - alpha)
+        return swa_lr(k, lr_at_start, self.swa_lr, length, self.anneal)
+
+
+# --------------------------------------------------------------------------------------------------
+# base-LR rules: the linear (or square-root) scaling rule of the global batch size
+# --------------------------------------------------------------------------------------------------
+SCALING_RULES = ("linear", "sqrt")
+
+
+def global_batch_size(per_device: int, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
+    """Samples per optimizer step: ``per_device * accumulate_grad_batches * world_size``."""
+    for name, v in (("per_device", per_device), ("accumulate_grad_batches", accumulate_grad_batches),
+                    ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return per_device * accumulate_grad_batches * world_size
+
+
+def scaling_factor(global_batch: int, reference_batch_size: int, rule: str = "linear") -> float:
+    """``global / reference`` (``rule="linear"``, Goyal et al. 2017) or its square root (``"sqrt"``).
+
+    Example:
+        >>> scaling_factor(1024, 256), scaling_factor(1024, 256, "sqrt")
+        (4.0, 2.0)
+    """
+    if rule not in SCALING_RULES:
+        raise ValueError(f"rule must be one of {SCALING_RULES}, got {rule!r}")
+    ratio = global_batch / reference_batch_size
+    return ratio if rule == "linear" else math.sqrt(ratio)

@@ -242,24 +242,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update({"status": "diverged", "diverged/step": diverged.step, "diverged/epoch": diverged.epoch})
         if monitor:
             metrics[f"best/{monitor}"] = worst_value(cfg.get("monitor_mode", "max"))
-        if trainer.is_global_zero:
-            _write_metrics(out, metrics)
-        objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer,
-                   "callbacks": callbacks, "output_dir": out}
-        rank_zero_info(summary(metrics, monitor, out, trainer))
-        return metrics, objects
-    metrics["status"] = "ok"
-    if monitor:
-        if monitor not in metrics:
-            raise ConfigError(f"monitor={monitor!r} was never logged; logged metrics: {sorted(metrics)}")
-        best = checkpoint.best_model_score if checkpoint is not None and checkpoint.monitor == monitor else None
-        metrics[f"best/{monitor}"] = float(best) if best is not None else metrics[monitor]
-    if cfg.get("test", True):
-        ckpt = "best" if cfg.get("test_weights", "final") == "best" else None
-        if ckpt == "best" and not (checkpoint and checkpoint.best_model_path):
-            raise ConfigError("test_weights=best needs a ModelCheckpoint with a monitor (callbacks.model_checkpoint)")
-        for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
-            metrics.update({k: float(v) for k, v in result.items()})
+    else:
+        metrics["status"] = "ok"
+        if monitor:
+            if monitor not in metrics:
+                raise ConfigError(f"monitor={monitor!r} was never logged; logged metrics: {sorted(metrics)}")
+            best = checkpoint.best_model_score if checkpoint is not None and checkpoint.monitor == monitor else None
+            metrics[f"best/{monitor}"] = float(best) if best is not None else metrics[monitor]
+        if cfg.get("test", True):
+            ckpt = "best" if cfg.get("test_weights", "final") == "best" else None
+            for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+                metrics.update({k: float(v) for k, v in result.items()})
     if trainer.is_global_zero:
         _write_metrics(out, metrics)
     objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer,

@@ -29,6 +29,9 @@ def test_tricks_agree_across_two_ddp_ranks(tmp_path):
         assert torch.equal(first, second), name
         assert torch.equal(a[name], b[name])
     assert not torch.equal(a["ema"], a["swa"])
+    # the ranks saw different validation curves (their own shards); both decided on rank zero's
+    assert len(a["local"]) == len(b["local"]) > 1 and a["local"] != b["local"]
+    assert a["history"] == b["history"] == a["local"]
     # the run stopped early, on the same epoch on both ranks, for a reason both can read
     assert a["stopped_epoch"] == b["stopped_epoch"] > 0
     assert a["current_epoch"] == b["current_epoch"] < 12

@@ -250,3 +250,38 @@ def test_every_criterion_reports_every_value():
         d = StopRule(criterion, strip=3, alpha=100.0).decide(PQ_VAL[:6], PQ_TRAIN[:6])
         assert set(d.values) == {"gl", "pk", "pq", "up_count", "wait_count"}
         assert d.values["wait_count"] == 1.0 and d.values["up_count"] == 0.0
+
+
+# ties at strip ends: a metric equal to its value one strip earlier did not rise; a PQ or GL equal to
+# alpha does not exceed it; a flat training strip (P_k = 0) makes PQ infinite only when GL > 0
+def test_up_tie_at_a_strip_end_is_no_rise():
+    rule = StopRule("up", s=1, strip=2)
+    assert up_count([4.0, 3.0, 5.0, 3.0], strip=2) == 0  # check 4 == check 2
+    assert not rule.decide([4.0, 3.0, 5.0, 3.0]).stop
+    assert rule.decide([4.0, 3.0, 5.0, 3.0 + 1e-9]).stop  # the smallest rise is a rise
+    # two strips: the first rose, the second tied -> the run of rising strips is broken
+    assert up_count([5.0, 2.0, 0.0, 3.0, 0.0, 3.0], strip=2) == 0
+    assert up_count([5.0, 2.0, 0.0, 3.0, 0.0, 4.0], strip=2) == 2
+    assert not StopRule("up", s=2, strip=2).decide([5.0, 2.0, 0.0, 3.0, 0.0, 3.0]).stop
+    assert StopRule("up", s=2, strip=2).decide([5.0, 2.0, 0.0, 3.0, 0.0, 4.0]).stop
+
+
+def test_pq_ties_at_a_strip_end():
+    flat_train = [0.5, 0.4, 0.4, 0.4]  # the last strip of 3 is flat: P_3 = 0
+    assert StopRule("pq", strip=3).decide([0.3, 0.2, 0.25, 0.2], flat_train).values["pq"] == 0.0  # GL = 0
+    grown = StopRule("pq", strip=3, alpha=1e6).decide([0.3, 0.2, 0.25, 0.2, 0.3, 0.24], [*flat_train, 0.4, 0.4])
+    assert grown.values["pq"] == math.inf and grown.stop  # GL = 20 > 0 over a flat strip
+    # PQ exactly alpha (GL = 10, P_2 = 1000 * (0.42 / 0.4 - 1) = 50, PQ = 0.2) does not stop; just above does
+    val, train = [0.2, 0.22], [0.22, 0.2]
+    vals = StopRule("pq", strip=2, alpha=0.2).decide(val, train).values
+    assert vals["gl"] == pytest.approx(10.0) and vals["pk"] == pytest.approx(50.0)
+    alpha = vals["pq"]
+    assert not StopRule("pq", strip=2, alpha=alpha).decide(val, train).stop
+    assert StopRule("pq", strip=2, alpha=alpha * (1 - 1e-9)).decide(val, train).stop
+
+
+def test_gl_equal_to_alpha_does_not_stop():
+    gl = generalization_loss([0.2, 0.25])
+    assert gl == pytest.approx(25.0)
+    assert not StopRule("gl", alpha=gl).decide([0.2, 0.25]).stop
+    assert StopRule("gl", alpha=gl * (1 - 1e-9)).decide([0.2, 0.25]).stop

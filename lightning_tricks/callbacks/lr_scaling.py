@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
+from lightning_tricks.schedules import SCALING_RULES as RULES
+from lightning_tricks.schedules import global_batch_size, scaling_factor
 
-RULES = ("linear", "sqrt")
-
-
-def global_batch_size(per_device: int, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
-    """Samples per optimizer step: ``per_device * accumulate_grad_batches * world_size``."""
-    for name, v in (("per_device", per_device), ("accumulate_grad_batches", accumulate_grad_batches),
-                    ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    return per_device * accumulate_grad_batches * world_size
-
-
-def scaling_factor(global_batch: int, reference_batch_size: int, rule: str = "linear") -> float:
-    """``global / reference`` (``rule="linear"``, Goyal et al. 2017) or its square root (``"sqrt"``).
-
-    Example:
-        >>> scaling_factor(1024, 256), scaling_factor(1024, 256, "sqrt")
-        (4.0, 2.0)
-    """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    ratio = global_batch / reference_batch_size
-    return ratio if rule == "linear" else math.sqrt(ratio)
+__all__ = ["LinearScaling", "find_batch_size", "global_batch_size", "scaling_factor"]
 
 
 def find_batch_size(trainer: Trainer, pl_module: LightningModule) -> tuple[int, str] | None:

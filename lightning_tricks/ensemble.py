@@ -25,8 +25,9 @@ Example:
     >>> template = nn.Linear(4, 3)
     >>> states = [nn.Linear(4, 3).state_dict() for _ in range(2)]
     >>> ens = CheckpointEnsemble(template, states)
-    >>> ens.predict_proba(torch.zeros(5, 4)).sum(dim=1)
-    tensor([1., 1., 1., 1., 1.])
+    >>> probs = ens.predict_proba(torch.zeros(5, 4))
+    >>> probs.shape, bool(torch.allclose(probs.sum(dim=1), torch.ones(5)))
+    (torch.Size([5, 3]), True)
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def evaluate_members(
     batches: Callable[[], Iterable[Any]], forward: Callable[[nn.Module, Any], Tensor] | None = None,
     target: Callable[[Any], Tensor] | None = None, metrics: Mapping[str, Any] | None = None,
     restore: bool = True, use_average: bool | None = None,
+    load: Callable[[int, Mapping[str, Tensor]], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of each member and of the mean-of-softmax ensemble, one member at a time.
 
@@ -162,6 +164,10 @@ def evaluate_members(
             member). Default: ``acc`` (micro accuracy) and ``nll`` (:class:`MeanNLL`).
         restore: put the module's weights back at the end.
         use_average: see :func:`load_weights`.
+        load: ``load(m, state)`` puts member ``m``'s weights (0-based) into ``module`` (default
+            ``module.load_state_dict(state)``). ``SnapshotEnsemble`` passes the module's weights
+            service (:func:`lightning_tricks.callbacks._weights.weights_of`), which then also puts back
+            what the module held; pass ``restore=False`` with it.
 
     Returns:
         ``{"members": [{name: value}, ...], "ensemble": {name: value}}`` with float values.
@@ -180,7 +186,10 @@ def evaluate_members(
     try:
         for m, state in enumerate(states):
             weights = state() if callable(state) else load_weights(state, use_average)
-            module.load_state_dict(weights)
+            if load is None:
+                module.load_state_dict(weights)
+            else:
+                load(m, weights)
             module.eval()
             member_metrics: dict[str, Any] | None = None
             for b, batch in enumerate(batches()):

@@ -15,12 +15,14 @@ from torch import Tensor
 __all__ = ["classification_loss"]
 
 
-def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
+                        reduction: str = "mean") -> Tensor:
     """Cross-entropy for hard labels ``(N,)`` or soft targets ``(N, C)`` (rows summing to 1).
 
     Label smoothing ``eps`` replaces the target distribution ``q`` by ``(1 - eps) q + eps / C``
-    (Szegedy et al. 2016, arXiv:1512.00567), for hard and soft targets alike.
+    (Szegedy et al. 2016, arXiv:1512.00567), for hard and soft targets alike. ``reduction`` is
+    ``torch.nn.functional.cross_entropy``'s (``"none"`` gives the per-sample losses).
     """
     if target.dtype.is_floating_point:
         target = target.to(logits.dtype)
-    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)

@@ -103,6 +103,21 @@ class ClassificationMixin:
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
 
+    @torch.no_grad()
+    def evaluation_outputs(self, batch: Any, stage: str) -> dict[str, Tensor]:
+        """Per-sample values of the metrics ``<stage>_step`` logs, without logging or touching any state.
+
+        Returns ``{"<stage>/loss": (N,), "<stage>/acc": (N,)}``; the mean over all samples of an epoch
+        is the epoch value logged by ``<stage>_step``. Used by ``EMA``/``SWA(evaluate="both")`` to
+        evaluate the raw weights a second time; any module can implement it with its own names.
+        """
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        hard = y.argmax(dim=1) if y.dtype.is_floating_point else y
+        smoothing = self.label_smoothing if self.training else 0.0  # as self.loss: smoothing in training only
+        loss = classification_loss(logits, y, smoothing, reduction="none")
+        return {f"{stage}/loss": loss, f"{stage}/acc": (logits.argmax(dim=-1) == hard).float()}
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x).softmax(dim=-1)

@@ -4,25 +4,33 @@ Both keep a float32 average of the weights (:class:`lightning_tricks.averaging.W
 updated with ``torch._foreach_*`` ops), evaluate on it, save it in checkpoints and put it in the
 module at the end of fit. The formulas live in :mod:`lightning_tricks.averaging`.
 
-How the weights move (the same for both callbacks):
+How the weights move (the same for both callbacks). The module's weights belong to
+:mod:`lightning_tricks.callbacks._weights` (one service per module); these callbacks own their
+average and ask the service to hold it, never write the module themselves:
 
-- ``checkpoint["state_dict"]`` always holds the *raw* (training) weights and the callback state holds
-  the average (``state["average"] = {state_dict name: tensor}``), so a resumed run continues exactly.
-  :func:`lightning_tricks.averaging.averaged_state_dict` merges them for inference, and
-  :class:`lightning_tricks.ensemble.CheckpointEnsemble` does it by default.
-- Evaluation (validation, test, predict) copies the average into the module at the start and the raw
-  weights back at the end (``torch._foreach_copy_``; no ``state_dict`` round trip).
+- ``checkpoint["state_dict"]`` always holds the *raw* (training) weights (``ModuleWeights.raw_into``)
+  and the callback state holds the average (``state["average"] = {state_dict name: tensor}``), so a
+  resumed run continues exactly. :func:`lightning_tricks.averaging.averaged_state_dict` merges them
+  for inference, and :class:`lightning_tricks.ensemble.CheckpointEnsemble` does it by default.
+- Evaluation (validation, test, predict) holds the average (label ``"ema"`` / ``"swa"``) from its
+  start to its end (``torch._foreach_copy_``; no ``state_dict`` round trip) and tells the service
+  what it ran on, so ``EarlyStopping(restore_best=True)`` keeps exactly the measured weights. If the
+  module holds weights handed over by someone else (``"best"`` after fit), those are evaluated.
+- End of fit: with ``average_at_end`` the average is *offered* (rank ``AVERAGE``); restore-best, if
+  on, outranks it whatever the callback order (:meth:`ModuleWeights.hand_over`).
 - ``evaluate="both"`` logs the metrics of the averaged weights under the module's own names
   (``val/acc``) and those of the raw weights with a suffix (``val/acc_raw``). The loop runs on the
-  average; at epoch end the callback runs the module's own ``validation_step`` (``test_step``) again
-  over the same batches with the raw weights, with ``self.log`` captured and the module's torchmetrics
-  replaced by fresh clones (so the average's metrics are not touched), and logs the captured values
-  with the suffix. It costs a second evaluation pass; only what ``*_step`` logs is captured.
+  average; at epoch end the raw weights are put in for a second pass over the same batches through
+  the module's public hook ``evaluation_outputs(batch, stage) -> {metric name: per-sample values}``
+  (:meth:`lightning_tricks.mixins.ClassificationMixin.evaluation_outputs`); the epoch value of each
+  name is its mean over all samples, logged with the suffix. A module without the hook is refused at
+  ``setup``. It costs a second evaluation pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,20 +38,16 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
-from lightning_tricks.averaging import (
-    AVERAGE_STATE_KEY,
-    WeightAverage,
-    restore_,
-    snapshot,
-)
+from lightning_tricks.averaging import AVERAGE_STATE_KEY, WeightAverage
+from lightning_tricks.callbacks._weights import AVERAGE, RAW, weights_of
 
-__all__ = ["evaluate_again"]
+__all__ = ["evaluate_raw_pass"]
 
 _STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers: loaders, RNG, a second evaluation pass with captured logs
+# helpers: loaders, RNG, the second evaluation pass of evaluate='both'
 # ------------------------------------------------------------------------------------------------
 def _as_list(loaders: Any) -> list[Any]:
     if loaders is None:
@@ -76,135 +80,42 @@ def _untouched(pl_module: nn.Module, loaders: list[Any]) -> Iterator[None]:
                 ld.epoch = e
 
 
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 1
+def evaluate_raw_pass(trainer: Trainer, pl_module: LightningModule, suffix: str) -> dict[str, Tensor]:
+    """The module's metrics over the current evaluation batches with what the module holds now.
 
-
-class _LogCapture:
-    """Stands in for ``LightningModule.log`` / ``log_dict`` during a second evaluation pass."""
-
-    def __init__(self) -> None:
-        self.batch_size = 1
-        self.scalars: dict[str, list[Any]] = {}  # name -> [reduced tensor, weight, reduce_fx, options]
-        self.metrics: dict[str, tuple[Any, dict[str, Any]]] = {}
-        self.suffix = ""  # "/dataloader_idx_i" with several loaders, like Lightning
-
-    def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool | None = None,
-            on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
-            enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any = None,
-            add_dataloader_idx: bool = True, batch_size: int | None = None,
-            metric_attribute: str | None = None, rank_zero_only: bool = False) -> None:
-        from torchmetrics import Metric
-
-        if on_epoch is False:
-            return  # a per-step value of the evaluation: there is no epoch value to compare
-        key = name + (self.suffix if add_dataloader_idx else "")
-        opts = {"prog_bar": prog_bar, "logger": logger, "sync_dist": sync_dist,
-                "rank_zero_only": rank_zero_only}
-        if isinstance(value, Metric):
-            self.metrics[key] = (value, opts)
-            return
-        fx = reduce_fx if isinstance(reduce_fx, str) else getattr(reduce_fx, "__name__", "mean")
-        fx = {"amax": "max", "amin": "min"}.get(fx, fx)
-        if fx not in ("mean", "sum", "max", "min"):
-            raise ValueError(f"evaluate='both' supports reduce_fx mean/sum/max/min, got {reduce_fx!r} for {name!r}")
-        v = torch.as_tensor(value).detach().float().reshape(())
-        w = float(batch_size if batch_size is not None else self.batch_size)
-        entry = self.scalars.get(key)
-        if entry is None:
-            self.scalars[key] = [v * w if fx == "mean" else v, w, fx, opts]
-        else:
-            if fx == "mean":
-                entry[0] = entry[0] + v * w
-            elif fx == "sum":
-                entry[0] = entry[0] + v
-            else:
-                entry[0] = torch.maximum(entry[0], v) if fx == "max" else torch.minimum(entry[0], v)
-            entry[1] += w
-
-    def log_dict(self, dictionary: Any, **kwargs: Any) -> None:
-        for k, v in dictionary.items():
-            self.log(k, v, **kwargs)
-
-    def results(self) -> dict[str, tuple[Tensor, dict[str, Any]]]:
-        out = {}
-        for key, (total, weight, fx, opts) in self.scalars.items():
-            out[key] = (total / weight if fx == "mean" else total, opts)
-        for key, (metric, opts) in self.metrics.items():
-            out[key] = (metric.compute(), {**opts, "sync_dist": False})  # torchmetrics syncs itself
-        return out
-
-
-@contextlib.contextmanager
-def _fresh_metrics(module: nn.Module) -> Iterator[None]:
-    """Replace every torchmetrics ``Metric`` submodule by a reset clone for the duration."""
-    from torchmetrics import Metric
-
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def visit(parent: nn.Module) -> None:
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, Metric):
-                clone = child.clone()
-                clone.reset()
-                swapped.append((parent, name, child))
-                parent._modules[name] = clone
-            elif child is not None:
-                visit(child)
-
-    visit(module)
-    try:
-        yield
-    finally:
-        for parent, name, child in swapped:
-            parent._modules[name] = child
-
-
-def evaluate_again(trainer: Trainer, pl_module: LightningModule, suffix: str) -> dict[str, Tensor]:
-    """Run ``validation_step`` / ``test_step`` over the current evaluation batches again, logging with ``suffix``.
-
-    The module's ``log``/``log_dict`` are captured and its torchmetrics replaced by fresh clones during
-    the pass, so nothing the main loop accumulated is touched; the captured epoch values are then
-    logged as ``name + suffix``. RNG state and loader epoch counters are left as they were.
-    Returns the logged values.
+    Calls the module's public hook ``evaluation_outputs(batch, stage) -> {metric name: per-sample
+    values (N,)}`` (see :meth:`lightning_tricks.mixins.ClassificationMixin.evaluation_outputs`) on each
+    batch; the epoch value of a name is the mean over all samples, logged as ``name + suffix``
+    (``/dataloader_idx_i`` appended with several loaders, like Lightning). Nothing the main loop
+    accumulated is touched; RNG state and loader epoch counters are left as they were. Returns the
+    logged values.
     """
     testing = trainer.testing
+    stage = "test" if testing else "val"
     loaders = _as_list(trainer.test_dataloaders if testing else trainer.val_dataloaders)
     if trainer.sanity_checking:
         limits = trainer.num_sanity_val_batches
     else:
         limits = trainer.num_test_batches if testing else trainer.num_val_batches
-    step = pl_module.test_step if testing else pl_module.validation_step
-    capture = _LogCapture()
-    with _untouched(pl_module, loaders), _fresh_metrics(pl_module), torch.no_grad():
-        pl_module.log = capture.log  # type: ignore[method-assign]
-        pl_module.log_dict = capture.log_dict  # type: ignore[method-assign]
-        try:
-            for i, loader in enumerate(loaders):
-                limit = limits[i] if i < len(limits) else float("inf")
-                capture.suffix = f"/dataloader_idx_{i}" if len(loaders) > 1 else ""
-                for b, batch in enumerate(loader):
-                    if b >= limit:
-                        break
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=i)
-                    capture.batch_size = _batch_size(batch)
-                    if len(loaders) > 1:
-                        step(batch, b, i)
-                    else:
-                        step(batch, b)
-        finally:
-            del pl_module.log
-            del pl_module.log_dict
-        results = capture.results()
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    with _untouched(pl_module, loaders), torch.no_grad():
+        for i, loader in enumerate(loaders):
+            limit = limits[i] if i < len(limits) else float("inf")
+            tail = f"/dataloader_idx_{i}" if len(loaders) > 1 else ""
+            for b, batch in enumerate(loader):
+                if b >= limit:
+                    break
+                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=i)
+                for name, values in pl_module.evaluation_outputs(batch, stage).items():
+                    values = torch.as_tensor(values).detach().float().reshape(-1)
+                    key = name + tail
+                    sums[key] = sums[key] + values.sum() if key in sums else values.sum()
+                    counts[key] = counts.get(key, 0) + values.numel()
     logged = {}
-    for key, (value, opts) in results.items():
-        pl_module.log(key + suffix, value, on_step=False, on_epoch=True, **opts)
+    for key, total in sums.items():
+        value = total / max(counts[key], 1)
+        pl_module.log(key + suffix, value, on_step=False, on_epoch=True, sync_dist=True, add_dataloader_idx=False)
         logged[key + suffix] = value
     return logged
 
@@ -213,9 +124,19 @@ def evaluate_again(trainer: Trainer, pl_module: LightningModule, suffix: str) ->
 # the shared wiring
 # ------------------------------------------------------------------------------------------------
 class _Averaging(Callback):
-    """Swapping, checkpointing and evaluation shared by :class:`EMA` and :class:`SWA`."""
+    """Evaluation swaps, the end-of-fit offer and checkpointing shared by :class:`EMA` and :class:`SWA`.
 
-    _AVERAGE = "average"  # the name of the averaged weights in ``evaluate``
+    Owns: the average (:class:`~lightning_tricks.averaging.WeightAverage`) and its state. Shares: the
+    module's weights, through :func:`~lightning_tricks.callbacks._weights.weights_of` (never written
+    directly). What an evaluation runs on:
+
+    - the module holds the raw weights or this callback's average: the average (``evaluate`` = the
+      average or ``"both"``, once it started) or the raw weights (``evaluate="raw"``);
+    - the module holds weights someone else handed over (``"best"`` after fit with
+      ``EarlyStopping(restore_best=True)``): those, left in place.
+    """
+
+    _AVERAGE = "average"  # the name of the averaged weights in ``evaluate`` and the label in the module
 
     def __init__(self, evaluate: str, average_at_end: bool, on_cpu: bool, raw_suffix: str) -> None:
         allowed = (self._AVERAGE, "raw", "both")
@@ -229,11 +150,20 @@ class _Averaging(Callback):
         self.raw_suffix = raw_suffix
         self._average: WeightAverage | None = None
         self._started = False
-        # while the module holds the average: name -> (live tensor, saved raw value)
-        self._backup: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._module: weakref.ref[LightningModule] | None = None
         self._pending: dict[str, Any] | None = None
         self._eval_return_to: str | None = None
         self._warned: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_module"] = None  # a weak reference (for holds_average) does not pickle
+        return state
+
+    @property
+    def label(self) -> str:
+        """The label of this callback's average in :class:`~lightning_tricks.callbacks._weights.ModuleWeights`."""
+        return self._AVERAGE if self._AVERAGE != "average" else type(self).__name__.lower()
 
     # -- to specialise -----------------------------------------------------------------------------
     def _include_buffers(self) -> bool:
@@ -255,8 +185,9 @@ class _Averaging(Callback):
     # -- public views ------------------------------------------------------------------------------
     @property
     def holds_average(self) -> bool:
-        """Whether the module currently holds the averaged weights (the raw ones are backed up)."""
-        return self._backup is not None
+        """Whether the module currently holds this callback's averaged weights."""
+        module = self._module() if self._module is not None else None
+        return module is not None and weights_of(module).held == self.label
 
     @property
     def started(self) -> bool:
@@ -271,10 +202,7 @@ class _Averaging(Callback):
 
     def raw_tensors(self, pl_module: LightningModule) -> dict[str, Tensor]:
         """The raw (training) weights, wherever they are now (copies)."""
-        out = {n: t.detach().clone() for n, t in pl_module.state_dict(keep_vars=True).items()}
-        if self._backup is not None:
-            out.update({n: saved.clone() for n, (_, saved) in self._backup.items()})
-        return out
+        return {n: t.clone() for n, t in weights_of(pl_module).raw_tensors().items()}
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -282,8 +210,17 @@ class _Averaging(Callback):
             rank_zero_warn(message)
 
     # -- average lifecycle -------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.evaluate == "both" and not callable(getattr(pl_module, "evaluation_outputs", None)):
+            raise TypeError(
+                f"{type(self).__name__}(evaluate='both') evaluates the raw weights a second time through the "
+                f"module's evaluation_outputs(batch, stage) -> {{metric name: per-sample values}}, which "
+                f"{type(pl_module).__name__} does not define. Implement it (as "
+                f"lightning_tricks.mixins.ClassificationMixin does) or use evaluate={self._AVERAGE!r} / 'raw'")
+
     def _bind(self, pl_module: LightningModule) -> None:
         """Create (or rebind after a device move) the average and apply a loaded state."""
+        self._module = weakref.ref(pl_module)
         if self._average is None:
             device = torch.device("cpu") if self.on_cpu else None
             self._average = WeightAverage(pl_module, buffers=self._include_buffers(), device=device)
@@ -301,56 +238,63 @@ class _Averaging(Callback):
             self._average.load_state_dict(state.get(AVERAGE_STATE_KEY) or {})
         self._load_extra_state(state)
 
-    def _hold_average(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._backup is not None or self._average is None or not self._started:
+    def _hold_average(self, trainer: Trainer, pl_module: LightningModule, rank: int | None = None) -> None:
+        """Ask the module's weights service to hold the average (``rank``: as the end-of-fit offer)."""
+        if self._average is None or not self._started:
             return
-        targets = self._average.live()
-        targets.update(self._extra_targets(pl_module))
-        names = list(targets)
-        saved = snapshot([targets[n] for n in names])
-        self._backup = {n: (targets[n], s) for n, s in zip(names, saved)}
-        self._average.copy_to_module_()
-        self._after_average_loaded(trainer, pl_module)
+        weights = weights_of(pl_module)
+        if rank is None and weights.held == self.label:
+            return
+        extra = list(self._extra_targets(pl_module))
 
-    def _hold_raw(self) -> None:
-        if self._backup is None:
-            return
-        live = [t for t, _ in self._backup.values()]
-        saved = [s for _, s in self._backup.values()]
-        restore_(live, saved)
-        self._backup = None
+        def after() -> None:
+            self._after_average_loaded(trainer, pl_module)
+
+        if rank is None:
+            weights.hold(self.label, self._average.tensors(), after_load=after, also=extra, rank=AVERAGE)
+        else:
+            weights.hand_over(rank, self.label, self._average.tensors(), after_load=after, also=extra)
 
     # -- evaluation --------------------------------------------------------------------------------
     def _eval_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._bind(pl_module)
+        weights = weights_of(pl_module)
+        weights.evaluation_start()
         self._eval_return_to = None
+        held = weights.held
+        if held != self.label and not weights.outranks(AVERAGE, self.label):
+            # weights handed over by restore-best, or another average that outranks this one: evaluate
+            # what the module holds (the same whatever the callback order)
+            return
+        if held not in (RAW, self.label):
+            held = RAW  # an average this one outranks: evaluate this one instead (it puts the raw weights back)
         if self.evaluate == "raw":
-            if self.holds_average:  # e.g. after a fit that ended on the average
+            if held == self.label:  # e.g. after a fit that ended on the average
                 self._eval_return_to = "average"
-                self._hold_raw()
+                weights.hold_raw()
             return
         if not self._started:
             if trainer.state.fn != "fit":  # in fit, evaluating the raw weights before the start is the rule
                 self._warn_once("no-average", f"{type(self).__name__}: there is no average yet (no fit ran "
                                 "and no checkpoint with its state was loaded); evaluating the raw weights")
             return
-        if not self.holds_average:
+        if held == RAW:
             self._eval_return_to = "raw"
+            weights.hold_raw()
             self._hold_average(trainer, pl_module)
 
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.evaluate != "both":
             return
-        had_average = self.holds_average
-        self._hold_raw()
-        evaluate_again(trainer, pl_module, self.raw_suffix)
-        if had_average:
-            self._hold_average(trainer, pl_module)
+        with weights_of(pl_module).raw():
+            evaluate_raw_pass(trainer, pl_module, self.raw_suffix)
 
     def _eval_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        weights = weights_of(pl_module)
+        weights.evaluation_end()  # before swapping back: records what this evaluation ran on
         back, self._eval_return_to = self._eval_return_to, None
         if back == "raw":
-            self._hold_raw()
+            weights.hold_raw()
         elif back == "average":
             self._hold_average(trainer, pl_module)
 
@@ -380,30 +324,30 @@ class _Averaging(Callback):
 
     # -- fit ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._hold_raw()  # a second fit after one that ended on the average trains the raw weights
+        weights_of(pl_module).fit_start()  # a second fit after one that ended on the average trains the raw weights
         self._bind(pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.average_at_end:
             if self._started:
-                self._hold_average(trainer, pl_module)
+                self._hold_average(trainer, pl_module, rank=AVERAGE)  # restore-best, if offered, wins
             else:
                 self._warn_once("end-no-average", f"{type(self).__name__}: training ended before the "
                                 "average started; the module keeps its raw weights")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._hold_raw()
+        weights_of(pl_module).hold_raw()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self._backup is None:
-            return
-        # the module holds the average now: the checkpoint keeps the raw weights (see the module doc)
         sd = checkpoint.get("state_dict")
-        if isinstance(sd, dict):
-            for name, (_, saved) in self._backup.items():
-                if name in sd:
-                    sd[name] = saved.detach().clone()
+        if isinstance(sd, dict):  # whatever the module holds now, the checkpoint keeps the raw weights
+            weights_of(pl_module).raw_into(sd)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning has just loaded the checkpoint's (raw) weights into the module
+        weights_of(pl_module).reloaded()
+        self._eval_return_to = None
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"version": _STATE_VERSION, "started": self._started}
@@ -412,8 +356,6 @@ class _Averaging(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # the module has just been given the checkpoint's raw weights: drop any backup
-        self._backup = None
         self._eval_return_to = None
         self._pending = dict(state_dict)
         # already bound (e.g. test(ckpt_path=...) after fit): the module's tensors are the same ones

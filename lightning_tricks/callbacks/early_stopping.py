@@ -26,18 +26,28 @@ on any rank stops all of them (``reduce_boolean_decision(all=False)``, as in Lig
 monitored metric with ``sync_dist=True`` to decide on the global value rather than rank zero's.
 
 Restore-best (``restore_best=True``, the default): at the end of fit (``on_train_end``) the module gets
-the weights of the best check back (the first minimum of the monitored metric, ``min_delta`` ignored):
+the weights of the best check back (the first minimum of the monitored metric, ``min_delta`` ignored).
+These are the weights the best value was *measured* on: with ``EMA``/``SWA`` evaluating their average,
+the average at that check (SWA: with its recomputed BatchNorm statistics), else the raw weights. What
+the module holds is owned by :mod:`lightning_tricks.callbacks._weights` (this callback owns its curve
+and its copy of the best weights): the best weights are handed over with rank ``BEST``, which
+outranks the averages' ``average_at_end`` whatever the callback order, the raw weights stay backed up
+there (checkpoints keep them; a second ``fit`` trains them) and a later ``validate``/``test``
+evaluates the best weights, so it gives the best logged value.
 
-- ``restore_from="memory"``: on each new best, the module's ``state_dict`` tensors (parameters and
-  buffers) are copied with one ``torch._foreach_copy_`` into buffers allocated once (on the module's
-  device, or the CPU with ``best_on_cpu=True``). Cost: one copy of the model in memory, one
+- ``restore_from="memory"``: on each new best, the measured ``state_dict`` tensors (parameters and
+  buffers; ``ModuleWeights.measured_tensors``) are copied with one ``torch._foreach_copy_`` into
+  buffers allocated once (on the module's device, or the CPU with ``best_on_cpu=True``). Beside an
+  averaging callback the service also keeps a copy of the measured average at each validation end
+  (one more model copy in memory, one copy per validation). Cost: one copy of the model in memory, one
   device-side copy per improvement. With ``save_best_weights=True`` the copy also goes in the
   callback's checkpoint state (the checkpoint grows by one model) so a resumed run can still restore
   a best epoch from before the interruption; with ``False`` a resumed run warns and keeps its final
   weights if its best epoch came before the resume.
 - ``restore_from="checkpoint"``: no copy in memory; the weights come from ``best_model_path`` of a
   :class:`~lightning_tricks.callbacks.ModelCheckpoint` with the same ``monitor`` and ``mode`` (required
-  at ``setup``).
+  at ``setup``): its raw weights, or the average stored in it when the best check measured an
+  average (:func:`~lightning_tricks.averaging.averaged_state_dict`).
 
 Logged every check (unless ``log_values=False``), under ``log_prefix`` (default ``early_stopping/``):
 ``gl``, ``pk``, ``pq`` (once ``strip`` training values exist), ``up_count`` and ``wait_count`` (the
@@ -80,6 +90,8 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
+from lightning_tricks.averaging import averaged_state_dict
+from lightning_tricks.callbacks._weights import BEST, RAW, weights_of
 from lightning_tricks.stopping import StopRule, best_index, to_score
 
 __all__ = ["EarlyStopping", "RESTORE_FROM"]
@@ -95,6 +107,11 @@ _REASON = {
 
 class EarlyStopping(PLEarlyStopping):
     """Stop training by patience or Prechelt's GL / PQ / UP criteria; put the best weights back.
+
+    Owns: the curve, the decision and its copy of the best measured weights. Shares: which weights
+    are in the module (:func:`lightning_tricks.callbacks._weights.weights_of`): it reads what each
+    validation was measured on and hands the best over at the end of fit with rank ``BEST``, which
+    wins over any average whatever the callback order.
 
     Args:
         monitor: the validation metric (``E_va``), as logged.
@@ -202,6 +219,7 @@ class EarlyStopping(PLEarlyStopping):
         self.stop_reason: str | None = None
         self._best: dict[str, Tensor] = {}  # state_dict name -> preallocated copy of the best weights
         self._held_check: int | None = None  # index of the check whose weights are in self._best
+        self.measured: list[str] = []  # per check: what the metric was measured on ("raw", "ema", "swa", ...)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------
@@ -239,6 +257,7 @@ class EarlyStopping(PLEarlyStopping):
             train_history=list(self.train_history),
             epochs=list(self.epochs),
             stop_reason=self.stop_reason,
+            measured=list(self.measured),
         )
         if self.restore_best and self.restore_from == "memory" and self.save_best_weights and self._best:
             state["best_weights"] = dict(self._best)
@@ -257,6 +276,7 @@ class EarlyStopping(PLEarlyStopping):
         self.train_history = [float(v) for v in state_dict.get("train_history", [math.nan] * len(self.history))]
         self.epochs = [int(e) for e in state_dict.get("epochs", range(len(self.history)))]
         self.stop_reason = state_dict.get("stop_reason")
+        self.measured = [str(m) for m in state_dict.get("measured", [RAW] * len(self.history))]
         weights = state_dict.get("best_weights")
         if weights:
             self._best = dict(weights)
@@ -269,6 +289,8 @@ class EarlyStopping(PLEarlyStopping):
         super().setup(trainer, pl_module, stage)  # picks check_on_train_epoch_end like Lightning
         if stage != "fit":
             return
+        if self.restore_best and self.restore_from == "memory":
+            weights_of(pl_module).track_measured(True)  # the measured average survives its swap back
         if self.restore_best and self.restore_from == "checkpoint" and self._checkpoint_callback(trainer) is None:
             found = [(type(cb).__name__, getattr(cb, "monitor", None), getattr(cb, "mode", None))
                      for cb in trainer.checkpoint_callbacks]
@@ -281,6 +303,24 @@ class EarlyStopping(PLEarlyStopping):
                 f"EarlyStopping(criterion='pq') checks after validation (check_on_train_epoch_end=False): "
                 f"{self.train_monitor!r} is then the last finished training epoch's value, one epoch "
                 "behind the validation metric")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        weights_of(pl_module).fit_start()  # a second fit trains the raw weights, not the restored best
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        weights_of(pl_module).evaluation_start()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        weights_of(pl_module).evaluation_end()  # what this validation ran on, whoever swaps back first
+        super().on_validation_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict")
+        if isinstance(sd, dict):  # after fit the module holds the best weights: checkpoints keep the raw ones
+            weights_of(pl_module).raw_into(sd)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        weights_of(pl_module).reloaded()  # Lightning has just loaded the checkpoint's raw weights
 
     def _validate_condition_metric(self, logs: dict[str, Tensor]) -> bool:
         if logs.get(self.monitor) is not None:
@@ -308,6 +348,7 @@ class EarlyStopping(PLEarlyStopping):
         self.history.append(value)
         self.train_history.append(train_value)
         self.epochs.append(trainer.current_epoch)
+        self.measured.append(weights_of(trainer.lightning_module).measured or RAW)
 
         d = self.rule.decide(self.history, self.train_history, self.epochs, name=self.monitor)
         if d.best == len(self.history) - 1 and self.restore_best and self.restore_from == "memory":
@@ -353,7 +394,7 @@ class EarlyStopping(PLEarlyStopping):
             return
         epoch, value = self.epochs[best], self.history[best]
         if self.restore_from == "checkpoint":
-            self._restore_from_checkpoint(trainer, epoch)
+            self._restore_from_checkpoint(trainer, pl_module, epoch)
             return
         if not self._best or self._held_check != best:
             self._warn_once(
@@ -362,19 +403,21 @@ class EarlyStopping(PLEarlyStopping):
                 "available (the run resumed from a checkpoint saved with save_best_weights=False); the module "
                 "keeps its final weights")
             return
-        live = pl_module.state_dict(keep_vars=True)
-        names = list(self._best)
-        with torch.no_grad():
-            torch._foreach_copy_([live[n].detach() for n in names], [self._best[n] for n in names])
-        rank_zero_info(f"EarlyStopping: restored the weights of epoch {epoch} ({self.monitor}={value:.4g})")
+        weights_of(pl_module).hand_over(BEST, "best", self._best)
+        rank_zero_info(f"EarlyStopping: restored the weights of epoch {epoch} ({self.monitor}={value:.4g}, "
+                       f"measured on {self._measured_at(best)!r})")
+
+    def _measured_at(self, check: int) -> str:
+        return self.measured[check] if 0 <= check < len(self.measured) else RAW
 
     # ------------------------------------------------------------------------------------------
     # helpers
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _snapshot(self, pl_module: LightningModule, check: int) -> None:
-        """Copy the module's state into the preallocated buffers (allocated on first use or shape change)."""
-        live = {n: t.detach() for n, t in pl_module.state_dict(keep_vars=True).items()}
+        """Copy the measured weights into the preallocated buffers (allocated on first use or shape change)."""
+        weights = weights_of(pl_module)
+        live = weights.measured_tensors() if weights.measured is not None else weights.raw_tensors()
         target = torch.device("cpu") if self.best_on_cpu else None
         same = live.keys() == self._best.keys() and all(
             b.shape == live[n].shape and b.dtype == live[n].dtype
@@ -392,7 +435,7 @@ class EarlyStopping(PLEarlyStopping):
                 return cb
         return None
 
-    def _restore_from_checkpoint(self, trainer: Trainer, epoch: int) -> None:
+    def _restore_from_checkpoint(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         cb = self._checkpoint_callback(trainer)
         path = cb.best_model_path if cb is not None else ""
         if not path:
@@ -400,7 +443,15 @@ class EarlyStopping(PLEarlyStopping):
                                        "checkpoint; the module keeps its final weights")
             return
         checkpoint = trainer.strategy.load_checkpoint(path)
-        trainer.strategy.load_model_state_dict(checkpoint)
+        label = self._measured_at(self.best_check)
+        state = checkpoint["state_dict"]
+        if label != RAW:  # the best value was measured on an average: the one stored in that checkpoint
+            try:
+                state = averaged_state_dict(checkpoint, which=label.upper())
+            except KeyError:
+                rank_zero_warn(f"EarlyStopping: the best check measured {label!r} weights, but {path} holds no "
+                               "such average; restoring its raw weights")
+        weights_of(pl_module).hand_over(BEST, "best", state)
         saved = checkpoint.get("epoch")
         if saved is not None and saved != epoch:
             rank_zero_warn(f"EarlyStopping: the best checkpoint {path} is from epoch {saved}, the best check from "

@@ -2,6 +2,10 @@
 
 The formula is :func:`lightning_tricks.averaging.ema_decay` / :class:`~lightning_tricks.averaging.WeightAverage`;
 how the weights move between raw and average is in :mod:`lightning_tricks.callbacks._averaging`.
+
+Owns: the average and its update counters (in its checkpoint state). Shares: which weights are in
+the module, through :func:`lightning_tricks.callbacks._weights.weights_of` (label ``"ema"``); at the
+end of fit its average (``average_at_end``) yields to ``EarlyStopping(restore_best=True)``.
 """
 
 from __future__ import annotations
@@ -51,13 +55,15 @@ class EMA(_Averaging):
             evaluation uses the raw weights.
         evaluate: ``"ema"`` (validation/test/predict on the average), ``"raw"``, or ``"both"``: the
             average under the module's metric names and the raw weights as ``name + raw_suffix``
-            (a second evaluation pass, see the module doc).
+            (a second evaluation pass through the module's ``evaluation_outputs`` hook, see the
+            module doc). After fit, weights handed over by restore-best are evaluated as they are.
         on_cpu: keep the average in host memory (saves accelerator memory; each update then copies
             the weights to the host and waits for the copy: use ``every_n_steps`` to amortize it).
         buffers: ``"copy"``: evaluation uses the module's own buffers (BatchNorm statistics of the
             raw weights); ``"average"``: floating-point buffers are averaged like the parameters.
         average_at_end: at the end of fit, leave the averaged weights in the module (the raw ones are
-            kept by the callback and still go into checkpoints).
+            kept by the weights service and still go into checkpoints), unless
+            ``EarlyStopping(restore_best=True)`` hands over the best measured weights (it wins).
         raw_suffix: suffix of the raw weights' metric names with ``evaluate="both"``.
 
     Example:
@@ -104,6 +110,7 @@ class EMA(_Averaging):
         return ema_decay(self.num_updates, self.decay, self.warmup)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.max_steps is not None and 0 <= trainer.max_steps <= self.start_step:
             raise ValueError(f"EMA start_step={self.start_step} is not before the end of the run "
                              f"(max_steps={trainer.max_steps})")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
+from lightning_tricks.callbacks._weights import weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
 from lightning_tricks.schedules import CosineRestarts
@@ -62,6 +63,11 @@ class SnapshotEnsemble(Callback):
     own torch LR scheduler, is refused at fit start. With ``schedule=False`` the LR is yours (e.g.
     ``LRSchedule(CosineRestarts(T_0=...))``, whose cycle ends must then match); snapshots are still taken
     at the ends of the ``M`` equal cycles.
+
+    Owns: its snapshots (and, with ``schedule=True``, the cycles it asks the LR owner for). Shares: the
+    module's weights, through :func:`lightning_tricks.callbacks._weights.weights_of`: snapshots are
+    the raw weights wherever they are, and each is evaluated by holding it as ``"snapshot_<k>"``, then
+    the module gets back exactly what it held (e.g. an EMA average during ``test``).
 
     After the optimizer step that ends a cycle the module's ``state_dict`` is copied to host memory
     (``keep="memory"``) or saved to ``dirpath`` (``keep="disk"``). At test time (``on_test_epoch_end``)
@@ -184,7 +190,8 @@ class SnapshotEnsemble(Callback):
             self._take(trainer, pl_module, step)
 
     def _take(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        # the raw (training) weights, wherever they are (weights service); copies on the host
+        state = {k: v.detach().to("cpu", copy=True) for k, v in weights_of(pl_module).raw_tensors().items()}
         k = len(self._snapshots) + 1
         if self.keep == "memory":
             self._snapshots.append(state)
@@ -222,8 +229,15 @@ class SnapshotEnsemble(Callback):
                         break
                     yield trainer.strategy.batch_to_device(batch, dataloader_idx=i)
 
-            with _untouched(pl_module, loaders):
-                out = evaluate_members(pl_module, self._snapshots, batches, metrics=self.metrics, use_average=False)
+            weights = weights_of(pl_module)
+
+            def load(m: int, state: Any, weights: Any = weights) -> None:
+                weights.hold(f"snapshot_{m + 1}", state)
+
+            # each member is held as "snapshot_<k>"; afterwards the module holds what it held before
+            with _untouched(pl_module, loaders), weights.keep():
+                out = evaluate_members(pl_module, self._snapshots, batches, metrics=self.metrics, use_average=False,
+                                       restore=False, load=load)
             suffix = f"/dataloader_idx_{i}" if len(loaders) > 1 else ""
             for k, member in enumerate(out["members"], start=1):
                 for name, value in member.items():

@@ -2,6 +2,12 @@
 
 The formulas are in :mod:`lightning_tricks.averaging` (``swa_weight``, ``swa_lr``, ``update_bn``); how
 the weights move between raw and average is in :mod:`lightning_tricks.callbacks._averaging`.
+
+Owns: the average, its BatchNorm statistics and counters (in its checkpoint state). Shares: which
+weights are in the module, through :func:`lightning_tricks.callbacks._weights.weights_of` (label
+``"swa"``; the recomputed BatchNorm statistics are part of what is held and measured, so
+``EarlyStopping(restore_best=True)`` restores them too); at the end of fit its average yields to
+restore-best, and outranks an EMA average (ordered by label).
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ class SWA(_Averaging):
         return epoch
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # evaluate='both' needs the module's evaluation_outputs
         if stage == "fit":
             self.start_epoch = self.resolve_start_epoch(trainer.max_epochs)
             if self.swa_lr is not None:  # before Lightning restores callback states: an added owner gets its own

@@ -264,6 +264,11 @@ class CheckpointEnsemble:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.sources = [str(m) if isinstance(m, (str, Path)) else "<state dict>" for m in members]
         self.states = [{k: v.detach().cpu() for k, v in load_weights(m, use_average).items()} for m in members]
+        for source, state in zip(self.sources, self.states):
+            bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            if bad is not None:
+                raise ValueError(f"CheckpointEnsemble member {source} has non-finite weights ({bad}): the run it "
+                                 "comes from diverged; leave it out of the ensemble")
         self._module: EnsembleModule | None = None
 
     def __len__(self) -> int:

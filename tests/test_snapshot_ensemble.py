@@ -244,3 +244,16 @@ def test_snapshot_config_composes_and_instantiates() -> None:
         cfg = compose(config_name="callbacks/snapshot_ensemble")
     snap = instantiate(cfg.callbacks.snapshot_ensemble)
     assert isinstance(snap, SnapshotEnsemble) and snap.cycles == 4 and snap.keep == "memory"
+
+
+def test_checkpoint_ensemble_refuses_a_diverged_member(tmp_path):
+    from torch import nn
+
+    from lightning_tricks.ensemble import CheckpointEnsemble
+
+    good, bad = nn.Linear(4, 3).state_dict(), nn.Linear(4, 3).state_dict()
+    bad["bias"][1] = float("nan")
+    torch.save({"state_dict": bad}, tmp_path / "diverged.ckpt")
+    with pytest.raises(ValueError, match=r"member .*diverged.ckpt has non-finite weights \(bias\)"):
+        CheckpointEnsemble(nn.Linear(4, 3), [good, str(tmp_path / "diverged.ckpt")])
+    assert len(CheckpointEnsemble(nn.Linear(4, 3), [good, good])) == 2

@@ -7,16 +7,26 @@ Everything in ``lightning_tricks`` imports Lightning names from here, so support
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from pytorch_lightning import (
+    Callback,
+    LightningDataModule,
+    LightningModule,
+    Trainer,
+    seed_everything,
+)
 from pytorch_lightning.callbacks import (
     EarlyStopping as PLEarlyStopping,
+)
+from pytorch_lightning.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
     StochasticWeightAveraging,  # benchmarks compare with Lightning's SWA
 )
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
-from pytorch_lightning.loggers.logger import DummyLogger  # LRRangeTest mutes loggers during its sweep
+from pytorch_lightning.loggers.logger import (
+    DummyLogger,  # LRRangeTest mutes loggers during its sweep
+)
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.seed import isolate_rng

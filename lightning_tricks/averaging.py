@@ -24,14 +24,15 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks.schedules import swa_lr  # the SWA LR formula lives with the other LR formulas
+from lightning_tricks.schedules import (
+    swa_lr,  # the SWA LR formula lives with the other LR formulas
+)
 
 __all__ = [
     "ema_decay",

@@ -43,7 +43,13 @@ from lightning_tricks._lightning import seed_everything
 from lightning_tricks.callbacks.lr_range_test import lr_range_test
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.sanity import initial_loss, overfit_check, take_samples
-from lightning_tricks.train import ConfigError, _output_dir, build_data_and_module, config_dir, train
+from lightning_tricks.train import (
+    ConfigError,
+    _output_dir,
+    build_data_and_module,
+    config_dir,
+    train,
+)
 
 #: The ``recipe`` block of the config; every key can be overridden as ``recipe.<key>=...``.
 RECIPE_DEFAULTS: dict[str, Any] = {

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks.optim import no_decay_parameter_names
 from lightning_tricks.nn.naming import compile_patterns, matches
+from lightning_tricks.optim import no_decay_parameter_names
 
 __all__ = ["select_parameters", "l1_penalty", "add_l1_grad_"]
 

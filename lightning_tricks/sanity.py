@@ -50,7 +50,12 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_tricks.losses import classification_loss
-from lightning_tricks.nn import DropConnectConv2d, DropConnectLinear, DropPath, FractionalMaxPool2d
+from lightning_tricks.nn import (
+    DropConnectConv2d,
+    DropConnectLinear,
+    DropPath,
+    FractionalMaxPool2d,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -13,7 +13,12 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import LightningModule, ModelCheckpoint, Trainer, seed_everything
+from lightning_tricks._lightning import (
+    LightningModule,
+    ModelCheckpoint,
+    Trainer,
+    seed_everything,
+)
 from lightning_tricks.augment import (
     RandomCropFlip,
     cutmix_batch,

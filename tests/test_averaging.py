@@ -8,7 +8,8 @@ from unittest import mock
 import pytest
 import torch
 from torch import nn
-from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, update_bn as torch_update_bn
+from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import update_bn as torch_update_bn
 
 from lightning_tricks.averaging import (
     WeightAverage,

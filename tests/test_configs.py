@@ -6,12 +6,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose_train, extra_marks
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_tricks.train import build_callbacks, config_dir
-
-from conftest import ROOT, compose_train, extra_marks
 
 CONF = Path(config_dir())
 

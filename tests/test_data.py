@@ -3,6 +3,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from lightning_tricks.data import (
     CIFAR10DataModule,
@@ -15,8 +16,6 @@ from lightning_tricks.data import (
 )
 from lightning_tricks.data.files import write_cifar_batch, write_idx
 from lightning_tricks.data.images import IDX_FILES
-
-from conftest import SHARED_DATA
 
 
 def _write_fashion(folder, n_train=30, n_test=10, seed=0):

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SHARED_DATA, compose_train, installed
 from hydra.utils import instantiate
 
 from lightning_tricks.train import build_callbacks, train
-
-from conftest import ROOT, SHARED_DATA, compose_train, installed
 
 TINY = ["trainer.max_epochs=4", "++trainer.limit_train_batches=3", "++trainer.limit_val_batches=2",
         "++trainer.limit_test_batches=2", "trainer.enable_progress_bar=false"]

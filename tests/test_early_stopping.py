@@ -9,19 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
 from hydra.utils import instantiate
+from test_stopping import PQ_TRAIN, PQ_VAL, UP_CURVE
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import CSVLogger, Callback, LightningModule, ModelCheckpoint, Trainer, seed_everything
+from lightning_tricks._lightning import (
+    Callback,
+    CSVLogger,
+    LightningModule,
+    ModelCheckpoint,
+    Trainer,
+    seed_everything,
+)
 from lightning_tricks.callbacks import EarlyStopping
 from lightning_tricks.data import DigitsDataModule, TensorBatchLoader
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
 from lightning_tricks.stopping import first_stop
-
-from conftest import compose_train
-from test_stopping import PQ_TRAIN, PQ_VAL, UP_CURVE
 
 MAX_EPOCHS = 25
 

@@ -10,7 +10,12 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import Callback, ModelCheckpoint, Trainer, seed_everything
+from lightning_tricks._lightning import (
+    Callback,
+    ModelCheckpoint,
+    Trainer,
+    seed_everything,
+)
 from lightning_tricks.averaging import averaged_state_dict
 from lightning_tricks.callbacks import EMA, SWA
 from lightning_tricks.mixins import Classifier

@@ -12,7 +12,12 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import Callback, MisconfigurationException, ModelCheckpoint, Trainer
+from lightning_tricks._lightning import (
+    Callback,
+    MisconfigurationException,
+    ModelCheckpoint,
+    Trainer,
+)
 from lightning_tricks.callbacks import FreezeUnfreeze
 from lightning_tricks.data import DigitsDataModule
 from lightning_tricks.finetune import (

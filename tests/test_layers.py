@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 import lightning_tricks.callbacks as cbs
-
-from conftest import ROOT
 
 PACKAGE = ROOT / "lightning_tricks"
 

@@ -27,11 +27,25 @@ from lightning_tricks._lightning import (
     seed_everything,
 )
 from lightning_tricks.averaging import swa_lr
-from lightning_tricks.callbacks import SWA, FreezeUnfreeze, LinearScaling, LRRangeTest, LRSchedule, SnapshotEnsemble
+from lightning_tricks.callbacks import (
+    SWA,
+    FreezeUnfreeze,
+    LinearScaling,
+    LRRangeTest,
+    LRSchedule,
+    SnapshotEnsemble,
+)
 from lightning_tricks.callbacks.lr_schedule import lr_owner
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
-from lightning_tricks.schedules import Constant, Cosine, CosineRestarts, Step, SWALRPhase, Warmup
+from lightning_tricks.schedules import (
+    Constant,
+    Cosine,
+    CosineRestarts,
+    Step,
+    SWALRPhase,
+    Warmup,
+)
 
 BATCHES, EPOCHS = 4, 4  # 16 optimizer steps
 T = BATCHES * EPOCHS

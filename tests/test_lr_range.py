@@ -15,7 +15,13 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import Callback, LightningModule, MisconfigurationException, Trainer, seed_everything
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    MisconfigurationException,
+    Trainer,
+    seed_everything,
+)
 from lightning_tricks.callbacks import LinearScaling, LRRangeTest, LRSchedule
 from lightning_tricks.callbacks.lr_range_test import lr_range_test
 from lightning_tricks.data import DigitsDataModule

@@ -13,7 +13,12 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import LightningDataModule, LightningModule, ModelCheckpoint, Trainer
+from lightning_tricks._lightning import (
+    LightningDataModule,
+    LightningModule,
+    ModelCheckpoint,
+    Trainer,
+)
 from lightning_tricks.callbacks import LinearScaling, LRSchedule
 from lightning_tricks.callbacks.lr_scaling import global_batch_size, scaling_factor
 from lightning_tricks.schedules import Cosine, Warmup

@@ -27,7 +27,6 @@ from lightning_tricks.nn import (
     weight_normed_layers,
 )
 
-
 # -- IC block ---------------------------------------------------------------------------------
 
 

@@ -15,8 +15,18 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import Callback, Logger, ModelCheckpoint, Trainer, seed_everything
-from lightning_tricks.callbacks import InitialLossCheck, OverfitCheck, UpdateRatioMonitor
+from lightning_tricks._lightning import (
+    Callback,
+    Logger,
+    ModelCheckpoint,
+    Trainer,
+    seed_everything,
+)
+from lightning_tricks.callbacks import (
+    InitialLossCheck,
+    OverfitCheck,
+    UpdateRatioMonitor,
+)
 from lightning_tricks.callbacks.sanity import DeadUnitMonitor, GradNormMonitor
 from lightning_tricks.data import DigitsDataModule, TensorBatchLoader
 from lightning_tricks.mixins import Classifier

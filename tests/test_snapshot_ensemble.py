@@ -11,11 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks._lightning import MisconfigurationException, ModelCheckpoint, Trainer, seed_everything
+from lightning_tricks._lightning import (
+    MisconfigurationException,
+    ModelCheckpoint,
+    Trainer,
+    seed_everything,
+)
 from lightning_tricks.callbacks import EMA, LRSchedule, SnapshotEnsemble
 from lightning_tricks.callbacks.snapshot_ensemble import snapshot_steps
 from lightning_tricks.data import DigitsDataModule
-from lightning_tricks.ensemble import CheckpointEnsemble, evaluate_members, mean_softmax, model_checkpoint_paths
+from lightning_tricks.ensemble import (
+    CheckpointEnsemble,
+    evaluate_members,
+    mean_softmax,
+    model_checkpoint_paths,
+)
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
 from lightning_tricks.schedules import CosineRestarts

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, update_bn as torch_update_bn
+from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import update_bn as torch_update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import ModelCheckpoint, Trainer, seed_everything

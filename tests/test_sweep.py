@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import needs_extra
 
 from lightning_tricks.sweep import collect, summarize
-
-from conftest import needs_extra
 
 
 def _run(*args, cwd, timeout=600):

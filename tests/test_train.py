@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose_train
 
 from lightning_tricks.train import ConfigError, train
-
-from conftest import ROOT, compose_train
 
 
 def test_debug_run_writes_metrics_plot_and_checkpoint(make_cfg, tmp_path):

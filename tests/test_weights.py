@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_tricks._lightning import Callback, ModelCheckpoint, Trainer, seed_everything
+from lightning_tricks._lightning import (
+    Callback,
+    ModelCheckpoint,
+    Trainer,
+    seed_everything,
+)
 from lightning_tricks.callbacks import EMA, SWA, EarlyStopping
 from lightning_tricks.callbacks._weights import AVERAGE, BEST, RAW, weights_of
 from lightning_tricks.data import DigitsDataModule

@@ -37,7 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    Trainer,
+    rank_zero_warn,
+)
 from lightning_tricks.averaging import AVERAGE_STATE_KEY, WeightAverage
 from lightning_tricks.callbacks._weights import AVERAGE, RAW, weights_of
 

@@ -40,18 +40,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
-from lightning_tricks.augment import cutmix_batch, cutout_batch, cutout_size, mixup_batch
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    Trainer,
+    rank_zero_info,
+    rank_zero_warn,
+)
+from lightning_tricks.augment import (
+    cutmix_batch,
+    cutout_batch,
+    cutout_size,
+    mixup_batch,
+)
+from lightning_tricks.callbacks._common import check_int
 
 __all__ = ["Mixup", "CutMix", "Cutout"]
-
-
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an int >= {low}{extra}, got {value!r}")
 
 
 def _check_alpha(alpha: Any) -> None:
@@ -75,9 +79,9 @@ class _BatchAugment(Callback):
     ) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise ValueError(f"p must be in (0, 1], got {p!r}")
-        _check_int("until_epoch", until_epoch, 1, allow_none=True)
-        _check_int("off_last_epochs", off_last_epochs, 0)
-        _check_int("seed", seed, 0, allow_none=True)
+        check_int("until_epoch", until_epoch, 1, allow_none=True)
+        check_int("off_last_epochs", off_last_epochs, 0)
+        check_int("seed", seed, 0, allow_none=True)
         for what, key in (("input_key", input_key), ("target_key", target_key)):
             if isinstance(key, bool) or not isinstance(key, (int, str)):
                 raise ValueError(f"{what} must be an int (list position) or a str (dict key), got {key!r}")
@@ -213,7 +217,7 @@ class _Mix(_BatchAugment):
     ) -> None:
         super().__init__(p, until_epoch, off_last_epochs, seed, input_key, target_key)
         _check_alpha(alpha)
-        _check_int("num_classes", num_classes, 2, allow_none=True)
+        check_int("num_classes", num_classes, 2, allow_none=True)
         self.alpha = float(alpha)
         self.num_classes = num_classes
         self._classes: int | None = num_classes
@@ -319,7 +323,7 @@ class Cutout(_BatchAugment):
             raise ValueError(f"size must be >= 1 pixel, got {size!r}")
         if isinstance(size, float) and not 0.0 < size <= 1.0:
             raise ValueError(f"size as a fraction must be in (0, 1], got {size!r}")
-        _check_int("count", count, 1)
+        check_int("count", count, 1)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"value must be a number, got {value!r}")
         self.size = size

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer
+from lightning_tricks.callbacks._common import check_bool
 from lightning_tricks.sanity import Diverged, divergence_message
 
 __all__ = ["DivergenceGuard", "Diverged"]
@@ -38,9 +39,7 @@ class DivergenceGuard(Callback):
     """
 
     def __init__(self, check_weights: bool = True) -> None:
-        if not isinstance(check_weights, bool):
-            raise ValueError(f"check_weights must be a bool, got {check_weights!r}")
-        self.check_weights = check_weights
+        self.check_weights = check_bool("check_weights", check_weights)
         self._handles: list[Any] = []
         self._trainer: Trainer | None = None
 

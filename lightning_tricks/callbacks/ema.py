@@ -16,6 +16,7 @@ from typing import Any
 from lightning_tricks._lightning import LightningModule, Trainer
 from lightning_tricks.averaging import ema_decay
 from lightning_tricks.callbacks._averaging import _Averaging
+from lightning_tricks.callbacks._common import StepWatch, check_int
 
 __all__ = ["EMA"]
 
@@ -82,10 +83,8 @@ class EMA(_Averaging):
         super().__init__(evaluate, average_at_end, on_cpu, raw_suffix)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay!r}")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        check_int("every_n_steps", every_n_steps, 1)
+        check_int("start_step", start_step, 0)
         if buffers not in ("copy", "average"):
             raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
         self.decay = float(decay)
@@ -94,7 +93,7 @@ class EMA(_Averaging):
         self.start_step = start_step
         self.buffers = buffers
         self.num_updates = 0  # EMA updates so far (the warmup counter k)
-        self._last_step = -1  # global_step seen at the last batch end
+        self._steps = StepWatch()  # did an optimizer step happen in this batch?
         self._last_update_step = -1
 
     @property
@@ -122,8 +121,7 @@ class EMA(_Averaging):
             raise ValueError(f"EMA start_step={self.start_step} is beyond the run "
                              f"({int(total)} optimizer steps in total)")
         step = trainer.global_step
-        if self._last_step < 0:
-            self._last_step = step
+        self._steps.start(step)
         if not self._started and step >= self.start_step:
             self._start(step)
 
@@ -137,9 +135,8 @@ class EMA(_Averaging):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self._last_step:
+        if not self._steps.stepped(step):
             return  # no optimizer step in this batch (gradient accumulation)
-        self._last_step = step
         if not self._started:
             if step >= self.start_step:
                 self._start(step)
@@ -151,12 +148,12 @@ class EMA(_Averaging):
             self._last_update_step = step
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"num_updates": self.num_updates, "last_step": self._last_step,
+        return {"num_updates": self.num_updates, "last_step": self._steps.last,
                 "last_update_step": self._last_update_step, "decay": self.decay, "warmup": self.warmup}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.num_updates = int(state.get("num_updates", 0))
-        self._last_step = int(state.get("last_step", -1))
+        self._steps.last = int(state.get("last_step", -1))
         self._last_update_step = int(state.get("last_update_step", -1))
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    Trainer,
+    rank_zero_info,
+    rank_zero_warn,
+)
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.schedules import SCALING_RULES as RULES
 from lightning_tricks.schedules import global_batch_size, scaling_factor

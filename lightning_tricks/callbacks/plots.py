@@ -6,7 +6,12 @@ import math
 import os
 from typing import Any
 
-from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    Trainer,
+    rank_zero_info,
+)
 from lightning_tricks.plots import plot_curves
 
 

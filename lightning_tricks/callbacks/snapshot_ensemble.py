@@ -20,8 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    Trainer,
+    rank_zero_warn,
+)
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
+from lightning_tricks.callbacks._common import StepWatch, check_int
 from lightning_tricks.callbacks._weights import weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
@@ -96,8 +102,7 @@ class SnapshotEnsemble(Callback):
 
     def __init__(self, cycles: int, keep: str = "memory", dirpath: str | Path | None = None, schedule: bool = True,
                  evaluate: bool = True, metrics: dict[str, Any] | None = None) -> None:
-        if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-            raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
+        check_int("cycles", cycles, 1)
         if keep not in ("memory", "disk"):
             raise ValueError(f"keep must be 'memory' or 'disk', got {keep!r}")
         self.cycles = cycles
@@ -111,7 +116,7 @@ class SnapshotEnsemble(Callback):
         self._snapshots: list[dict[str, Tensor] | str] = []
         self._taken: list[int] = []
         self._lr_owner: LRSchedule | None = None  # the LR owner the cycles go to (schedule=True)
-        self._last_step = -1
+        self._steps = StepWatch()  # did an optimizer step happen in this batch?
         self._cosine: CosineRestarts | None = None
         self.results: dict[str, float] = {}
 
@@ -171,8 +176,7 @@ class SnapshotEnsemble(Callback):
             if not others and not trainer.lr_scheduler_configs:
                 rank_zero_warn("SnapshotEnsemble(schedule=False) with no LR schedule: nothing restarts the LR, "
                                "so the snapshots are just checkpoints of one descent")
-        if self._last_step < 0:
-            self._last_step = trainer.global_step
+        self._steps.start(trainer.global_step)
 
     # -- LR and snapshots --------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
@@ -183,9 +187,8 @@ class SnapshotEnsemble(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self._last_step:
+        if not self._steps.stepped(step):
             return
-        self._last_step = step
         if step in self.steps and step not in self._taken:
             self._take(trainer, pl_module, step)
 
@@ -250,9 +253,9 @@ class SnapshotEnsemble(Callback):
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"snapshots": list(self._snapshots), "taken": list(self._taken),
-                "last_step": self._last_step, "keep": self.keep}
+                "last_step": self._steps.last, "keep": self.keep}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._snapshots = list(state_dict.get("snapshots", []))
         self._taken = [int(s) for s in state_dict.get("taken", [])]
-        self._last_step = int(state_dict.get("last_step", -1))
+        self._steps.last = int(state_dict.get("last_step", -1))

@@ -20,8 +20,16 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import LightningModule, Trainer
-from lightning_tricks.averaging import AVERAGE_STATE_KEY, bn_buffers, bn_modules, restore_, swa_weight, update_bn
+from lightning_tricks.averaging import (
+    AVERAGE_STATE_KEY,
+    bn_buffers,
+    bn_modules,
+    restore_,
+    swa_weight,
+    update_bn,
+)
 from lightning_tricks.callbacks._averaging import _as_list, _Averaging, _untouched
+from lightning_tricks.callbacks._common import StepWatch, check_int
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.schedules import SWALRPhase
 
@@ -93,8 +101,7 @@ class SWA(_Averaging):
             raise ValueError(f"give anneal_epochs or anneal_steps, not both "
                              f"(got {anneal_epochs!r} and {anneal_steps!r})")
         for arg, value in (("anneal_epochs", anneal_epochs), ("anneal_steps", anneal_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{arg} must be an int >= 0 or None, got {value!r}")
+            check_int(arg, value, 0, allow_none=True)
         if (anneal_epochs or anneal_steps) and swa_lr is None:
             raise ValueError("anneal_epochs/anneal_steps need swa_lr (the LR to anneal to)")
         if anneal not in ("cos", "linear"):
@@ -113,7 +120,7 @@ class SWA(_Averaging):
         self.bn_update_batches = bn_update_batches
         self.start_epoch: int | None = None  # resolved in setup
         self.num_averaged = 0
-        self._last_step = -1
+        self._steps = StepWatch()  # did an optimizer step happen in this batch?
         self._last_epoch_averaged = -1
         self._lr_owner: LRSchedule | None = None  # the LR owner SWA's phase goes to (with swa_lr)
         self._bn_state: dict[str, Tensor] | None = None  # BN statistics recomputed for the average
@@ -155,8 +162,7 @@ class SWA(_Averaging):
                 self._lr_owner = lr_owner(trainer, self._lr_name())
             self._lr_owner.add_phase(self._lr_name(), self.lr_phase(trainer),
                                      hint="(SWA(swa_lr=None) averages without touching the LR.)")
-        if self._last_step < 0:
-            self._last_step = trainer.global_step
+        self._steps.start(trainer.global_step)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the number of batches per epoch is known from here on (before the first step)
@@ -204,10 +210,8 @@ class SWA(_Averaging):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
+        if not self._steps.stepped(trainer.global_step):
             return  # no optimizer step in this batch
-        self._last_step = step
         if not self._in_swa(trainer):
             return
         if self.update_every == "step":
@@ -272,7 +276,7 @@ class SWA(_Averaging):
         return state
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"num_averaged": self.num_averaged, "start_epoch": self.start_epoch, "last_step": self._last_step,
+        return {"num_averaged": self.num_averaged, "start_epoch": self.start_epoch, "last_step": self._steps.last,
                 "last_epoch_averaged": self._last_epoch_averaged,
                 "bn_state": self._bn_state, "bn_version": self._bn_version}
 
@@ -281,7 +285,7 @@ class SWA(_Averaging):
         start_epoch = state.get("start_epoch")
         if start_epoch is not None and self.start_epoch is None:
             self.start_epoch = int(start_epoch)
-        self._last_step = int(state.get("last_step", -1))
+        self._steps.last = int(state.get("last_step", -1))
         self._last_epoch_averaged = int(state.get("last_epoch_averaged", -1))
         self._bn_state = state.get("bn_state")
         self._bn_version = int(state.get("bn_version", -1))

@@ -9,7 +9,12 @@ import torch
 from torch import Tensor
 
 from lightning_tricks.data.base import TensorDataModule, standardize
-from lightning_tricks.data.files import download, extract_tar, read_cifar_batches, read_idx
+from lightning_tricks.data.files import (
+    download,
+    extract_tar,
+    read_cifar_batches,
+    read_idx,
+)
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -11,10 +11,18 @@
 
 from lightning_tricks.nn.builders import conv_block, conv_stack, linear_block, mlp_stack
 from lightning_tricks.nn.drop import DropPath, drop_path, drop_path_rates
-from lightning_tricks.nn.dropconnect import DropConnectConv2d, DropConnectLinear, dropconnect_weight
+from lightning_tricks.nn.dropconnect import (
+    DropConnectConv2d,
+    DropConnectLinear,
+    dropconnect_weight,
+)
 from lightning_tricks.nn.ic import ICBlock
 from lightning_tricks.nn.pool import FractionalMaxPool2d
-from lightning_tricks.nn.weight_norm import apply_weight_norm, remove_weight_norm, weight_normed_layers
+from lightning_tricks.nn.weight_norm import (
+    apply_weight_norm,
+    remove_weight_norm,
+    weight_normed_layers,
+)
 
 __all__ = [
     "ICBlock",

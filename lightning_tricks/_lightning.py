@@ -36,7 +36,18 @@ try:  # Lightning >= 2.5; benchmarks compare our EMA with it
 except ImportError:  # pragma: no cover - older Lightning
     EMAWeightAveraging = None  # type: ignore[assignment,misc]
 
+def should_log_step(trainer: Trainer) -> bool:
+    """Whether the loggers write step metrics at this training step (``trainer.log_every_n_steps``).
+
+    The same test Lightning's ``LearningRateMonitor`` uses; a step-level ``self.log`` on other steps costs
+    host time and is never written. Lightning keeps it private, so it is read here, in one place.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
 __all__ = [
+    "should_log_step",
     "pl",
     "Callback",
     "LightningDataModule",

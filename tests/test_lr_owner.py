@@ -205,7 +205,7 @@ def test_swa_alone_adds_one_owner_and_a_subclass_counts_as_the_owner(tmp_path: P
     with caplog.at_level("INFO"):
         t.fit(module)
     added = owners(t)
-    assert len(added) == 1 and added[0].added and not added[0].log
+    assert len(added) == 1 and added[0].added and not added[0].log_lr
     assert "added LRSchedule(Constant()) to own the LR" in caplog.text
     assert [lrs[0] for lrs in module.seen] == [0.1] * 8 + [0.01] * 8
 

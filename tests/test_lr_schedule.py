@@ -152,7 +152,7 @@ def test_logs_the_lr_it_sets_per_step_and_per_group(tmp_path: Path) -> None:
     assert float(trainer.callback_metrics["momentum"]) == 0.5
     # groups with different base LRs are logged one by one, under their names
     module = Tiny(lr=0.4, two_groups=True)
-    trainer = tiny_trainer(tmp_path, [LRSchedule(sched)], max_epochs=1)
+    trainer = tiny_trainer(tmp_path, [LRSchedule(sched)], max_epochs=1, log_every_n_steps=1)
     trainer.fit(module)
     assert float(trainer.callback_metrics["lr/weights"]) == pytest.approx(0.4 * sched(9, 10))
     assert float(trainer.callback_metrics["lr/bias"]) == pytest.approx(0.04 * sched(9, 10))
@@ -195,7 +195,7 @@ def test_groups_added_during_training_join_the_schedule(tmp_path: Path) -> None:
 
     sched = Cosine()
     module = Unfreezes(lr=0.1)
-    trainer = tiny_trainer(tmp_path, [LRSchedule(sched)])
+    trainer = tiny_trainer(tmp_path, [LRSchedule(sched)], log_every_n_steps=1)
     trainer.fit(module)
     assert module.at_step[9] == (9, pytest.approx(0.1 * sched(9, 20)))
     assert module.at_step[12] == (12, pytest.approx(0.1 * sched(12, 20)), pytest.approx(0.01 * sched(12, 20)))
@@ -273,3 +273,36 @@ def test_warmup_cosine_recipe_runs_through_train(make_cfg) -> None:
     assert callback.run_length == trainer.global_step == 6
     group = trainer.optimizers[0].param_groups[0]
     assert group["lr"] == pytest.approx(group["initial_lr"] * callback.schedule(6, 6))  # the next step's LR
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_log_switch_and_log_every_n_steps(log, tmp_path):
+    """``log=False`` logs nothing (Lightning's ``callback.log = module.log`` must not turn it back on);
+    ``log=True`` logs on the steps the loggers write, every ``log_every_n_steps``."""
+    from lightning_tricks._lightning import Callback, Trainer, seed_everything
+    from lightning_tricks.callbacks import LRSchedule
+    from lightning_tricks.data import DigitsDataModule
+    from lightning_tricks.mixins import Classifier
+    from lightning_tricks.models import MLP
+    from lightning_tricks.schedules import Cosine
+
+    class Seen(Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if "lr" in trainer.callback_metrics and trainer.callback_metrics["lr"] == pl_module_lr(trainer):
+                self.steps.append(trainer.global_step)
+
+    def pl_module_lr(trainer):  # the LR the step just taken used: the schedule at global_step - 1
+        return schedule.lr_at(trainer.global_step - 1)[0][0]
+
+    seed_everything(0)
+    schedule = LRSchedule(Cosine(), log=log)
+    seen = Seen()
+    trainer = Trainer(max_steps=12, log_every_n_steps=4, logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[schedule, seen], default_root_dir=tmp_path)
+    trainer.fit(Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.1}),
+                DigitsDataModule(batch_size=32, loader="resident"))
+    assert seen.steps == ([4, 8, 12] if log else [])

@@ -299,7 +299,7 @@ def summary(metrics: Mapping[str, Any], monitor: str | None, out: Path, trainer:
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Run :func:`train`; return the monitored metric for sweepers. Config errors end in one line."""
     try:
         metrics, _ = train(cfg)
@@ -308,6 +308,28 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     monitor = cfg.get("monitor")
     return metrics.get(f"best/{monitor}") if monitor else None
+
+
+def null_groups_removed(args: list[str]) -> list[str]:
+    """``GROUP=null`` (Hydra refuses null for a config group) read as ``~GROUP``, removing the group.
+
+    Example:
+        >>> null_groups_removed(["schedule=null", "optimizer.lr=0.1", "logger=None"])
+        ['~schedule', 'optimizer.lr=0.1', '~logger']
+    """
+    groups = {p.name for p in Path(config_dir()).iterdir() if p.is_dir()}
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        out.append(f"~{key}" if sep and key in groups and value.lower() in ("null", "none") and
+                   not (Path(config_dir()) / key / f"{value}.yaml").is_file() else arg)
+    return out
+
+
+def main() -> None:
+    """``python -m lightning_tricks.train`` / ``lightning-tricks-train``: Hydra's command line."""
+    sys.argv = [sys.argv[0], *null_groups_removed(sys.argv[1:])]
+    _hydra_main()
 
 
 if __name__ == "__main__":

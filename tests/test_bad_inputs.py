@@ -77,3 +77,14 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     errors = [line for line in r.stderr.splitlines() if "lightning-tricks:" in line]
     assert errors == ["lightning-tricks: configuration error: trainer.max_epochs must be an int, got 'abc'"]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_group_null_removes_the_group(tmp_path):
+    """``schedule=null`` (the habit the docs once taught) runs with no LRSchedule instead of a Hydra error."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "lightning_tricks.train", "trainer=debug", "logger=none", "test=false",
+                        "schedule=null", "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\nschedule:" not in r.stdout and "LRSchedule" not in r.stdout

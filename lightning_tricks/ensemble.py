@@ -33,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import pickle
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -73,7 +75,26 @@ def mean_softmax(logits: Sequence[Tensor]) -> Tensor:
     return total / len(logits)
 
 
-def load_weights(source: Source, use_average: bool | None = None, map_location: Any = "cpu") -> dict[str, Tensor]:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", trusted: bool = False, **kwargs: Any) -> Any:
+    """``torch.load`` that cannot run code from the file unless the user vouches for it.
+
+    Loads with ``weights_only=True`` (tensors, plain containers and numbers: what Lightning and this
+    library write). A file that needs more is refused with a ``ValueError`` naming the file and the
+    type it asked for; ``trusted=True`` (a file you made or vouch for) loads it with full unpickling.
+    """
+    if trusted:
+        return torch.load(path, map_location=map_location, weights_only=False, **kwargs)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global|Unsupported operand|global) ?:? ?GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else str(e).strip().splitlines()[0][:200]
+        raise ValueError(f"refused to load {path}: it holds {what}, which a weights-only load does not allow "
+                         "(loading it could run code). If you made this file or trust it, pass trusted=True") from e
+
+
+def load_weights(source: Source, use_average: bool | None = None, map_location: Any = "cpu",
+                 trusted: bool = False) -> dict[str, Tensor]:
     """A module state dict from a checkpoint path, a loaded Lightning checkpoint, or a state dict.
 
     Args:
@@ -84,9 +105,10 @@ def load_weights(source: Source, use_average: bool | None = None, map_location: 
             checkpoint has exactly one started average (the weights validation ran on), ``True``
             requires them, ``False`` takes the raw training weights.
         map_location: passed to ``torch.load``.
+        trusted: load a file with full unpickling (see :func:`load_checkpoint`; default: weights only).
     """
     if isinstance(source, (str, Path)):
-        source = torch.load(source, map_location=map_location, weights_only=False)
+        source = load_checkpoint(source, map_location=map_location, trusted=trusted)
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a path, a checkpoint dict or a state dict, got {type(source).__name__}")
     if "state_dict" not in source:
@@ -246,6 +268,8 @@ class CheckpointEnsemble:
         members: paths, Lightning checkpoint dicts or state dicts.
         use_average: see :func:`load_weights` (default: a checkpoint's EMA/SWA average when it has one).
         device: where :meth:`module`, :meth:`predict_proba` and :meth:`evaluate` run (default: CPU).
+        trusted: load member files with full unpickling; by default they load with ``weights_only=True``
+            and a file that needs more is refused (:func:`load_checkpoint`).
 
     Example:
         >>> from lightning_tricks.mixins import Classifier
@@ -257,13 +281,14 @@ class CheckpointEnsemble:
     """
 
     def __init__(self, template: Template, members: Sequence[Source], use_average: bool | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, trusted: bool = False) -> None:
         if not members:
             raise ValueError("CheckpointEnsemble needs at least one member")
         self._template = template
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.sources = [str(m) if isinstance(m, (str, Path)) else "<state dict>" for m in members]
-        self.states = [{k: v.detach().cpu() for k, v in load_weights(m, use_average).items()} for m in members]
+        self.states = [{k: v.detach().cpu() for k, v in load_weights(m, use_average, trusted=trusted).items()}
+                       for m in members]
         for source, state in zip(self.sources, self.states):
             bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
             if bad is not None:
@@ -373,7 +398,7 @@ def model_checkpoint_paths(checkpoint: Any, k: int | None = None, which: str = "
             raise ValueError(f"no checkpoint files in {checkpoint.dirpath}")
         steps = {}
         for p in files:
-            ck = torch.load(p, map_location="cpu", mmap=True, weights_only=False)
+            ck = load_checkpoint(p, map_location="cpu", mmap=True)
             steps[str(p)] = (int(ck.get("global_step", 0)), int(ck.get("epoch", 0)))
         paths = sorted(steps, key=steps.get, reverse=True)
     return [str(p) for p in (paths if k is None else paths[:k])]

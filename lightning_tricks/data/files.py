@@ -3,12 +3,15 @@
 - idx (MNIST, Fashion-MNIST): big-endian header ``0 0 dtype ndim``, ``ndim`` int32 sizes, raw data;
   usually gzipped.
 - CIFAR-10 python batches: pickled dicts with ``b"data"`` (N x 3072 uint8: R plane, G plane, B plane,
-  each 32x32 row-major) and ``b"labels"``.
+  each 32x32 row-major) and ``b"labels"``. Read with a restricted unpickler (:class:`CifarUnpickler`)
+  that accepts only what the format holds, so a crafted batch cannot run code.
+- Downloads are verified against the published MD5 checksums (:data:`CHECKSUMS`) before use.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import shutil
@@ -61,19 +64,59 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         f.write(header + array.tobytes())
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR python batch holds: dicts, lists, bytes, str, numbers and numpy arrays.
+
+    ``find_class`` is the one door through which a pickle reaches code; it opens only for numpy's array
+    reconstruction helpers (the paths of numpy 1.x and 2.x, protocols 2-5), ``ndarray``/``dtype`` and
+    ``_codecs.encode`` (bytes in a protocol-2 pickle written by Python 3).
+    Anything else (``os.system``, ``builtins.open``, any class) is refused before it is called.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in protocol 2: encode(str, "latin1")
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 python batch never holds")
+
+
+def _load_cifar_pickle(path: Path) -> object:
+    with open(path, "rb") as f:
+        return CifarUnpickler(f, encoding="bytes").load()
+
+
 def read_cifar_batches(directory: str | os.PathLike, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read CIFAR python batches ``names`` from ``directory``: images ``(N, 3, 32, 32)`` uint8, labels."""
+    """Read CIFAR python batches ``names`` from ``directory``: images ``(N, 3, 32, 32)`` uint8, labels.
+
+    Each file is read with :class:`CifarUnpickler`: a file that refers to anything but plain data and
+    numpy arrays is refused (nothing in it runs) with a :class:`DataFileError` naming it.
+    """
     xs, ys = [], []
     for name in names:
         path = Path(directory) / name
         if not path.is_file():
             raise FileNotFoundError(f"CIFAR-10 batch not found: {path}")
         try:
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            data = np.asarray(d[b"data"], dtype=np.uint8)
+            d = _load_cifar_pickle(path)
+        except pickle.UnpicklingError as e:
+            raise DataFileError(f"refused {path}: not a CIFAR-10 python batch ({e}); nothing in it was run") from e
+        except Exception as e:  # noqa: BLE001 - any other unpickling failure means a corrupt file
+            raise DataFileError(f"corrupt data file {path}: not a CIFAR python batch ({type(e).__name__}: {e})") from e
+        try:
+            if not isinstance(d, dict):
+                raise TypeError(f"a {type(d).__name__}, not a dict")
+            raw = d[b"data"]
+            if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+                raise TypeError(f"data is {type(raw).__name__} {getattr(raw, 'dtype', '')}, not a uint8 array")
+            data = raw
             labels = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        except Exception as e:  # noqa: BLE001 - wrong content: say what was found
             raise DataFileError(f"corrupt data file {path}: not a CIFAR python batch ({type(e).__name__}: {e})") from e
         if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
             raise DataFileError(f"corrupt data file {path}: expected data (N, 3072) and N labels, got "
@@ -91,16 +134,50 @@ def write_cifar_batch(path: str | os.PathLike, images: np.ndarray, labels: Seque
                      b"data": data}, f, protocol=4)
 
 
-def download(url: str, dest: Path) -> None:
-    """Download ``url`` to ``dest`` (atomically); only called when the user opted in with ``download=True``."""
+# The MD5 checksums the datasets' authors publish for their files (Fashion-MNIST's README, MNIST's and
+# CIFAR-10's pages; the same values torchvision checks).
+CHECKSUMS = {
+    "fashion_mnist/train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "fashion_mnist/train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "fashion_mnist/t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "fashion_mnist/t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    "mnist/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "mnist/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "mnist/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "mnist/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "cifar10/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+}
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    """The MD5 hex digest of a file (read in chunks)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, md5: str | None = None) -> None:
+    """Download ``url`` to ``dest``, atomically, and check it against ``md5`` before it is used.
+
+    Only called when the user opted in with ``download=True``. The file arrives as ``dest.part``; on a
+    checksum mismatch it is deleted and a ``DataFileError`` says so, so nothing unverified is ever read.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:  # noqa: S310 - fixed https URLs
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:  # noqa: S310 - fixed URLs
             shutil.copyfileobj(r, f)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"download of {url} failed ({e}); put the files in {dest.parent} by hand") from e
+    if md5 is not None:
+        found = md5sum(tmp)
+        if found != md5:
+            tmp.unlink(missing_ok=True)
+            raise DataFileError(f"download of {url} has MD5 {found}, the published checksum is {md5}: the file "
+                                "was deleted (a corrupt or tampered download); try again or fetch it by hand")
     tmp.replace(dest)
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_tricks.data.base import TensorDataModule, standardize
 from lightning_tricks.data.files import (
+    CHECKSUMS,
     download,
     extract_tar,
     read_cifar_batches,
@@ -71,7 +72,7 @@ class IdxImageDataModule(TensorDataModule):
         if self.download:
             for n in names:
                 if not (self.data_dir / n).is_file():
-                    download(MIRRORS[self.dataset] + n, self.data_dir / n)
+                    download(MIRRORS[self.dataset] + n, self.data_dir / n, md5=CHECKSUMS[f"{self.dataset}/{n}"])
         _missing(self.data_dir, names, self.dataset)
 
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -134,7 +135,7 @@ class CIFAR10DataModule(TensorDataModule):
         directory = self.batches_dir()
         if self.download and not all((directory / n).is_file() for n in names):
             archive = self.data_dir / "cifar-10-python.tar.gz"
-            download(CIFAR10_URL, archive)
+            download(CIFAR10_URL, archive, md5=CHECKSUMS["cifar10/cifar-10-python.tar.gz"])
             extract_tar(archive, self.data_dir)
             directory = self.batches_dir()
         _missing(directory, names, "CIFAR-10")

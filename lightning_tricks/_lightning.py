@@ -36,6 +36,17 @@ try:  # Lightning >= 2.5; benchmarks compare our EMA with it
 except ImportError:  # pragma: no cover - older Lightning
     EMAWeightAveraging = None  # type: ignore[assignment,misc]
 
+def trainer_callbacks(trainer: Trainer) -> list[Callback]:
+    """``trainer.callbacks``: set by Lightning's callback connector at ``Trainer.__init__``, so a type
+    checker does not see it on the class; read here, typed, in one place."""
+    return trainer.callbacks  # type: ignore[attr-defined,no-any-return]
+
+
+def trainer_datamodule(trainer: Trainer) -> LightningDataModule | None:
+    """``trainer.datamodule`` (the fit's DataModule, or ``None``), typed for the same reason."""
+    return getattr(trainer, "datamodule", None)
+
+
 def should_log_step(trainer: Trainer) -> bool:
     """Whether the loggers write step metrics at this training step (``trainer.log_every_n_steps``).
 
@@ -47,6 +58,8 @@ def should_log_step(trainer: Trainer) -> bool:
 
 
 __all__ = [
+    "trainer_callbacks",
+    "trainer_datamodule",
     "should_log_step",
     "pl",
     "Callback",

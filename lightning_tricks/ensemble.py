@@ -400,5 +400,5 @@ def model_checkpoint_paths(checkpoint: Any, k: int | None = None, which: str = "
         for p in files:
             ck = load_checkpoint(p, map_location="cpu", mmap=True)
             steps[str(p)] = (int(ck.get("global_step", 0)), int(ck.get("epoch", 0)))
-        paths = sorted(steps, key=steps.get, reverse=True)
+        paths = sorted(steps, key=lambda p: steps[p], reverse=True)
     return [str(p) for p in (paths if k is None else paths[:k])]

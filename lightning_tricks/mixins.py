@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,13 @@ class ClassificationMixin:
     num_classes: int
     label_smoothing: float
     optimizer_config: OptimizerConfig
+    # provided by the LightningModule this class is mixed into
+    training: bool
+    log: Any
+
+    if TYPE_CHECKING:  # for type checkers only: at run time the host module's __call__ must win the MRO
+
+        def __call__(self, x: Tensor) -> Tensor: ...
 
     def init_classification(
         self, num_classes: int, optimizer: OptimizerConfig | Mapping[str, Any] | None = None,

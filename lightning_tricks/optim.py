@@ -79,7 +79,8 @@ def param_groups_weight_decay(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     skip = no_decay_parameter_names(module) if no_decay_bias_norm else set()
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -130,7 +131,7 @@ class OptimizerConfig:
     def from_any(cls, cfg: OptimizerConfig | Mapping[str, Any] | None) -> OptimizerConfig:
         if cfg is None:
             return cls()
-        if isinstance(cfg, cls):
+        if isinstance(cfg, OptimizerConfig):
             return cfg
         known = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(cfg) - known)

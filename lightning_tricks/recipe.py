@@ -130,7 +130,7 @@ class RecipeReport:
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:
     """``RECIPE_DEFAULTS`` merged with ``cfg.recipe``; unknown keys and bad values raise ConfigError."""
-    base = OmegaConf.create(RECIPE_DEFAULTS)
+    base: Any = OmegaConf.create(RECIPE_DEFAULTS)
     given = cfg.get("recipe")
     if given is not None:
         try:
@@ -138,7 +138,7 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
             base = OmegaConf.merge(base, given)
         except Exception as e:  # noqa: BLE001 - omegaconf raises several kinds for an unknown key
             raise ConfigError(f"recipe: {e}".splitlines()[0]) from e
-    s = OmegaConf.to_container(base, resolve=True)
+    s: dict[str, Any] = OmegaConf.to_container(base, resolve=True)  # type: ignore[assignment]
     assert isinstance(s, dict)
     lr = s["lr_range"]
     if not 0 < lr["min_lr"] < lr["max_lr"]:

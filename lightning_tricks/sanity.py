@@ -306,10 +306,11 @@ def clone_optimizer(optimizer: torch.optim.Optimizer, original: nn.Module, clone
         except KeyError:
             raise ValueError("the optimizer holds parameters that are not the module's") from None
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": params})
+    cls: Any = type(optimizer)  # a concrete optimizer class (SGD, Adam, ...), not the abstract base
     try:
-        return type(optimizer)(groups, **optimizer.defaults)
+        return cls(groups, **optimizer.defaults)  # type: ignore[no-any-return]
     except TypeError:
-        return type(optimizer)(groups)
+        return cls(groups)  # type: ignore[no-any-return]
 
 
 def _first_optimizer(out: Any) -> torch.optim.Optimizer:
@@ -387,9 +388,9 @@ def overfit_check(
         if isinstance(optimizer, torch.optim.Optimizer):
             opt = clone_optimizer(optimizer, module, clone)
         elif optimizer is not None:
-            opt = optimizer([p for p in clone.parameters() if p.requires_grad])
+            opt = optimizer([p for p in clone.parameters() if p.requires_grad])  # type: ignore[operator]
         elif hasattr(clone, "configure_optimizers"):
-            opt = _first_optimizer(clone.configure_optimizers())
+            opt = _first_optimizer(getattr(clone, "configure_optimizers")())
         else:
             opt = torch.optim.Adam([p for p in clone.parameters() if p.requires_grad], lr=1e-3)
         for g in opt.param_groups:

@@ -58,7 +58,7 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Any, Union
 
 __all__ = [
     "Schedule",
@@ -427,8 +427,9 @@ class CosineRestarts(Schedule):
 
     def __post_init__(self) -> None:
         self.T_0 = _check_step_value(self.T_0, "T_0", minimum=1)
-        if isinstance(self.T_mult, float) and self.T_mult.is_integer():
-            self.T_mult = int(self.T_mult)
+        t_mult: Any = self.T_mult  # YAML may give 2.0
+        if isinstance(t_mult, float) and t_mult.is_integer():
+            self.T_mult = int(t_mult)
         if isinstance(self.T_mult, bool) or not isinstance(self.T_mult, int) or self.T_mult < 1:
             raise ValueError(f"T_mult must be an int >= 1, got {self.T_mult!r}")
         self.min_factor = _check_factor(self.min_factor, "min_factor", 0.0, 1.0)

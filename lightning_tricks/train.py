@@ -14,10 +14,12 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
     seed_everything,
 )
+from lightning_tricks.callbacks.progress import EpochLines
 from lightning_tricks.data import DataFileError
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.sanity import Diverged
@@ -219,9 +222,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule, module = build_data_and_module(cfg)
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     assert isinstance(trainer_kwargs, dict)
     trainer_kwargs.setdefault("default_root_dir", str(out))
+    if trainer_kwargs.get("enable_progress_bar", True) and not sys.stdout.isatty():
+        # a log file, not a terminal: one line per epoch instead of progress-bar frames
+        trainer_kwargs["enable_progress_bar"] = False
+        callbacks.append(EpochLines())
     _check_trainer_kwargs(trainer_kwargs)
     _check_run_options(cfg, callbacks, trainer_kwargs)
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
@@ -326,8 +333,18 @@ def null_groups_removed(args: list[str]) -> list[str]:
     return out
 
 
+def quiet_third_party() -> None:
+    """What only the entry points filter: Lightning's advertising tip and third-party deprecation
+    warnings a user cannot act on. A user's own Trainer is left alone (this runs only in ``main``)."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main() -> None:
     """``python -m lightning_tricks.train`` / ``lightning-tricks-train``: Hydra's command line."""
+    quiet_third_party()
     sys.argv = [sys.argv[0], *null_groups_removed(sys.argv[1:])]
     _hydra_main()
 

@@ -82,3 +82,5 @@ def test_wheel_ships_configs(tmp_path):
     local = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
     assert local <= shipped, sorted(local - shipped)
     assert "lightning_tricks/train.py" in names
+    assert "lightning_tricks/py.typed" in names  # users' type checkers see our annotations
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)[-8:]

@@ -112,7 +112,8 @@ def evaluate_raw_pass(trainer: Trainer, pl_module: LightningModule, suffix: str)
                 if b >= limit:
                     break
                 batch = trainer.strategy.batch_to_device(batch, dataloader_idx=i)
-                for name, values in pl_module.evaluation_outputs(batch, stage).items():
+                outputs = pl_module.evaluation_outputs(batch, stage)  # type: ignore[operator]  # checked at setup
+                for name, values in outputs.items():
                     values = torch.as_tensor(values).detach().float().reshape(-1)
                     key = name + tail
                     sums[key] = sums[key] + values.sum() if key in sums else values.sum()

@@ -66,6 +66,7 @@ class DivergenceGuard(Callback):
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
+    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if not params or self._trainer is None:

@@ -108,7 +108,7 @@ class FreezeUnfreeze(Callback):
         self.groups: list[dict[str, Any]] = []  # the added groups without their params (names instead)
         self._module: nn.Module | None = None
         self._name = backbone
-        self._frozen_bns: list[nn.Module] = []
+        self._frozen_bns: list[Any] = []  # the BatchNorm layers kept in eval mode
 
     @property
     def state_key(self) -> str:
@@ -195,7 +195,7 @@ class FreezeUnfreeze(Callback):
         else:
             named = {g.get("name"): g for g in optimizer.param_groups}
             split = "no_decay" in named
-            weight_decay = (named.get("decay") or head).get("weight_decay")
+            weight_decay = float((named.get("decay") or head).get("weight_decay") or 0.0)
         in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
         unfreeze(self._module)
         self._frozen_bns = []

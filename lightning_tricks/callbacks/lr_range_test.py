@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lightning_tricks._lightning import (
+    trainer_callbacks,
     Callback,
     DummyLogger,
     LightningDataModule,
@@ -154,7 +155,7 @@ class LRRangeTest(Callback):
             return
         from lightning_tricks.callbacks.lr_scaling import LinearScaling
 
-        if any(isinstance(cb, LinearScaling) for cb in trainer.callbacks):
+        if any(isinstance(cb, LinearScaling) for cb in trainer_callbacks(trainer)):
             raise MisconfigurationException(
                 f"LRRangeTest(apply_to={self.apply_to!r}) and LinearScaling both set the base LR at fit start; "
                 "the range test already measures at this batch size. Drop one, or use apply_to=None")
@@ -176,7 +177,7 @@ class LRRangeTest(Callback):
     # -- the sweep --------------------------------------------------------------------------------
     def run(self, trainer: Trainer, pl_module: LightningModule) -> RangeTestResult | None:
         """Sweep, restore everything, plot; return the result (also in :attr:`result`)."""
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             rank_zero_warn("LRRangeTest skipped: fast_dev_run is on")
             return None
         if trainer.ckpt_path:
@@ -197,7 +198,7 @@ class LRRangeTest(Callback):
             "optimizer": copy.deepcopy(optimizer.state_dict()),
             "precision": copy.deepcopy(trainer.precision_plugin.state_dict()),
             "loop": copy.deepcopy(loop.state_dict()),
-            "callbacks": trainer.callbacks,
+            "callbacks": trainer_callbacks(trainer),
             "loggers": trainer.loggers,
             "schedulers": trainer.strategy.lr_scheduler_configs,
             "max_steps": loop.epoch_loop.max_steps,
@@ -211,13 +212,13 @@ class LRRangeTest(Callback):
         with isolate_rng():
             try:
                 trainer.strategy.lr_scheduler_configs = []
-                trainer.callbacks = [sweep]
+                trainer.callbacks = [sweep]  # type: ignore[attr-defined]  # (see trainer_callbacks)
                 trainer.loggers = [DummyLogger()] if trainer.loggers else []
                 loop.epoch_loop.max_steps = trainer.global_step + self.num_steps
                 loop.max_epochs = -1
                 trainer.limit_val_batches = 0
                 trainer.should_stop = False
-                loop.load_state_dict(copy.deepcopy(saved["loop"]))
+                loop.load_state_dict(copy.deepcopy(saved["loop"]))  # type: ignore[arg-type]
                 loop.restarting = False
                 loop.run()
             finally:
@@ -241,7 +242,7 @@ class LRRangeTest(Callback):
                  saved: dict[str, Any]) -> None:
         loop = trainer.fit_loop
         trainer.strategy.lr_scheduler_configs = saved["schedulers"]
-        trainer.callbacks = saved["callbacks"]
+        trainer.callbacks = saved["callbacks"]  # type: ignore[attr-defined]
         trainer.loggers = saved["loggers"]
         loop.epoch_loop.max_steps = saved["max_steps"]
         loop.max_epochs = saved["max_epochs"]
@@ -403,9 +404,9 @@ class _Sweep(Callback):
 def _find_one_cycle(trainer: Trainer) -> Any:
     from lightning_tricks.schedules import OneCycle, Warmup
 
-    for cb in trainer.callbacks:
+    for cb in trainer_callbacks(trainer):
         if isinstance(cb, LRSchedule):
-            s = cb.schedule
+            s: Any = cb.schedule
             if isinstance(s, Warmup):
                 s = s.then
             if isinstance(s, OneCycle):

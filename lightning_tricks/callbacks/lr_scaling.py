@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_tricks._lightning import (
+    trainer_callbacks,
     Callback,
     LightningModule,
     Trainer,
@@ -141,7 +142,7 @@ class LinearScaling(Callback):
     def _has_warmup(trainer: Trainer) -> bool:
         from lightning_tricks.schedules import Warmup
 
-        return any(isinstance(cb, LRSchedule) and isinstance(cb.schedule, Warmup) for cb in trainer.callbacks)
+        return any(isinstance(cb, LRSchedule) and isinstance(cb.schedule, Warmup) for cb in trainer_callbacks(trainer))
 
     def state_dict(self) -> dict[str, Any]:
         return {"factor": self.factor, "global_batch_size": self.global_batch_size}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lightning_tricks._lightning import (
+    trainer_callbacks,
     Callback,
     LightningModule,
     MisconfigurationException,
@@ -35,7 +36,7 @@ def lr_owner(trainer: Trainer, by: str) -> LRSchedule:
     Call it from a callback's ``setup`` (before Lightning restores callback states, so an added owner
     gets its checkpoint state back on resume). The owner is found with ``isinstance``, never by name.
     With several LRSchedules, the one that drives optimizer 0 (``optimizers=None`` or containing 0)
-    is returned. With none, ``LRSchedule(Constant(), log=False)`` is appended to ``trainer.callbacks``
+    is returned. With none, ``LRSchedule(Constant(), log=False)`` is appended to ``trainer_callbacks(trainer)``
     (said once on rank zero); if the module turns out to configure its own torch LR scheduler, that
     added owner steps aside for the scheduler's optimizers at fit start (base-LR changes then go to the
     scheduler's ``base_lrs``; phases and schedules are refused there).
@@ -44,13 +45,13 @@ def lr_owner(trainer: Trainer, by: str) -> LRSchedule:
         trainer: the Trainer.
         by: who asks, e.g. ``"SWA(swa_lr=0.01)"`` (used in messages).
     """
-    owners = [cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)]
+    owners = [cb for cb in trainer_callbacks(trainer) if isinstance(cb, LRSchedule)]
     if owners:
         first = [cb for cb in owners if cb.optimizers is None or 0 in cb.optimizers]
         return (first or owners)[0]
     owner = LRSchedule(Constant(), log=False)
     owner._implicit = True
-    trainer.callbacks.append(owner)
+    trainer_callbacks(trainer).append(owner)
     rank_zero_info(f"{by} changes the learning rate through LRSchedule, and there was none: added "
                    "LRSchedule(Constant()) to own the LR (add your own LRSchedule to choose the schedule)")
     return owner
@@ -319,8 +320,8 @@ class LRSchedule(Callback):
                 group["lr"] = new
                 changes.append((i, j, old, new))
         for config in trainer.lr_scheduler_configs:
-            opt = getattr(config.scheduler, "optimizer", None)
-            index = next((i for i, o in enumerate(trainer.optimizers) if o is opt), None)
+            scheduled = getattr(config.scheduler, "optimizer", None)
+            index = next((i for i, o in enumerate(trainer.optimizers) if o is scheduled), None)
             base_lrs = getattr(config.scheduler, "base_lrs", None)
             if index is not None and index not in self._indices and isinstance(base_lrs, list):
                 config.scheduler.base_lrs = [fn(index, j, b) for j, b in enumerate(base_lrs)]
@@ -341,7 +342,7 @@ class LRSchedule(Callback):
         if bad:
             raise ValueError(f"LRSchedule(optimizers={self.optimizers!r}): index {bad[0]} is out of range; "
                              f"the module has {len(optimizers)} optimizer(s)")
-        for other in trainer.callbacks:
+        for other in trainer_callbacks(trainer):
             if other is self or not isinstance(other, LRSchedule):
                 continue
             theirs = range(len(optimizers)) if other.optimizers is None else other.optimizers

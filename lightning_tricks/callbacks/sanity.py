@@ -202,7 +202,9 @@ class OverfitCheck(Callback):
 def _tracked_params(trainer: Trainer, pl_module: LightningModule, which: str) -> tuple[list[str], list[Tensor]]:
     """Names and tensors of the trainable parameters in the Trainer's optimizers (``which``: weights|all)."""
     names = {id(p): n for n, p in pl_module.named_parameters()}
-    out_n, out_p, seen = [], [], set()
+    out_n: list[str] = []
+    out_p: list[Tensor] = []
+    seen: set[int] = set()
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             for p in group["params"]:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import (
+    trainer_callbacks,
     Callback,
     LightningModule,
     Trainer,
@@ -145,7 +146,7 @@ class SnapshotEnsemble(Callback):
             self._lr_owner = lr_owner(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
 
     def _lr_callbacks(self, trainer: Trainer) -> list[LRSchedule]:
-        return [c for c in trainer.callbacks if isinstance(c, LRSchedule) and not c.added]
+        return [c for c in trainer_callbacks(trainer) if isinstance(c, LRSchedule) and not c.added]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         total = trainer.estimated_stepping_batches

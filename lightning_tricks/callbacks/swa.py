@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tricks._lightning import LightningModule, Trainer
+from lightning_tricks._lightning import trainer_datamodule, LightningModule, Trainer
 from lightning_tricks.averaging import (
     AVERAGE_STATE_KEY,
     bn_buffers,
@@ -171,7 +171,7 @@ class SWA(_Averaging):
         if math.isfinite(total) and math.isfinite(per_epoch) and per_epoch > 0:
             accumulate = max(1, trainer.accumulate_grad_batches)
             epochs = math.ceil(total / math.ceil(per_epoch / accumulate))
-            if self.start_epoch >= epochs:
+            if self.start_epoch is not None and self.start_epoch >= epochs:
                 raise ValueError(f"SWA start epoch {self.start_epoch} is beyond the run "
                                  f"(about {epochs} epochs of {int(total)} optimizer steps)")
 
@@ -239,8 +239,9 @@ class SWA(_Averaging):
             restore_(list(buffers.values()), [self._bn_state[n] for n in buffers])
             return
         loader = trainer.train_dataloader
-        if loader is None and trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
+        datamodule = trainer_datamodule(trainer)
+        if loader is None and datamodule is not None:
+            loader = datamodule.train_dataloader()
         loaders = _as_list(loader)
         if not loaders:
             self._warn_once("no-bn-data", "SWA: no training data to recompute the BatchNorm statistics of "

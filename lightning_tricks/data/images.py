@@ -89,7 +89,7 @@ class IdxImageDataModule(TensorDataModule):
         out["train"] = _limit(*out["train"], self.limit_train)
         out["test"] = _limit(*out["test"], self.limit_test)
         x_train, x_test = standardize(out["train"][0], out["test"][0])
-        self.input_shape = tuple(x_train.shape[1:])
+        self.input_shape = tuple(x_train.shape[1:])  # type: ignore[assignment]
         return {"train": (x_train, out["train"][1]), "test": (x_test, out["test"][1])}
 
 

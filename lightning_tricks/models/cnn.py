@@ -85,7 +85,7 @@ class ResNet(nn.Module):
         if norm == "classic":
             stem.append(nn.BatchNorm2d(widths[0]))
         stem.append(nn.ReLU(inplace=True))
-        layers = [nn.Sequential(*stem)]
+        layers: list[nn.Module] = [nn.Sequential(*stem)]
         cin = widths[0]
         for s, w in enumerate(widths):
             for b in range(blocks_per_stage):

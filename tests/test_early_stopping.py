@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -18,8 +19,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tricks._lightning import (
     Callback,
     CSVLogger,
+    EarlyStoppingReason,
     LightningModule,
+    MisconfigurationException,
     ModelCheckpoint,
+    PLEarlyStopping,
     Trainer,
     seed_everything,
 )
@@ -76,7 +80,7 @@ CASES = {
 def test_overfitting_digits_stop_early_and_restore_the_best_weights(case):
     module = _overfit_module()
     train, val = _loaders()
-    es = EarlyStopping(**CASES[case], restore_best=True)
+    es = EarlyStopping(**CASES[case], restore_best=True, log_values=True)
     trainer = _trainer([es])
     trainer.fit(module, train, val)
 
@@ -102,7 +106,7 @@ def test_restore_from_the_best_checkpoint(tmp_path):
     module = _overfit_module()
     train, val = _loaders()
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1)
-    es = EarlyStopping(criterion="gl", alpha=5.0, restore_from="checkpoint")
+    es = EarlyStopping(criterion="gl", alpha=5.0, restore_best=True, restore_from="checkpoint")
     trainer = _trainer([es, ckpt], enable_checkpointing=True)
     trainer.fit(module, train, val)
     assert es.stop_reason is not None and es.best_weights is None  # nothing kept in memory
@@ -116,7 +120,7 @@ def test_restore_from_the_best_checkpoint(tmp_path):
 def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
     train, val = _loaders()
     strip = CASES[case]["strip"]
-    full = EarlyStopping(**CASES[case])
+    full = EarlyStopping(**CASES[case], restore_best=True)
     every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False,
                                   save_top_k=-1, every_n_epochs=1)
     module = _overfit_module()
@@ -129,7 +133,7 @@ def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
     path = tmp_path / f"e{resume:02d}.ckpt"
     saved = torch.load(path, weights_only=False)["callbacks"][full.state_key]
     assert saved["history"] == full.history[: resume + 1] and saved["best_weights"]
-    resumed = EarlyStopping(**CASES[case])
+    resumed = EarlyStopping(**CASES[case], restore_best=True)
     module2 = _overfit_module()
     again = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False,
                             save_top_k=-1, every_n_epochs=1)
@@ -145,7 +149,7 @@ def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
 
 
 def test_state_round_trips_with_plain_types():
-    es = EarlyStopping(criterion="up", strip=2, s=2)
+    es = EarlyStopping(criterion="up", strip=2, s=2, restore_best=True)
     es.history, es.train_history, es.epochs = [1.0, 0.5, 0.7], [2.0, 1.0, math.nan], [0, 1, 2]
     es._best, es._held_check = {"w": torch.ones(3)}, 1
     state = es.state_dict()
@@ -156,13 +160,13 @@ def test_state_round_trips_with_plain_types():
     assert other.history == es.history and other.epochs == es.epochs and other.best_epoch == 1
     assert other.best_weights is not None and torch.equal(other.best_weights["w"], torch.ones(3))
     # smaller checkpoints: the in-memory copy is left out on request
-    assert "best_weights" not in EarlyStopping(save_best_weights=False).state_dict()
+    assert "best_weights" not in EarlyStopping(restore_best=True, save_best_weights=False).state_dict()
     # distinct keys for two instances side by side
     keys = {EarlyStopping(criterion="gl").state_key, EarlyStopping(criterion="pq").state_key,
             EarlyStopping(criterion="gl", alpha=2.0).state_key, EarlyStopping(monitor="val/acc").state_key}
     assert len(keys) == 4
     # a checkpoint without the best weights: the final weights stay, with a warning
-    light = EarlyStopping()
+    light = EarlyStopping(restore_best=True)
     light.load_state_dict({k: v for k, v in state.items() if not k.startswith("best_weights")})
     layer = nn.Linear(2, 2)
     before = layer.weight.detach().clone()
@@ -256,7 +260,7 @@ class _EveryEpoch(Callback):
 )
 def test_restored_weights_are_exactly_the_best_epochs(accelerator, best_on_cpu):
     # UP_CURVE: best 0.5 at epoch 4; UP_2 (strip 2) stops at epoch 7
-    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2, best_on_cpu=best_on_cpu)
+    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2, restore_best=True, best_on_cpu=best_on_cpu)
     record = _EveryEpoch()
     module = Scripted(UP_CURVE)
     _scripted_trainer([record, es], accelerator=accelerator).fit(module, _scripted_loader(), _scripted_loader())
@@ -289,7 +293,7 @@ def test_perfect_accuracy_then_worse_gives_an_infinite_gl():
         ({"criterion": "pq", "strip": 0}, r"strip must be an int >= 1, got 0"),
         ({"criterion": "up", "strip": 2.5}, r"strip must be an int >= 1, got 2\.5"),
         ({"restore_from": "disk"}, r"restore_from must be one of \('memory', 'checkpoint'\), got 'disk'"),
-        ({"mode": "maximum"}, r"mode must be one of \('min', 'max'\), got 'maximum'"),
+        ({"mode": "maximum"}, r"`mode` can be min, max, got maximum"),  # Lightning's message (and exception)
         ({"monitor": ""}, r"monitor must be a non-empty metric name, got ''"),
         ({"restore_best": "yes"}, r"restore_best must be a bool, got 'yes'"),
     ],
@@ -312,7 +316,7 @@ def test_pq_without_the_training_metric_names_it():
 
 
 def test_restore_from_checkpoint_needs_a_matching_model_checkpoint(tmp_path):
-    es = EarlyStopping(monitor="val/err", restore_from="checkpoint")
+    es = EarlyStopping(monitor="val/err", restore_best=True, restore_from="checkpoint")
     other = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(monitor='val/err', mode='min'.*'val/acc', 'max'"):
         _scripted_trainer([es, other], enable_checkpointing=True).fit(Scripted(PQ_VAL), _scripted_loader(),
@@ -327,7 +331,9 @@ def test_restore_from_checkpoint_needs_a_matching_model_checkpoint(tmp_path):
 def test_configs_compose_and_instantiate(name, criterion):
     cfg = compose_train([f"+callbacks={name}"])
     es = instantiate(cfg.callbacks[name])
-    assert isinstance(es, EarlyStopping) and es.criterion == criterion and es.restore_best
+    assert isinstance(es, EarlyStopping) and es.criterion == criterion
+    # the class defaults are Lightning's (restore_best off); our configs turn restore-best and logging on
+    assert es.restore_best is True and es.log_values is True and EarlyStopping().restore_best is False
     removed = compose_train([f"+callbacks={name}", f"~callbacks.{name}"])
     assert name not in removed.callbacks
 
@@ -363,3 +369,143 @@ def test_ddp_ranks_stop_on_the_same_epoch(tmp_path):
     assert r0["history"] == r1["history"] == pytest.approx(UP_CURVE[:8])
     assert r0["reason"] == r1["reason"] and r0["reason"].startswith("stopped at epoch 7: UP_2")
     assert r0["best"] == r1["best"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# a drop-in for Lightning's EarlyStopping (issue 19): checkpoints both ways, arguments, copies
+# ------------------------------------------------------------------------------------------------
+# patience 3: best 0.5 at epoch 1, no improvement at epochs 2, 3, 4 -> stops at epoch 4. A run resumed
+# after epoch 2 that lost the state would take 0.7 (epoch 3) as its first best and stop at epoch 6.
+_PATIENCE_CURVE = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1]
+
+
+class _StateAtStart(Callback):
+    """The EarlyStopping fields right after a checkpoint was restored (on_train_start)."""
+
+    def __init__(self, es) -> None:
+        self.es, self.seen = es, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen = {"wait_count": self.es.wait_count, "best_score": float(self.es.best_score),
+                     "stopped_epoch": self.es.stopped_epoch}
+
+
+def _save_after_epoch_2(es, tmp_path: Path) -> Path:
+    trainer = _scripted_trainer([es], max_epochs=3, default_root_dir=tmp_path)
+    trainer.fit(Scripted(_PATIENCE_CURVE), _scripted_loader(), _scripted_loader())
+    path = tmp_path / "after_epoch_2.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+@pytest.mark.parametrize("direction", ["lightning_to_ours", "ours_to_lightning"])
+def test_checkpoints_move_between_lightnings_early_stopping_and_ours(tmp_path, direction):
+    writer_cls, reader_cls = ((PLEarlyStopping, EarlyStopping) if direction == "lightning_to_ours"
+                              else (EarlyStopping, PLEarlyStopping))
+    writer = writer_cls(monitor="val/err", patience=3)
+    path = _save_after_epoch_2(writer, tmp_path)
+    saved = torch.load(path, weights_only=True)["callbacks"]
+    assert list(saved) == ["EarlyStopping{'monitor': 'val/err', 'mode': 'min'}"]  # Lightning's key
+    assert saved[writer.state_key]["wait_count"] == 1 and saved[writer.state_key]["stopped_epoch"] == 0
+
+    reader = reader_cls(monitor="val/err", patience=3)
+    probe = _StateAtStart(reader)
+    trainer = _scripted_trainer([reader, probe], max_epochs=len(_PATIENCE_CURVE), default_root_dir=tmp_path)
+    trainer.fit(Scripted(_PATIENCE_CURVE), _scripted_loader(), _scripted_loader(), ckpt_path=str(path))
+    assert probe.seen == {"wait_count": 1, "best_score": 0.5, "stopped_epoch": 0}  # carried over
+    # and it decides as the uninterrupted run: stopped at epoch 4 with best 0.5 and 3 checks without improvement
+    assert reader.stopped_epoch == 4 and reader.wait_count == 3 and float(reader.best_score) == 0.5
+    assert reader.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+    if isinstance(reader, EarlyStopping):  # our extra state starts from its defaults: the curve after the resume
+        assert reader.history == pytest.approx(_PATIENCE_CURVE[3:5]) and reader.epochs == [3, 4]
+
+
+def test_our_criteria_load_lightnings_entry_and_our_older_key():
+    lightning = PLEarlyStopping(monitor="val/err", patience=3)
+    lightning.wait_count, lightning.best_score, lightning.stopped_epoch = 2, torch.tensor(0.25), 7
+    gl = EarlyStopping(monitor="val/err", criterion="gl")
+    assert gl.state_key == "EarlyStopping{'monitor': 'val/err', 'mode': 'min', 'rule': 'GL_5'}"
+    gl.on_load_checkpoint(None, None, {"callbacks": {lightning.state_key: lightning.state_dict()}})
+    assert (gl.wait_count, float(gl.best_score), gl.stopped_epoch, gl.history) == (2, 0.25, 7, [])
+    # a checkpoint of ours from before issue 19 keyed the patience rule with 'rule': read from there
+    old_key = "EarlyStopping{'monitor': 'val/err', 'mode': 'min', 'rule': 'patience 3 (no_improvement)'}"
+    ours = EarlyStopping(monitor="val/err", patience=3)
+    ours.on_load_checkpoint(None, None, {"callbacks": {old_key: {"wait_count": 1, "history": [0.5, 0.6]}}})
+    assert ours.wait_count == 1 and ours.history == [0.5, 0.6] and ours.train_history[0] != ours.train_history[0]
+
+
+def test_state_dict_returns_copies_and_plain_values():
+    es = EarlyStopping(criterion="up", strip=2, s=2, restore_best=True)
+    es.history, es.train_history, es.epochs, es.measured = [1.0, 0.5], [2.0, math.nan], [0, 1], ["raw", "raw"]
+    es._best, es._held_check = {"w": torch.ones(3)}, 1
+    state = es.state_dict()
+    es._best["w"].add_(1.0)  # the next improvement overwrites the buffers in place ...
+    es.history.append(0.7)
+    es.epochs.append(2)
+    assert torch.equal(state["best_weights"]["w"], torch.ones(3))  # ... the state taken before does not change
+    assert state["history"] == [1.0, 0.5] and state["epochs"] == [0, 1]
+    assert state["train_history"] == [2.0, None]  # nan as None: two equal states compare equal
+    again = EarlyStopping(criterion="up", strip=2, s=2, restore_best=True)
+    again.load_state_dict(state)
+    assert math.isnan(again.train_history[1]) and again.state_dict()["train_history"] == [2.0, None]
+    state["best_weights"]["w"].zero_()  # loading copied too
+    assert torch.equal(again.best_weights["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("restore_best", [False, True])
+def test_a_bare_trainer_without_a_module_does_not_crash(tmp_path, restore_best):
+    es = EarlyStopping(monitor="foo", restore_best=restore_best, log_values=True)
+    trainer = Trainer(default_root_dir=tmp_path)
+    assert trainer.lightning_module is None
+    trainer.callback_metrics["foo"] = torch.tensor([[[0.0]]])
+    es._run_early_stopping_check(trainer)
+    es.on_train_end(trainer, None)
+    assert es.history == [0.0] and es.wait_count == 0 and float(es.best_score) == 0.0
+    assert es.state_dict()["history"] == [0.0]
+    assert not list(tmp_path.iterdir())  # nothing logged anywhere
+
+
+def test_lightnings_arguments_values_and_exceptions():
+    es = EarlyStopping()
+    assert es.restore_best is False and es.log_values is False  # a swapped import changes nothing
+    assert EarlyStopping(criterion="gl").log_values is True
+    # Lightning's positional order: monitor, min_delta, patience, verbose, mode
+    es = EarlyStopping("val_acc", 0.1, 5, False, "max")
+    assert (es.monitor, es.min_delta, es.patience, es.mode) == ("val_acc", 0.1, 5, "max")
+    assert EarlyStopping(monitor="val/err", patience=0).patience == 0  # accepted, acts as 1 (as in Lightning)
+    with pytest.raises(MisconfigurationException, match="`mode` can be min, max, got maximum"):
+        EarlyStopping(mode="maximum")
+    with pytest.raises(ValueError, match="`mode` can be"):
+        EarlyStopping(mode="maximum")
+
+
+@pytest.mark.parametrize(("kwargs", "curve", "stopped", "reason", "message"), [
+    (dict(stopping_threshold=0.45), [1.0, 0.5, 0.4, 0.3], 2, EarlyStoppingReason.STOPPING_THRESHOLD,
+     "Stopping threshold reached"),
+    (dict(divergence_threshold=2.0), [1.0, 0.5, 3.0, 0.3], 2, EarlyStoppingReason.DIVERGENCE_THRESHOLD,
+     "Divergence threshold reached"),
+])
+@pytest.mark.parametrize("criterion", ["patience", "gl"])
+def test_threshold_stops_use_lightnings_reason_and_message(kwargs, curve, stopped, reason, message, criterion):
+    es = EarlyStopping(monitor="val/err", criterion=criterion, alpha=1000.0 if criterion == "gl" else None,
+                       **kwargs)
+    _scripted_trainer([es], max_epochs=len(curve)).fit(Scripted(curve), _scripted_loader(), _scripted_loader())
+    assert es.stopped_epoch == stopped and es.stopping_reason == reason
+    assert es.stopping_reason_message.startswith(message)
+
+
+def test_the_patience_decision_goes_through_lightnings_method():
+    # a subclass (or a mock) of _evaluate_stopping_criteria is obeyed, with Lightning's rule and with ours
+    for criterion in ("patience", "up"):
+        es = EarlyStopping(monitor="val/err", criterion=criterion)
+        with mock.patch.object(PLEarlyStopping, "_evaluate_stopping_criteria",
+                               side_effect=[(False, "A"), (True, "B")]) as evaluate:
+            _scripted_trainer([es], max_epochs=len(UP_CURVE)).fit(Scripted(UP_CURVE), _scripted_loader(),
+                                                                  _scripted_loader())
+        assert evaluate.call_count == 2 and es.stopped_epoch == 1 and es.stopping_reason_message == "B"
+    # with our criterion Lightning's patience does not stop: UP_2 (strip 2) decides, at epoch 7
+    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2, patience=1)
+    _scripted_trainer([es], max_epochs=len(UP_CURVE)).fit(Scripted(UP_CURVE), _scripted_loader(), _scripted_loader())
+    assert es.stopped_epoch == 7 and es.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+    assert es.stop_reason.startswith("stopped at epoch 7: UP_2")

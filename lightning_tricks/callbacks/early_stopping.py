@@ -1,39 +1,54 @@
 """Early stopping with Prechelt's criteria (GL, PQ, UP) and patience, restore-best, DDP-consistent.
 
-:class:`EarlyStopping` is Lightning's ``EarlyStopping`` (same arguments, hooks, monitoring-callback
-ordering, ``check_on_train_epoch_end`` choice, ``reduce_boolean_decision`` across ranks, attributes
-``stopped_epoch`` / ``wait_count`` / ``best_score`` / ``stopping_reason``) with the decision taken by
-the pure rule :class:`lightning_tricks.stopping.StopRule`, where the formulas live:
+:class:`EarlyStopping` is a drop-in for Lightning's ``EarlyStopping``: with Lightning's arguments only
+it takes the same arguments (same positional order), accepts the same values, raises the same
+exceptions, logs the same messages, decides through the same method and reads and writes the same
+checkpoint entry. What it adds is opt-in (keyword-only arguments):
 
-- ``criterion="patience"``: Lightning's rule (``n`` checks without an improvement by more than
-  ``min_delta``), or with ``patience_rule="increase"`` ``n`` increases in a row (the seed's rule);
+- ``criterion="patience"`` (default): Lightning's rule (``n`` checks without an improvement by more
+  than ``min_delta``), decided by Lightning's ``_evaluate_stopping_criteria``; with
+  ``patience_rule="increase"``, ``n`` increases in a row (the seed's rule) decided by the pure rule;
 - ``"gl"``: ``GL(t) = 100 * (E_va(t) / E_opt(t) - 1) > alpha``;
 - ``"pq"``: ``GL(t) / P_k(t) > alpha`` at strip ends, ``P_k(t) = 1000 * (sum E_tr(last k) / (k * min
   E_tr(last k)) - 1)`` with ``E_tr`` the logged ``train_monitor`` (default ``train/loss_epoch``);
 - ``"up"``: the monitored metric got worse at the end of ``s`` successive strips of ``k = strip`` checks.
 
-Why a new decision path instead of Lightning's ``_evaluate_stopping_criteria``: that method updates
-``best_score``/``wait_count`` while it tests the thresholds and sees one value at a time, no training
-metric, no epoch; Prechelt's criteria need the whole curve. The callback therefore keeps the curve
-(one value per validation check: the monitored metric, the training metric, the epoch) and asks the
-rule after every check. The curve *is* the state: it goes in the checkpoint (a few floats per epoch),
-so a resumed run decides exactly like an uninterrupted one, mid-strip included.
+The decision. Every check first calls Lightning's ``_evaluate_stopping_criteria(current)`` (on this
+rank's value, as Lightning does), which decides the non-finite value, ``stopping_threshold``,
+``divergence_threshold`` and patience and keeps ``best_score`` / ``wait_count`` / ``stopping_reason``;
+a subclass or a mock that overrides it is obeyed. With one of our criteria (GL / PQ / UP /
+``patience_rule="increase"``) Lightning's patience stop is ignored (the criterion replaces it; the
+thresholds and the non-finite check still apply) and the pure rule
+:class:`lightning_tricks.stopping.StopRule`, where the formulas live, decides the criterion on the whole
+curve. The callback keeps that curve (one value per check: the monitored metric, the training metric,
+the epoch) because Prechelt's criteria need it; it is in the checkpoint (a few floats per epoch), so a
+resumed run decides exactly like an uninterrupted one, mid-strip included. ``min_epochs`` (ours) holds
+back every stop but a non-finite one before that check.
 
-Rank consistency. Every rank takes rank zero's values of the monitored and training metrics (one
-``broadcast`` of two floats per check), so the curves, the best epoch (hence the restored weights) and
-the reason are the same on all ranks even for metrics logged without ``sync_dist``; a non-finite value
-on any rank stops all of them (``reduce_boolean_decision(all=False)``, as in Lightning). Log the
-monitored metric with ``sync_dist=True`` to decide on the global value rather than rank zero's.
+Rank consistency. The decision is reduced across ranks as in Lightning (any rank stops all of them,
+``reduce_boolean_decision(all=False)``). The curve is rank zero's (one ``broadcast`` of two floats per
+check), so Prechelt's criteria, the best check (hence the restored weights) and :attr:`stop_reason`
+are the same on all ranks even for metrics logged without ``sync_dist``. Log the monitored metric with
+``sync_dist=True`` to decide on the global value rather than rank zero's.
 
-Restore-best (``restore_best=True``, the default): at the end of fit (``on_train_end``) the module gets
-the weights of the best check back (the first minimum of the monitored metric, ``min_delta`` ignored).
-These are the weights the best value was *measured* on: with ``EMA``/``SWA`` evaluating their average,
-the average at that check (SWA: with its recomputed BatchNorm statistics), else the raw weights. What
-the module holds is owned by :mod:`lightning_tricks.callbacks._weights` (this callback owns its curve
-and its copy of the best weights): the best weights are handed over with rank ``BEST``, which
-outranks the averages' ``average_at_end`` whatever the callback order, the raw weights stay backed up
-there (checkpoints keep them; a second ``fit`` trains them) and a later ``validate``/``test``
-evaluates the best weights, so it gives the best logged value.
+Checkpoints. ``state_key`` is Lightning's (``EarlyStopping{'monitor': ..., 'mode': ...}``) with
+Lightning's rule; with one of our criteria it adds ``'rule': 'GL_5'`` so two instances on one metric
+stay apart. Our state (the curve, the reason, the best weights) sits under extra keys Lightning's
+``load_state_dict`` ignores, and is loaded with defaults when absent, so a checkpoint moves both ways
+between Lightning's class and ours; if the checkpoint has no entry under this instance's key, the
+entry under the other form of the key (with/without ``'rule'``) is loaded. ``state_dict()`` returns
+copies.
+
+Restore-best (``restore_best=True``; off by default as in Lightning, on in our Hydra configs): at the
+end of fit (``on_train_end``) the module gets the weights of the best check back (the first minimum of
+the monitored metric, ``min_delta`` ignored). These are the weights the best value was *measured* on:
+with ``EMA``/``SWA`` evaluating their average, the average at that check (SWA: with its recomputed
+BatchNorm statistics), else the raw weights. What the module holds is owned by
+:mod:`lightning_tricks.callbacks._weights` (this callback owns its curve and its copy of the best
+weights): the best weights are handed over with rank ``BEST``, which outranks the averages'
+``average_at_end`` whatever the callback order, the raw weights stay backed up there (checkpoints keep
+them; a second ``fit`` trains them) and a later ``validate``/``test`` evaluates the best weights, so it
+gives the best logged value.
 
 - ``restore_from="memory"``: on each new best, the measured ``state_dict`` tensors (parameters and
   buffers; ``ModuleWeights.measured_tensors``) are copied with one ``torch._foreach_copy_`` into
@@ -49,12 +64,14 @@ evaluates the best weights, so it gives the best logged value.
   at ``setup``): its raw weights, or the average stored in it when the best check measured an
   average (:func:`~lightning_tricks.averaging.averaged_state_dict`).
 
-Logged every check (unless ``log_values=False``), under ``log_prefix`` (default ``early_stopping/``):
-``gl``, ``pk``, ``pq`` (once ``strip`` training values exist), ``up_count`` and ``wait_count`` (the
-patience counter of ``patience_rule``), whatever the criterion, so their curves can be plotted. When
-the check runs in ``on_train_epoch_end`` (Lightning's default when validating once per epoch) they
-go through ``pl_module.log``; when it runs in ``on_validation_end`` (where Lightning forbids
-``self.log``) they go straight to the trainer's loggers.
+Logged every check when ``log_values`` is on (default: on with our criteria, off with Lightning's rule,
+so a swapped import logs nothing new), under ``log_prefix`` (default ``early_stopping/``): ``gl``,
+``pk``, ``pq`` (once ``strip`` training values exist), ``up_count`` and ``wait_count`` (the patience
+counter: Lightning's, or the ``increase`` counter), whatever the criterion, so their curves can be
+plotted. When the check runs in ``on_train_epoch_end`` (Lightning's default when validating once per
+epoch) they go through ``pl_module.log``; when it runs in ``on_validation_end`` (where Lightning
+forbids ``self.log``) they go straight to the trainer's loggers. Messages: Lightning's (``verbose``
+logs them); a stop by one of our criteria is also printed on rank zero (:attr:`stop_reason`).
 
 The training metric for PQ is read at the check: with checks after validation
 (``check_on_train_epoch_end=False``, chosen by Lightning when validation is not once per epoch)
@@ -71,11 +88,14 @@ Example:
     'GL_5'
     >>> EarlyStopping(monitor="val/acc", mode="max", criterion="up", s=2, strip=3).rule.describe()
     'UP_2 (strip 3)'
+    >>> EarlyStopping("val_loss").state_key   # Lightning's key: its checkpoints resume into ours
+    "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}"
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -84,6 +104,7 @@ from torch import Tensor
 from lightning_tricks._lightning import (
     EarlyStoppingReason,
     LightningModule,
+    MisconfigurationException,
     ModelCheckpoint,
     PLEarlyStopping,
     Trainer,
@@ -94,10 +115,10 @@ from lightning_tricks.averaging import averaged_state_dict
 from lightning_tricks.callbacks._weights import BEST, RAW, weights_of
 from lightning_tricks.stopping import StopRule, best_index, to_score
 
-__all__ = ["EarlyStopping", "RESTORE_FROM"]
+__all__ = ["EarlyStopping", "EarlyStoppingConfigError", "RESTORE_FROM"]
 
 RESTORE_FROM = ("memory", "checkpoint")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: non-finite curve values are stored as None (plain, comparable types)
 _REASON = {
     "non_finite": EarlyStoppingReason.NON_FINITE_METRIC,
     "stopping_threshold": EarlyStoppingReason.STOPPING_THRESHOLD,
@@ -105,8 +126,25 @@ _REASON = {
 }
 
 
+class EarlyStoppingConfigError(MisconfigurationException, ValueError):
+    """A bad argument of Lightning's (``mode``): Lightning's ``MisconfigurationException`` and a ``ValueError``."""
+
+
+def _finite_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plain(values: list[float]) -> list[float | None]:
+    """Floats for the checkpoint, ``nan`` as ``None`` (``nan != nan`` would break state comparisons)."""
+    return [None if math.isnan(v) else v for v in values]
+
+
+def _floats(values: Any) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
 class EarlyStopping(PLEarlyStopping):
-    """Stop training by patience or Prechelt's GL / PQ / UP criteria; put the best weights back.
+    """Lightning's ``EarlyStopping``, plus Prechelt's GL / PQ / UP criteria and restore-best, opt-in.
 
     Owns: the curve, the decision and its copy of the best measured weights. Shares: which weights
     are in the module (:func:`lightning_tricks.callbacks._weights.weights_of`): it reads what each
@@ -114,31 +152,35 @@ class EarlyStopping(PLEarlyStopping):
     wins over any average whatever the callback order.
 
     Args:
-        monitor: the validation metric (``E_va``), as logged.
+        monitor, min_delta, patience, verbose, mode, strict, check_finite, stopping_threshold,
+            divergence_threshold, check_on_train_epoch_end, log_rank_zero_only: Lightning's, in
+            Lightning's order, with Lightning's defaults, accepted values and exceptions (a bad
+            ``mode`` raises :class:`EarlyStoppingConfigError`, a ``MisconfigurationException`` that
+            is also a ``ValueError``). ``monitor`` defaults to ``"val/loss"`` (our modules' name) and
+            must be a non-empty name. ``patience`` is ``n`` of ``criterion="patience"`` (``0`` acts as
+            ``1``, as in Lightning). ``strict=False`` also warns once when the metric is missing.
+
+    Keyword-only args (ours):
         criterion: ``"patience"``, ``"gl"``, ``"pq"`` or ``"up"`` (formulas in :mod:`lightning_tricks.stopping`).
-        mode: ``"min"`` or ``"max"``. For GL/PQ the metric becomes an error ``E = metric - optimum``
-            (min) or ``optimum - metric`` (max); ``optimum`` defaults to 0 (min) / 1 (max: ``E = 1 - acc``).
-        patience: ``n`` of ``criterion="patience"`` (int >= 1).
         patience_rule: ``"no_improvement"`` (Lightning's) or ``"increase"`` (``n`` rises in a row).
-        min_delta: >= 0; a change of at most ``min_delta`` is no improvement / no rise.
         alpha: GL / PQ threshold (> 0); ``None``: 5 for GL, 0.5 for PQ.
         strip: strip length ``k`` of PQ and UP (int >= 1), in validation checks.
         s: successive rising strips for UP (int >= 1).
-        optimum: the best value the monitored metric can take (see ``mode``).
+        optimum: the best value the monitored metric can take. For GL/PQ the metric becomes an error
+            ``E = metric - optimum`` (min) or ``optimum - metric`` (max); default 0 (min) / 1 (max:
+            ``E = 1 - acc``). With our criteria ``min_delta`` must be ``>= 0``.
         train_monitor: the training metric for ``P_k`` (PQ), logged once per epoch.
         train_mode: ``"min"`` or ``"max"`` for ``train_monitor``.
         train_optimum: its best possible value (default 0 for min, 1 for max).
-        min_epochs: no criterion stops before the ``min_epochs``-th check (a non-finite metric still does).
-        restore_best: put the best check's weights back in the module at the end of fit.
+        min_epochs: no stop before the ``min_epochs``-th check (a non-finite metric still stops).
+        restore_best: put the best check's weights back in the module at the end of fit. Default
+            ``False`` (Lightning never touches the weights); our Hydra configs turn it on.
         restore_from: ``"memory"`` (a copy on each improvement) or ``"checkpoint"`` (a ModelCheckpoint's best).
         save_best_weights: with ``restore_from="memory"``, keep the in-memory copy in checkpoints.
         best_on_cpu: keep the in-memory copy on the CPU (saves device memory, costs a transfer per improvement).
-        log_values: log every criterion's value each check.
+        log_values: log every criterion's value each check; ``None`` (default): on with our
+            criteria, off with Lightning's rule.
         log_prefix: prefix of the logged names.
-        verbose: print every check's values (rank zero). The stop reason is always printed.
-        strict, check_finite, stopping_threshold, divergence_threshold, check_on_train_epoch_end,
-            log_rank_zero_only: as in Lightning's ``EarlyStopping`` (``strict=False`` warns once when
-            the metric is missing instead of raising).
 
     Attributes:
         stop_reason: ``"stopped at epoch 23: GL=5.4 > alpha=5 (best 0.081 at 17)"`` or ``None``.
@@ -151,11 +193,19 @@ class EarlyStopping(PLEarlyStopping):
     def __init__(
         self,
         monitor: str = "val/loss",
-        criterion: str = "patience",
-        mode: str = "min",
-        patience: int = 3,
-        patience_rule: str = "no_improvement",
         min_delta: float = 0.0,
+        patience: int = 3,
+        verbose: bool = False,
+        mode: str = "min",
+        strict: bool = True,
+        check_finite: bool = True,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        check_on_train_epoch_end: bool | None = None,
+        log_rank_zero_only: bool = False,
+        *,
+        criterion: str = "patience",
+        patience_rule: str = "no_improvement",
         alpha: float | None = None,
         strip: int = 5,
         s: int = 3,
@@ -164,39 +214,42 @@ class EarlyStopping(PLEarlyStopping):
         train_mode: str = "min",
         train_optimum: float | None = None,
         min_epochs: int = 0,
-        restore_best: bool = True,
+        restore_best: bool = False,
         restore_from: str = "memory",
         save_best_weights: bool = True,
         best_on_cpu: bool = False,
-        log_values: bool = True,
+        log_values: bool | None = None,
         log_prefix: str = "early_stopping/",
-        verbose: bool = False,
-        strict: bool = True,
-        check_finite: bool = True,
-        stopping_threshold: float | None = None,
-        divergence_threshold: float | None = None,
-        check_on_train_epoch_end: bool | None = None,
-        log_rank_zero_only: bool = False,
     ) -> None:
+        if mode not in self.mode_dict:  # Lightning's exception and message, also a ValueError
+            raise EarlyStoppingConfigError(f"`mode` can be {', '.join(self.mode_dict.keys())}, got {mode}")
         for name, value in (("monitor", monitor), ("train_monitor", train_monitor)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty metric name, got {value!r}")
         if not isinstance(log_prefix, str):
             raise ValueError(f"log_prefix must be a str, got {log_prefix!r}")
         for name, value in (("restore_best", restore_best), ("save_best_weights", save_best_weights),
-                            ("best_on_cpu", best_on_cpu), ("log_values", log_values), ("strict", strict)):
+                            ("best_on_cpu", best_on_cpu)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
+        if log_values is not None and not isinstance(log_values, bool):
+            raise ValueError(f"log_values must be a bool or None, got {log_values!r}")
         if restore_from not in RESTORE_FROM:
             raise ValueError(f"restore_from must be one of {RESTORE_FROM}, got {restore_from!r}")
-        if check_on_train_epoch_end is not None and not isinstance(check_on_train_epoch_end, bool):
-            raise ValueError(f"check_on_train_epoch_end must be a bool or None, got {check_on_train_epoch_end!r}")
+        lightning_rule = criterion == "patience" and patience_rule == "no_improvement"
+        # Lightning's values that Lightning accepts but the pure rule does not (patience 0, a negative
+        # min_delta, a tensor threshold) only matter to Lightning's own decision: the rule gets a valid form
+        rule_patience = max(patience, 1) if isinstance(patience, int) and not isinstance(patience, bool) else patience
+        rule_delta = min_delta
+        if lightning_rule and _finite_real(min_delta) and min_delta < 0:
+            rule_delta = 0.0
         # every rule argument is validated here, with the allowed values in the message
         self.rule = StopRule(
-            criterion=criterion, mode=mode, patience=patience, patience_rule=patience_rule,
-            min_delta=min_delta, alpha=alpha, strip=strip, s=s, optimum=optimum, train_mode=train_mode,
-            train_optimum=train_optimum, min_epochs=min_epochs, check_finite=check_finite,
-            stopping_threshold=stopping_threshold, divergence_threshold=divergence_threshold,
+            criterion=criterion, mode=mode, patience=rule_patience, patience_rule=patience_rule,
+            min_delta=rule_delta, alpha=alpha, strip=strip, s=s, optimum=optimum, train_mode=train_mode,
+            train_optimum=train_optimum, min_epochs=min_epochs, check_finite=bool(check_finite),
+            stopping_threshold=stopping_threshold if _finite_real(stopping_threshold) else None,
+            divergence_threshold=divergence_threshold if _finite_real(divergence_threshold) else None,
         )
         super().__init__(
             monitor=monitor, min_delta=min_delta, patience=patience, verbose=verbose, mode=mode,
@@ -211,7 +264,7 @@ class EarlyStopping(PLEarlyStopping):
         self.restore_from = restore_from
         self.save_best_weights = save_best_weights
         self.best_on_cpu = best_on_cpu
-        self.log_values = log_values
+        self.log_values = (not lightning_rule) if log_values is None else log_values
         self.log_prefix = log_prefix
         self.history: list[float] = []
         self.train_history: list[float] = []
@@ -226,8 +279,21 @@ class EarlyStopping(PLEarlyStopping):
     # identity, state
     # ------------------------------------------------------------------------------------------
     @property
+    def lightning_rule(self) -> bool:
+        """Whether the stop rule is Lightning's (``criterion="patience"``, ``patience_rule="no_improvement"``)."""
+        return self.criterion == "patience" and self.rule.patience_rule == "no_improvement"
+
+    @property
     def state_key(self) -> str:
+        if self.lightning_rule:
+            return self._generate_state_key(monitor=self.monitor, mode=self.mode)
         return self._generate_state_key(monitor=self.monitor, mode=self.mode, rule=self.rule.describe())
+
+    def _other_state_keys(self) -> list[str]:
+        """Where a checkpoint without this key may hold this callback's state: Lightning's key / ours with the rule."""
+        keys = [self._generate_state_key(monitor=self.monitor, mode=self.mode, rule=self.rule.describe()),
+                self._generate_state_key(monitor=self.monitor, mode=self.mode)]
+        return [k for k in keys if k != self.state_key]
 
     @property
     def best_check(self) -> int:
@@ -246,40 +312,45 @@ class EarlyStopping(PLEarlyStopping):
 
     @property
     def best_weights(self) -> dict[str, Tensor] | None:
-        """The in-memory copy of the best weights (``state_dict`` names), or ``None``."""
+        """The in-memory copy of the best weights (``state_dict`` names; the buffers, not copies), or ``None``."""
         return dict(self._best) if self._best else None
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()  # Lightning's fields: wait_count, stopped_epoch, best_score, ...
+        """Lightning's fields, then ours under keys Lightning's ``load_state_dict`` ignores; all copies."""
+        state = super().state_dict()  # wait_count, stopped_epoch, best_score, patience, stopping_reason...
         state.update(
             version=_STATE_VERSION,
-            history=list(self.history),
-            train_history=list(self.train_history),
+            history=_plain(self.history),
+            train_history=_plain(self.train_history),
             epochs=list(self.epochs),
             stop_reason=self.stop_reason,
             measured=list(self.measured),
         )
         if self.restore_best and self.restore_from == "memory" and self.save_best_weights and self._best:
-            state["best_weights"] = dict(self._best)
+            state["best_weights"] = {n: t.detach().clone() for n, t in self._best.items()}
             state["best_weights_check"] = self._held_check
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.wait_count = int(state_dict.get("wait_count", 0))
-        self.stopped_epoch = int(state_dict.get("stopped_epoch", 0))
-        if "best_score" in state_dict:
-            self.best_score = torch.as_tensor(state_dict["best_score"])
+        """Reads Lightning's fields like Lightning (a missing one keeps its value) and ours with defaults."""
+        self.wait_count = state_dict.get("wait_count", self.wait_count)
+        self.stopped_epoch = state_dict.get("stopped_epoch", self.stopped_epoch)
+        self.best_score = state_dict.get("best_score", self.best_score)
+        if "patience" in state_dict:  # Lightning restores it too
+            self.patience = state_dict["patience"]
+            if self.lightning_rule and isinstance(self.patience, int) and not isinstance(self.patience, bool):
+                self.rule = replace(self.rule, patience=max(self.patience, 1))
         self.stopping_reason = EarlyStoppingReason(
             state_dict.get("stopping_reason", EarlyStoppingReason.NOT_STOPPED.value))
         self.stopping_reason_message = state_dict.get("stopping_reason_message")
-        self.history = [float(v) for v in state_dict.get("history", [])]
-        self.train_history = [float(v) for v in state_dict.get("train_history", [math.nan] * len(self.history))]
+        self.history = _floats(state_dict.get("history", []))
+        self.train_history = _floats(state_dict.get("train_history", [None] * len(self.history)))
         self.epochs = [int(e) for e in state_dict.get("epochs", range(len(self.history)))]
         self.stop_reason = state_dict.get("stop_reason")
         self.measured = [str(m) for m in state_dict.get("measured", [RAW] * len(self.history))]
         weights = state_dict.get("best_weights")
         if weights:
-            self._best = dict(weights)
+            self._best = {n: t.detach().clone() for n, t in weights.items()}
             self._held_check = state_dict.get("best_weights_check")
 
     # ------------------------------------------------------------------------------------------
@@ -316,61 +387,92 @@ class EarlyStopping(PLEarlyStopping):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint.get("state_dict")
-        if isinstance(sd, dict):  # after fit the module holds the best weights: checkpoints keep the raw ones
-            weights_of(pl_module).raw_into(sd)
+        if isinstance(sd, dict) and pl_module is not None:  # after fit the module may hold the best weights
+            weights_of(pl_module).raw_into(sd)  # checkpoints keep the raw ones
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        weights_of(pl_module).reloaded()  # Lightning has just loaded the checkpoint's raw weights
+        if pl_module is not None:
+            weights_of(pl_module).reloaded()  # Lightning has just loaded the checkpoint's raw weights
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states:  # written by Lightning's class, or by ours under the other key form
+            for key in self._other_state_keys():
+                if key in states:
+                    self.load_state_dict(states[key])
+                    break
 
     def _validate_condition_metric(self, logs: dict[str, Tensor]) -> bool:
         if logs.get(self.monitor) is not None:
             return True
-        msg = (f"EarlyStopping monitor={self.monitor!r} was not logged; the logged metrics are "
-               f"{sorted(logs) or 'none'}. Log it (e.g. self.log({self.monitor!r}, ...) in validation_step) "
-               "or set monitor to one of these")
+        msg = (f"Early stopping conditioned on metric `{self.monitor}` which is not available."
+               " Pass in or modify your `EarlyStopping` callback to use any of the following:"
+               f" `{'`, `'.join(list(logs.keys()))}` (EarlyStopping monitor={self.monitor!r} was not logged; the "
+               f"logged metrics are {sorted(logs) or 'none'}. Log it, e.g. self.log({self.monitor!r}, ...) in "
+               "validation_step, or set monitor to one of these)")
         if self.strict:
             raise RuntimeError(msg)
-        self._warn_once("monitor", msg + " (strict=False: this check is skipped)")
+        if "monitor" not in self._warned:  # Lightning warns only when verbose: we say it once (never silent)
+            self._warned.add("monitor")
+            rank_zero_warn(msg + " (strict=False: these checks are skipped)", category=RuntimeWarning)
         return False
 
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
         logs = trainer.callback_metrics
         if trainer.fast_dev_run or not self._validate_condition_metric(logs):
             return
-        value = float(torch.as_tensor(logs[self.monitor]).squeeze())  # one host sync per check
+        current = logs[self.monitor].squeeze()
+        module = trainer.lightning_module
+        value = float(current)  # one host sync per check
         train = logs.get(self.train_monitor)
         if train is None and self.criterion == "pq":
             self._missing_train_metric(logs, trainer.current_epoch)
         train_value = math.nan if train is None else float(torch.as_tensor(train).squeeze())
-        local_non_finite = self.rule.check_finite and not math.isfinite(value)
         if trainer.world_size > 1:  # one curve on all ranks: rank zero's
             value, train_value = trainer.strategy.broadcast((value, train_value), src=0)
         self.history.append(value)
         self.train_history.append(train_value)
         self.epochs.append(trainer.current_epoch)
-        self.measured.append(weights_of(trainer.lightning_module).measured or RAW)
+        self.measured.append((weights_of(module).measured or RAW) if module is not None else RAW)
+        checks = len(self.history)
 
         d = self.rule.decide(self.history, self.train_history, self.epochs, name=self.monitor)
-        if d.best == len(self.history) - 1 and self.restore_best and self.restore_from == "memory":
-            self._snapshot(trainer.lightning_module, d.best)
-        self.wait_count = int(d.values.get("wait_count", self.wait_count))
-        if d.best >= 0:
-            self.best_score = torch.tensor(self.history[d.best])
-        self._log_values(trainer, d.values)
+        if d.best == checks - 1 and self.restore_best and self.restore_from == "memory" and module is not None:
+            self._snapshot(module, d.best)
+
+        # Lightning's decision (non-finite, thresholds, patience) on this rank's value, by Lightning's method
+        before = self.stopping_reason
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        should_stop, reason = self._evaluate_stopping_criteria(current)
+        kind = self.stopping_reason  # set by this call (NOT_STOPPED if an override did not set one)
+        if should_stop and not self.lightning_rule and kind == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+            should_stop, reason = False, None  # our criterion replaces Lightning's patience
+        if should_stop and checks < self.min_epochs and kind != EarlyStoppingReason.NON_FINITE_METRIC:
+            should_stop, reason = False, None  # our warm-up
+        ours = (not self.lightning_rule and d.stop and not should_stop
+                and d.kind not in _REASON)  # the thresholds and non-finite are Lightning's to decide
+        if ours:
+            should_stop, reason = True, d.reason
+            kind = EarlyStoppingReason.PATIENCE_EXHAUSTED
+        self.stopping_reason = kind if should_stop and kind != EarlyStoppingReason.NOT_STOPPED else before
+        if self.rule.patience_rule == "increase":
+            self.wait_count = int(d.values.get("wait_count", self.wait_count))
+
+        self._log_values(trainer, {**d.values, "wait_count": float(self.wait_count)})
         if self.verbose:
             vals = ", ".join(f"{k}={v:.4g}" for k, v in d.values.items())
             rank_zero_info(f"EarlyStopping epoch {trainer.current_epoch}: {self.monitor}={value:.4g}; {vals}")
 
-        should_stop = trainer.strategy.reduce_boolean_decision(d.stop or local_non_finite, all=False)
-        if should_stop:
-            reason = d.reason if d.stop else f"{self.monitor} is not finite on some rank"
-            kind = d.kind if d.stop else "non_finite"
-            trainer.should_stop = True
+        # stop every process if any process decides to stop (Lightning's vote)
+        stop_all = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        trainer.should_stop = trainer.should_stop or stop_all
+        if stop_all:
             self.stopped_epoch = trainer.current_epoch
-            self.stop_reason = f"stopped at epoch {trainer.current_epoch}: {reason}"
-            self.stopping_reason = _REASON.get(kind, EarlyStoppingReason.PATIENCE_EXHAUSTED)
-            self.stopping_reason_message = self.stop_reason
-            rank_zero_info(self.stop_reason)
+            self.stopping_reason_message = reason
+            why = d.reason if d.stop else reason or "a stop was signalled on another rank"
+            self.stop_reason = f"stopped at epoch {trainer.current_epoch}: {why}"
+            if ours:
+                rank_zero_info(self.stop_reason)
+        if reason and self.verbose:
+            self._log_info(trainer, reason, self.log_rank_zero_only)
 
     def _missing_train_metric(self, logs: dict[str, Tensor], epoch: int) -> None:
         """PQ without its training metric: an error if it was never logged, else a warning (no PQ on that strip)."""
@@ -385,7 +487,7 @@ class EarlyStopping(PLEarlyStopping):
                                            "strips without it)")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.restore_best:
+        if not self.restore_best or pl_module is None:
             return
         best = self.best_check
         if best < 0:
@@ -459,7 +561,7 @@ class EarlyStopping(PLEarlyStopping):
         rank_zero_info(f"EarlyStopping: restored the weights of {path}")
 
     def _log_values(self, trainer: Trainer, values: dict[str, float]) -> None:
-        if not self.log_values or not values:
+        if not self.log_values or not values or trainer.lightning_module is None:
             return
         metrics = {self.log_prefix + k: float(v) for k, v in values.items()}
         if self._check_on_train_epoch_end:  # called from on_train_epoch_end: self.log is allowed

@@ -37,7 +37,7 @@ import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,8 @@ __all__ = [
     "model_checkpoint_paths",
 ]
 
-Source = Union[str, Path, Mapping[str, Any]]
-Template = Union[nn.Module, Callable[[], nn.Module]]
+Source = str | Path | Mapping[str, Any]
+Template = nn.Module | Callable[[], nn.Module]
 
 
 def mean_softmax(logits: Sequence[Tensor]) -> Tensor:

@@ -86,7 +86,8 @@ def check_rng_states(states: Any) -> None:
                          f"got {np_state!r:.80}")
     py_state = states["python"]
     if not isinstance(py_state, dict) or not {"version", "internal", "gauss_next"} <= set(py_state):
-        raise ValueError(f"RNG states['python'] must be a dict with version, internal, gauss_next; got {py_state!r:.80}")
+        raise ValueError("RNG states['python'] must be a dict with version, internal, gauss_next; "
+                         f"got {py_state!r:.80}")
 
 
 def set_rng_states(states: dict[str, Any], cuda: bool | None = None) -> int:

@@ -390,7 +390,7 @@ def overfit_check(
         elif optimizer is not None:
             opt = optimizer([p for p in clone.parameters() if p.requires_grad])  # type: ignore[operator]
         elif hasattr(clone, "configure_optimizers"):
-            opt = _first_optimizer(getattr(clone, "configure_optimizers")())
+            opt = _first_optimizer(clone.configure_optimizers())  # type: ignore[operator]
         else:
             opt = torch.optim.Adam([p for p in clone.parameters() if p.requires_grad], lr=1e-3)
         for g in opt.param_groups:
@@ -597,8 +597,11 @@ def divergence_message(what: str, value: float, step: int, epoch: int, lrs: Sequ
     """The one line that reports a divergence: what was not finite, where, and at which LR.
 
     Example:
-        >>> divergence_message("loss", float("nan"), 12, 0, [1e6])
-        'diverged: the loss is nan at optimizer step 12 (epoch 0), lr 1e+06; no update was applied. Lower optimizer.lr (or add warmup / gradient clipping)'
+        >>> message = divergence_message("loss", float("nan"), 12, 0, [1e6])
+        >>> message.split(";")[0]
+        'diverged: the loss is nan at optimizer step 12 (epoch 0), lr 1e+06'
+        >>> message.split("; ")[1]
+        'no update was applied. Lower optimizer.lr (or add warmup / gradient clipping)'
     """
     distinct = sorted(set(lrs))
     lr = "lr " + ", ".join(f"{v:.3g}" for v in distinct[:4]) + (" ..." if len(distinct) > 4 else "")

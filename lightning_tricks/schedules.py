@@ -58,7 +58,7 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "Schedule",
@@ -86,7 +86,7 @@ __all__ = [
     "scaling_factor",
 ]
 
-StepValue = Union[int, float]
+StepValue = int | float
 """An ``int`` number of optimizer steps, or a ``float`` in ``(0, 1]``: a fraction of the run."""
 
 

@@ -508,7 +508,7 @@ def decide(
 class FirstStop(NamedTuple):
     """The first check at which a rule stops (``index`` 0-based, ``None`` if it never does)."""
 
-    index: int | None
+    index: int | None  # type: ignore[assignment]  # shadows tuple.index, on purpose: the stop's index
     decision: Decision | None
 
 

@@ -170,7 +170,8 @@ def test_pair_composes_in_both_orders(a, b, tmp_path):
         full_trainer, full_module = _fit(full, run / "full", EPOCHS, save=True)
         assert full_trainer.global_step == EPOCHS * BATCHES
         resumed = [REGISTRY[first](), REGISTRY[second]()]
-        resumed_trainer, resumed_module = _fit(resumed, run / "resumed", EPOCHS, ckpt_path=str(run / "full" / "e0.ckpt"))
+        ckpt = str(run / "full" / "e0.ckpt")
+        resumed_trainer, resumed_module = _fit(resumed, run / "resumed", EPOCHS, ckpt_path=ckpt)
         assert resumed_trainer.global_step == full_trainer.global_step
         for x, y in zip(full, resumed):
             if type(x).__name__ not in XFAIL_RESUME:

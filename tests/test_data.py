@@ -211,7 +211,8 @@ def test_resident_loader_state_resumes_mid_pass():
     assert b.state_dict() == state  # a loaded, not yet started pass round-trips
     b.set_epoch(1)  # what Lightning does before the resumed epoch: same epoch keeps the resume point
     assert [t[0].tolist() for t in b] == rest
-    assert [v for batch in seen + rest for v in batch] == torch.randperm(20, generator=torch.Generator().manual_seed(5 + 1)).tolist()
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(5 + 1)).tolist()
+    assert [v for batch in seen + rest for v in batch] == expected
     assert b.state_dict() == {"epoch": 2, "batches": 0}  # the pass ended: the next one is epoch 2's
 
 

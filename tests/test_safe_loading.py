@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from torch import nn
 
 from lightning_tricks._lightning import ModelCheckpoint, Trainer, seed_everything
@@ -17,8 +18,6 @@ from lightning_tricks.data.files import CHECKSUMS, download, md5sum, write_cifar
 from lightning_tricks.ensemble import CheckpointEnsemble, load_checkpoint
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
-
-from conftest import SHARED_DATA
 
 
 class _Marker:

@@ -223,9 +223,9 @@ class EarlyStopping(PLEarlyStopping):
     ) -> None:
         if mode not in self.mode_dict:  # Lightning's exception and message, also a ValueError
             raise EarlyStoppingConfigError(f"`mode` can be {', '.join(self.mode_dict.keys())}, got {mode}")
-        for name, value in (("monitor", monitor), ("train_monitor", train_monitor)):
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{name} must be a non-empty metric name, got {value!r}")
+        for metric_arg, metric in (("monitor", monitor), ("train_monitor", train_monitor)):
+            if not isinstance(metric, str) or not metric:
+                raise ValueError(f"{metric_arg} must be a non-empty metric name, got {metric!r}")
         if not isinstance(log_prefix, str):
             raise ValueError(f"log_prefix must be a str, got {log_prefix!r}")
         for name, value in (("restore_best", restore_best), ("save_best_weights", save_best_weights),
@@ -417,7 +417,7 @@ class EarlyStopping(PLEarlyStopping):
 
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
         logs = trainer.callback_metrics
-        if trainer.fast_dev_run or not self._validate_condition_metric(logs):
+        if getattr(trainer, "fast_dev_run", False) or not self._validate_condition_metric(logs):
             return
         current = logs[self.monitor].squeeze()
         module = trainer.lightning_module

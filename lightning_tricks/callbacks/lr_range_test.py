@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from lightning_tricks._lightning import (
-    trainer_callbacks,
     Callback,
     DummyLogger,
     LightningDataModule,
@@ -21,6 +20,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_only,
     rank_zero_warn,
+    trainer_callbacks,
 )
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.lr_range_test import (

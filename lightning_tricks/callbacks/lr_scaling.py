@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_tricks._lightning import (
-    trainer_callbacks,
     Callback,
     LightningModule,
     Trainer,
     rank_zero_info,
     rank_zero_warn,
+    trainer_callbacks,
 )
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.schedules import SCALING_RULES as RULES

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from lightning_tricks._lightning import (
-    trainer_callbacks,
     Callback,
     LightningModule,
     MisconfigurationException,
@@ -22,6 +21,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
     should_log_step,
+    trainer_callbacks,
 )
 from lightning_tricks.schedules import Constant
 

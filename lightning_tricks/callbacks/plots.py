@@ -76,8 +76,9 @@ step used whatever the order of the callbacks (a Python float, no sync).
         if not trainer.is_global_zero:
             return
         directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
+        net = type(getattr(pl_module, "net", pl_module)).__name__
         self.path = plot_curves(self.epoch_metrics, self.lr, os.path.join(directory, self.filename),
-                                title=f"{type(pl_module).__name__}({type(getattr(pl_module, 'net', pl_module)).__name__}), "
+                                title=f"{type(pl_module).__name__}({net}), "
                                       f"{trainer.current_epoch} epochs, {trainer.global_step} steps")
         rank_zero_info(f"CurvePlot: wrote {self.path}")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
 

@@ -1,4 +1,6 @@
-"""RandomState: the owner of the global RNG states in checkpoints, so a resumed run draws what the uninterrupted one drew.
+"""RandomState: the owner of the global RNG states in checkpoints.
+
+A resumed run draws what the uninterrupted one drew.
 
 The states themselves are collected and set by the pure core :mod:`lightning_tricks.random_state`
 (torch CPU, every CUDA device, numpy, Python ``random``). This callback only decides *when*.
@@ -130,8 +132,12 @@ class RandomState(Callback):
         n_cuda = set_rng_states(states, self.cuda)
         if self.cuda is not False and n_cuda < len(states["cuda"]):
             rank_zero_warn(f"RandomState: the checkpoint has {len(states['cuda'])} CUDA generator state(s), "
-                           f"{n_cuda} restored (visible CUDA devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+                           f"{n_cuda} restored (visible CUDA devices: {_cuda_count()})")
         self.restored = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._pending = None  # states loaded for validate/test (not fit) must not leak into a later fit
+
+
+def _cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import (
-    trainer_callbacks,
     Callback,
     LightningModule,
     Trainer,
     rank_zero_warn,
+    trainer_callbacks,
 )
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
 from lightning_tricks.callbacks._common import StepWatch, check_int

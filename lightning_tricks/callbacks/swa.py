@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tricks._lightning import trainer_datamodule, LightningModule, Trainer
+from lightning_tricks._lightning import LightningModule, Trainer, trainer_datamodule
 from lightning_tricks.averaging import (
     AVERAGE_STATE_KEY,
     bn_buffers,

@@ -28,7 +28,9 @@ def _check_p(p: float) -> None:
 def dropconnect_weight(
     weight: Tensor, p: float, training: bool = True, generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(W * M / (1 - p), M)`` with ``M ~ Bernoulli(1 - p)`` drawn from ``generator``; ``(W, None)`` in eval or at ``p=0``.
+    """``(W * M / (1 - p), M)`` with ``M ~ Bernoulli(1 - p)`` drawn from ``generator``.
+
+    ``(W, None)`` in eval or at ``p=0``.
 
     The mask is ``torch.empty_like(W).bernoulli_(1 - p, generator=generator)``, so a generator in the
     same state reproduces it. The generator must live on ``W``'s device.

@@ -27,7 +27,7 @@ WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
 def _is_weight_normed(module: nn.Module, name: str = "weight") -> bool:
     if not parametrize.is_parametrized(module, name):
         return False
-    return any(type(p).__name__ == "_WeightNorm" for p in getattr(module, "parametrizations")[name])
+    return any(type(p).__name__ == "_WeightNorm" for p in module.parametrizations[name])  # type: ignore[index]
 
 
 def weight_normed_layers(module: nn.Module) -> list[str]:

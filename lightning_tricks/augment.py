@@ -22,6 +22,7 @@ every draw and DDP ranks can differ on purpose. The Lightning wiring lives in
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -84,11 +85,17 @@ def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float
         True
     """
     _check_alpha(alpha)
-    gammas = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=generator)
+    gammas = torch._standard_gamma(_alpha_pair(float(alpha)), generator=generator)
     g1, g2 = gammas.tolist()
     if g1 + g2 == 0.0:
         return float(torch.randint(0, 2, (1,), generator=generator).item())
     return g1 / (g1 + g2)
+
+
+@functools.lru_cache(maxsize=16)
+def _alpha_pair(alpha: float) -> Tensor:
+    """``[alpha, alpha]`` in float64, made once per alpha (read only: ``_standard_gamma`` does not write it)."""
+    return torch.full((2,), alpha, dtype=torch.float64)
 
 
 def soft_targets(y: Tensor, num_classes: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -101,7 +108,9 @@ def soft_targets(y: Tensor, num_classes: int | None, dtype: torch.dtype = torch.
         raise ValueError(f"class-index targets must have shape (N,), got {tuple(y.shape)}")
     if num_classes is None:
         raise ValueError("num_classes is needed to turn class indices into soft targets, got None")
-    return F.one_hot(y.long(), num_classes).to(dtype)
+    # the values of F.one_hot(y, C).to(dtype), in one kernel and without one_hot's range check (a
+    # device-wide min/max); an index out of range still raises (CPU) or asserts on the device (CUDA)
+    return torch.zeros((y.shape[0], num_classes), dtype=dtype, device=y.device).scatter_(1, y.long()[:, None], 1.0)
 
 
 def _partner_index(n: int, index: Tensor | None, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -163,7 +172,9 @@ def mixup_batch(
         _check_lam(lam)
     idx = _partner_index(x.shape[0], index, generator, x.device)
     q = soft_targets(y, num_classes, _target_dtype(x))
-    return MixedBatch(torch.lerp(x[idx], x, lam), torch.lerp(q[idx], q, lam), float(lam), idx, None)
+    # index_select: the same values as x[idx], without advanced indexing's slower general path
+    return MixedBatch(torch.lerp(x.index_select(0, idx), x, lam), torch.lerp(q.index_select(0, idx), q, lam),
+                      float(lam), idx, None)
 
 
 def cutmix_box(
@@ -230,10 +241,10 @@ def cutmix_batch(
     idx = _partner_index(x.shape[0], index, generator, x.device)
     top, left, bottom, right = box = cutmix_box(h, w, lam, generator, center)
     out = x.clone()
-    out[:, :, top:bottom, left:right] = x[idx, :, top:bottom, left:right]
+    out[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right].index_select(0, idx)
     lam = 1.0 - (bottom - top) * (right - left) / (h * w)
     q = soft_targets(y, num_classes, _target_dtype(x))
-    return MixedBatch(out, torch.lerp(q[idx], q, lam), lam, idx, box)
+    return MixedBatch(out, torch.lerp(q.index_select(0, idx), q, lam), lam, idx, box)
 
 
 def cutout_size(size: int | float, height: int, width: int) -> int:
@@ -272,9 +283,9 @@ def cutout_boxes(
         raise ValueError(f"centers must have shape ({n}, {count}, 2), got {tuple(centers.shape)}")
     start = centers.long() - size // 2
     limit = torch.tensor([height, width], device=centers.device)
-    lo = torch.minimum(start.clamp_min(0), limit)
-    hi = torch.minimum((start + size).clamp_min(0), limit)
-    return torch.stack([lo[..., 0], lo[..., 1], hi[..., 0], hi[..., 1]], dim=-1)
+    zero = torch.zeros((), dtype=torch.long, device=centers.device)
+    # (top, left) then (bottom, right), each clipped to [0, (H, W)]
+    return torch.cat([start.clamp(zero, limit), (start + size).clamp(zero, limit)], dim=-1)
 
 
 def cutout_batch(
@@ -317,8 +328,11 @@ def cutout_batch(
     cols = torch.arange(w, device=x.device)
     in_rows = (rows >= boxes[..., 0, None]) & (rows < boxes[..., 2, None])  # (N, count, H)
     in_cols = (cols >= boxes[..., 1, None]) & (cols < boxes[..., 3, None])  # (N, count, W)
-    mask = (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (N, H, W)
-    return x.masked_fill(mask[:, None], value), boxes
+    mask = in_rows[..., :, None] & in_cols[..., None, :]  # (N, count, H, W)
+    mask = mask[:, 0] if count == 1 else mask.any(dim=1)  # (N, H, W)
+    # where: the same values as masked_fill, faster for a mask broadcast over the channels
+    # (new_full: a fill on x's device, not a host-to-device copy of a Python scalar)
+    return torch.where(mask[:, None], x.new_full((), value), x), boxes
 
 
 def random_crop_flip(

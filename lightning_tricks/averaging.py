@@ -50,23 +50,29 @@ __all__ = [
 AVERAGE_STATE_KEY = "average"
 
 
-def ema_decay(num_updates: int, decay: float, warmup: bool = True) -> float:
+def ema_decay(num_updates: int, decay: float, warmup: bool = True, every_n_steps: int = 1) -> float:
     """The EMA decay of update number ``num_updates`` (0 for the first update).
 
     ``min(decay, (1 + t) / (10 + t))`` with warmup (TensorFlow's ``ExponentialMovingAverage`` with
-    ``num_updates``), else ``decay``. Computed on the host from an int, so it never syncs a device.
+    ``num_updates``), else ``decay``; raised to the power ``every_n_steps`` when the average is updated
+    only every ``every_n_steps`` optimizer steps, so that it keeps the horizon of an every-step EMA
+    (``decay ** n`` over ``n`` steps, as Composer's ``EMA`` converts its half-life to a smoothing factor
+    per update interval). Computed on the host from ints, so it never syncs a device.
 
     Example:
         >>> [round(ema_decay(t, 0.999), 4) for t in (0, 1, 10, 10_000)]
         [0.1, 0.1818, 0.55, 0.999]
         >>> ema_decay(0, 0.9, warmup=False)
         0.9
+        >>> round(ema_decay(10_000, 0.999, every_n_steps=4), 9)  # 0.999 ** 4
+        0.996005996
     """
     if num_updates < 0:
         raise ValueError(f"num_updates must be >= 0, got {num_updates!r}")
-    if not warmup:
-        return float(decay)
-    return float(min(decay, (1.0 + num_updates) / (10.0 + num_updates)))
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+    d = float(decay) if not warmup else float(min(decay, (1.0 + num_updates) / (10.0 + num_updates)))
+    return d if every_n_steps == 1 else d**every_n_steps
 
 
 def swa_weight(num_averaged: int) -> float:

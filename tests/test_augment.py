@@ -436,3 +436,42 @@ def test_stacked_augmentations_act_in_a_fixed_order_whatever_the_list_order():
     # without setup each acts alone in list order, and the order shows
     assert not torch.equal(run("mixup,cutout", setup=False)[0], run("cutout,mixup", setup=False)[0])
     assert torch.equal(run("cutout,mixup", setup=False)[0], a[0])  # the fixed order is cutout, then mixup
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1, 2**32, 2**63 + 17, 2**64 - 1])
+def test_seed_states_equal_seed_sequence(seed):
+    import numpy as np
+
+    from lightning_tricks.callbacks.augment import seed_states
+
+    for rank in (0, 3):
+        counts = np.array([0, 1, 2, 255, 256, 70_000, 2**32 - 1], dtype=np.uint64)
+        ref = [int(np.random.SeedSequence([seed, rank, int(c)]).generate_state(1, dtype=np.uint64)[0])
+               for c in counts]
+        assert seed_states(seed, rank, counts).tolist() == ref
+
+
+def test_callback_reseeds_one_generator_with_the_seed_sequence_draws():
+    import numpy as np
+
+    from lightning_tricks.callbacks.augment import SEED_BLOCK
+
+    cb = Mixup(alpha=0.2, num_classes=3, seed=7)
+    cb._rank = 2
+    gen = cb._generator
+    for count in (0, 1, SEED_BLOCK - 1, SEED_BLOCK, 5 * SEED_BLOCK + 3, 4):  # forward, a jump, back (resume)
+        want = int(np.random.SeedSequence([7, 2, count]).generate_state(1, dtype=np.uint64)[0])
+        assert cb._seed_generator(count) is gen and gen.initial_seed() == want
+
+
+def test_cutout_matches_masked_fill_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3, 9, 7)
+    for count in (1, 3):
+        out, boxes = cutout_batch(x, 4, count, generator=g, value=-1.5)
+        mask = torch.zeros(6, 9, 7, dtype=torch.bool)
+        for i, k in ((i, k) for i in range(6) for k in range(count)):
+            top, left, bottom, right = boxes[i, k].tolist()
+            assert 0 <= top <= bottom <= 9 and 0 <= left <= right <= 7
+            mask[i, top:bottom, left:right] = True
+        assert torch.equal(out, x.masked_fill(mask[:, None], -1.5))

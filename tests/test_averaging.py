@@ -43,6 +43,11 @@ def test_ema_decay_is_the_warmup_formula() -> None:
         assert ema_decay(t, 0.999) == pytest.approx(min(0.999, (1 + t) / (10 + t)), abs=0)
         assert ema_decay(t, 0.999, warmup=False) == 0.999
     assert ema_decay(0, 0.5) == pytest.approx(0.1)
+    assert ema_decay(5, 0.9, warmup=False, every_n_steps=3) == 0.9 * 0.9 * 0.9 == 0.7290000000000001
+    assert ema_decay(2, 0.999, every_n_steps=2) == (3 / 12) ** 2 == 0.0625  # warmup value, squared
+    assert ema_decay(7, 0.9, warmup=False, every_n_steps=1) == 0.9
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ema_decay(0, 0.9, every_n_steps=0)
     with pytest.raises(ValueError, match="num_updates"):
         ema_decay(-1, 0.9)
 

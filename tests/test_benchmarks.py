@@ -79,12 +79,16 @@ def test_overhead_table(tmp_path: Path) -> None:
     rows, md = overhead.main(["--tiny", "--models", "mlp", "--repeats", "1", "--warmup-steps", "2",
                               "--timed-steps", "3", "--steps-per-epoch", "2", "--out-dir", str(tmp_path)])
     configs = {r["config"] for r in rows}
-    assert configs == set(overhead.CONFIGS)  # every callback ran (all modules exist now)
+    assert configs == set(overhead.CONFIGS) | {"floor"}  # every callback ran (all modules exist now), and the floor
     assert finite(rows, ["ms_per_step", "x_bare_lightning"])
     assert all(r["ms_per_step"] > 0 for r in rows)
     base = [r for r in rows if r["config"] == "lightning"]
     assert base and all(r["x_bare_lightning"] == pytest.approx(1.0) for r in base)
-    assert "| mlp | + whole bag-of-tricks stack |" in md
+    assert all(r["added_ms"] == pytest.approx(0.0) for r in base)
+    cb_rows = [r for r in rows if r["config"] not in ("floor", "raw", "lightning")]
+    assert finite(cb_rows, ["added_ms", "x_floor", "hook_us"]) and all(r["hook_us"] > 0 for r in cb_rows)
+    assert "| mlp | + whole bag-of-tricks stack |" in md and "floor: one `_foreach_lerp_` pass" in md
+    assert "≤ 1.2 floors" in md and "GPU target" not in md
     assert finite(read_csv(tmp_path / "overhead_cpu_mlp_tiny.csv"), ["ms_per_step", "x_bare_lightning"])
     assert (tmp_path / "overhead_cpu_mlp_tiny.md").read_text().startswith("Per-step cost")
 
@@ -94,6 +98,7 @@ def test_overhead_profile_names_the_hooks(tmp_path: Path) -> None:
     _, text = overhead.main(["--tiny", "--models", "mlp", "--warmup-steps", "2", "--timed-steps", "2",
                              "--steps-per-epoch", "2", "--profile", "ema", "--out-dir", str(tmp_path)])
     assert "EMA.on_train_batch_end" in text and "train_step (whole)" in text
+    assert "| `EMA.on_train_batch_end` |" in text and "floor + 30 = " in text  # the per-hook verdict table
     assert (tmp_path / "overhead_profile_ema_mlp_cpu.txt").is_file()
 
 
@@ -161,3 +166,13 @@ def test_speedrun_resnet9_shapes() -> None:
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="widths must be 4 positive ints"):
         speedrun.ResNet9(3, 10, widths=(4, 8))
+
+
+def test_gpu_all_script_parses_and_names_every_gpu_benchmark() -> None:
+    import subprocess
+
+    script = BENCH / "gpu_all.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)  # syntax only: it needs a GPU to run
+    text = script.read_text()
+    for name in ("overhead.py", "ema_update.py", "speedrun.py", "ablation.py"):
+        assert name in text

@@ -120,11 +120,22 @@ def test_ema_with_warmup_equals_averaged_model_with_warmup_fn(accumulate: int) -
 
 def test_ema_start_step_and_every_n_steps() -> None:
     seed_everything(0)
-    module = RefClassifier(0.7, start_step=3, every=2)
+    module = RefClassifier(0.49, start_step=3, every=2)  # updates every 2 steps with decay 0.7 ** 2
     ema = EMA(decay=0.7, warmup=False, start_step=3, every_n_steps=2, average_at_end=False)
+    assert ema.current_decay() == 0.7**2 == 0.48999999999999994
     _trainer([ema], limit_val_batches=0).fit(module, _loader())
     assert ema.num_updates == (12 - 3) // 2
     _assert_ema_equals_ref(ema, module)
+
+
+def test_ema_every_n_steps_keeps_the_horizon() -> None:
+    """Warmup then decay, raised to the power n: after n steps the weight of the old average is the same
+    as n every-step updates with the plain decay would leave (hand-computed values)."""
+    ema = EMA(decay=0.999, warmup=True, every_n_steps=4)
+    assert ema.current_decay() == pytest.approx(0.1**4, rel=1e-15)  # k = 0: min(0.999, 1/10) ** 4
+    ema.num_updates = 10_000
+    assert ema.current_decay() == pytest.approx(0.996005996001, rel=1e-12)  # 0.999 ** 4
+    assert EMA(decay=0.999, every_n_steps=1).current_decay() == pytest.approx(0.1, abs=0)
 
 
 def test_ema_average_at_end_and_float32_buffers_average() -> None:

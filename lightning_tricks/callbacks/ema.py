@@ -32,10 +32,17 @@ class EMA(_Averaging):
         d_k = \min\!\left(d, \frac{1 + k}{10 + k}\right) \text{ (warmup) or } d
 
     where ``k = 0, 1, ...`` counts the EMA updates. The average starts as a copy of the weights at
-    ``start_step`` (0: the start of fit) and is updated every ``every_n_steps`` optimizer steps after
-    that. It is kept in float32 (also for bfloat16/float16 weights) as flat per-(device, dtype) lists
-    built once, so an update is one ``torch._foreach_lerp_`` per list with the decay computed on the host
-    from an int: no Python loop over parameters and no device sync.
+    ``start_step`` (0: the start of fit) and is updated every ``n = every_n_steps`` optimizer steps
+    after that, with the decay ``d_k ** n``: the same horizon in optimizer steps as an every-step EMA
+    (``decay=0.999`` still averages over about the last 1000 steps), as Composer's ``EMA`` derives its
+    smoothing per update interval from a half-life. What it saves: ``n - 1`` of every ``n`` passes over
+    the weights (each pass reads the weights and the average and writes the average: on a 25M-parameter
+    model in float32 about 300 MB of memory traffic per step). What it costs: the average ignores the
+    weights of the steps in between (it samples every ``n``-th iterate), which matters little when ``n``
+    is small next to the horizon ``1 / (1 - decay)``. It is kept in float32 (also for bfloat16/float16
+    weights) as flat per-(device, dtype) lists built once, so an update is one ``torch._foreach_lerp_``
+    per list with the decay computed on the host from an int: no Python loop over parameters and no
+    device sync.
 
     Compared with Lightning's ``EMAWeightAveraging`` (``AveragedModel`` with a per-tensor ``avg_fn``):
     no ``deepcopy`` of the module, no per-parameter Python loop and no temporaries per step (it computes
@@ -51,7 +58,8 @@ class EMA(_Averaging):
     Args:
         decay: the decay ``d`` in (0, 1); 0.999 averages over about the last 1000 updates.
         warmup: use ``min(decay, (1 + k) / (10 + k))`` so early updates follow the weights faster.
-        every_n_steps: update every n optimizer steps (the decay per update is unchanged).
+        every_n_steps: update every n optimizer steps, with the decay ``decay ** n`` per update (the
+            same horizon in steps; see above).
         start_step: optimizer step at which the average starts as a copy of the weights; before it,
             evaluation uses the raw weights.
         evaluate: ``"ema"`` (validation/test/predict on the average), ``"raw"``, or ``"both"``: the
@@ -106,7 +114,7 @@ class EMA(_Averaging):
 
     def current_decay(self) -> float:
         """The decay the next update will use."""
-        return ema_decay(self.num_updates, self.decay, self.warmup)
+        return ema_decay(self.num_updates, self.decay, self.warmup, self.every_n_steps)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -142,7 +150,7 @@ class EMA(_Averaging):
                 self._start(step)
             return
         if step - self._last_update_step >= self.every_n_steps:
-            decay = ema_decay(self.num_updates, self.decay, self.warmup)  # host arithmetic on an int
+            decay = ema_decay(self.num_updates, self.decay, self.warmup, self.every_n_steps)  # host arithmetic
             self._average.update_(1.0 - decay)  # type: ignore[union-attr]
             self.num_updates += 1
             self._last_update_step = step

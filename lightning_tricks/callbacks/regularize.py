@@ -35,7 +35,11 @@ class L1Regularization(Callback):
 
     Equivalent to adding ``lam * sum |w|`` to the training loss (the L1 penalty, seed note 003;
     Tibshirani 1996 for the lasso), without the extra autograd graph: one ``_foreach_sign`` and one
-    ``_foreach_add_`` over a parameter list built once. Weight decay (L2) on weights only is the
+    ``_foreach_add_`` over a parameter list built once. Semantics: the subgradient is added to the
+    gradients (``sign(0) = 0``), not a proximal (soft-thresholding) step, so weights hover around zero
+    rather than land exactly on it, and the term goes through the optimizer like the loss gradient
+    (momentum, Adam's scaling, clipping). Cost: two passes over the chosen weights, about 2 floors
+    (see :func:`~lightning_tricks.regularize.add_l1_grad_`). Weight decay (L2) on weights only is the
     optimizer config's ``weight_decay`` (see :func:`lightning_tricks.mixins.param_groups_weight_decay`).
     For the penalty in the loss instead, use :func:`lightning_tricks.regularize.l1_penalty`.
 

@@ -43,8 +43,9 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 
 
 # -- settings and devices --------------------------------------------------------------------------
-def pick_settings(small: Mapping[str, Any], full: Mapping[str, Any], use_full: bool,
-                  overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def pick_settings(
+    small: Mapping[str, Any], full: Mapping[str, Any], use_full: bool, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """``full`` or ``small`` (copied), with the non-``None`` values of ``overrides`` put on top."""
     s = dict(full if use_full else small)
     for key, value in (overrides or {}).items():
@@ -189,14 +190,17 @@ def stamp() -> str:
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """A Markdown table; columns whose index is in ``right`` are right-aligned."""
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def write_results(name: str, rows: Sequence[Mapping[str, Any]], markdown: str,
-                  out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def write_results(
+    name: str, rows: Sequence[Mapping[str, Any]], markdown: str, out_dir: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
     """Write ``<name>.md`` (the table) and ``<name>.csv`` (one row per measurement) into ``out_dir``."""
     out = Path(out_dir) if out_dir is not None else RESULTS
     out.mkdir(parents=True, exist_ok=True)

@@ -50,19 +50,19 @@ SETTINGS: dict[str, Any] = {
     "device": "cpu",
     "threads": 1,
     "data_dir": str(C.SHARED_DATA / "fashion_mnist"),
-    "limit_train": 2000,           # first N training images (10% of them held out for validation)
+    "limit_train": 2000,  # first N training images (10% of them held out for validation)
     "limit_test": 1000,
     "batch_size": 128,
     "epochs": 2,
     "seeds": [0],
     "widths": (8, 16, 32),
     "blocks_per_stage": 1,
-    "lr": 0.05,                    # the baseline's LR at `batch_size` (= the experiment file's)
-    "reference_batch": 256,        # linear scaling: LR given at this batch
-    "augment": "cutout",           # cutout | mixup
+    "lr": 0.05,  # the baseline's LR at `batch_size` (= the experiment file's)
+    "reference_batch": 256,  # linear scaling: LR given at this batch
+    "augment": "cutout",  # cutout | mixup
     "ic_dropout": 0.1,
     "precision": "32-true",
-    "variants": None,              # None: baseline, the cumulative additions, then the removals
+    "variants": None,  # None: baseline, the cumulative additions, then the removals
 }
 
 FULL: dict[str, Any] = {
@@ -74,7 +74,7 @@ FULL: dict[str, Any] = {
     "limit_test": None,
     "epochs": 10,
     "seeds": [0, 1, 2],
-    "widths": (32, 64, 128),       # the shipped conf/model/resnet.yaml
+    "widths": (32, 64, 128),  # the shipped conf/model/resnet.yaml
     "precision": "32-true",
 }
 
@@ -113,14 +113,20 @@ def overrides(tricks: frozenset[str], s: dict, seed: int, output_dir: str, accel
     if unknown:
         raise ValueError(f"unknown tricks {sorted(unknown)}; known: {KEYS}")
     o = [
-        "experiment=baseline_fashion_mnist", "logger=none",
-        f"data.data_dir={s['data_dir']}", f"data.batch_size={s['batch_size']}",
+        "experiment=baseline_fashion_mnist",
+        "logger=none",
+        f"data.data_dir={s['data_dir']}",
+        f"data.batch_size={s['batch_size']}",
         f"data.limit_train={'null' if s['limit_train'] is None else s['limit_train']}",
         f"data.limit_test={'null' if s['limit_test'] is None else s['limit_test']}",
-        f"model.widths=[{','.join(str(w) for w in s['widths'])}]", f"model.blocks_per_stage={s['blocks_per_stage']}",
-        f"trainer.max_epochs={s['epochs']}", f"trainer.accelerator={accelerator}",
-        f"trainer.precision={s['precision']}", "trainer.enable_progress_bar=false",
-        f"seed={seed}", f"paths.output_dir={output_dir}",
+        f"model.widths=[{','.join(str(w) for w in s['widths'])}]",
+        f"model.blocks_per_stage={s['blocks_per_stage']}",
+        f"trainer.max_epochs={s['epochs']}",
+        f"trainer.accelerator={accelerator}",
+        f"trainer.precision={s['precision']}",
+        "trainer.enable_progress_bar=false",
+        f"seed={seed}",
+        f"paths.output_dir={output_dir}",
     ]
     callbacks = []
     if "warmup" in tricks:
@@ -129,8 +135,9 @@ def overrides(tricks: frozenset[str], s: dict, seed: int, output_dir: str, accel
         o.append(f"optimizer.lr={s['lr'] * s['reference_batch'] / s['batch_size']:g}")
     else:
         o.append(f"optimizer.lr={s['lr']:g}")
-    schedule = {(True, True): "warmup_cosine", (True, False): "warmup", (False, True): "cosine",
-                (False, False): None}[("warmup" in tricks, "cosine" in tricks)]
+    schedule = {(True, True): "warmup_cosine", (True, False): "warmup", (False, True): "cosine", (False, False): None}[
+        ("warmup" in tricks, "cosine" in tricks)
+    ]
     if schedule is not None:  # else the experiment's `schedule: null` (a constant LR) stays
         o.insert(1, f"schedule={schedule}")
     if "no_bias_decay" in tricks:
@@ -150,7 +157,8 @@ def overrides(tricks: frozenset[str], s: dict, seed: int, output_dir: str, accel
 
 
 def compose(overrides_: Sequence[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from lightning_tricks.train import config_dir
 
@@ -165,10 +173,17 @@ def run_one(name: str, seed: int, s: dict, accelerator: str, extra: Sequence[str
     with tempfile.TemporaryDirectory(prefix="lt_ablation_") as tmp:
         o = overrides(tricks, s, seed, tmp, accelerator)
         metrics, _ = train(compose([*o, *extra]))
-    return {"variant": name, "group": group, "tricks": "+".join(k for k in KEYS if k in tricks) or "none",
-            "seed": seed, "test_acc": metrics["test/acc"], "test_loss": metrics["test/loss"],
-            "val_acc": metrics.get("val/acc", float("nan")), "fit_s": metrics["time/fit_s"],
-            "overrides": " ".join(o)}
+    return {
+        "variant": name,
+        "group": group,
+        "tricks": "+".join(k for k in KEYS if k in tricks) or "none",
+        "seed": seed,
+        "test_acc": metrics["test/acc"],
+        "test_loss": metrics["test/loss"],
+        "val_acc": metrics.get("val/acc", float("nan")),
+        "fit_s": metrics["time/fit_s"],
+        "overrides": " ".join(o),
+    }
 
 
 # -- the tables ------------------------------------------------------------------------------------
@@ -193,25 +208,35 @@ def summarize(rows: list[dict], s: dict, machine: str, n_train: str) -> str:
         return f"{labels[key]} ({aug})" if key == "augment" else labels[key]
 
     add_rows, prev = [], None
-    for name, (group, tricks) in VARIANTS.items():
+    for name, (group, _tricks) in VARIANTS.items():
         if group != "add" or name not in by:
             continue
         a, _ = C.mean_std(acc(name))
         t, _ = C.mean_std(fit(name))
-        added = "baseline (SGD + momentum, constant LR)" if name == "baseline" else (
-            "= full recipe: + " + label(KEYS[-1]) if name == "full" else "+ " + label(name[1:]))
+        added = (
+            "baseline (SGD + momentum, constant LR)"
+            if name == "baseline"
+            else ("= full recipe: + " + label(KEYS[-1]) if name == "full" else "+ " + label(name[1:]))
+        )
         step = "" if prev is None else f"{a - prev:+.2f}"
-        add_rows.append([added, C.pm(acc(name)), f"{a - base_acc:+.2f}", step, C.pm(fit(name), 1),
-                         f"{t / base_t:.2f}"])
+        add_rows.append([added, C.pm(acc(name)), f"{a - base_acc:+.2f}", step, C.pm(fit(name), 1), f"{t / base_t:.2f}"])
         prev = a
     remove_rows = []
-    for name, (group, tricks) in VARIANTS.items():
+    for name, (group, _tricks) in VARIANTS.items():
         if group != "remove" or name not in by:
             continue
         a, _ = C.mean_std(acc(name))
         t, _ = C.mean_std(fit(name))
-        remove_rows.append([f"full − {label(name[1:])}", C.pm(acc(name)), f"{a - full_acc:+.2f}",
-                            f"{a - base_acc:+.2f}", C.pm(fit(name), 1), f"{t / base_t:.2f}"])
+        remove_rows.append(
+            [
+                f"full − {label(name[1:])}",
+                C.pm(acc(name)),
+                f"{a - full_acc:+.2f}",
+                f"{a - base_acc:+.2f}",
+                C.pm(fit(name), 1),
+                f"{t / base_t:.2f}",
+            ]
+        )
     seeds = len(s["seeds"])
     parts = [
         f"Trick ablation on Fashion-MNIST ({n_train}), ResNet widths {list(s['widths'])} x "
@@ -223,13 +248,23 @@ def summarize(rows: list[dict], s: dict, machine: str, n_train: str) -> str:
         "",
         "**Adding one trick at a time** (cumulative; the last row is the full recipe):",
         "",
-        C.markdown_table(["recipe", "test acc %", "Δ vs baseline", "Δ vs row above", "fit s", "time / baseline"],
-                         add_rows, right=(1, 2, 3, 4, 5)),
+        C.markdown_table(
+            ["recipe", "test acc %", "Δ vs baseline", "Δ vs row above", "fit s", "time / baseline"],
+            add_rows,
+            right=(1, 2, 3, 4, 5),
+        ),
     ]
     if remove_rows:
-        parts += ["", "**Removing one trick from the full recipe:**", "",
-                  C.markdown_table(["recipe", "test acc %", "Δ vs full", "Δ vs baseline", "fit s", "time / baseline"],
-                                   remove_rows, right=(1, 2, 3, 4, 5))]
+        parts += [
+            "",
+            "**Removing one trick from the full recipe:**",
+            "",
+            C.markdown_table(
+                ["recipe", "test acc %", "Δ vs full", "Δ vs baseline", "fit s", "time / baseline"],
+                remove_rows,
+                right=(1, 2, 3, 4, 5),
+            ),
+        ]
     if "baseline" in by and "full" in by:
         gain = full_acc - base_acc
         verdict = "met" if gain >= 1.0 else f"missed by {1.0 - gain:.2f} points"
@@ -242,14 +277,23 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="the GPU setting (FULL)")
     parser.add_argument("--device", help="cpu | cuda | auto")
-    parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST idx .gz files "
-                        "(default ../shared/data/fashion_mnist)")
+    parser.add_argument(
+        "--data-dir", help="folder with the four Fashion-MNIST idx .gz files (default ../shared/data/fashion_mnist)"
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seeds", type=int, help="number of seeds (first-seed .. first-seed + N - 1)")
-    parser.add_argument("--first-seed", type=int, default=0, help="with --seeds: the first seed (split a long "
-                        "run into calls, one seed each, then --merge their CSVs)")
-    parser.add_argument("--merge", nargs="+", metavar="CSV", help="no training: one table from the CSVs of "
-                        "earlier calls (pass the same setting flags as those calls)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="with --seeds: the first seed (split a long run into calls, one seed each, then --merge their CSVs)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="CSV",
+        help="no training: one table from the CSVs of earlier calls (pass the same setting flags as those calls)",
+    )
     parser.add_argument("--limit-train", type=int)
     parser.add_argument("--limit-test", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -262,15 +306,26 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     parser.add_argument("--extra", action="append", default=[], help="an extra Hydra override for every run")
     parser.add_argument("--out-dir", default=str(C.RESULTS))
     args = parser.parse_args(argv)
-    s = C.pick_settings(SETTINGS, FULL, args.full, {
-        "device": args.device, "data_dir": args.data_dir, "epochs": args.epochs,
-        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)) if args.seeds else None,
-        "limit_train": args.limit_train,
-        "limit_test": args.limit_test, "batch_size": args.batch_size,
-        "widths": tuple(int(w) for w in args.widths.split(",")) if args.widths else None,
-        "augment": args.augment, "precision": args.precision, "threads": args.threads, "name": args.name,
-        "variants": args.variants.split(",") if args.variants else None,
-    })
+    s = C.pick_settings(
+        SETTINGS,
+        FULL,
+        args.full,
+        {
+            "device": args.device,
+            "data_dir": args.data_dir,
+            "epochs": args.epochs,
+            "seeds": list(range(args.first_seed, args.first_seed + args.seeds)) if args.seeds else None,
+            "limit_train": args.limit_train,
+            "limit_test": args.limit_test,
+            "batch_size": args.batch_size,
+            "widths": tuple(int(w) for w in args.widths.split(",")) if args.widths else None,
+            "augment": args.augment,
+            "precision": args.precision,
+            "threads": args.threads,
+            "name": args.name,
+            "variants": args.variants.split(",") if args.variants else None,
+        },
+    )
     names = list(s["variants"] or VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -287,23 +342,33 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
         acc = C.accelerator(device)
 
         warm = {**s, "epochs": 1}  # warm-up run: imports, data decoding, allocator, kernels
-        run_one("baseline", 0, warm, acc, extra=["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-                                                  "+trainer.limit_test_batches=1"])
+        run_one(
+            "baseline",
+            0,
+            warm,
+            acc,
+            extra=["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"],
+        )
         rows = []
         machine = C.machine(device)
         for seed in s["seeds"]:
             for name in names:  # interleaved: drift in the machine's load hits every variant alike
                 r = run_one(name, seed, s, acc, extra=args.extra)
                 rows.append({**r, "machine": machine})
-                print(f"seed {seed} {name:15s} test acc {100 * r['test_acc']:6.2f}%  fit {r['fit_s']:6.1f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"seed {seed} {name:15s} test acc {100 * r['test_acc']:6.2f}%  fit {r['fit_s']:6.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return finish(rows, s, machine, args.out_dir)
 
 
 def describe_data(s: dict) -> str:
-    return ("all 60,000 training images" if s["limit_train"] is None
-            else f"first {s['limit_train']:,} training images") + ", " + (
-        "10,000 test images" if s["limit_test"] is None else f"first {s['limit_test']:,} test images")
+    return (
+        ("all 60,000 training images" if s["limit_train"] is None else f"first {s['limit_train']:,} training images")
+        + ", "
+        + ("10,000 test images" if s["limit_test"] is None else f"first {s['limit_test']:,} test images")
+    )
 
 
 def finish(rows: list[dict], s: dict, machine: str, out_dir: str) -> tuple[list[dict], str]:

@@ -43,10 +43,10 @@ SETTINGS = {
     "models": ["mlp_1.6M", "resnet50_25M"],
     "methods": ["ours", "loop", "averaged_model", "lightning", "fused_pass"],
     "decay": 0.999,
-    "warmup_calls": 5,        # untimed calls before timing each method
-    "calls": {"cpu": 20, "cuda": 200},   # calls per timed repeat
-    "repeats": 5,             # timed repeats; mean ± std over them
-    "threads": None,          # torch intra-op threads on CPU (None: torch's default)
+    "warmup_calls": 5,  # untimed calls before timing each method
+    "calls": {"cpu": 20, "cuda": 200},  # calls per timed repeat
+    "repeats": 5,  # timed repeats; mean ± std over them
+    "threads": None,  # torch intra-op threads on CPU (None: torch's default)
     "out_dir": str(ROOT / "benchmarks" / "results"),
 }
 
@@ -77,8 +77,12 @@ class _Bottleneck(nn.Module):
 
 def resnet50_like() -> nn.Module:
     """ResNet-50's layers (stem, bottlenecks 3-4-6-3, fc 1000): 25,557,032 parameters, 161 tensors."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                               nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     cin = 64
     for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
         for b in range(blocks):
@@ -217,21 +221,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fused = statistics.mean(results["fused_pass"])
         for method, times in results.items():
             mean = statistics.mean(times)
-            rows.append({
-                "model": name, "params": numel, "tensors": tensors, "method": method,
-                "us_per_update": round(mean * 1e6, 1),
-                "std_us": round(statistics.stdev(times) * 1e6 if len(times) > 1 else 0.0, 1),
-                "x_ours": round(mean / ours, 2),
-                "x_fused_pass": round(mean / fused, 2),
-                "GB_per_s_3x": round(3 * 4 * numel / mean / 1e9, 1),
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "params": numel,
+                    "tensors": tensors,
+                    "method": method,
+                    "us_per_update": round(mean * 1e6, 1),
+                    "std_us": round(statistics.stdev(times) * 1e6 if len(times) > 1 else 0.0, 1),
+                    "x_ours": round(mean / ours, 2),
+                    "x_fused_pass": round(mean / fused, 2),
+                    "GB_per_s_3x": round(3 * 4 * numel / mean / 1e9, 1),
+                }
+            )
     write(rows, device, s)
     return rows
 
 
 def write(rows: list[dict], device: torch.device, s: dict) -> None:
-    header = ["model", "params", "tensors", "method", "us_per_update", "std_us", "x_ours", "x_fused_pass",
-              "GB_per_s_3x"]
+    header = [
+        "model",
+        "params",
+        "tensors",
+        "method",
+        "us_per_update",
+        "std_us",
+        "x_ours",
+        "x_fused_pass",
+        "GB_per_s_3x",
+    ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [
         f"EMA update cost, device {device.type} ({name}), torch {torch.__version__}, "

@@ -27,21 +27,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = {
-    "dataset": "fashion_mnist",        # "fashion_mnist" (falls back to digits if the files are missing) | "digits"
+    "dataset": "fashion_mnist",  # "fashion_mnist" (falls back to digits if the files are missing) | "digits"
     "data_dir": str(ROOT.parent / "shared" / "data" / "fashion_mnist"),
-    "limit_train": None,               # keep the first N training images (None = all 60k)
+    "limit_train": None,  # keep the first N training images (None = all 60k)
     "models": ["mlp", "resnet"],
     "norms": ["ic", "classic", "none"],
     "seeds": [0, 1, 2],
     "epochs": {"mlp": 5, "resnet": 3},
     "limit_train_batches": {"mlp": 1.0, "resnet": 150},  # fraction or number of batches per epoch
     "batch_size": 128,
-    "lr": 0.05,                        # peak LR, decayed linearly to 0 over the run (per step)
+    "lr": 0.05,  # peak LR, decayed linearly to 0 over the run (per step)
     "momentum": 0.9,
     "dropout": 0.1,
     "mlp_hidden": (256, 256),
     "resnet_widths": (8, 16, 32),
-    "threads": 1,                      # torch intra-op threads on CPU (small shared machines: 1)
+    "threads": 1,  # torch intra-op threads on CPU (small shared machines: 1)
 }
 
 QUICK = {
@@ -60,8 +60,9 @@ def load_data(s: dict):
 
     if s["dataset"] == "fashion_mnist":
         if Path(s["data_dir"], "train-images-idx3-ubyte.gz").is_file():
-            dm = FashionMNISTDataModule(s["data_dir"], batch_size=s["batch_size"], loader="resident",
-                                        limit_train=s["limit_train"])
+            dm = FashionMNISTDataModule(
+                s["data_dir"], batch_size=s["batch_size"], loader="resident", limit_train=s["limit_train"]
+            )
             dm.setup()
             return dm, "fashion_mnist"
         print(f"Fashion-MNIST not found in {s['data_dir']}; using digits", file=sys.stderr)
@@ -94,8 +95,9 @@ def make_module(net, num_classes: int, s: dict):
     return LinearDecayClassifier(net, num_classes, {"name": "sgd", "lr": s["lr"], "momentum": s["momentum"]})
 
 
-def fit_once(model: str, norm: str, seed: int, dm, s: dict, epochs: int | None = None,
-             limit: float | int | None = None) -> dict:
+def fit_once(
+    model: str, norm: str, seed: int, dm, s: dict, epochs: int | None = None, limit: float | int | None = None
+) -> dict:
     import torch
 
     from lightning_tricks._lightning import Trainer, seed_everything
@@ -104,9 +106,16 @@ def fit_once(model: str, norm: str, seed: int, dm, s: dict, epochs: int | None =
     net = build_net(model, norm, dm, s)
     module = make_module(net, dm.num_classes, s)
     trainer = Trainer(
-        max_epochs=epochs or s["epochs"][model], limit_train_batches=limit or s["limit_train_batches"][model],
-        accelerator="auto", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        max_epochs=epochs or s["epochs"][model],
+        limit_train_batches=limit or s["limit_train_batches"][model],
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -116,9 +125,15 @@ def fit_once(model: str, norm: str, seed: int, dm, s: dict, epochs: int | None =
         torch.cuda.synchronize()
     fit_s = time.perf_counter() - t0
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
-    return {"model": model, "norm": norm, "seed": seed, "test_acc": float(test["test/acc"]),
-            "test_loss": float(test["test/loss"]), "fit_s": fit_s,
-            "params": sum(p.numel() for p in net.parameters())}
+    return {
+        "model": model,
+        "norm": norm,
+        "seed": seed,
+        "test_acc": float(test["test/acc"]),
+        "test_loss": float(test["test/loss"]),
+        "fit_s": fit_s,
+        "params": sum(p.numel() for p in net.parameters()),
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -130,7 +145,8 @@ def table(rows: list[dict], s: dict, dataset: str, n_train: int) -> str:
         f"IC vs classic placement on {dataset} ({n_train} training images), {len(s['seeds'])} seeds, "
         f"dropout {s['dropout']}, SGD lr {s['lr']} (linear decay to 0) momentum {s['momentum']}, "
         f"batch {s['batch_size']}; epochs x batches per epoch: "
-        + ", ".join(f"{m} {s['epochs'][m]} x {s['limit_train_batches'][m]}" for m in s["models"]) + ".",
+        + ", ".join(f"{m} {s['epochs'][m]} x {s['limit_train_batches'][m]}" for m in s["models"])
+        + ".",
         "",
         "| model | norm | params | epochs | test acc % (mean ± std) | fit time (s, median) | time / classic |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -144,8 +160,10 @@ def table(rows: list[dict], s: dict, dataset: str, n_train: int) -> str:
                 continue
             acc, acc_sd = mean_std([100 * r["test_acc"] for r in rs])
             t = statistics.median([r["fit_s"] for r in rs])
-            lines.append(f"| {model} | {norm} | {rs[0]['params']:,} | {s['epochs'][model]} | "
-                         f"{acc:.2f} ± {acc_sd:.2f} | {t:.1f} | {t / base_t:.2f} |")
+            lines.append(
+                f"| {model} | {norm} | {rs[0]['params']:,} | {s['epochs'][model]} | "
+                f"{acc:.2f} ± {acc_sd:.2f} | {t:.1f} | {t / base_t:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -184,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
             for norm in s["norms"]:  # interleaved, so drift in machine load hits all placements alike
                 r = fit_once(model, norm, seed, dm, s)
                 rows.append(r)
-                print(f"{model:6s} {norm:8s} seed {seed}: test acc {100 * r['test_acc']:.2f}%  fit {r['fit_s']:.1f} s",
-                      flush=True)
+                print(
+                    f"{model:6s} {norm:8s} seed {seed}: test acc {100 * r['test_acc']:.2f}%  fit {r['fit_s']:.1f} s",
+                    flush=True,
+                )
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     md = table(rows, s, dataset, n_train)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md += f"\n\nMachine: {device}; torch {torch.__version__}; {stamp}.\n"

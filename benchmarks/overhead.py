@@ -53,17 +53,19 @@ import _common as C  # noqa: E402
 
 SETTINGS: dict[str, Any] = {
     "device": "cpu",
-    "threads": 1,                      # CPU intra-op threads (the 2-core CI machine is shared)
+    "threads": 1,  # CPU intra-op threads (the 2-core CI machine is shared)
     "models": ["mlp", "resnet"],
-    "configs": None,                   # None: all of CONFIGS, in order
+    "configs": None,  # None: all of CONFIGS, in order
     "batch_size": {"mlp": 64, "resnet": 32},
-    "steps_per_epoch": 50,             # batches per epoch of the random resident data
-    "warmup_steps": 10,                # untimed steps at the start of every fit
+    "steps_per_epoch": 50,  # batches per epoch of the random resident data
+    "warmup_steps": 10,  # untimed steps at the start of every fit
     "timed_steps": 60,
     "repeats": 3,
-    "mlp": {"input_shape": (2, 16, 16), "hidden": (1024, 1024)},          # 512-1024-1024-10, 1.6M params
+    "mlp": {"input_shape": (2, 16, 16), "hidden": (1024, 1024)},  # 512-1024-1024-10, 1.6M params
     "resnet": {"input_shape": (3, 32, 32), "widths": (16, 32, 64), "blocks_per_stage": 1},
-    "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
     "profile_steps": 20,
     "seed": 0,
 }
@@ -153,8 +155,13 @@ def make_loader(model: str, s: dict, device: torch.device):
 
 
 def optimizer_cfg(s: dict, no_decay_bias_norm: bool = False) -> dict:
-    return {"name": "sgd", "lr": s["lr"], "momentum": s["momentum"], "weight_decay": s["weight_decay"],
-            "no_decay_bias_norm": no_decay_bias_norm}
+    return {
+        "name": "sgd",
+        "lr": s["lr"],
+        "momentum": s["momentum"],
+        "weight_decay": s["weight_decay"],
+        "no_decay_bias_norm": no_decay_bias_norm,
+    }
 
 
 # -- configurations --------------------------------------------------------------------------------
@@ -164,9 +171,9 @@ class Config:
 
     label: str
     callbacks: Callable[[dict, int], list] | None
-    stack: bool = False           # the whole bag of tricks: label smoothing + no-decay groups in the module
-    reference: bool = False       # a Lightning callback, for comparison
-    needs: str = ""               # module that must exist (skipped with a note if it does not)
+    stack: bool = False  # the whole bag of tricks: label smoothing + no-decay groups in the module
+    reference: bool = False  # a Lightning callback, for comparison
+    needs: str = ""  # module that must exist (skipped with a note if it does not)
 
 
 def _lr_schedule(s: dict, bs: int, log: bool = True) -> list:
@@ -195,8 +202,11 @@ def _early_stopping(s: dict, bs: int) -> list:
     from lightning_tricks.callbacks import EarlyStopping
 
     # checked at every epoch end on the epoch-mean training loss; never stops; best weights copied in memory
-    return [EarlyStopping(monitor="train/loss", mode="min", patience=10**9, check_on_train_epoch_end=True,
-                          restore_best=True)]
+    return [
+        EarlyStopping(
+            monitor="train/loss", mode="min", patience=10**9, check_on_train_epoch_end=True, restore_best=True
+        )
+    ]
 
 
 def _update_ratio(s: dict, bs: int) -> list:
@@ -232,8 +242,15 @@ def _cutout(s: dict, bs: int) -> list:
 def _stack(s: dict, bs: int) -> list:
     from lightning_tricks.callbacks import LinearScaling
 
-    return [LinearScaling(reference_batch_size=256, batch_size=bs), *_lr_schedule(s, bs), *_ema(s, bs),
-            *_mixup(s, bs), *_l1(s, bs), *_update_ratio(s, bs), *_early_stopping(s, bs)]
+    return [
+        LinearScaling(reference_batch_size=256, batch_size=bs),
+        *_lr_schedule(s, bs),
+        *_ema(s, bs),
+        *_mixup(s, bs),
+        *_l1(s, bs),
+        *_update_ratio(s, bs),
+        *_early_stopping(s, bs),
+    ]
 
 
 def _pl_ema(s: dict, bs: int) -> list:
@@ -254,8 +271,9 @@ CONFIGS: dict[str, Config] = {
     "raw": Config("raw PyTorch loop", None),
     "lightning": Config("bare Lightning", lambda s, bs: []),
     "lr_schedule": Config("+ LRSchedule (warmup + cosine)", _lr_schedule, needs="lr_schedule"),
-    "lr_schedule_nolog": Config("+ LRSchedule (warmup + cosine, log=False)",
-                                lambda s, bs: _lr_schedule(s, bs, log=False), needs="lr_schedule"),
+    "lr_schedule_nolog": Config(
+        "+ LRSchedule (warmup + cosine, log=False)", lambda s, bs: _lr_schedule(s, bs, log=False), needs="lr_schedule"
+    ),
     "ema": Config("+ EMA (decay 0.999, every step)", _ema, needs="ema"),
     "swa": Config("+ SWA (average every epoch)", _swa("epoch"), needs="swa"),
     "swa_step": Config("+ SWA (average every step)", _swa("step"), needs="swa"),
@@ -265,8 +283,12 @@ CONFIGS: dict[str, Config] = {
     "mixup": Config("+ Mixup", _mixup, needs="augment"),
     "cutmix": Config("+ CutMix", _cutmix, needs="augment"),
     "cutout": Config("+ Cutout", _cutout, needs="augment"),
-    "stack": Config("+ whole bag-of-tricks stack", _stack, stack=True,
-                    needs="lr_scaling,lr_schedule,ema,augment,regularize,sanity,early_stopping"),
+    "stack": Config(
+        "+ whole bag-of-tricks stack",
+        _stack,
+        stack=True,
+        needs="lr_scaling,lr_schedule,ema,augment,regularize,sanity,early_stopping",
+    ),
     "lightning_ema": Config("+ Lightning EMAWeightAveraging (reference)", _pl_ema, reference=True),
     "lightning_swa": Config("+ Lightning StochasticWeightAveraging (reference)", _pl_swa, reference=True),
 }
@@ -276,8 +298,11 @@ def missing_modules(config: Config) -> list[str]:
     """The ``lightning_tricks.callbacks`` submodules a configuration needs that are not there yet."""
     import importlib.util
 
-    return [m for m in filter(None, config.needs.split(","))
-            if importlib.util.find_spec(f"lightning_tricks.callbacks.{m}") is None]
+    return [
+        m
+        for m in filter(None, config.needs.split(","))
+        if importlib.util.find_spec(f"lightning_tricks.callbacks.{m}") is None
+    ]
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -395,10 +420,18 @@ def build_trainer(callbacks: list, s: dict, device: torch.device, extra: dict | 
 
     total = s["warmup_steps"] + s["timed_steps"] + 1
     return Trainer(
-        accelerator=C.accelerator(device), devices=1, max_steps=total,
-        max_epochs=math.ceil(total / s["steps_per_epoch"]) + 1, callbacks=callbacks,
-        enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, **(extra or {}),
+        accelerator=C.accelerator(device),
+        devices=1,
+        max_steps=total,
+        max_epochs=math.ceil(total / s["steps_per_epoch"]) + 1,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **(extra or {}),
     )
 
 
@@ -410,8 +443,11 @@ def time_lightning(model: str, name: str, s: dict, device: torch.device, seed: i
     config = CONFIGS[name]
     seed_everything(seed, verbose=False)
     bs = s["batch_size"][model]
-    module = make_module(build_net(model, s), optimizer_cfg(s, no_decay_bias_norm=config.stack),
-                         label_smoothing=0.1 if config.stack else 0.0)
+    module = make_module(
+        build_net(model, s),
+        optimizer_cfg(s, no_decay_bias_norm=config.stack),
+        label_smoothing=0.1 if config.stack else 0.0,
+    )
     timer = make_timer(s["warmup_steps"], s["timed_steps"], device)
     callbacks = config.callbacks(s, bs)
     hooks = time_hooks(callbacks, timer)
@@ -430,8 +466,16 @@ def time_config(model: str, name: str, s: dict, device: torch.device, seed: int)
 
 
 # -- profile ---------------------------------------------------------------------------------------
-_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
-          "on_before_optimizer_step", "on_before_zero_grad", "on_train_epoch_start", "on_train_epoch_end")
+_HOOKS = (
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+)
 
 
 def _label_hooks(callback: Any) -> None:
@@ -489,15 +533,20 @@ def profile(model: str, name: str, s: dict, device: torch.device, rows: int = 25
     callbacks = config.callbacks(s, bs)
     for cb in callbacks:
         _label_hooks(cb)
-    module = make_module(build_net(model, s), optimizer_cfg(s, no_decay_bias_norm=config.stack),
-                         label_smoothing=0.1 if config.stack else 0.0)
+    module = make_module(
+        build_net(model, s),
+        optimizer_cfg(s, no_decay_bias_norm=config.stack),
+        label_smoothing=0.1 if config.stack else 0.0,
+    )
     s = {**s, "timed_steps": steps}
     trainer = build_trainer([ProfileWindow(), *callbacks], s, device)
     trainer.fit(module, train_dataloaders=make_loader(model, s, device))
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
-    head = (f"torch profiler: {model}, configuration {name!r} ({config.label}), {steps} steps after "
-            f"{start} warm-up steps, {C.machine(device)}, {C.stamp()}")
+    head = (
+        f"torch profiler: {model}, configuration {name!r} ({config.label}), {steps} steps after "
+        f"{start} warm-up steps, {C.machine(device)}, {C.stamp()}"
+    )
     floor = time_raw(model, s, device, s["seed"], floor=True)
     hook_names = {f"{type(cb).__name__}.{h}" for cb in callbacks for h in _HOOKS}
     body = []
@@ -505,22 +554,31 @@ def profile(model: str, name: str, s: dict, device: torch.device, rows: int = 25
         per_step = e.cpu_time_total / steps  # µs
         one_pass = e.key in _ONE_PASS_HOOKS
         allowed = (1e6 * floor if one_pass else 0.0) + GOAL_LIGHT_HOOK_US
-        body.append([f"`{e.key}`", f"{per_step:.0f}", f"{per_step / (1e6 * floor):.2f}",
-                     ("floor + 30" if one_pass else "30") + f" = {allowed:.0f}",
-                     "met" if per_step <= allowed else f"above by {per_step - allowed:.0f} µs"])
-    hooks_table = C.markdown_table(["hook", "µs per step (profiled)", "x floor", "allowed µs", "verdict"], body,
-                                   right=(1, 2))
-    return "\n\n".join([
-        head,
-        f"Callback hooks, CPU time per step under the profiler (which adds a few µs per op) vs the floor, one "
-        f"`_foreach_lerp_` pass over the weights = {1e6 * floor:.0f} µs measured right after (a pass over the "
-        "weights is allowed its floor + 30 µs, every other hook 30 µs):",
-        hooks_table,
-        f"Top {rows} by total CPU time (includes the per-hook ranges `Class.hook` and the whole step):",
-        events.table(sort_by="cpu_time_total", row_limit=rows),
-        f"Top {rows} by {sort}:",
-        events.table(sort_by=sort, row_limit=rows),
-    ])
+        body.append(
+            [
+                f"`{e.key}`",
+                f"{per_step:.0f}",
+                f"{per_step / (1e6 * floor):.2f}",
+                ("floor + 30" if one_pass else "30") + f" = {allowed:.0f}",
+                "met" if per_step <= allowed else f"above by {per_step - allowed:.0f} µs",
+            ]
+        )
+    hooks_table = C.markdown_table(
+        ["hook", "µs per step (profiled)", "x floor", "allowed µs", "verdict"], body, right=(1, 2)
+    )
+    return "\n\n".join(
+        [
+            head,
+            f"Callback hooks, CPU time per step under the profiler (which adds a few µs per op) vs the floor, one "
+            f"`_foreach_lerp_` pass over the weights = {1e6 * floor:.0f} µs measured right after (a pass over the "
+            "weights is allowed its floor + 30 µs, every other hook 30 µs):",
+            hooks_table,
+            f"Top {rows} by total CPU time (includes the per-hook ranges `Class.hook` and the whole step):",
+            events.table(sort_by="cpu_time_total", row_limit=rows),
+            f"Top {rows} by {sort}:",
+            events.table(sort_by=sort, row_limit=rows),
+        ]
+    )
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -546,33 +604,76 @@ def goal_of(model: str, name: str, floor_frac: float, device: torch.device) -> t
     if name == "stack":
         return "stack", f"≤ {GOAL_STACK_RATIO:.2f}x"
     if name == "lightning_ema":
-        return "vs_ema", (f"costs ≥ {GOAL_EMA_VS_LIGHTNING.get(device.type, 3.0):.0f}x our EMA "
-                          + ("(added ms)" if device.type == "cuda" else "(hooks)"))
+        return "vs_ema", (
+            f"costs ≥ {GOAL_EMA_VS_LIGHTNING.get(device.type, 3.0):.0f}x our EMA "
+            + ("(added ms)" if device.type == "cuda" else "(hooks)")
+        )
     return None
 
 
-def summarize(times: dict[tuple[str, str], list[tuple[float, float]]], s: dict, device: torch.device,
-              skipped: dict[str, str], params: dict[str, int],
-              floors: dict[str, list[float]] | None = None) -> tuple[list[dict], str]:
+def summarize(
+    times: dict[tuple[str, str], list[tuple[float, float]]],
+    s: dict,
+    device: torch.device,
+    skipped: dict[str, str],
+    params: dict[str, int],
+    floors: dict[str, list[float]] | None = None,
+) -> tuple[list[dict], str]:
     """The table: per configuration ms/step, x bare Lightning (mean ± std and per repeat), added ms per
     step, added ms in floors, µs per step inside the callbacks' hooks, the goal and whether it is met."""
     rows: list[dict] = []
     floors = floors or {}
-    header = ["model", "configuration", "ms/step", "x bare Lightning", "per repeat", "added ms/step",
-              "added x floor", "hooks µs/step", "hooks x floor", "goal", "verdict"]
+    header = [
+        "model",
+        "configuration",
+        "ms/step",
+        "x bare Lightning",
+        "per repeat",
+        "added ms/step",
+        "added x floor",
+        "hooks µs/step",
+        "hooks x floor",
+        "goal",
+        "verdict",
+    ]
     body = []
     gpu = device.type == "cuda"
     for model in s["models"]:
         base = [t for t, _ in times.get((model, "lightning"), [])]
         floor = floors.get(model) or [math.nan] * len(base)
         floor_frac = C.mean_std(f / b for f, b in zip(floor, base))[0] if base else math.nan
-        body.append([model, "floor: one `_foreach_lerp_` pass over the weights", C.pm(floor, 3, 1e3),
-                     f"{floor_frac:.3f} of a step", "", "", "1", "", "1", "", ""])
+        body.append(
+            [
+                model,
+                "floor: one `_foreach_lerp_` pass over the weights",
+                C.pm(floor, 3, 1e3),
+                f"{floor_frac:.3f} of a step",
+                "",
+                "",
+                "1",
+                "",
+                "1",
+                "",
+                "",
+            ]
+        )
         for i, f in enumerate(floor):
-            rows.append({"model": model, "params": params[model], "config": "floor", "label": "floor", "repeat": i,
-                         "batch_size": s["batch_size"][model], "ms_per_step": 1e3 * f,
-                         "x_bare_lightning": f / base[i] if base else math.nan, "added_ms": math.nan,
-                         "x_floor": 1.0, "hook_us": math.nan, "device": device.type})
+            rows.append(
+                {
+                    "model": model,
+                    "params": params[model],
+                    "config": "floor",
+                    "label": "floor",
+                    "repeat": i,
+                    "batch_size": s["batch_size"][model],
+                    "ms_per_step": 1e3 * f,
+                    "x_bare_lightning": f / base[i] if base else math.nan,
+                    "added_ms": math.nan,
+                    "x_floor": 1.0,
+                    "hook_us": math.nan,
+                    "device": device.type,
+                }
+            )
         ema_added = ema_hooks = math.nan
         if (model, "ema") in times and base:
             ema_added = C.mean_std(t - b for (t, _), b in zip(times[(model, "ema")], base))[0]
@@ -592,15 +693,16 @@ def summarize(times: dict[tuple[str, str], list[tuple[float, float]]], s: dict, 
             f_mean, f_std = C.mean_std(in_floors)
             h_mean, h_std = C.mean_std(hooks) if all(map(math.isfinite, hooks)) else (math.nan, math.nan)
             hook_floors = [h / f for h, f in zip(hooks, floor)]
-            hf_mean, hf_std = (C.mean_std(hook_floors) if all(map(math.isfinite, hook_floors))
-                               else (math.nan, math.nan))
+            hf_mean, hf_std = C.mean_std(hook_floors) if all(map(math.isfinite, hook_floors)) else (math.nan, math.nan)
             goal = goal_of(model, name, floor_frac, device)
             verdict = ""
             if goal is not None:
                 kind, _ = goal
                 if kind == "light":
-                    parts = [_verdict(r_mean, GOAL_LIGHT_RATIO, r_std),
-                             _verdict(1e6 * h_mean, GOAL_LIGHT_HOOK_US, 1e6 * h_std, " µs", ".0f")]
+                    parts = [
+                        _verdict(r_mean, GOAL_LIGHT_RATIO, r_std),
+                        _verdict(1e6 * h_mean, GOAL_LIGHT_HOOK_US, 1e6 * h_std, " µs", ".0f"),
+                    ]
                     verdict = "met" if parts == ["met", "met"] else f"ratio {parts[0]}; hooks {parts[1]}"
                 elif kind == "one_pass":  # judged on the hooks' own time: the added ms carry ±0.5 floor of noise
                     verdict = "hooks " + _verdict(hf_mean, GOAL_ONE_PASS_FLOORS, hf_std, " floors", ".2f")
@@ -612,44 +714,68 @@ def summarize(times: dict[tuple[str, str], list[tuple[float, float]]], s: dict, 
                     by_added = a_mean / ema_added if ema_added > 0 and a_mean > 0 else math.nan
                     by_hooks = h_mean / ema_hooks if ema_hooks > 0 else math.nan
                     factor = by_added if gpu else by_hooks
-                    verdict = (f"hooks {by_hooks:.1f}x ours, added ms {by_added:.1f}x: "
-                               + _verdict(factor, GOAL_EMA_VS_LIGHTNING.get(device.type, 3.0), math.nan, "x",
-                                          ".1f", above=True))
+                    verdict = f"hooks {by_hooks:.1f}x ours, added ms {by_added:.1f}x: " + _verdict(
+                        factor, GOAL_EMA_VS_LIGHTNING.get(device.type, 3.0), math.nan, "x", ".1f", above=True
+                    )
             is_base = name in ("lightning", "raw")
-            body.append([model, config.label, C.pm(t, 3, 1e3), f"{r_mean:.3f} ± {r_std:.3f}",
-                         " ".join(f"{r:.3f}" for r in ratios),
-                         "" if name == "lightning" else f"{a_mean * 1e3:+.3f} ± {a_std * 1e3:.3f}",
-                         "" if is_base else f"{f_mean:.2f} ± {f_std:.2f}",
-                         "" if is_base else f"{1e6 * h_mean:.0f} ± {1e6 * h_std:.0f}",
-                         "" if is_base else f"{hf_mean:.2f} ± {hf_std:.2f}",
-                         "" if goal is None else goal[1], verdict])
+            body.append(
+                [
+                    model,
+                    config.label,
+                    C.pm(t, 3, 1e3),
+                    f"{r_mean:.3f} ± {r_std:.3f}",
+                    " ".join(f"{r:.3f}" for r in ratios),
+                    "" if name == "lightning" else f"{a_mean * 1e3:+.3f} ± {a_std * 1e3:.3f}",
+                    "" if is_base else f"{f_mean:.2f} ± {f_std:.2f}",
+                    "" if is_base else f"{1e6 * h_mean:.0f} ± {1e6 * h_std:.0f}",
+                    "" if is_base else f"{hf_mean:.2f} ± {hf_std:.2f}",
+                    "" if goal is None else goal[1],
+                    verdict,
+                ]
+            )
             for i, (sec, ratio) in enumerate(zip(t, ratios)):
-                rows.append({"model": model, "params": params[model], "config": name, "label": config.label,
-                             "repeat": i, "batch_size": s["batch_size"][model], "ms_per_step": 1e3 * sec,
-                             "x_bare_lightning": ratio, "added_ms": 1e3 * added[i], "x_floor": in_floors[i],
-                             "hook_us": 1e6 * hooks[i], "hook_x_floor": hook_floors[i], "device": device.type})
-    md = "\n".join([
-        f"Per-step cost, {s['repeats']} repeats x {s['timed_steps']} timed steps after {s['warmup_steps']} "
-        f"warm-up steps, data resident on the device ({s['steps_per_epoch']} batches per epoch, so epoch ends "
-        "are included); a step is timed from one `on_train_batch_start` to the next, the device synchronized "
-        "at both clock reads. Models: "
-        + ", ".join(f"{m} ({params[m]:,} params, batch {s['batch_size'][m]})" for m in s["models"]) + ". "
-        "`x bare Lightning`: the ratio to bare Lightning of the same repeat (mean ± std over repeats, and each "
-        "repeat's); `added ms/step`: the difference to bare Lightning of the same repeat; `floor`: one "
-        "`torch._foreach_lerp_` pass over the model's parameters, timed after each optimizer step of the raw "
-        "loop in the same repeat; `added x floor`: added ms / floor ms, per repeat (it includes what a callback costs "
-        "the rest of the step, e.g. evicted caches, and the step-to-step noise); `hooks µs/step`: time spent "
-        "inside the configuration's callback hooks per step (on a CPU their kernels included, on a GPU host time "
-        "only); `hooks x floor`: that over the floor, per repeat. Goals (issue 15, MLP rows): a light callback "
-        "≤ 1.02x and ≤ 30 µs in its hooks; EMA and L1 ≤ 1.2 floors (judged on `hooks x floor`); "
-        "the whole stack ≤ 1.28x; "
-        "Lightning's EMAWeightAveraging costs ≥ 3x what our EMA costs (CPU, judged on the hooks) or ≥ 5x (GPU, on "
-        "the added ms). `within noise`: the miss is smaller than the spread over repeats.",
-        "",
-        C.markdown_table(header, body, right=(2, 3, 5, 6, 7, 8)),
-        "",
-        f"Machine: {C.machine(device)}; {C.stamp()}.",
-    ])
+                rows.append(
+                    {
+                        "model": model,
+                        "params": params[model],
+                        "config": name,
+                        "label": config.label,
+                        "repeat": i,
+                        "batch_size": s["batch_size"][model],
+                        "ms_per_step": 1e3 * sec,
+                        "x_bare_lightning": ratio,
+                        "added_ms": 1e3 * added[i],
+                        "x_floor": in_floors[i],
+                        "hook_us": 1e6 * hooks[i],
+                        "hook_x_floor": hook_floors[i],
+                        "device": device.type,
+                    }
+                )
+    md = "\n".join(
+        [
+            f"Per-step cost, {s['repeats']} repeats x {s['timed_steps']} timed steps after {s['warmup_steps']} "
+            f"warm-up steps, data resident on the device ({s['steps_per_epoch']} batches per epoch, so epoch ends "
+            "are included); a step is timed from one `on_train_batch_start` to the next, the device synchronized "
+            "at both clock reads. Models: "
+            + ", ".join(f"{m} ({params[m]:,} params, batch {s['batch_size'][m]})" for m in s["models"])
+            + ". "
+            "`x bare Lightning`: the ratio to bare Lightning of the same repeat (mean ± std over repeats, and each "
+            "repeat's); `added ms/step`: the difference to bare Lightning of the same repeat; `floor`: one "
+            "`torch._foreach_lerp_` pass over the model's parameters, timed after each optimizer step of the raw "
+            "loop in the same repeat; `added x floor`: added ms / floor ms, per repeat (it includes what a callback "
+            "costs the rest of the step, e.g. evicted caches, and the step-to-step noise); `hooks µs/step`: time spent "
+            "inside the configuration's callback hooks per step (on a CPU their kernels included, on a GPU host time "
+            "only); `hooks x floor`: that over the floor, per repeat. Goals (issue 15, MLP rows): a light callback "
+            "≤ 1.02x and ≤ 30 µs in its hooks; EMA and L1 ≤ 1.2 floors (judged on `hooks x floor`); "
+            "the whole stack ≤ 1.28x; "
+            "Lightning's EMAWeightAveraging costs ≥ 3x what our EMA costs (CPU, judged on the hooks) or ≥ 5x (GPU, on "
+            "the added ms). `within noise`: the miss is smaller than the spread over repeats.",
+            "",
+            C.markdown_table(header, body, right=(2, 3, 5, 6, 7, 8)),
+            "",
+            f"Machine: {C.machine(device)}; {C.stamp()}.",
+        ]
+    )
     if skipped:
         md += "\n\nSkipped: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + "."
     return rows, md
@@ -666,21 +792,36 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     parser.add_argument("--timed-steps", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--profile", metavar="CONFIG", help="print a torch profiler table of this configuration "
-                        "(on the first of --models) instead of the timing table")
+    parser.add_argument(
+        "--profile",
+        metavar="CONFIG",
+        help="print a torch profiler table of this configuration "
+        "(on the first of --models) instead of the timing table",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny models and few steps (smoke tests)")
     parser.add_argument("--out-dir", default=str(C.RESULTS))
     args = parser.parse_args(argv)
-    s = C.pick_settings(SETTINGS, FULL, args.full, {
-        "device": args.device, "repeats": args.repeats, "warmup_steps": args.warmup_steps,
-        "timed_steps": args.timed_steps, "steps_per_epoch": args.steps_per_epoch, "threads": args.threads,
-        "models": args.models.split(",") if args.models else None,
-        "configs": args.configs.split(",") if args.configs else None,
-    })
+    s = C.pick_settings(
+        SETTINGS,
+        FULL,
+        args.full,
+        {
+            "device": args.device,
+            "repeats": args.repeats,
+            "warmup_steps": args.warmup_steps,
+            "timed_steps": args.timed_steps,
+            "steps_per_epoch": args.steps_per_epoch,
+            "threads": args.threads,
+            "models": args.models.split(",") if args.models else None,
+            "configs": args.configs.split(",") if args.configs else None,
+        },
+    )
     if args.tiny:
-        s.update(mlp={"input_shape": (2, 4, 4), "hidden": (16,)},
-                 resnet={"input_shape": (3, 8, 8), "widths": (4,), "blocks_per_stage": 1},
-                 batch_size={"mlp": 8, "resnet": 8})
+        s.update(
+            mlp={"input_shape": (2, 4, 4), "hidden": (16,)},
+            resnet={"input_shape": (3, 8, 8), "widths": (4,), "blocks_per_stage": 1},
+            batch_size={"mlp": 8, "resnet": 8},
+        )
     s["configs"] = list(s["configs"] or CONFIGS)
     unknown = [c for c in s["configs"] if c not in CONFIGS]
     if unknown:
@@ -731,8 +872,11 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
                 for name in run:  # interleaved, so drift in the machine's load hits every configuration alike
                     sec, hook = time_config(model, name, s, device, s["seed"] + rep)
                     times.setdefault((model, name), []).append((sec, hook))
-                    print(f"{model:6s} repeat {rep} {name:17s} {1e3 * sec:8.3f} ms/step, hooks {1e6 * hook:7.1f} µs",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"{model:6s} repeat {rep} {name:17s} {1e3 * sec:8.3f} ms/step, hooks {1e6 * hook:7.1f} µs",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
         rows, md = summarize(times, s, device, skipped, params, floors)
         print(md)

@@ -54,29 +54,29 @@ SETTINGS: dict[str, Any] = {
     "name": "cpu",
     "device": "cpu",
     "threads": 1,
-    "dataset": "fashion_mnist",     # fashion_mnist | cifar10
-    "data_dir": None,               # None: ../shared/data/<dataset>
-    "limit_train": 5000,            # a fixed random subset of N images (None: all)
+    "dataset": "fashion_mnist",  # fashion_mnist | cifar10
+    "data_dir": None,  # None: ../shared/data/<dataset>
+    "limit_train": 5000,  # a fixed random subset of N images (None: all)
     "limit_test": 2000,
-    "target": 0.80,                 # stop at this test accuracy
-    "widths": (8, 16, 32, 64),      # ResNet-9: prep, stage 1, stage 2, stage 3
+    "target": 0.80,  # stop at this test accuracy
+    "widths": (8, 16, 32, 64),  # ResNet-9: prep, stage 1, stage 2, stage 3
     "batch_size": 128,
     "eval_batch_size": 1000,
-    "epochs": 4,                    # the LR schedule's length; the run stops there if the target is missed
-    "warmup": 0.2,                  # fraction of the run with the LR rising linearly from 0
-    "lr": 0.4,                      # peak LR at batch 512 (LinearScaling scales it to the batch)
+    "epochs": 4,  # the LR schedule's length; the run stops there if the target is missed
+    "warmup": 0.2,  # fraction of the run with the LR rising linearly from 0
+    "lr": 0.4,  # peak LR at batch 512 (LinearScaling scales it to the batch)
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "label_smoothing": 0.2,
-    "padding": 2,                   # random translation by up to this many pixels
+    "padding": 2,  # random translation by up to this many pixels
     "flip": True,
-    "tta": False,                   # evaluate on x and its mirror image (logits summed)
-    "ema": None,                    # EMA decay, or None for no EMA
+    "tta": False,  # evaluate on x and its mirror image (logits summed)
+    "ema": None,  # EMA decay, or None for no EMA
     "precision": "32-true",
     "channels_last": False,
     "compile": False,
     "runs": 3,
-    "warmup_steps": 5,              # steps of the untimed warm-up run
+    "warmup_steps": 5,  # steps of the untimed warm-up run
     "seed": 0,
 }
 
@@ -92,7 +92,7 @@ FULL: dict[str, Any] = {
     "widths": (64, 128, 256, 512),  # ResNet-9 as published: 6.6M parameters
     "batch_size": 512,
     "eval_batch_size": 2000,
-    "epochs": 24,                   # Page (2018): 24 epochs, warmup over the first 5
+    "epochs": 24,  # Page (2018): 24 epochs, warmup over the first 5
     "tta": True,
     "precision": "bf16-mixed",
     "channels_last": True,
@@ -127,18 +127,25 @@ class ResNet9(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 256, 512),
-                 scale: float = 0.125) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 256, 512), scale: float = 0.125
+    ) -> None:
         super().__init__()
         if len(widths) != 4 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be 4 positive ints (prep, stage 1, 2, 3), got {widths!r}")
         w0, w1, w2, w3 = (int(w) for w in widths)
         self.backbone = nn.Sequential(
             conv_bn(in_channels, w0),
-            conv_bn(w0, w1), nn.MaxPool2d(2), Residual(w1),
-            conv_bn(w1, w2), nn.MaxPool2d(2),
-            conv_bn(w2, w3), nn.MaxPool2d(2), Residual(w3),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            conv_bn(w0, w1),
+            nn.MaxPool2d(2),
+            Residual(w1),
+            conv_bn(w1, w2),
+            nn.MaxPool2d(2),
+            conv_bn(w2, w3),
+            nn.MaxPool2d(2),
+            Residual(w3),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(w3, num_classes, bias=False)
         self.scale = scale
@@ -160,8 +167,10 @@ def load_splits(s: dict) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch
     kwargs = {"val_fraction": 0.0}
     if s["dataset"] == "cifar10":
         dm: Any = CIFAR10DataModule(data_dir, **kwargs)
-        hint = ("write the development split with `python ../shared/data/cifar10_dev_batches.py DIR` and pass "
-                "--data-dir DIR")
+        hint = (
+            "write the development split with `python ../shared/data/cifar10_dev_batches.py DIR` and pass "
+            "--data-dir DIR"
+        )
     elif s["dataset"] == "fashion_mnist":
         dm = FashionMNISTDataModule(data_dir, **kwargs)
         hint = "pass --data-dir pointing at the four Fashion-MNIST idx .gz files"
@@ -246,8 +255,14 @@ def make_module(net: nn.Module, num_classes: int, s: dict):
             self.log("val/acc", self.val_acc.compute())  # the one host read of the epoch comes after this
             self.val_acc.reset()
 
-    optimizer = {"name": "sgd", "lr": s["lr"], "momentum": s["momentum"], "nesterov": True,
-                 "weight_decay": s["weight_decay"], "no_decay_bias_norm": True}
+    optimizer = {
+        "name": "sgd",
+        "lr": s["lr"],
+        "momentum": s["momentum"],
+        "nesterov": True,
+        "weight_decay": s["weight_decay"],
+        "no_decay_bias_norm": True,
+    }
     return SpeedrunModule(net, num_classes, optimizer=optimizer, label_smoothing=s["label_smoothing"])
 
 
@@ -279,8 +294,12 @@ def make_recorder(target: float, device: torch.device):
                 return
             acc = float(trainer.callback_metrics["val/acc"])  # the one host sync of the epoch
             now = time.perf_counter()
-            record = {"epoch": trainer.current_epoch + 1, "train_s": self.train_s, "wall_s": now - self.first,
-                      "acc": acc}
+            record = {
+                "epoch": trainer.current_epoch + 1,
+                "train_s": self.train_s,
+                "wall_s": now - self.first,
+                "acc": acc,
+            }
             self.history.append(record)
             if acc >= target and self.reached is None:
                 self.reached = record
@@ -294,8 +313,11 @@ def make_callbacks(s: dict, recorder: Any) -> list:
     from lightning_tricks.callbacks import EMA, LinearScaling, LRSchedule
     from lightning_tricks.schedules import Linear, Warmup
 
-    callbacks = [recorder, LinearScaling(reference_batch_size=512),
-                 LRSchedule(Warmup(steps=s["warmup"], start_factor=0.0, then=Linear()), log=False)]
+    callbacks = [
+        recorder,
+        LinearScaling(reference_batch_size=512),
+        LRSchedule(Warmup(steps=s["warmup"], start_factor=0.0, then=Linear()), log=False),
+    ]
     if s["ema"]:
         callbacks.append(EMA(decay=float(s["ema"]), evaluate="ema"))
     return callbacks
@@ -310,8 +332,15 @@ def build_net(in_channels: int, num_classes: int, s: dict, device: torch.device)
     return net
 
 
-def fit_once(train: tuple, test: tuple, num_classes: int, s: dict, device: torch.device, seed: int,
-             limit_train_batches: int | float = 1.0) -> dict:
+def fit_once(
+    train: tuple,
+    test: tuple,
+    num_classes: int,
+    s: dict,
+    device: torch.device,
+    seed: int,
+    limit_train_batches: int | float = 1.0,
+) -> dict:
     from lightning_tricks._lightning import Trainer, seed_everything
 
     seed_everything(seed, verbose=False)
@@ -319,50 +348,103 @@ def fit_once(train: tuple, test: tuple, num_classes: int, s: dict, device: torch
     module = make_module(net, num_classes, s)
     recorder = make_recorder(s["target"], device)
     trainer = Trainer(
-        accelerator=C.accelerator(device), devices=1, precision=s["precision"], max_epochs=s["epochs"],
-        limit_train_batches=limit_train_batches, callbacks=make_callbacks(s, recorder), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        check_val_every_n_epoch=1, limit_val_batches=1.0,
+        accelerator=C.accelerator(device),
+        devices=1,
+        precision=s["precision"],
+        max_epochs=s["epochs"],
+        limit_train_batches=limit_train_batches,
+        callbacks=make_callbacks(s, recorder),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=1,
+        limit_val_batches=1.0,
     )
     trainer.fit(module, datamodule=make_datamodule(train, test, s, seed))
-    last = recorder.history[-1] if recorder.history else {"epoch": 0, "train_s": math.nan, "wall_s": math.nan,
-                                                          "acc": math.nan}
+    last = (
+        recorder.history[-1]
+        if recorder.history
+        else {"epoch": 0, "train_s": math.nan, "wall_s": math.nan, "acc": math.nan}
+    )
     hit = recorder.reached
-    return {"seed": seed, "reached": hit is not None, "epochs": (hit or last)["epoch"],
-            "train_s": (hit or last)["train_s"], "wall_s": (hit or last)["wall_s"], "acc": (hit or last)["acc"],
-            "final_acc": last["acc"], "history": " ".join(f"{h['epoch']}:{h['acc']:.4f}" for h in recorder.history)}
+    return {
+        "seed": seed,
+        "reached": hit is not None,
+        "epochs": (hit or last)["epoch"],
+        "train_s": (hit or last)["train_s"],
+        "wall_s": (hit or last)["wall_s"],
+        "acc": (hit or last)["acc"],
+        "final_acc": last["acc"],
+        "history": " ".join(f"{h['epoch']}:{h['acc']:.4f}" for h in recorder.history),
+    }
 
 
 # -- table -----------------------------------------------------------------------------------------
 def summarize(rows: list[dict], s: dict, device: torch.device, n_train: int, n_test: int, params: int) -> str:
     hits = [r for r in rows if r["reached"]]
-    header = ["dataset", "target", "runs reaching it", "train s to target (mean ± std)", "wall s (with eval)",
-              "epochs", "test acc at stop"]
-    body = [[s["dataset"], f"{100 * s['target']:.1f}%", f"{len(hits)}/{len(rows)}",
-             C.pm([r["train_s"] for r in hits], 2) if hits else "not reached",
-             C.pm([r["wall_s"] for r in hits], 2) if hits else "",
-             C.pm([r["epochs"] for r in hits], 1) if hits else "",
-             C.pm([100 * r["acc"] for r in rows], 2) + "%"]]
-    per_run = [[r["seed"], "yes" if r["reached"] else "no", r["epochs"], f"{r['train_s']:.2f}", f"{r['wall_s']:.2f}",
-                f"{100 * r['acc']:.2f}%"] for r in rows]
-    extras = [x for x, on in (("flip TTA", s["tta"]), (f"EMA {s['ema']}", s["ema"]),
-                              ("channels_last", s["channels_last"]), ("torch.compile", s["compile"])) if on]
-    return "\n".join([
-        f"Time to {100 * s['target']:.1f}% test accuracy on {s['dataset']} ({n_train:,} train / {n_test:,} test "
-        f"images), ResNet-9 widths {list(s['widths'])} ({params:,} params), batch {s['batch_size']}, at most "
-        f"{s['epochs']} epochs (LR {s['lr']} at batch 512, linearly scaled; {int(100 * s['warmup'])}% warmup then "
-        f"linear decay), label smoothing {s['label_smoothing']}, translate ±{s['padding']} px"
-        f"{' + flip' if s['flip'] else ''} on the device, precision {s['precision']}"
-        + (", " + ", ".join(extras) if extras else "") + f"; {len(rows)} timed run(s) after a warm-up run. "
-        "Seconds from the first training step; `train s` pauses the clock during the per-epoch evaluation.",
-        "",
-        C.markdown_table(header, body, right=(2, 3, 4, 5, 6)),
-        "",
-        C.markdown_table(["seed", "reached", "epochs", "train s", "wall s", "test acc at stop"], per_run,
-                         right=(2, 3, 4, 5)),
-        "",
-        f"Machine: {C.machine(device)}; {C.stamp()}.",
-    ])
+    header = [
+        "dataset",
+        "target",
+        "runs reaching it",
+        "train s to target (mean ± std)",
+        "wall s (with eval)",
+        "epochs",
+        "test acc at stop",
+    ]
+    body = [
+        [
+            s["dataset"],
+            f"{100 * s['target']:.1f}%",
+            f"{len(hits)}/{len(rows)}",
+            C.pm([r["train_s"] for r in hits], 2) if hits else "not reached",
+            C.pm([r["wall_s"] for r in hits], 2) if hits else "",
+            C.pm([r["epochs"] for r in hits], 1) if hits else "",
+            C.pm([100 * r["acc"] for r in rows], 2) + "%",
+        ]
+    ]
+    per_run = [
+        [
+            r["seed"],
+            "yes" if r["reached"] else "no",
+            r["epochs"],
+            f"{r['train_s']:.2f}",
+            f"{r['wall_s']:.2f}",
+            f"{100 * r['acc']:.2f}%",
+        ]
+        for r in rows
+    ]
+    extras = [
+        x
+        for x, on in (
+            ("flip TTA", s["tta"]),
+            (f"EMA {s['ema']}", s["ema"]),
+            ("channels_last", s["channels_last"]),
+            ("torch.compile", s["compile"]),
+        )
+        if on
+    ]
+    return "\n".join(
+        [
+            f"Time to {100 * s['target']:.1f}% test accuracy on {s['dataset']} ({n_train:,} train / {n_test:,} test "
+            f"images), ResNet-9 widths {list(s['widths'])} ({params:,} params), batch {s['batch_size']}, at most "
+            f"{s['epochs']} epochs (LR {s['lr']} at batch 512, linearly scaled; {int(100 * s['warmup'])}% warmup then "
+            f"linear decay), label smoothing {s['label_smoothing']}, translate ±{s['padding']} px"
+            f"{' + flip' if s['flip'] else ''} on the device, precision {s['precision']}"
+            + (", " + ", ".join(extras) if extras else "")
+            + f"; {len(rows)} timed run(s) after a warm-up run. "
+            "Seconds from the first training step; `train s` pauses the clock during the per-epoch evaluation.",
+            "",
+            C.markdown_table(header, body, right=(2, 3, 4, 5, 6)),
+            "",
+            C.markdown_table(
+                ["seed", "reached", "epochs", "train s", "wall s", "test acc at stop"], per_run, right=(2, 3, 4, 5)
+            ),
+            "",
+            f"Machine: {C.machine(device)}; {C.stamp()}.",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
@@ -387,13 +469,30 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     parser.add_argument("--name", help="results file suffix")
     parser.add_argument("--out-dir", default=str(C.RESULTS))
     args = parser.parse_args(argv)
-    s = C.pick_settings(SETTINGS, FULL, args.full, {
-        "device": args.device, "dataset": args.dataset, "data_dir": args.data_dir, "target": args.target,
-        "epochs": args.epochs, "runs": args.runs, "batch_size": args.batch_size, "lr": args.lr,
-        "widths": tuple(int(w) for w in args.widths.split(",")) if args.widths else None,
-        "limit_train": args.limit_train, "limit_test": args.limit_test, "ema": args.ema, "compile": args.compile,
-        "tta": args.tta, "precision": args.precision, "threads": args.threads, "name": args.name,
-    })
+    s = C.pick_settings(
+        SETTINGS,
+        FULL,
+        args.full,
+        {
+            "device": args.device,
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "target": args.target,
+            "epochs": args.epochs,
+            "runs": args.runs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "widths": tuple(int(w) for w in args.widths.split(",")) if args.widths else None,
+            "limit_train": args.limit_train,
+            "limit_test": args.limit_test,
+            "ema": args.ema,
+            "compile": args.compile,
+            "tta": args.tta,
+            "precision": args.precision,
+            "threads": args.threads,
+            "name": args.name,
+        },
+    )
     if args.dataset and args.target is None and args.dataset != (FULL if args.full else SETTINGS)["dataset"]:
         s["target"] = DEFAULT_TARGETS[args.dataset]
     if not 0.0 < s["target"] <= 1.0:
@@ -401,7 +500,6 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     device = C.resolve_device(s["device"])
     C.setup_torch(device, s["threads"])
     with C.quiet():
-
         train_cpu, test_cpu, num_classes = load_splits(s)
         train = tuple(t.to(device) for t in train_cpu)
         test = tuple(t.to(device) for t in test_cpu)
@@ -412,9 +510,12 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
         for i in range(s["runs"]):
             r = fit_once(train, test, num_classes, s, device, s["seed"] + i)
             rows.append(r)
-            print(f"run {i}: {'reached' if r['reached'] else 'missed'} {100 * r['acc']:.2f}% after {r['epochs']} "
-                  f"epoch(s), {r['train_s']:.2f} s training ({r['wall_s']:.2f} s with evaluation)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"run {i}: {'reached' if r['reached'] else 'missed'} {100 * r['acc']:.2f}% after {r['epochs']} "
+                f"epoch(s), {r['train_s']:.2f} s training ({r['wall_s']:.2f} s with evaluation)",
+                file=sys.stderr,
+                flush=True,
+            )
         md = summarize(rows, s, device, len(train[1]), len(test[1]), params)
         print(md)
         md_path, _ = C.write_results(f"speedrun_{s['dataset']}_{s['name']}", rows, md, args.out_dir)

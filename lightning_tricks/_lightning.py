@@ -36,6 +36,7 @@ try:  # Lightning >= 2.5; benchmarks compare our EMA with it
 except ImportError:  # pragma: no cover - older Lightning
     EMAWeightAveraging = None  # type: ignore[assignment,misc]
 
+
 def trainer_callbacks(trainer: Trainer) -> list[Callback]:
     """``trainer.callbacks``: set by Lightning's callback connector at ``Trainer.__init__``, so a type
     checker does not see it on the class; read here, typed, in one place."""

@@ -59,7 +59,7 @@ class MixedBatch(NamedTuple):
     x: Tensor
     y: Tensor
     lam: float
-    index: Tensor
+    index: Tensor  # type: ignore[assignment]  # shadows tuple.index: the partner of each sample
     box: tuple[int, int, int, int] | None = None
 
 
@@ -173,12 +173,16 @@ def mixup_batch(
     idx = _partner_index(x.shape[0], index, generator, x.device)
     q = soft_targets(y, num_classes, _target_dtype(x))
     # index_select: the same values as x[idx], without advanced indexing's slower general path
-    return MixedBatch(torch.lerp(x.index_select(0, idx), x, lam), torch.lerp(q.index_select(0, idx), q, lam),
-                      float(lam), idx, None)
+    return MixedBatch(
+        torch.lerp(x.index_select(0, idx), x, lam), torch.lerp(q.index_select(0, idx), q, lam), float(lam), idx, None
+    )
 
 
 def cutmix_box(
-    height: int, width: int, lam: float, generator: torch.Generator | None = None,
+    height: int,
+    width: int,
+    lam: float,
+    generator: torch.Generator | None = None,
     center: tuple[int, int] | None = None,
 ) -> tuple[int, int, int, int]:
     """The CutMix box ``(top, left, bottom, right)`` for a target mixing weight ``lam``.
@@ -260,13 +264,20 @@ def cutout_size(size: int | float, height: int, width: int) -> int:
     if side < 1:
         raise ValueError(f"cutout size must be >= 1 pixel, got {size!r}")
     if side > min(height, width):
-        raise ValueError(f"cutout size {side} is larger than the image ({height}x{width}); "
-                         f"use a size <= {min(height, width)} or a fraction in (0, 1]")
+        raise ValueError(
+            f"cutout size {side} is larger than the image ({height}x{width}); "
+            f"use a size <= {min(height, width)} or a fraction in (0, 1]"
+        )
     return side
 
 
 def cutout_boxes(
-    n: int, count: int, size: int, height: int, width: int, generator: torch.Generator | None = None,
+    n: int,
+    count: int,
+    size: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
     centers: Tensor | None = None,
 ) -> Tensor:
     """``(n, count, 4)`` int64 boxes ``(top, left, bottom, right)``, end-exclusive, clipped to the image.
@@ -336,8 +347,13 @@ def cutout_batch(
 
 
 def random_crop_flip(
-    x: Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None,
-    offsets: Tensor | None = None, flips: Tensor | None = None, fill: float = 0.0,
+    x: Tensor,
+    padding: int = 4,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+    offsets: Tensor | None = None,
+    flips: Tensor | None = None,
+    fill: float = 0.0,
 ) -> Tensor:
     """Per-sample random translation (zero-pad by ``padding``, crop at a uniform offset) and h-flip.
 
@@ -366,8 +382,11 @@ def random_crop_flip(
     if offsets is None:
         offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device)
     if flips is None:
-        flips = (torch.randint(0, 2, (n,), generator=generator, device=device).bool() if flip
-                 else torch.zeros(n, dtype=torch.bool, device=device))
+        flips = (
+            torch.randint(0, 2, (n,), generator=generator, device=device).bool()
+            if flip
+            else torch.zeros(n, dtype=torch.bool, device=device)
+        )
     offsets = offsets.to(x.device, non_blocking=True)
     flips = flips.to(x.device, non_blocking=True)
     padded = F.pad(x, (padding,) * 4, value=fill) if padding else x

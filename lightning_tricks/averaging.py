@@ -154,7 +154,10 @@ class WeightAverage:
     """
 
     def __init__(
-        self, module: nn.Module, buffers: bool = False, device: torch.device | str | None = None,
+        self,
+        module: nn.Module,
+        buffers: bool = False,
+        device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if not dtype.is_floating_point:
@@ -191,8 +194,12 @@ class WeightAverage:
         moved to the right device if needed.
         """
         live = self._collect(module)
-        if (not reset and self._groups and list(live) == self.names
-                and all(live[n] is self._live[n] for n in self.names)):
+        if (
+            not reset
+            and self._groups
+            and list(live) == self.names
+            and all(live[n] is self._live[n] for n in self.names)
+        ):
             return  # same tensors as before: keep the groups (and any staging buffers)
         if self.names and set(live) != set(self.names):
             missing = sorted(set(self.names) ^ set(live))[:5]
@@ -282,8 +289,7 @@ def restore_(tensors: list[Tensor], saved: list[Tensor]) -> None:
 
 def bn_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers (with running statistics) of ``module``."""
-    return [m for m in module.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def bn_buffers(module: nn.Module) -> dict[str, Tensor]:
@@ -294,7 +300,9 @@ def bn_buffers(module: nn.Module) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def update_bn(
-    module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any] | None = None,
+    module: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[Any], Any] | None = None,
     max_batches: int | float | None = None,
 ) -> int:
     """Recompute BatchNorm running statistics over ``batches``: a cumulative (equal) average.
@@ -314,8 +322,10 @@ def update_bn(
     if not layers:
         return 0
     if forward is None:
+
         def forward(batch: Any) -> Any:
             return module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
     momenta = {m: m.momentum for m in layers}
     was_training = module.training
     for m in layers:
@@ -337,7 +347,9 @@ def update_bn(
 
 
 def averaged_state_dict(
-    checkpoint: Mapping[str, Any], which: str | None = None, state_dict_key: str = "state_dict",
+    checkpoint: Mapping[str, Any],
+    which: str | None = None,
+    state_dict_key: str = "state_dict",
 ) -> dict[str, Tensor]:
     """The module state dict of a Lightning checkpoint with the averaged weights put in.
 
@@ -355,14 +367,18 @@ def averaged_state_dict(
         KeyError: no averaging state (or several and ``which`` is None, or none matching ``which``).
     """
     raw = dict(checkpoint[state_dict_key])
-    states = {k: v for k, v in (checkpoint.get("callbacks") or {}).items()
-              if isinstance(v, Mapping) and isinstance(v.get(AVERAGE_STATE_KEY), Mapping)
-              and v.get("started", True)}
+    states = {
+        k: v
+        for k, v in (checkpoint.get("callbacks") or {}).items()
+        if isinstance(v, Mapping) and isinstance(v.get(AVERAGE_STATE_KEY), Mapping) and v.get("started", True)
+    }
     if which is not None:
         states = {k: v for k, v in states.items() if which == k or which in k}
     if len(states) != 1:
-        raise KeyError(f"need exactly one started averaging state (which={which!r}), found "
-                       f"{sorted(states) or 'none'} among callbacks {sorted(checkpoint.get('callbacks') or {})}")
+        raise KeyError(
+            f"need exactly one started averaging state (which={which!r}), found "
+            f"{sorted(states) or 'none'} among callbacks {sorted(checkpoint.get('callbacks') or {})}"
+        )
     (state,) = states.values()
     for name, avg in state[AVERAGE_STATE_KEY].items():
         ref = raw.get(name)

@@ -89,12 +89,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", trusted: bool =
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global|Unsupported operand|global) ?:? ?GLOBAL ([\w.]+)", str(e))
         what = found.group(1) if found else str(e).strip().splitlines()[0][:200]
-        raise ValueError(f"refused to load {path}: it holds {what}, which a weights-only load does not allow "
-                         "(loading it could run code). If you made this file or trust it, pass trusted=True") from e
+        raise ValueError(
+            f"refused to load {path}: it holds {what}, which a weights-only load does not allow "
+            "(loading it could run code). If you made this file or trust it, pass trusted=True"
+        ) from e
 
 
-def load_weights(source: Source, use_average: bool | None = None, map_location: Any = "cpu",
-                 trusted: bool = False) -> dict[str, Tensor]:
+def load_weights(
+    source: Source, use_average: bool | None = None, map_location: Any = "cpu", trusted: bool = False
+) -> dict[str, Tensor]:
     """A module state dict from a checkpoint path, a loaded Lightning checkpoint, or a state dict.
 
     Args:
@@ -162,10 +165,14 @@ def _update(metrics: Mapping[str, Any], probs: Tensor, target: Tensor) -> None:
 
 @torch.no_grad()
 def evaluate_members(
-    module: nn.Module, states: Sequence[Source | Callable[[], Mapping[str, Tensor]]],
-    batches: Callable[[], Iterable[Any]], forward: Callable[[nn.Module, Any], Tensor] | None = None,
-    target: Callable[[Any], Tensor] | None = None, metrics: Mapping[str, Any] | None = None,
-    restore: bool = True, use_average: bool | None = None,
+    module: nn.Module,
+    states: Sequence[Source | Callable[[], Mapping[str, Tensor]]],
+    batches: Callable[[], Iterable[Any]],
+    forward: Callable[[nn.Module, Any], Tensor] | None = None,
+    target: Callable[[Any], Tensor] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    restore: bool = True,
+    use_average: bool | None = None,
     load: Callable[[int, Mapping[str, Tensor]], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of each member and of the mean-of-softmax ensemble, one member at a time.
@@ -280,20 +287,29 @@ class CheckpointEnsemble:
         (3, torch.Size([2]))
     """
 
-    def __init__(self, template: Template, members: Sequence[Source], use_average: bool | None = None,
-                 device: torch.device | str | None = None, trusted: bool = False) -> None:
+    def __init__(
+        self,
+        template: Template,
+        members: Sequence[Source],
+        use_average: bool | None = None,
+        device: torch.device | str | None = None,
+        trusted: bool = False,
+    ) -> None:
         if not members:
             raise ValueError("CheckpointEnsemble needs at least one member")
         self._template = template
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.sources = [str(m) if isinstance(m, (str, Path)) else "<state dict>" for m in members]
-        self.states = [{k: v.detach().cpu() for k, v in load_weights(m, use_average, trusted=trusted).items()}
-                       for m in members]
+        self.states = [
+            {k: v.detach().cpu() for k, v in load_weights(m, use_average, trusted=trusted).items()} for m in members
+        ]
         for source, state in zip(self.sources, self.states):
             bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
             if bad is not None:
-                raise ValueError(f"CheckpointEnsemble member {source} has non-finite weights ({bad}): the run it "
-                                 "comes from diverged; leave it out of the ensemble")
+                raise ValueError(
+                    f"CheckpointEnsemble member {source} has non-finite weights ({bad}): the run it "
+                    "comes from diverged; leave it out of the ensemble"
+                )
         self._module: EnsembleModule | None = None
 
     def __len__(self) -> int:
@@ -312,8 +328,9 @@ class CheckpointEnsemble:
         return cls(template, list(paths), **kwargs)
 
     @classmethod
-    def from_model_checkpoint(cls, template: Template, checkpoint: Any, k: int | None = None,
-                              which: str = "best", **kwargs: Any) -> CheckpointEnsemble:
+    def from_model_checkpoint(
+        cls, template: Template, checkpoint: Any, k: int | None = None, which: str = "best", **kwargs: Any
+    ) -> CheckpointEnsemble:
         """From the checkpoints a :class:`ModelCheckpoint` callback kept after ``fit``.
 
         Args:
@@ -359,8 +376,12 @@ class CheckpointEnsemble:
         """The ensemble's class indices for a batch ``x``."""
         return self.predict_proba(x).argmax(dim=-1)
 
-    def evaluate(self, loader: Iterable[Any], metrics: Mapping[str, Any] | None = None,
-                 forward: Callable[[nn.Module, Any], Tensor] | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        loader: Iterable[Any],
+        metrics: Mapping[str, Any] | None = None,
+        forward: Callable[[nn.Module, Any], Tensor] | None = None,
+    ) -> dict[str, float]:
         """``{"member_<i>/<metric>": ..., "ensemble/<metric>": ...}`` over ``loader`` (see :func:`evaluate_members`)."""
         model = self._new_model()
 
@@ -386,8 +407,10 @@ def model_checkpoint_paths(checkpoint: Any, k: int | None = None, which: str = "
     if which == "best":
         scored = {p: s for p, s in checkpoint.best_k_models.items() if Path(p).is_file()}
         if not scored:
-            raise ValueError("the ModelCheckpoint has no best_k_models (needs monitor=... and save_top_k != 0, "
-                             "after fit); use which='last' for unmonitored checkpoints")
+            raise ValueError(
+                "the ModelCheckpoint has no best_k_models (needs monitor=... and save_top_k != 0, "
+                "after fit); use which='last' for unmonitored checkpoints"
+            )
         paths = sorted(scored, key=lambda p: float(scored[p]), reverse=checkpoint.mode == "max")
     else:
         if checkpoint.dirpath is None or not Path(checkpoint.dirpath).is_dir():

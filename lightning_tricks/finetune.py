@@ -53,8 +53,9 @@ def resolve_module(root: nn.Module, path: str) -> tuple[str, nn.Module]:
         return matches[0]
     children = [n for n, _ in root.named_modules() if n and n.count(".") < 2]
     if not matches:
-        raise ValueError(f"the module has no submodule {path!r} (nor one ending with '.{path}'); "
-                         f"submodules: {children}")
+        raise ValueError(
+            f"the module has no submodule {path!r} (nor one ending with '.{path}'); submodules: {children}"
+        )
     raise ValueError(f"backbone={path!r} is ambiguous, it matches {[n for n, _ in matches]}; give the full path")
 
 
@@ -175,13 +176,19 @@ def backbone_param_groups(
     groups: list[dict[str, Any]] = []
     for name, layer, factor in zip(names, layers, factors):
         kept = [(n, p) for n, p in layer if id(p) not in excluded]
-        halves = [(name, [(n, p) for n, p in kept if n not in skip], weight_decay),
-                  (f"{name}/no_decay", [(n, p) for n, p in kept if n in skip], 0.0 if split_no_decay else None)]
+        halves = [
+            (name, [(n, p) for n, p in kept if n not in skip], weight_decay),
+            (f"{name}/no_decay", [(n, p) for n, p in kept if n in skip], 0.0 if split_no_decay else None),
+        ]
         for gname, named, wd in halves:
             if not named:
                 continue
-            group: dict[str, Any] = {"name": gname, "params": [p for _, p in named], "lr": head_lr * factor,
-                                     "param_names": [f"{prefix}.{n}" for n, _ in named]}
+            group: dict[str, Any] = {
+                "name": gname,
+                "params": [p for _, p in named],
+                "lr": head_lr * factor,
+                "param_names": [f"{prefix}.{n}" for n, _ in named],
+            }
             if wd is not None:
                 group["weight_decay"] = wd
             if base_lr is not None:

@@ -15,8 +15,9 @@ from torch import Tensor
 __all__ = ["classification_loss"]
 
 
-def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
-                        reduction: str = "mean") -> Tensor:
+def classification_loss(
+    logits: Tensor, target: Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> Tensor:
     """Cross-entropy for hard labels ``(N,)`` or soft targets ``(N, C)`` (rows summing to 1).
 
     Label smoothing ``eps`` replaces the target distribution ``q`` by ``(1 - eps) q + eps / C``

@@ -97,7 +97,7 @@ class LossSmoother:
     def update(self, loss: float) -> float:
         self.count += 1
         self.avg = self.beta * self.avg + (1.0 - self.beta) * loss
-        return self.avg / (1.0 - self.beta ** self.count)
+        return self.avg / (1.0 - self.beta**self.count)
 
 
 def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
@@ -125,8 +125,9 @@ def _finite_min_index(losses: Sequence[float]) -> int | None:
     return min(finite)[1] if finite else None
 
 
-def suggest_steepest(lrs: Sequence[float], losses: Sequence[float], skip_begin: int = 10, skip_end: int = 1,
-                     log_lr: bool = True) -> int | None:
+def suggest_steepest(
+    lrs: Sequence[float], losses: Sequence[float], skip_begin: int = 10, skip_end: int = 1, log_lr: bool = True
+) -> int | None:
     """Index of the steepest descent of ``losses`` against ``log(lr)`` (or ``lr``), or ``None``.
 
     Only points in ``[skip_begin, len - skip_end)`` with a finite loss, and not past the minimum loss,
@@ -183,8 +184,12 @@ class RangeTestResult:
         suggesting: both suggestions are then ``None`` and nothing is applied.
         """
         lowest = _finite_min_index(self.losses)
-        return lowest is not None and lowest > 0 and math.isfinite(self.losses[0]) and \
-            self.losses[lowest] < (1.0 - MIN_DROP) * self.losses[0]
+        return (
+            lowest is not None
+            and lowest > 0
+            and math.isfinite(self.losses[0])
+            and self.losses[lowest] < (1.0 - MIN_DROP) * self.losses[0]
+        )
 
     @property
     def suggestion_index(self) -> int | None:
@@ -248,8 +253,7 @@ def plot_range_test(result: RangeTestResult, path: str | os.PathLike | None = No
         ax.set_ylim(low - 0.1 * span, first + 0.5 * span)
     steep = result.suggestion_index
     if steep is not None:
-        ax.plot([lrs[steep]], [smoothed[steep]], "o", color="C3", markersize=9,
-                label=f"steepest: {lrs[steep]:.3g}")
+        ax.plot([lrs[steep]], [smoothed[steep]], "o", color="C3", markersize=9, label=f"steepest: {lrs[steep]:.3g}")
     div10 = result.suggestion_min_div10
     if div10 is not None:
         ax.axvline(div10, color="C1", linestyle="--", linewidth=1.2, label=f"min loss / 10: {div10:.3g}")

@@ -67,7 +67,9 @@ class ClassificationMixin:
         def __call__(self, x: Tensor) -> Tensor: ...
 
     def init_classification(
-        self, num_classes: int, optimizer: OptimizerConfig | Mapping[str, Any] | None = None,
+        self,
+        num_classes: int,
+        optimizer: OptimizerConfig | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -96,8 +98,15 @@ class ClassificationMixin:
         train = stage == "train"
         # eval losses are averaged over ranks (once per epoch) so every rank decides on the same value;
         # the training loss is not synced (that would cost a collective per step)
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=x.shape[0],
-                 sync_dist=not train)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=train,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=x.shape[0],
+            sync_dist=not train,
+        )
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=not train)
         return loss
 
@@ -144,8 +153,11 @@ class Classifier(ClassificationMixin, LightningModule):
     """
 
     def __init__(
-        self, net: nn.Module, num_classes: int,
-        optimizer: OptimizerConfig | Mapping[str, Any] | None = None, label_smoothing: float = 0.0,
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerConfig | Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -155,4 +167,3 @@ class Classifier(ClassificationMixin, LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-

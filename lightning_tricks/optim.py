@@ -121,8 +121,9 @@ class OptimizerConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"optimizer momentum must be in [0, 1), got {self.momentum!r}")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov=True needs name='sgd' and momentum > 0, "
-                             f"got name={self.name!r}, momentum={self.momentum!r}")
+            raise ValueError(
+                f"nesterov=True needs name='sgd' and momentum > 0, got name={self.name!r}, momentum={self.momentum!r}"
+            )
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optimizer betas must be two numbers in [0, 1), got {self.betas!r}")

@@ -35,14 +35,22 @@ RNG_KEYS = ("torch", "cuda", "numpy", "python")
 
 def _numpy_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    return {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {
+        "kind": str(kind),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _python_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
-    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": None if gauss_next is None else float(gauss_next)}
+    return {
+        "version": int(version),
+        "internal": torch.tensor(internal, dtype=torch.int64),
+        "gauss_next": None if gauss_next is None else float(gauss_next),
+    }
 
 
 def get_rng_states(cuda: bool | None = None) -> dict[str, Any]:
@@ -78,16 +86,19 @@ def check_rng_states(states: Any) -> None:
     if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.ndim == 1):
         raise ValueError(f"RNG states['torch'] must be a 1-d uint8 tensor (torch.get_rng_state()), got {cpu!r:.80}")
     if not isinstance(states["cuda"], (list, tuple)) or not all(
-            isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states["cuda"]):
+        isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states["cuda"]
+    ):
         raise ValueError("RNG states['cuda'] must be a list of uint8 tensors (one per CUDA device)")
     np_state = states["numpy"]
     if not isinstance(np_state, dict) or not {"kind", "keys", "pos", "has_gauss", "cached_gaussian"} <= set(np_state):
-        raise ValueError(f"RNG states['numpy'] must be a dict with kind, keys, pos, has_gauss, cached_gaussian; "
-                         f"got {np_state!r:.80}")
+        raise ValueError(
+            f"RNG states['numpy'] must be a dict with kind, keys, pos, has_gauss, cached_gaussian; got {np_state!r:.80}"
+        )
     py_state = states["python"]
     if not isinstance(py_state, dict) or not {"version", "internal", "gauss_next"} <= set(py_state):
-        raise ValueError("RNG states['python'] must be a dict with version, internal, gauss_next; "
-                         f"got {py_state!r:.80}")
+        raise ValueError(
+            f"RNG states['python'] must be a dict with version, internal, gauss_next; got {py_state!r:.80}"
+        )
 
 
 def set_rng_states(states: dict[str, Any], cuda: bool | None = None) -> int:
@@ -116,8 +127,15 @@ def set_rng_states(states: dict[str, Any], cuda: bool | None = None) -> int:
             torch.cuda.set_rng_state(state, device)
     np_state = states["numpy"]
     keys = np.asarray(torch.as_tensor(np_state["keys"]).numpy(), dtype=np.uint32)
-    np.random.set_state((str(np_state["kind"]), keys, int(np_state["pos"]), int(np_state["has_gauss"]),
-                         float(np_state["cached_gaussian"])))
+    np.random.set_state(
+        (
+            str(np_state["kind"]),
+            keys,
+            int(np_state["pos"]),
+            int(np_state["has_gauss"]),
+            float(np_state["cached_gaussian"]),
+        )
+    )
     py_state = states["python"]
     internal = tuple(int(v) for v in torch.as_tensor(py_state["internal"]).tolist())
     gauss_next = py_state["gauss_next"]

@@ -121,10 +121,15 @@ class RecipeReport:
             lines.append("none: the search did not run")
         failed = [s.name for s in self.steps if s.passed is False]
         if failed:
-            lines += ["", f"Fix first: {', '.join(failed)} failed; the numbers after a failed check "
-                      "are not trustworthy."]
-        lines += ["", "Next: train longer with these settings, watch the curves (curves.png) and the update/weight "
-                  "ratio (+callbacks=update_ratio_monitor, healthy ~1e-3)."]
+            lines += [
+                "",
+                f"Fix first: {', '.join(failed)} failed; the numbers after a failed check are not trustworthy.",
+            ]
+        lines += [
+            "",
+            "Next: train longer with these settings, watch the curves (curves.png) and the update/weight "
+            "ratio (+callbacks=update_ratio_monitor, healthy ~1e-3).",
+        ]
         return "\n".join(lines)
 
 
@@ -187,39 +192,73 @@ def run_recipe(cfg: DictConfig) -> RecipeReport:
     n = int(s["initial_loss"]["num_samples"])
     x, y = take_samples(datamodule, n)
     rep = initial_loss(module, (x, y), rtol=float(s["initial_loss"]["rtol"]), num_classes=module.num_classes)
-    steps.append(StepResult("initial loss", rep.passed, f"On {x.shape[0]} training samples, regularization off: "
-                            f"{rep.reason}.", {"loss": rep.loss, "expected": rep.expected}))
+    steps.append(
+        StepResult(
+            "initial loss",
+            rep.passed,
+            f"On {x.shape[0]} training samples, regularization off: {rep.reason}.",
+            {"loss": rep.loss, "expected": rep.expected},
+        )
+    )
     # 2. overfit a tiny subset, regularization off
     o = s["overfit"]
-    res = overfit_check(module, datamodule, num_samples=int(o["num_samples"]), steps=int(o["steps"]),
-                        target_loss=float(o["target_loss"]), optimizer=module.configure_optimizers(), seed=seed)
-    steps.append(StepResult("overfit a tiny subset", res.passed, f"{res.reason}.",
-                            {"final_loss": res.final_loss, "steps": res.steps, "accuracy": res.accuracy}))
+    res = overfit_check(
+        module,
+        datamodule,
+        num_samples=int(o["num_samples"]),
+        steps=int(o["steps"]),
+        target_loss=float(o["target_loss"]),
+        optimizer=module.configure_optimizers(),
+        seed=seed,
+    )
+    steps.append(
+        StepResult(
+            "overfit a tiny subset",
+            res.passed,
+            f"{res.reason}.",
+            {"final_loss": res.final_loss, "steps": res.steps, "accuracy": res.accuracy},
+        )
+    )
     if s["stop_on_failure"] and not all(st.passed for st in steps):
         return done()
     # 3. LR range test, regularization on (the module's optimizer, weight decay and label smoothing)
     r = s["lr_range"]
     result = lr_range_test(
-        module, datamodule, min_lr=float(r["min_lr"]), max_lr=float(r["max_lr"]), num_steps=int(r["num_steps"]),
-        smooth=float(r["smooth"]), diverge_threshold=float(r["diverge_threshold"]),
-        plot_path=out / "lr_range_test.png", trainer_kwargs=_range_trainer_kwargs(cfg),
+        module,
+        datamodule,
+        min_lr=float(r["min_lr"]),
+        max_lr=float(r["max_lr"]),
+        num_steps=int(r["num_steps"]),
+        smooth=float(r["smooth"]),
+        diverge_threshold=float(r["diverge_threshold"]),
+        plot_path=out / "lr_range_test.png",
+        trainer_kwargs=_range_trainer_kwargs(cfg),
     )
     configured = float(cfg.optimizer.lr)
     center = result.suggestion or result.suggestion_min_div10
-    details = {"steepest": result.suggestion, "min_div10": result.suggestion_min_div10,
-               "min_loss_lr": result.min_loss_lr, "steps": len(result.lrs), "stop_reason": result.stop_reason,
-               "plot": str(out / "lr_range_test.png")}
+    details = {
+        "steepest": result.suggestion,
+        "min_div10": result.suggestion_min_div10,
+        "min_loss_lr": result.min_loss_lr,
+        "steps": len(result.lrs),
+        "stop_reason": result.stop_reason,
+        "plot": str(out / "lr_range_test.png"),
+    }
     if center is None:
         why = "the smoothed loss never fell" if result.losses and not result.fell else "too few finite losses"
-        summary = (f"No LR to suggest: {why} (sweep {r['min_lr']:g} -> {r['max_lr']:g}: "
-                   f"{result.stop_reason or 'no steps'}); searching around the configured LR {configured:g}.")
+        summary = (
+            f"No LR to suggest: {why} (sweep {r['min_lr']:g} -> {r['max_lr']:g}: "
+            f"{result.stop_reason or 'no steps'}); searching around the configured LR {configured:g}."
+        )
         center = configured
     else:
-        summary = (f"Sweep {r['min_lr']:g} -> {r['max_lr']:g}, {len(result.lrs)} of {r['num_steps']} steps"
-                   + (f" ({result.stop_reason})" if result.stop_reason else "")
-                   + f"; steepest descent at LR {_fmt(result.suggestion)}, lowest loss at {_fmt(result.min_loss_lr)} "
-                   f"(min/10 = {_fmt(result.suggestion_min_div10)}); configured LR {configured:g}. "
-                   f"Plot: {details['plot']}")
+        summary = (
+            f"Sweep {r['min_lr']:g} -> {r['max_lr']:g}, {len(result.lrs)} of {r['num_steps']} steps"
+            + (f" ({result.stop_reason})" if result.stop_reason else "")
+            + f"; steepest descent at LR {_fmt(result.suggestion)}, lowest loss at {_fmt(result.min_loss_lr)} "
+            f"(min/10 = {_fmt(result.suggestion_min_div10)}); configured LR {configured:g}. "
+            f"Plot: {details['plot']}"
+        )
     steps.append(StepResult("LR range test", None, summary, details))
     # 4. coarse search: a few short runs around the suggestion
     sr = s["search"]
@@ -234,8 +273,15 @@ def run_recipe(cfg: DictConfig) -> RecipeReport:
             run_cfg = _search_cfg(cfg, lr, wd, sr, out / "search" / f"lr{lr:g}_wd{wd:g}")
             metrics, _ = train(run_cfg)
             value = metrics.get(f"best/{monitor}", metrics.get(monitor, math.nan))
-            rows.append({"lr": lr, "weight_decay": wd, monitor: value,
-                         "train/loss": metrics.get("train/loss_epoch", math.nan), "fit_s": metrics["time/fit_s"]})
+            rows.append(
+                {
+                    "lr": lr,
+                    "weight_decay": wd,
+                    monitor: value,
+                    "train/loss": metrics.get("train/loss_epoch", math.nan),
+                    "fit_s": metrics["time/fit_s"],
+                }
+            )
     finite = [row for row in rows if math.isfinite(row[monitor])]
     sign = 1 if mode == "max" else -1
     best = max(finite, key=lambda row: sign * row[monitor]) if finite else None
@@ -243,8 +289,10 @@ def run_recipe(cfg: DictConfig) -> RecipeReport:
     if best is None:
         summary = f"No run produced a finite {monitor}."
     else:
-        summary = (f"{len(rows)} runs of {sr['epochs']} epoch(s) each; best {monitor} = {best[monitor]:.4f} at "
-                   f"LR {best['lr']:g}, weight decay {best['weight_decay']:g}.")
+        summary = (
+            f"{len(rows)} runs of {sr['epochs']} epoch(s) each; best {monitor} = {best[monitor]:.4f} at "
+            f"LR {best['lr']:g}, weight decay {best['weight_decay']:g}."
+        )
         if best["lr"] in (lrs[0], lrs[-1]) and len(lrs) > 1:
             summary += " The best LR is at the edge of the grid: widen recipe.search.lr_factors."
         suggested = {"optimizer.lr": best["lr"], "optimizer.weight_decay": best["weight_decay"]}

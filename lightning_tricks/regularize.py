@@ -35,7 +35,9 @@ def _check_lam(lam: float) -> None:
 
 
 def select_parameters(
-    module: nn.Module, include: str | Sequence[str] | None = None, exclude_bias: bool = True,
+    module: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude_bias: bool = True,
     trainable_only: bool = True,
 ) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` pairs of ``module`` that L1 applies to.
@@ -70,7 +72,9 @@ def select_parameters(
 
 
 def l1_penalty(
-    params: nn.Module | Iterable[Tensor], lam: float, include: str | Sequence[str] | None = None,
+    params: nn.Module | Iterable[Tensor],
+    lam: float,
+    include: str | Sequence[str] | None = None,
     exclude_bias: bool = True,
 ) -> Tensor:
     """``lam * sum_i |w_i|`` over the chosen parameters, to add to a loss.
@@ -90,7 +94,7 @@ def l1_penalty(
     """
     _check_lam(lam)
     if isinstance(params, nn.Module):
-        tensors = [p for _, p in select_parameters(params, include, exclude_bias)]
+        tensors: list[Tensor] = [p for _, p in select_parameters(params, include, exclude_bias)]
     else:
         if include is not None:
             raise ValueError("include applies to a module; got an iterable of tensors")
@@ -102,7 +106,9 @@ def l1_penalty(
 
 
 def add_l1_grad_(
-    params: Sequence[Tensor], lam: float, scale: Tensor | float | None = None,
+    params: Sequence[Tensor],
+    lam: float,
+    scale: Tensor | float | None = None,
 ) -> None:
     """In place: ``grad += lam * sign(w)`` for each parameter that has a gradient.
 
@@ -136,7 +142,7 @@ def add_l1_grad_(
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return
-    grads = [p.grad for p in with_grad]
+    grads = [p.grad for p in with_grad if p.grad is not None]
     with torch.no_grad():
         signs = torch._foreach_sign(with_grad)
         if scale is not None:

@@ -66,7 +66,11 @@ class SanityCheckError(RuntimeError):
 
 #: Module types switched to eval mode when regularization is off (their eval mode is deterministic).
 REGULARIZER_TYPES: tuple[type[nn.Module], ...] = (
-    _DropoutNd, DropPath, DropConnectLinear, DropConnectConv2d, FractionalMaxPool2d,
+    _DropoutNd,
+    DropPath,
+    DropConnectLinear,
+    DropConnectConv2d,
+    FractionalMaxPool2d,
 )
 
 INITIAL_LOSS_CAUSES_HIGH = (
@@ -138,15 +142,19 @@ def judge_initial_loss(loss: float, expected: float, rtol: float = 0.1) -> tuple
         (False, 'initial loss 9.7 is 321% above the expected 2.303 (rtol 0.1)')
     """
     if not math.isfinite(loss):
-        return False, (f"initial loss is {loss} (expected {expected:.4g}): the forward pass or the loss "
-                       "produces non-finite values (inputs with nan/inf, log of zero, overflow)")
+        return False, (
+            f"initial loss is {loss} (expected {expected:.4g}): the forward pass or the loss "
+            "produces non-finite values (inputs with nan/inf, log of zero, overflow)"
+        )
     rel = (loss - expected) / expected
     if abs(rel) <= rtol:
         return True, f"initial loss {loss:.4g} is within {rtol:g} of the expected {expected:.4g}"
     where = "above" if rel > 0 else "below"
     causes = INITIAL_LOSS_CAUSES_HIGH if rel > 0 else INITIAL_LOSS_CAUSES_LOW
-    return False, (f"initial loss {loss:.4g} is {abs(rel):.0%} {where} the expected {expected:.4g} "
-                   f"(rtol {rtol:g}); likely causes: " + "; ".join(causes))
+    return False, (
+        f"initial loss {loss:.4g} is {abs(rel):.0%} {where} the expected {expected:.4g} "
+        f"(rtol {rtol:g}); likely causes: " + "; ".join(causes)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +217,10 @@ def initial_loss(
             raise ValueError(f"expected must be 'log_num_classes' or a number, got {expected!r}")
         width = int(logits.shape[-1])
         if c is not None and c != width:
-            reason = (f"num_classes={c} but the logits have {width} columns: the head's output size does "
-                      f"not match the number of classes")
+            reason = (
+                f"num_classes={c} but the logits have {width} columns: the head's output size does "
+                f"not match the number of classes"
+            )
             return InitialLossReport(loss, expected_initial_loss(c), c, False, reason)
         c = width
         target = expected_initial_loss(c)
@@ -287,8 +297,11 @@ def take_samples(source: Any, num_samples: int) -> tuple[Tensor, Tensor]:
 def _is_loader_collection(source: Any) -> bool:
     items = source.values() if isinstance(source, Mapping) else source if isinstance(source, (tuple, list)) else ()
     items = list(items)
-    return bool(items) and not any(isinstance(i, Tensor) for i in items) and all(
-        hasattr(i, "__iter__") and not isinstance(i, (str, bytes)) for i in items)
+    return (
+        bool(items)
+        and not any(isinstance(i, Tensor) for i in items)
+        and all(hasattr(i, "__iter__") and not isinstance(i, (str, bytes)) for i in items)
+    )
 
 
 def clone_optimizer(optimizer: torch.optim.Optimizer, original: nn.Module, clone: nn.Module) -> torch.optim.Optimizer:
@@ -419,20 +432,25 @@ def overfit_check(
     return _judge_overfit(losses, step, n, correct, target_loss, lrs)
 
 
-def _judge_overfit(losses: list[float], steps: int, n: int, accuracy: float, target: float,
-                   lrs: list[float]) -> OverfitResult:
+def _judge_overfit(
+    losses: list[float], steps: int, n: int, accuracy: float, target: float, lrs: list[float]
+) -> OverfitResult:
     final, first = losses[-1], losses[0]
     finite = [v for v in losses if math.isfinite(v)]
     best = min(finite) if finite else math.nan
     lr_text = ", ".join(f"{v:.3g}" for v in sorted(set(lrs)))
     if not math.isfinite(final):
         passed = False
-        reason = (f"loss became {final} after {steps} steps on {n} samples (start {first:.4g}): the LR "
-                  f"({lr_text}) is too high, or the model/loss produces non-finite values")
+        reason = (
+            f"loss became {final} after {steps} steps on {n} samples (start {first:.4g}): the LR "
+            f"({lr_text}) is too high, or the model/loss produces non-finite values"
+        )
     elif final <= target:
         passed = True
-        reason = (f"loss {final:.4g} <= target {target:g} after {steps} steps on {n} samples "
-                  f"(start {first:.4g}, accuracy {accuracy:.0%})")
+        reason = (
+            f"loss {final:.4g} <= target {target:g} after {steps} steps on {n} samples "
+            f"(start {first:.4g}, accuracy {accuracy:.0%})"
+        )
     else:
         passed = False
         hints = []
@@ -441,12 +459,15 @@ def _judge_overfit(losses: list[float], steps: int, n: int, accuracy: float, tar
         if best < first * 0.9:
             hints.append("the loss falls but too slowly: raise the LR or the number of steps")
         else:
-            hints.append("the loss does not fall: LR too small (or too large), parameters that get no "
-                         "gradient (frozen, detached), loss and labels that do not match")
+            hints.append(
+                "the loss does not fall: LR too small (or too large), parameters that get no "
+                "gradient (frozen, detached), loss and labels that do not match"
+            )
         hints.append("a model too small to memorize the subset")
-        reason = (f"loss {final:.4g} > target {target:g} after {steps} steps on {n} samples (start "
-                  f"{first:.4g}, best {best:.4g}, accuracy {accuracy:.0%}, LR {lr_text}); likely causes: "
-                  + "; ".join(hints))
+        reason = (
+            f"loss {final:.4g} > target {target:g} after {steps} steps on {n} samples (start "
+            f"{first:.4g}, best {best:.4g}, accuracy {accuracy:.0%}, LR {lr_text}); likely causes: " + "; ".join(hints)
+        )
     return OverfitResult(passed, reason, first, final, best, steps, n, accuracy, lrs, losses)
 
 
@@ -525,12 +546,16 @@ def judge_ratio(name: str, ratio: float, band: tuple[float, float]) -> tuple[boo
     if not math.isfinite(ratio):
         return False, f"update/weight ratio of {name} is {ratio}: non-finite weights or update"
     if ratio > high:
-        return False, (f"update/weight ratio of {name} is {ratio:.3g} > {high:g}: the updates are large "
-                       "for these weights, the LR is likely too high for this layer (healthy ~1e-3)")
+        return False, (
+            f"update/weight ratio of {name} is {ratio:.3g} > {high:g}: the updates are large "
+            "for these weights, the LR is likely too high for this layer (healthy ~1e-3)"
+        )
     if ratio < low:
-        return False, (f"update/weight ratio of {name} is {ratio:.3g} < {low:g}: the layer barely moves, "
-                       "the LR is likely too low, or the layer is frozen / gets vanishing gradients "
-                       "(healthy ~1e-3)")
+        return False, (
+            f"update/weight ratio of {name} is {ratio:.3g} < {low:g}: the layer barely moves, "
+            "the LR is likely too low, or the layer is frozen / gets vanishing gradients "
+            "(healthy ~1e-3)"
+        )
     return True, f"update/weight ratio of {name} is {ratio:.3g}, inside [{low:g}, {high:g}]"
 
 
@@ -605,5 +630,7 @@ def divergence_message(what: str, value: float, step: int, epoch: int, lrs: Sequ
     """
     distinct = sorted(set(lrs))
     lr = "lr " + ", ".join(f"{v:.3g}" for v in distinct[:4]) + (" ..." if len(distinct) > 4 else "")
-    return (f"diverged: the {what} is {value} at optimizer step {step} (epoch {epoch}), {lr}; no update was "
-            "applied. Lower optimizer.lr (or add warmup / gradient clipping)")
+    return (
+        f"diverged: the {what} is {value} at optimizer step {step} (epoch {epoch}), {lr}; no update was "
+        "applied. Lower optimizer.lr (or add warmup / gradient clipping)"
+    )

@@ -100,8 +100,10 @@ def _check_step_value(value: object, name: str, *, minimum: int = 1) -> StepValu
     YAML file) are taken as step counts.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be an int number of optimizer steps or a float in (0, 1] "
-                         f"(a fraction of the run), got {value!r}")
+        raise ValueError(
+            f"{name} must be an int number of optimizer steps or a float in (0, 1] "
+            f"(a fraction of the run), got {value!r}"
+        )
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value!r}")
@@ -109,11 +111,15 @@ def _check_step_value(value: object, name: str, *, minimum: int = 1) -> StepValu
             return value
         if value > 1.0 and value.is_integer():
             return int(value)
-        raise ValueError(f"{name} must be an int >= {minimum} (optimizer steps) or a float in (0, 1] "
-                         f"(a fraction of the run), got {value!r}")
+        raise ValueError(
+            f"{name} must be an int >= {minimum} (optimizer steps) or a float in (0, 1] "
+            f"(a fraction of the run), got {value!r}"
+        )
     if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum} (optimizer steps) or a float in (0, 1] "
-                         f"(a fraction of the run), got {value!r}")
+        raise ValueError(
+            f"{name} must be an int >= {minimum} (optimizer steps) or a float in (0, 1] "
+            f"(a fraction of the run), got {value!r}"
+        )
     return int(value)
 
 
@@ -130,21 +136,26 @@ def resolve_steps(value: StepValue, total_steps: int | None, name: str = "steps"
     """
     if isinstance(value, float):
         if total_steps is None:
-            raise ValueError(f"{name}={value!r} is a fraction of the run, so it needs total_steps "
-                             "(the run length in optimizer steps); give it or use an int number of steps")
+            raise ValueError(
+                f"{name}={value!r} is a fraction of the run, so it needs total_steps "
+                "(the run length in optimizer steps); give it or use an int number of steps"
+            )
         return max(minimum, int(math.floor(value * total_steps + 0.5)))
     return int(value)
 
 
 def _total_or_raise(total_steps: int | None, who: str, name: str = "steps") -> int:
     if total_steps is None:
-        raise ValueError(f"{who} with {name}=None runs over the whole run, so it needs total_steps "
-                         f"(the run length in optimizer steps); give it or set {name}")
+        raise ValueError(
+            f"{who} with {name}=None runs over the whole run, so it needs total_steps "
+            f"(the run length in optimizer steps); give it or set {name}"
+        )
     return total_steps
 
 
-def _check_factor(value: float, name: str, low: float = 0.0, high: float | None = None,
-                  *, low_open: bool = False) -> float:
+def _check_factor(
+    value: float, name: str, low: float = 0.0, high: float | None = None, *, low_open: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     bad_low = value <= low if low_open else value < low
@@ -253,8 +264,9 @@ class MultiStep(Schedule):
     def __post_init__(self) -> None:
         if isinstance(self.milestones, (str, bytes, int, float)) or not hasattr(self.milestones, "__iter__"):
             raise ValueError(f"milestones must be a list of steps, got {self.milestones!r}")
-        self.milestones = tuple(_check_step_value(m, f"milestones[{i}]", minimum=1)
-                                for i, m in enumerate(self.milestones))
+        self.milestones = tuple(
+            _check_step_value(m, f"milestones[{i}]", minimum=1) for i, m in enumerate(self.milestones)
+        )
         if not self.milestones:
             raise ValueError("milestones must not be empty")
         if all(isinstance(m, int) for m in self.milestones) or all(isinstance(m, float) for m in self.milestones):
@@ -263,8 +275,10 @@ class MultiStep(Schedule):
 
     def _check_increasing(self, values: list) -> None:
         if any(b <= a for a, b in zip(values, values[1:])):
-            raise ValueError(f"milestones must be strictly increasing, got {list(self.milestones)!r}"
-                             + (f" (= {values} steps)" if values != list(self.milestones) else ""))
+            raise ValueError(
+                f"milestones must be strictly increasing, got {list(self.milestones)!r}"
+                + (f" (= {values} steps)" if values != list(self.milestones) else "")
+            )
 
     def value(self, step: int, total_steps: int | None) -> float:
         ms = [resolve_steps(m, total_steps, "milestones", minimum=1) for m in self.milestones]
@@ -287,7 +301,7 @@ class Exponential(Schedule):
         self.gamma = _check_factor(self.gamma, "gamma", low_open=True)
 
     def value(self, step: int, total_steps: int | None) -> float:
-        return self.gamma ** step
+        return self.gamma**step
 
 
 @dataclasses.dataclass
@@ -330,8 +344,11 @@ class Poly(Schedule):
             self.steps = _check_step_value(self.steps, "steps", minimum=1)
 
     def value(self, step: int, total_steps: int | None) -> float:
-        s = _total_or_raise(total_steps, "Poly") if self.steps is None else \
-            resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        s = (
+            _total_or_raise(total_steps, "Poly")
+            if self.steps is None
+            else resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        )
         return (1.0 - min(step, s) / s) ** self.power
 
 
@@ -350,8 +367,12 @@ class Sigmoid(Schedule):
     step_size: StepValue
 
     def __post_init__(self) -> None:
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) \
-                or not math.isfinite(self.gamma) or self.gamma == 0:
+        if (
+            isinstance(self.gamma, bool)
+            or not isinstance(self.gamma, (int, float))
+            or not math.isfinite(self.gamma)
+            or self.gamma == 0
+        ):
             raise ValueError(f"gamma must be a finite non-zero number (negative to decay), got {self.gamma!r}")
         self.gamma = float(self.gamma)
         self.step_size = _check_step_value(self.step_size, "step_size", minimum=0)
@@ -394,8 +415,11 @@ class Cosine(Schedule):
             self.steps = _check_step_value(self.steps, "steps", minimum=1)
 
     def value(self, step: int, total_steps: int | None) -> float:
-        s = _total_or_raise(total_steps, "Cosine") if self.steps is None else \
-            resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        s = (
+            _total_or_raise(total_steps, "Cosine")
+            if self.steps is None
+            else resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        )
         return _cosine(min(step, s) / s, self.min_factor)
 
 
@@ -481,7 +505,7 @@ def _cyclic_scale(step: int, up: int, down: int, mode: str, gamma: float) -> flo
     elif mode == "triangular2":
         amplitude = 1 / (2.0 ** (cycle - 1))
     else:  # exp_range
-        amplitude = gamma ** step
+        amplitude = gamma**step
     return scale * amplitude
 
 
@@ -496,8 +520,11 @@ def _check_cyclic(obj: Cyclic | CyclicMomentum) -> None:
 
 def _cyclic_sizes(obj: Cyclic | CyclicMomentum, total_steps: int | None) -> tuple[int, int]:
     up = resolve_steps(obj.step_size_up, total_steps, "step_size_up", minimum=1)
-    down = up if obj.step_size_down is None else \
-        resolve_steps(obj.step_size_down, total_steps, "step_size_down", minimum=1)
+    down = (
+        up
+        if obj.step_size_down is None
+        else resolve_steps(obj.step_size_down, total_steps, "step_size_down", minimum=1)
+    )
     return up, down
 
 
@@ -529,20 +556,28 @@ class Cyclic(Schedule):
         self.min_factor = _check_factor(self.min_factor, "min_factor")
         self.max_factor = _check_factor(self.max_factor, "max_factor")
         if self.min_factor > self.max_factor:
-            raise ValueError(f"min_factor must be <= max_factor (bounds reversed?), "
-                             f"got min_factor={self.min_factor!r} > max_factor={self.max_factor!r}")
+            raise ValueError(
+                f"min_factor must be <= max_factor (bounds reversed?), "
+                f"got min_factor={self.min_factor!r} > max_factor={self.max_factor!r}"
+            )
         _check_cyclic(self)
 
     def value(self, step: int, total_steps: int | None) -> float:
         up, down = _cyclic_sizes(self, total_steps)
         return self.min_factor + (self.max_factor - self.min_factor) * _cyclic_scale(
-            step, up, down, self.mode, self.gamma)
+            step, up, down, self.mode, self.gamma
+        )
 
     def momentum(self, base_momentum: float = 0.8, max_momentum: float = 0.9) -> CyclicMomentum:
         """The momentum schedule that cycles inversely to this one (torch ``cycle_momentum=True``)."""
-        return CyclicMomentum(base_momentum=base_momentum, max_momentum=max_momentum,
-                              step_size_up=self.step_size_up, step_size_down=self.step_size_down,
-                              mode=self.mode, gamma=self.gamma)
+        return CyclicMomentum(
+            base_momentum=base_momentum,
+            max_momentum=max_momentum,
+            step_size_up=self.step_size_up,
+            step_size_down=self.step_size_down,
+            mode=self.mode,
+            gamma=self.gamma,
+        )
 
 
 @dataclasses.dataclass
@@ -569,14 +604,17 @@ class CyclicMomentum(Schedule):
         self.base_momentum = _check_factor(self.base_momentum, "base_momentum", 0.0, 1.0)
         self.max_momentum = _check_factor(self.max_momentum, "max_momentum", 0.0, 1.0)
         if self.base_momentum > self.max_momentum:
-            raise ValueError(f"base_momentum must be <= max_momentum (bounds reversed?), got "
-                             f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}")
+            raise ValueError(
+                f"base_momentum must be <= max_momentum (bounds reversed?), got "
+                f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}"
+            )
         _check_cyclic(self)
 
     def value(self, step: int, total_steps: int | None) -> float:
         up, down = _cyclic_sizes(self, total_steps)
         return self.max_momentum - (self.max_momentum - self.base_momentum) * _cyclic_scale(
-            step, up, down, self.mode, self.gamma)
+            step, up, down, self.mode, self.gamma
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -591,17 +629,29 @@ def _anneal(start: float, end: float, pct: float, how: str) -> float:
     return (end - start) * pct + start
 
 
-def _one_cycle(step: int, total_steps: int | None, pct_start: float, three_phase: bool, anneal: str,
-               points: Sequence[tuple[float, float]], who: str) -> float:
+def _one_cycle(
+    step: int,
+    total_steps: int | None,
+    pct_start: float,
+    three_phase: bool,
+    anneal: str,
+    points: Sequence[tuple[float, float]],
+    who: str,
+) -> float:
     """Piecewise anneal through ``points`` (``(start, end)`` per phase) as torch ``OneCycleLR`` does."""
     total = _total_or_raise(total_steps, who, "total_steps")
-    ends = [float(pct_start * total) - 1, float(2 * pct_start * total) - 2, total - 1] if three_phase \
+    ends = (
+        [float(pct_start * total) - 1, float(2 * pct_start * total) - 2, total - 1]
+        if three_phase
         else [float(pct_start * total) - 1, total - 1]
+    )
     for i, (a, b) in enumerate(zip([0.0, *ends], ends)):
         if b <= a:
-            raise ValueError(f"{who}(pct_start={pct_start!r}{', three_phase=True' if three_phase else ''}) "
-                             f"leaves phase {i + 1} without steps in a run of total_steps={total}; "
-                             "use a longer run or another pct_start")
+            raise ValueError(
+                f"{who}(pct_start={pct_start!r}{', three_phase=True' if three_phase else ''}) "
+                f"leaves phase {i + 1} without steps in a run of total_steps={total}; "
+                "use a longer run or another pct_start"
+            )
     step = min(step, total - 1)
     start_step = 0.0
     for i, end_step in enumerate(ends):
@@ -616,8 +666,10 @@ def _check_one_cycle(obj: OneCycle | OneCycleMomentum) -> None:
     high = 0.5 if obj.three_phase else 1.0
     obj.pct_start = _check_factor(obj.pct_start, "pct_start", 0.0, high, low_open=True)
     if obj.pct_start >= high:
-        raise ValueError(f"pct_start must be in (0, {high}){' with three_phase=True' if obj.three_phase else ''}, "
-                         f"got {obj.pct_start!r}")
+        raise ValueError(
+            f"pct_start must be in (0, {high}){' with three_phase=True' if obj.three_phase else ''}, "
+            f"got {obj.pct_start!r}"
+        )
     if obj.anneal not in ANNEAL:
         raise ValueError(f"anneal must be one of {ANNEAL}, got {obj.anneal!r}")
 
@@ -653,14 +705,20 @@ class OneCycle(Schedule):
     def value(self, step: int, total_steps: int | None) -> float:
         initial = 1.0 / self.div_factor
         final = initial / self.final_div_factor
-        points = [(initial, 1.0), (1.0, initial), (initial, final)] if self.three_phase \
-            else [(initial, 1.0), (1.0, final)]
+        points = (
+            [(initial, 1.0), (1.0, initial), (initial, final)] if self.three_phase else [(initial, 1.0), (1.0, final)]
+        )
         return _one_cycle(step, total_steps, self.pct_start, self.three_phase, self.anneal, points, "OneCycle")
 
     def momentum(self, base_momentum: float = 0.85, max_momentum: float = 0.95) -> OneCycleMomentum:
         """The momentum schedule of this cycle (``max_momentum`` when the LR is low, ``base`` at the peak)."""
-        return OneCycleMomentum(base_momentum=base_momentum, max_momentum=max_momentum,
-                                pct_start=self.pct_start, anneal=self.anneal, three_phase=self.three_phase)
+        return OneCycleMomentum(
+            base_momentum=base_momentum,
+            max_momentum=max_momentum,
+            pct_start=self.pct_start,
+            anneal=self.anneal,
+            three_phase=self.three_phase,
+        )
 
 
 @dataclasses.dataclass
@@ -686,15 +744,16 @@ class OneCycleMomentum(Schedule):
         self.base_momentum = _check_factor(self.base_momentum, "base_momentum", 0.0, 1.0)
         self.max_momentum = _check_factor(self.max_momentum, "max_momentum", 0.0, 1.0)
         if self.base_momentum > self.max_momentum:
-            raise ValueError(f"base_momentum must be <= max_momentum (bounds reversed?), got "
-                             f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}")
+            raise ValueError(
+                f"base_momentum must be <= max_momentum (bounds reversed?), got "
+                f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}"
+            )
         _check_one_cycle(self)
 
     def value(self, step: int, total_steps: int | None) -> float:
         lo, hi = self.base_momentum, self.max_momentum
         points = [(hi, lo), (lo, hi), (hi, hi)] if self.three_phase else [(hi, lo), (lo, hi)]
-        return _one_cycle(step, total_steps, self.pct_start, self.three_phase, self.anneal, points,
-                          "OneCycleMomentum")
+        return _one_cycle(step, total_steps, self.pct_start, self.three_phase, self.anneal, points, "OneCycleMomentum")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -723,8 +782,11 @@ class Linear(Schedule):
             self.steps = _check_step_value(self.steps, "steps", minimum=1)
 
     def value(self, step: int, total_steps: int | None) -> float:
-        s = _total_or_raise(total_steps, "Linear") if self.steps is None else \
-            resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        s = (
+            _total_or_raise(total_steps, "Linear")
+            if self.steps is None
+            else resolve_steps(self.steps, total_steps, "steps", minimum=1)
+        )
         return self.start_factor + (self.end_factor - self.start_factor) * min(step, s) / s
 
 
@@ -765,8 +827,9 @@ class Warmup(Schedule):
         """The warmup length in steps; raises if it is not shorter than the run."""
         w = resolve_steps(self.steps, total_steps, "steps", minimum=1)
         if total_steps is not None and w >= total_steps:
-            raise ValueError(f"warmup steps={self.steps!r} ({w} steps) must be shorter than the run "
-                             f"(total_steps={total_steps})")
+            raise ValueError(
+                f"warmup steps={self.steps!r} ({w} steps) must be shorter than the run (total_steps={total_steps})"
+            )
         return w
 
     def value(self, step: int, total_steps: int | None) -> float:
@@ -864,15 +927,20 @@ class SWALRPhase:
         self.anneal_steps = _check_count(self.anneal_steps, "anneal_steps")
         self.anneal_epochs = _check_count(self.anneal_epochs, "anneal_epochs")
         if self.anneal_steps is not None and self.anneal_epochs is not None:
-            raise ValueError(f"give anneal_steps or anneal_epochs, not both "
-                             f"(got {self.anneal_steps!r} and {self.anneal_epochs!r})")
-        if self.steps_per_epoch is not None and (isinstance(self.steps_per_epoch, bool)
-                                                 or not isinstance(self.steps_per_epoch, int)
-                                                 or self.steps_per_epoch < 1):
+            raise ValueError(
+                f"give anneal_steps or anneal_epochs, not both (got {self.anneal_steps!r} and {self.anneal_epochs!r})"
+            )
+        if self.steps_per_epoch is not None and (
+            isinstance(self.steps_per_epoch, bool)
+            or not isinstance(self.steps_per_epoch, int)
+            or self.steps_per_epoch < 1
+        ):
             raise ValueError(f"steps_per_epoch must be an int >= 1 or None, got {self.steps_per_epoch!r}")
         if self.anneal_epochs and self.steps_per_epoch is None:
-            raise ValueError(f"anneal_epochs={self.anneal_epochs!r} needs steps_per_epoch (optimizer steps "
-                             "per epoch) to know where epochs start")
+            raise ValueError(
+                f"anneal_epochs={self.anneal_epochs!r} needs steps_per_epoch (optimizer steps "
+                "per epoch) to know where epochs start"
+            )
 
     def active(self, step: int) -> bool:
         """Whether optimizer step ``step`` is in the phase."""
@@ -904,8 +972,11 @@ SCALING_RULES = ("linear", "sqrt")
 
 def global_batch_size(per_device: int, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
     """Samples per optimizer step: ``per_device * accumulate_grad_batches * world_size``."""
-    for name, v in (("per_device", per_device), ("accumulate_grad_batches", accumulate_grad_batches),
-                    ("world_size", world_size)):
+    for name, v in (
+        ("per_device", per_device),
+        ("accumulate_grad_batches", accumulate_grad_batches),
+        ("world_size", world_size),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     return per_device * accumulate_grad_batches * world_size

@@ -353,8 +353,9 @@ class StopRule:
         if not _is_real(self.min_delta) or not (math.isfinite(self.min_delta) and self.min_delta >= 0):
             raise ValueError(f"min_delta must be a finite number >= 0, got {self.min_delta!r}")
         if self.alpha is not None and not (_is_real(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"alpha must be a finite number > 0 (or None for the default of the criterion), "
-                             f"got {self.alpha!r}")
+            raise ValueError(
+                f"alpha must be a finite number > 0 (or None for the default of the criterion), got {self.alpha!r}"
+            )
         for name in ("optimum", "train_optimum", "stopping_threshold", "divergence_threshold"):
             v = getattr(self, name)
             if v is not None and not (_is_real(v) and math.isfinite(v)):
@@ -392,8 +393,7 @@ class StopRule:
             out["gl"] = gl
         if train is not None:
             try:
-                pk = training_progress([to_error(v, self.train_mode, self.train_optimum) for v in train],
-                                       self.strip)
+                pk = training_progress([to_error(v, self.train_mode, self.train_optimum) for v in train], self.strip)
             except ValueError:
                 if self.criterion == "pq":
                     raise
@@ -448,13 +448,18 @@ class StopRule:
         better = "<" if self.mode == "min" else ">"
         worse = ">" if self.mode == "min" else "<"
         if self.stopping_threshold is not None and to_score(current, self.mode) < to_score(
-                self.stopping_threshold, self.mode):
-            return stop("stopping_threshold",
-                        f"{name}={_fmt(current)} {better} stopping_threshold={self.stopping_threshold:g}")
+            self.stopping_threshold, self.mode
+        ):
+            return stop(
+                "stopping_threshold", f"{name}={_fmt(current)} {better} stopping_threshold={self.stopping_threshold:g}"
+            )
         if self.divergence_threshold is not None and to_score(current, self.mode) > to_score(
-                self.divergence_threshold, self.mode):
-            return stop("divergence_threshold",
-                        f"{name}={_fmt(current)} {worse} divergence_threshold={self.divergence_threshold:g}")
+            self.divergence_threshold, self.mode
+        ):
+            return stop(
+                "divergence_threshold",
+                f"{name}={_fmt(current)} {worse} divergence_threshold={self.divergence_threshold:g}",
+            )
 
         c = self.criterion
         if c == "patience":
@@ -469,11 +474,13 @@ class StopRule:
                 return stop(c, f"GL={_fmt(gl)} > alpha={self.threshold:g}")
         elif t % self.strip == 0:  # pq and up are checked at strip ends only
             if c == "pq" and "pq" in vals and vals["pq"] > self.threshold:
-                return stop(c, f"PQ=GL/P_{self.strip}={_fmt(vals['gl'])}/{_fmt(vals['pk'])}="
-                               f"{_fmt(vals['pq'])} > alpha={self.threshold:g}")
+                return stop(
+                    c,
+                    f"PQ=GL/P_{self.strip}={_fmt(vals['gl'])}/{_fmt(vals['pk'])}="
+                    f"{_fmt(vals['pq'])} > alpha={self.threshold:g}",
+                )
             if c == "up" and vals["up_count"] >= self.s:
-                return stop(c, f"UP_{self.s}: {name} rose at the end of {self.s} successive strips of "
-                               f"{self.strip}")
+                return stop(c, f"UP_{self.s}: {name} rose at the end of {self.s} successive strips of {self.strip}")
         return Decision(False, "", vals, best)
 
 

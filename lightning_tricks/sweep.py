@@ -41,8 +41,9 @@ def summarize(sweep_dir: str | Path, monitor: str | None = None, mode: str = "ma
     key = f"best/{monitor}" if monitor else None
     if key and any(key in r for r in rows):
         sign = -1.0 if mode == "max" else 1.0
-        rows.sort(key=lambda r: sign * r[key] if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
-                  else math.inf)
+        rows.sort(
+            key=lambda r: sign * r[key] if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) else math.inf
+        )
     columns: list[str] = []
     for r in rows:
         columns += [c for c in r if c not in columns]

@@ -100,32 +100,49 @@ def _check_fresh(out: Path, ckpt_path: Any) -> None:
     """Refuse to write a new run into a directory that holds another run's results (resume continues in place)."""
     if ckpt_path:
         return
-    found = [p.name for p in (out / "metrics.json", out / "checkpoints") if p.exists() and
-             (p.is_file() or any(p.glob("*.ckpt")))]
+    found = [
+        p.name
+        for p in (out / "metrics.json", out / "checkpoints")
+        if p.exists() and (p.is_file() or any(p.glob("*.ckpt")))
+    ]
     if found:
-        raise ConfigError(f"run directory {out} already holds a run ({', '.join(found)}); start a new run in a new "
-                          f"directory (drop hydra.run.dir / paths.output_dir) or resume this one with "
-                          f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}")
+        raise ConfigError(
+            f"run directory {out} already holds a run ({', '.join(found)}); start a new run in a new "
+            f"directory (drop hydra.run.dir / paths.output_dir) or resume this one with "
+            f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"
+        )
 
 
 def _check_trainer_kwargs(kwargs: Mapping[str, Any]) -> None:
     """Trainer values that Lightning would only reject mid-run (or with an unrelated error), checked now."""
-    for key in ("max_epochs", "min_epochs", "max_steps", "min_steps", "accumulate_grad_batches",
-                "check_val_every_n_epoch", "log_every_n_steps", "num_nodes", "num_sanity_val_steps"):
+    for key in (
+        "max_epochs",
+        "min_epochs",
+        "max_steps",
+        "min_steps",
+        "accumulate_grad_batches",
+        "check_val_every_n_epoch",
+        "log_every_n_steps",
+        "num_nodes",
+        "num_sanity_val_steps",
+    ):
         value = kwargs.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"trainer.{key} must be an int, got {value!r}")
     max_epochs = kwargs.get("max_epochs")
     if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1 for a run bounded by trainer.max_steps), "
-                          f"got {max_epochs}")
+        raise ConfigError(
+            f"trainer.max_epochs must be >= 1 (or -1 for a run bounded by trainer.max_steps), got {max_epochs}"
+        )
     if kwargs.get("accumulate_grad_batches", 1) < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {kwargs['accumulate_grad_batches']}")
     accelerator = str(kwargs.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if kwargs.get("sync_batchnorm") and on_cpu:
-        raise ConfigError(f"trainer.sync_batchnorm=true needs GPUs, but the run is on the CPU "
-                          f"(trainer.accelerator={accelerator}); add trainer.sync_batchnorm=false")
+        raise ConfigError(
+            f"trainer.sync_batchnorm=true needs GPUs, but the run is on the CPU "
+            f"(trainer.accelerator={accelerator}); add trainer.sync_batchnorm=false"
+        )
 
 
 TEST_WEIGHTS = ("final", "best")
@@ -139,8 +156,10 @@ def _check_run_options(cfg: DictConfig, callbacks: list[Callback], trainer_kwarg
     if cfg.get("test", True) and test_weights == "best":
         checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
         if checkpoint is None or checkpoint.monitor != cfg.get("monitor"):
-            raise ConfigError(f"test_weights=best needs a ModelCheckpoint monitoring {cfg.get('monitor')!r} "
-                              "(callbacks.model_checkpoint); add it back or use test_weights=final")
+            raise ConfigError(
+                f"test_weights=best needs a ModelCheckpoint monitoring {cfg.get('monitor')!r} "
+                "(callbacks.model_checkpoint); add it back or use test_weights=final"
+            )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         _check_checkpoint(Path(str(ckpt_path)), cfg, trainer_kwargs)
@@ -155,20 +174,27 @@ def _check_checkpoint(path: Path, cfg: DictConfig, trainer_kwargs: Mapping[str, 
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(f"ckpt_path={path} is not a readable Lightning checkpoint ({reason})") from e
     if not isinstance(ckpt, dict) or not {"state_dict", "loops", "optimizer_states"} <= set(ckpt):
-        raise ConfigError(f"ckpt_path={path} is not a Lightning training checkpoint (no state_dict/loops/optimizer "
-                          "states); to start from weights only, load them into the module instead")
+        raise ConfigError(
+            f"ckpt_path={path} is not a Lightning training checkpoint (no state_dict/loops/optimizer "
+            "states); to start from weights only, load them into the module instead"
+        )
     saved = ((ckpt.get("hyper_parameters") or {}).get("optimizer") or {}).get("name")
     wanted = str(cfg.optimizer.get("name", "sgd")).lower() if cfg.get("optimizer") else None
     if saved and wanted and str(saved).lower() != wanted:
-        raise ConfigError(f"ckpt_path={path} was trained with optimizer {saved!r}, this run uses {wanted!r}: its "
-                          f"optimizer state cannot be resumed; add optimizer={saved} (and the run's other overrides)")
+        raise ConfigError(
+            f"ckpt_path={path} was trained with optimizer {saved!r}, this run uses {wanted!r}: its "
+            f"optimizer state cannot be resumed; add optimizer={saved} (and the run's other overrides)"
+        )
     processed = ckpt["loops"].get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
     max_epochs, max_steps = trainer_kwargs.get("max_epochs"), trainer_kwargs.get("max_steps")
-    if (max_epochs is not None and max_epochs > 0 and processed >= max_epochs) or \
-            (max_steps is not None and max_steps > 0 and ckpt.get("global_step", 0) >= max_steps):
-        raise ConfigError(f"ckpt_path={path} is from a finished run ({processed} epoch(s), {ckpt.get('global_step')} "
-                          f"steps; this run stops at trainer.max_epochs={max_epochs}, trainer.max_steps={max_steps}): "
-                          "nothing to resume; raise trainer.max_epochs to train further")
+    if (max_epochs is not None and max_epochs > 0 and processed >= max_epochs) or (
+        max_steps is not None and max_steps > 0 and ckpt.get("global_step", 0) >= max_steps
+    ):
+        raise ConfigError(
+            f"ckpt_path={path} is from a finished run ({processed} epoch(s), {ckpt.get('global_step')} "
+            f"steps; this run stops at trainer.max_epochs={max_epochs}, trainer.max_steps={max_steps}): "
+            "nothing to resume; raise trainer.max_epochs to train further"
+        )
 
 
 def build_data_and_module(cfg: DictConfig) -> tuple[Any, Classifier]:
@@ -182,8 +208,12 @@ def build_data_and_module(cfg: DictConfig) -> tuple[Any, Classifier]:
     net = _instantiate(cfg.model, "model", input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     try:
-        module = Classifier(net, num_classes=datamodule.num_classes, optimizer=optimizer,  # type: ignore[arg-type]
-                            label_smoothing=float(cfg.module.label_smoothing))
+        module = Classifier(
+            net,
+            num_classes=datamodule.num_classes,
+            optimizer=optimizer,  # type: ignore[arg-type]
+            label_smoothing=float(cfg.module.label_smoothing),
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return datamodule, module
@@ -204,8 +234,9 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    return [_instantiate(entry, f"logger.{name}") for name, entry in (cfg.get("logger") or {}).items()
-            if entry is not None]
+    return [
+        _instantiate(entry, f"logger.{name}") for name, entry in (cfg.get("logger") or {}).items() if entry is not None
+    ]
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -262,8 +293,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 metrics.update({k: float(v) for k, v in result.items()})
     if trainer.is_global_zero:
         _write_metrics(out, metrics)
-    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer,
-               "callbacks": callbacks, "output_dir": out}
+    objects = {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "module": module,
+        "trainer": trainer,
+        "callbacks": callbacks,
+        "output_dir": out,
+    }
     rank_zero_info(summary(metrics, monitor, out, trainer))
     return metrics, objects
 
@@ -284,8 +321,10 @@ def summary(metrics: Mapping[str, Any], monitor: str | None, out: Path, trainer:
     """One screen: best/final metrics, wall time, where the run's files are."""
     lines = ["", "=" * 72, "lightning-tricks run summary", "-" * 72]
     if metrics.get("status") == "diverged":
-        lines.append(f"DIVERGED at optimizer step {metrics['diverged/step']} (epoch {metrics['diverged/epoch']}): "
-                     "no test, the job ranks last in sweeps")
+        lines.append(
+            f"DIVERGED at optimizer step {metrics['diverged/step']} (epoch {metrics['diverged/epoch']}): "
+            "no test, the job ranks last in sweeps"
+        )
     elif monitor and f"best/{monitor}" in metrics:
         lines.append(f"best {monitor:<24} {metrics[f'best/{monitor}']:.4f}")
     for key in sorted(metrics):
@@ -328,8 +367,14 @@ def null_groups_removed(args: list[str]) -> list[str]:
     out = []
     for arg in args:
         key, sep, value = arg.partition("=")
-        out.append(f"~{key}" if sep and key in groups and value.lower() in ("null", "none") and
-                   not (Path(config_dir()) / key / f"{value}.yaml").is_file() else arg)
+        out.append(
+            f"~{key}"
+            if sep
+            and key in groups
+            and value.lower() in ("null", "none")
+            and not (Path(config_dir()) / key / f"{value}.yaml").is_file()
+            else arg
+        )
     return out
 
 
@@ -337,7 +382,8 @@ def quiet_third_party() -> None:
     """What only the entry points filter: Lightning's advertising tip and third-party deprecation
     warnings a user cannot act on. A user's own Trainer is left alone (this runs only in ``main``)."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
+        lambda record: "litlogger" not in record.getMessage()
+    )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

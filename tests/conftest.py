@@ -36,9 +36,12 @@ def installed(module: str) -> bool:
 
 def extra_marks(extra: str) -> list[pytest.MarkDecorator]:
     """Marks of a test (or ``pytest.param``) that needs the optional extra ``extra`` (see ``EXTRAS``)."""
-    return [pytest.mark.extras,
-            pytest.mark.skipif(not installed(EXTRAS[extra]),
-                               reason=f"needs the '{extra}' extra: pip install -e \".[{extra}]\"")]
+    return [
+        pytest.mark.extras,
+        pytest.mark.skipif(
+            not installed(EXTRAS[extra]), reason=f"needs the '{extra}' extra: pip install -e \".[{extra}]\""
+        ),
+    ]
 
 
 def needs_extra(extra: str) -> Callable[[Callable], Callable]:

@@ -56,32 +56,55 @@ def main(out):
     seed_everything(0)
     # overfits: a tiny training set and a wide net without regularization, so validation loss rises
     dm = DigitsDataModule(batch_size=16, val_fraction=0.5, loader="resident")
-    module = ShardLoss(MLP((1, 8, 8), 10, hidden=(256,), norm="none"), 10,
-                        {"name": "sgd", "lr": 0.3, "momentum": 0.9})
+    module = ShardLoss(MLP((1, 8, 8), 10, hidden=(256,), norm="none"), 10, {"name": "sgd", "lr": 0.3, "momentum": 0.9})
     ema = EMA(decay=0.9, average_at_end=False)
     swa = SWA(start=1, bn_update=False, average_at_end=False)
     # decides on each rank's own (unsynced) loss: rank zero's values must reach every rank
     stop = EarlyStopping(monitor="val/rank_loss", criterion="gl", alpha=0.5, restore_best=False)
     record = RecordLR()
     local = RecordLocal()
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=12, limit_train_batches=10,
-                      logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      enable_model_summary=False, num_sanity_val_steps=0,
-                      callbacks=[LRSchedule(Warmup(steps=4, then=Cosine())), ema, swa, stop, record, local])
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=12,
+        limit_train_batches=10,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[LRSchedule(Warmup(steps=4, then=Cosine())), ema, swa, stop, record, local],
+    )
     trainer.fit(module, dm)
     ema_w = flat(ema.state_dict()["average"].values())
     swa_w = flat(swa.state_dict()["average"].values())
     gathered = {}
-    for name, t in (("ema", ema_w), ("swa", swa_w), ("lrs", torch.tensor(record.lrs, dtype=torch.float64)),
-                    ("stop", torch.tensor([trainer.current_epoch, stop.stopped_epoch]))):
+    for name, t in (
+        ("ema", ema_w),
+        ("swa", swa_w),
+        ("lrs", torch.tensor(record.lrs, dtype=torch.float64)),
+        ("stop", torch.tensor([trainer.current_epoch, stop.stopped_epoch])),
+    ):
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, t)
         gathered[name] = parts
-    torch.save({"rank": trainer.global_rank, "lrs": record.lrs, "ema": ema_w, "swa": swa_w,
-                "stopped_epoch": stop.stopped_epoch, "current_epoch": trainer.current_epoch,
-                "stop_reason": stop.stop_reason, "gathered": gathered, "global_step": trainer.global_step,
-                "history": list(stop.history), "local": local.values},
-               f"{out}/rank{trainer.global_rank}.pt")
+    torch.save(
+        {
+            "rank": trainer.global_rank,
+            "lrs": record.lrs,
+            "ema": ema_w,
+            "swa": swa_w,
+            "stopped_epoch": stop.stopped_epoch,
+            "current_epoch": trainer.current_epoch,
+            "stop_reason": stop.stop_reason,
+            "gathered": gathered,
+            "global_step": trainer.global_step,
+            "history": list(stop.history),
+            "local": local.values,
+        },
+        f"{out}/rank{trainer.global_rank}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def test_random_crop_flip_matches_a_per_sample_reference():
     padded = F.pad(x, (pad,) * 4)
     for i in range(6):
         dy, dx = offsets[i].tolist()
-        crop = padded[i, :, dy:dy + 5, dx:dx + 7]  # crop at the offset, then flip
+        crop = padded[i, :, dy : dy + 5, dx : dx + 7]  # crop at the offset, then flip
         assert torch.equal(out[i], crop.flip(-1) if flips[i] else crop)
     centered = random_crop_flip(x, pad, offsets=torch.full((6, 2), pad), flips=torch.zeros(6, dtype=torch.bool))
     assert torch.equal(centered, x)
@@ -310,8 +310,15 @@ def _loader(n: int = 12, classes: int = 4) -> DataLoader:
 
 
 def _trainer(callbacks, **kwargs) -> Trainer:
-    defaults = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                    enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    defaults = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     defaults.update(kwargs)
     return Trainer(callbacks=callbacks, **defaults)
 
@@ -352,8 +359,12 @@ def test_mixup_and_cutmix_with_the_classifier_on_digits():
     seed_everything(0)
     dm = DigitsDataModule(batch_size=64, loader="dataloader")
     module = Spy(MLP((1, 8, 8), 10, hidden=(32,)), 10, {"name": "sgd", "lr": 0.05}, label_smoothing=0.1)
-    trainer = _trainer([CutMix(alpha=1.0), Mixup(alpha=0.4), Cutout(size=0.25)], max_epochs=2,
-                       limit_train_batches=5, limit_val_batches=2)
+    trainer = _trainer(
+        [CutMix(alpha=1.0), Mixup(alpha=0.4), Cutout(size=0.25)],
+        max_epochs=2,
+        limit_train_batches=5,
+        limit_val_batches=2,
+    )
     trainer.fit(module, datamodule=dm)
     y = module.last_y
     assert y.shape == (64, 10) and y.dtype.is_floating_point  # num_classes found on the module
@@ -410,8 +421,9 @@ def test_train_runs_with_mixup_cutmix_cutout(tmp_path):
 
     from lightning_tricks.train import train
 
-    cfg = compose_train(["trainer=debug", "data.loader=dataloader", "+callbacks=[mixup,cutout]", "logger=[]"],
-                        output_dir=tmp_path)
+    cfg = compose_train(
+        ["trainer=debug", "data.loader=dataloader", "+callbacks=[mixup,cutout]", "logger=[]"], output_dir=tmp_path
+    )
     metrics, objects = train(cfg)
     assert any(isinstance(c, Mixup) for c in objects["callbacks"])
     assert all(v == v for v in metrics.values())  # no NaN
@@ -446,8 +458,7 @@ def test_seed_states_equal_seed_sequence(seed):
 
     for rank in (0, 3):
         counts = np.array([0, 1, 2, 255, 256, 70_000, 2**32 - 1], dtype=np.uint64)
-        ref = [int(np.random.SeedSequence([seed, rank, int(c)]).generate_state(1, dtype=np.uint64)[0])
-               for c in counts]
+        ref = [int(np.random.SeedSequence([seed, rank, int(c)]).generate_state(1, dtype=np.uint64)[0]) for c in counts]
         assert seed_states(seed, rank, counts).tolist() == ref
 
 

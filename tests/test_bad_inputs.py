@@ -39,8 +39,10 @@ def test_bad_checkpoints(make_cfg, tmp_path):
     empty.write_bytes(b"")
     other = tmp_path / "other.ckpt"
     torch.save({"weights": torch.zeros(2)}, other)
-    for path, fragment in ((empty, "is not a readable Lightning checkpoint"),
-                           (other, "is not a Lightning training checkpoint")):
+    for path, fragment in (
+        (empty, "is not a readable Lightning checkpoint"),
+        (other, "is not a Lightning training checkpoint"),
+    ):
         with pytest.raises(ConfigError, match=fragment):
             train(make_cfg(f"ckpt_path={path}"))
 
@@ -71,8 +73,14 @@ def test_labels_out_of_range_are_named_at_setup():
 @pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "lightning_tricks.train", "trainer=debug", "trainer.max_epochs=abc"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "lightning_tricks.train", "trainer=debug", "trainer.max_epochs=abc"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if "lightning-tricks:" in line]
     assert errors == ["lightning-tricks: configuration error: trainer.max_epochs must be an int, got 'abc'"]
@@ -83,8 +91,23 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 def test_cli_group_null_removes_the_group(tmp_path):
     """``schedule=null`` (the habit the docs once taught) runs with no LRSchedule instead of a Hydra error."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "lightning_tricks.train", "trainer=debug", "logger=none", "test=false",
-                        "schedule=null", "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_tricks.train",
+            "trainer=debug",
+            "logger=none",
+            "test=false",
+            "schedule=null",
+            "--cfg",
+            "job",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "\nschedule:" not in r.stdout and "LRSchedule" not in r.stdout

@@ -76,8 +76,23 @@ def cifar_dir(tmp_path: Path) -> Path:
 
 def test_overhead_table(tmp_path: Path) -> None:
     overhead = load("overhead")
-    rows, md = overhead.main(["--tiny", "--models", "mlp", "--repeats", "1", "--warmup-steps", "2",
-                              "--timed-steps", "3", "--steps-per-epoch", "2", "--out-dir", str(tmp_path)])
+    rows, md = overhead.main(
+        [
+            "--tiny",
+            "--models",
+            "mlp",
+            "--repeats",
+            "1",
+            "--warmup-steps",
+            "2",
+            "--timed-steps",
+            "3",
+            "--steps-per-epoch",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     configs = {r["config"] for r in rows}
     assert configs == set(overhead.CONFIGS) | {"floor"}  # every callback ran (all modules exist now), and the floor
     assert finite(rows, ["ms_per_step", "x_bare_lightning"])
@@ -95,8 +110,23 @@ def test_overhead_table(tmp_path: Path) -> None:
 
 def test_overhead_profile_names_the_hooks(tmp_path: Path) -> None:
     overhead = load("overhead")
-    _, text = overhead.main(["--tiny", "--models", "mlp", "--warmup-steps", "2", "--timed-steps", "2",
-                             "--steps-per-epoch", "2", "--profile", "ema", "--out-dir", str(tmp_path)])
+    _, text = overhead.main(
+        [
+            "--tiny",
+            "--models",
+            "mlp",
+            "--warmup-steps",
+            "2",
+            "--timed-steps",
+            "2",
+            "--steps-per-epoch",
+            "2",
+            "--profile",
+            "ema",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert "EMA.on_train_batch_end" in text and "train_step (whole)" in text
     assert "| `EMA.on_train_batch_end` |" in text and "floor + 30 = " in text  # the per-hook verdict table
     assert (tmp_path / "overhead_profile_ema_mlp_cpu.txt").is_file()
@@ -127,27 +157,90 @@ def test_ablation_variants_compose() -> None:
 
 def test_ablation_table(tmp_path: Path, fashion_dir: Path) -> None:
     ablation = load("ablation")
-    rows, md = ablation.main(["--data-dir", str(fashion_dir), "--variants", "baseline,full,-ic", "--epochs", "1",
-                              "--widths", "4,8", "--batch-size", "32", "--limit-train", "200", "--name", "tiny",
-                              "--out-dir", str(tmp_path)])
+    rows, md = ablation.main(
+        [
+            "--data-dir",
+            str(fashion_dir),
+            "--variants",
+            "baseline,full,-ic",
+            "--epochs",
+            "1",
+            "--widths",
+            "4,8",
+            "--batch-size",
+            "32",
+            "--limit-train",
+            "200",
+            "--name",
+            "tiny",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert [r["variant"] for r in rows] == ["baseline", "full", "-ic"]
     assert finite(rows, ["test_acc", "test_loss", "fit_s"])
     assert "**Removing one trick from the full recipe:**" in md and "Full recipe vs baseline" in md
     assert finite(read_csv(tmp_path / "ablation_tiny.csv"), ["test_acc", "fit_s"])
     # a second call with another seed, then one table from both CSVs (how a time-limited GPU run is split)
-    ablation.main(["--data-dir", str(fashion_dir), "--variants", "baseline,full", "--epochs", "1", "--widths", "4,8",
-                   "--batch-size", "32", "--limit-train", "200", "--seeds", "1", "--first-seed", "1",
-                   "--name", "tiny_s1", "--out-dir", str(tmp_path)])
-    merged, md = ablation.main(["--merge", str(tmp_path / "ablation_tiny.csv"), str(tmp_path / "ablation_tiny_s1.csv"),
-                                "--widths", "4,8", "--name", "merged", "--out-dir", str(tmp_path)])
+    ablation.main(
+        [
+            "--data-dir",
+            str(fashion_dir),
+            "--variants",
+            "baseline,full",
+            "--epochs",
+            "1",
+            "--widths",
+            "4,8",
+            "--batch-size",
+            "32",
+            "--limit-train",
+            "200",
+            "--seeds",
+            "1",
+            "--first-seed",
+            "1",
+            "--name",
+            "tiny_s1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    merged, md = ablation.main(
+        [
+            "--merge",
+            str(tmp_path / "ablation_tiny.csv"),
+            str(tmp_path / "ablation_tiny_s1.csv"),
+            "--widths",
+            "4,8",
+            "--name",
+            "merged",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert sorted({r["seed"] for r in merged}) == [0, 1] and len(merged) == 5
     assert "2 seed(s) (0, 1)" in md and finite(merged, ["test_acc", "fit_s"])
 
 
 def test_speedrun_table_cifar_layout(tmp_path: Path, cifar_dir: Path) -> None:
     speedrun = load("speedrun")
-    common = ["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--widths", "4,4,4,4", "--batch-size", "32",
-              "--epochs", "2", "--runs", "1", "--out-dir", str(tmp_path)]
+    common = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(cifar_dir),
+        "--widths",
+        "4,4,4,4",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--runs",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     rows, md = speedrun.main([*common, "--target", "0.01", "--name", "reach"])
     assert rows[0]["reached"] and rows[0]["epochs"] == 1  # any accuracy >= 1% stops after the first epoch
     assert finite(rows, ["train_s", "wall_s", "acc"]) and 0 < rows[0]["train_s"] <= rows[0]["wall_s"]

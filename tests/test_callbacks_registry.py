@@ -83,17 +83,36 @@ def _available(name: str) -> bool:
         return False
 
 
-def _fit(callbacks: Callback | list[Callback], tmp_path, max_epochs: int, ckpt_path: str | None = None,
-         save: bool = False, trainer_out: list | None = None):
+def _fit(
+    callbacks: Callback | list[Callback],
+    tmp_path,
+    max_epochs: int,
+    ckpt_path: str | None = None,
+    save: bool = False,
+    trainer_out: list | None = None,
+):
     seed_everything(0)
     module = Classifier(MLP((1, 8, 8), 10, hidden=(16,), norm="classic"), 10, {"name": "sgd", "lr": 0.05})
     dm = DigitsDataModule(batch_size=32, loader="resident")
-    extra = [ModelCheckpoint(dirpath=tmp_path, filename="e{epoch}", save_top_k=-1, auto_insert_metric_name=False)] \
-        if save else []
+    extra = (
+        [ModelCheckpoint(dirpath=tmp_path, filename="e{epoch}", save_top_k=-1, auto_insert_metric_name=False)]
+        if save
+        else []
+    )
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    trainer = Trainer(max_epochs=max_epochs, limit_train_batches=BATCHES, limit_val_batches=2, limit_test_batches=2,
-                      logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=save,
-                      callbacks=[*callbacks, *extra], default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer = Trainer(
+        max_epochs=max_epochs,
+        limit_train_batches=BATCHES,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=save,
+        callbacks=[*callbacks, *extra],
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     if trainer_out is not None:
         trainer_out.append(trainer)
     trainer.fit(module, dm, ckpt_path=ckpt_path)

@@ -105,6 +105,7 @@ def test_cifar_reader_layout(tmp_path):
     np.testing.assert_array_equal(x, written["data_batch_2"][0])
     # the row layout: R plane then G then B, each 32x32 row-major
     import pickle
+
     with open(d / "data_batch_2", "rb") as f:
         row = pickle.load(f, encoding="bytes")[b"data"][1]
     assert row[1024 + 32 * 5 + 7] == x[1, 1, 5, 7]
@@ -185,10 +186,18 @@ def test_trainer_sets_resident_loader_epoch(monkeypatch):
 
     calls = []
     original = TensorBatchLoader.set_epoch
-    monkeypatch.setattr(TensorBatchLoader, "set_epoch", lambda self, e: (calls.append((self.shuffle, e)),
-                                                                          original(self, e)))
-    trainer = Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      enable_model_summary=False, limit_train_batches=2, limit_val_batches=1)
+    monkeypatch.setattr(
+        TensorBatchLoader, "set_epoch", lambda self, e: (calls.append((self.shuffle, e)), original(self, e))
+    )
+    trainer = Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
     trainer.fit(Classifier(MLP((1, 8, 8), 10, hidden=(8,)), 10), DigitsDataModule(loader="resident"))
     assert [e for shuffled, e in calls if shuffled] == [0, 1, 2]
 
@@ -238,7 +247,9 @@ def test_resident_loader_state_ignores_a_finished_extra_pass_and_rejects_bad_val
     for _ in iter(a):  # an extra full pass (e.g. BatchNorm recomputation) while the epoch's pass is open
         pass
     assert a.state_dict() == {"epoch": 0, "batches": 1}
-    for bad, match in (({"epoch": -1}, "epoch must be an int >= 0, got -1"),
-                       ({"epoch": 0, "batches": 1.5}, "batches must be an int >= 0, got 1.5")):
+    for bad, match in (
+        ({"epoch": -1}, "epoch must be an int >= 0, got -1"),
+        ({"epoch": 0, "batches": 1.5}, "batches must be an int >= 0, got 1.5"),
+    ):
         with pytest.raises(ValueError, match=match):
             a.load_state_dict(bad)

@@ -14,8 +14,9 @@ import torch
 def test_tricks_agree_across_two_ddp_ranks(tmp_path):
     worker = Path(__file__).with_name("ddp_tricks_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
-    r = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
     a, b = ranks

@@ -27,9 +27,18 @@ def test_guard_raises_before_the_update_and_weights_stay_finite(tmp_path):
     seed_everything(0)
     module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 1e6})
     ema = EMA(decay=0.9)
-    trainer = Trainer(max_epochs=3, limit_train_batches=5, limit_val_batches=1, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      num_sanity_val_steps=0, callbacks=[ema, DivergenceGuard()], default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=3,
+        limit_train_batches=5,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        callbacks=[ema, DivergenceGuard()],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(Diverged, match=r"at optimizer step \d+ \(epoch \d\), lr 1e\+06") as info:
         trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
     assert info.value.step == trainer.global_step  # the step whose loss was not finite never ran
@@ -40,9 +49,17 @@ def test_guard_raises_before_the_update_and_weights_stay_finite(tmp_path):
 def test_without_the_guard_the_same_run_ends_non_finite(tmp_path):
     seed_everything(0)
     module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 1e6})
-    trainer = Trainer(max_epochs=3, limit_train_batches=5, limit_val_batches=1, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=3,
+        limit_train_batches=5,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
     assert not all(torch.isfinite(p).all() for p in module.parameters())  # what the guard prevents
 
@@ -54,16 +71,31 @@ def test_weights_check_catches_an_overflow_from_a_finite_gradient(tmp_path):
 
     module = Overflow(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 10.0, "momentum": 0.0})
     ema = EMA(decay=0.9)
-    trainer = Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, num_sanity_val_steps=0,
-                      callbacks=[DivergenceGuard(), ema], default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        callbacks=[DivergenceGuard(), ema],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(Diverged, match="weight norm after the update is inf at optimizer step 0"):
         trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
     assert all(torch.isfinite(t).all() for t in ema.average_tensors().values())  # the average never saw it
     off = Overflow(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 10.0, "momentum": 0.0})
-    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-                      callbacks=[DivergenceGuard(check_weights=False)], default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[DivergenceGuard(check_weights=False)],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(off, DigitsDataModule(batch_size=32, loader="resident"))  # the switch turns the check off
     assert not torch.isfinite(next(off.parameters())).all()
 

@@ -17,5 +17,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(lightning_tricks.__path__
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=False)
-    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples in {name} failed " \
-                               f"(run: python -m doctest -v {module.__file__})"
+    assert result.failed == 0, (
+        f"{result.failed} of {result.attempted} docstring examples in {name} failed "
+        f"(run: python -m doctest -v {module.__file__})"
+    )

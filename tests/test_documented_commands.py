@@ -22,8 +22,13 @@ from hydra.utils import instantiate
 
 from lightning_tricks.train import build_callbacks, train
 
-TINY = ["trainer.max_epochs=4", "++trainer.limit_train_batches=3", "++trainer.limit_val_batches=2",
-        "++trainer.limit_test_batches=2", "trainer.enable_progress_bar=false"]
+TINY = [
+    "trainer.max_epochs=4",
+    "++trainer.limit_train_batches=3",
+    "++trainer.limit_val_batches=2",
+    "++trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def readme_commands() -> list[str]:
@@ -93,15 +98,24 @@ def _compose_and_instantiate(args: list[str], tmp_path: Path) -> None:
 
 
 def _cli(args: list[str], cwd: Path, script: bool = False) -> subprocess.CompletedProcess:
-    exe = [str(Path(sys.executable).with_name("lightning-tricks-train"))] if script else \
-        [sys.executable, "-m", "lightning_tricks.train"]
+    exe = (
+        [str(Path(sys.executable).with_name("lightning-tricks-train"))]
+        if script
+        else [sys.executable, "-m", "lightning_tricks.train"]
+    )
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "1"}
     return subprocess.run([*exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _needs_subprocess(args: list[str]) -> bool:
-    return any(a == "--multirun" or a.startswith("--cfg") or a.startswith("ckpt_path=") or a == "trainer=ddp"
-               or a.startswith("hydra.") for a in args)
+    return any(
+        a == "--multirun"
+        or a.startswith("--cfg")
+        or a.startswith("ckpt_path=")
+        or a == "trainer=ddp"
+        or a.startswith("hydra.")
+        for a in args
+    )
 
 
 COMMANDS = [("README", c) for c in readme_commands()] + [("method card", c) for c in card_commands()]
@@ -116,8 +130,9 @@ def test_the_documents_have_commands():
 def test_documented_command_runs(where, command, tmp_path):
     args, script = _args(command)
     args, reason = _local(args)
-    if any(a.startswith("hparams_search=") and a != "hparams_search=grid" for a in args) \
-            and not installed("hydra_plugins.hydra_optuna_sweeper"):
+    if any(a.startswith("hparams_search=") and a != "hparams_search=grid" for a in args) and not installed(
+        "hydra_plugins.hydra_optuna_sweeper"
+    ):
         pytest.skip("needs the 'sweep' extra")
     if any(a.startswith("launcher=") for a in args) and not installed("hydra_plugins.hydra_submitit_launcher"):
         pytest.skip("needs the 'cluster' extra")
@@ -136,8 +151,12 @@ def test_documented_command_runs(where, command, tmp_path):
         args = [a.replace("<date>/<time>-<id>", stamp) for a in args]
         args = [*args, *TINY[1:], "trainer.max_epochs=2"]
     elif "--multirun" in args:
-        args = [a.replace("hydra.sweeper.n_trials=20", "hydra.sweeper.n_trials=2")
-                 .replace("hydra.sweeper.n_trials=30", "hydra.sweeper.n_trials=2") for a in args]
+        args = [
+            a.replace("hydra.sweeper.n_trials=20", "hydra.sweeper.n_trials=2").replace(
+                "hydra.sweeper.n_trials=30", "hydra.sweeper.n_trials=2"
+            )
+            for a in args
+        ]
         args = [*args, *TINY, "trainer.max_epochs=1", "logger=none"]
     elif not any(a.startswith("--cfg") for a in args):
         args = [*args, *TINY]

@@ -49,8 +49,10 @@ def _loaders() -> tuple[TensorBatchLoader, TensorBatchLoader]:
         _SPLITS.update(dm.splits)
     x, y = _SPLITS["train"]
     xv, yv = _SPLITS["val"]
-    return (TensorBatchLoader(x[:32], y[:32], batch_size=16, shuffle=True, drop_last=True),
-            TensorBatchLoader(xv, yv, batch_size=1024))
+    return (
+        TensorBatchLoader(x[:32], y[:32], batch_size=16, shuffle=True, drop_last=True),
+        TensorBatchLoader(xv, yv, batch_size=1024),
+    )
 
 
 def _overfit_module() -> Classifier:
@@ -59,8 +61,16 @@ def _overfit_module() -> Classifier:
 
 
 def _trainer(callbacks, **kwargs) -> Trainer:
-    opts = dict(max_epochs=MAX_EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    opts = dict(
+        max_epochs=MAX_EPOCHS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     opts.update(kwargs)
     return Trainer(callbacks=callbacks, **opts)
 
@@ -121,8 +131,9 @@ def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
     train, val = _loaders()
     strip = CASES[case]["strip"]
     full = EarlyStopping(**CASES[case], restore_best=True)
-    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False,
-                                  save_top_k=-1, every_n_epochs=1)
+    every_epoch = ModelCheckpoint(
+        dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False, save_top_k=-1, every_n_epochs=1
+    )
     module = _overfit_module()
     _trainer([full, every_epoch], enable_checkpointing=True).fit(module, train, val)
     assert full.stop_reason is not None
@@ -135,8 +146,9 @@ def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
     assert saved["history"] == full.history[: resume + 1] and saved["best_weights"]
     resumed = EarlyStopping(**CASES[case], restore_best=True)
     module2 = _overfit_module()
-    again = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False,
-                            save_top_k=-1, every_n_epochs=1)
+    again = ModelCheckpoint(
+        dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False, save_top_k=-1, every_n_epochs=1
+    )
     _trainer([resumed, again], enable_checkpointing=True).fit(module2, *_loaders(), ckpt_path=str(path))
 
     assert resumed.stopped_epoch == full.stopped_epoch
@@ -162,8 +174,12 @@ def test_state_round_trips_with_plain_types():
     # smaller checkpoints: the in-memory copy is left out on request
     assert "best_weights" not in EarlyStopping(restore_best=True, save_best_weights=False).state_dict()
     # distinct keys for two instances side by side
-    keys = {EarlyStopping(criterion="gl").state_key, EarlyStopping(criterion="pq").state_key,
-            EarlyStopping(criterion="gl", alpha=2.0).state_key, EarlyStopping(monitor="val/acc").state_key}
+    keys = {
+        EarlyStopping(criterion="gl").state_key,
+        EarlyStopping(criterion="pq").state_key,
+        EarlyStopping(criterion="gl", alpha=2.0).state_key,
+        EarlyStopping(monitor="val/acc").state_key,
+    }
     assert len(keys) == 4
     # a checkpoint without the best weights: the final weights stay, with a warning
     light = EarlyStopping(restore_best=True)
@@ -213,8 +229,14 @@ def _scripted_trainer(callbacks, **kwargs) -> Trainer:
 @pytest.mark.parametrize("after_validation", [False, True])
 def test_scripted_curve_stops_on_the_epoch_worked_out_by_hand(tmp_path, after_validation):
     # tests/test_stopping.py: PQ_0.3 with strip 3 stops at check 9 (epoch 8): GL/P_3 = 9.091/23.81 = 0.382
-    es = EarlyStopping(monitor="val/err", criterion="pq", alpha=0.3, strip=3, train_monitor="train/err",
-                       check_on_train_epoch_end=not after_validation)
+    es = EarlyStopping(
+        monitor="val/err",
+        criterion="pq",
+        alpha=0.3,
+        strip=3,
+        train_monitor="train/err",
+        check_on_train_epoch_end=not after_validation,
+    )
     module = Scripted(PQ_VAL, PQ_TRAIN)
     trainer = _scripted_trainer([es], logger=CSVLogger(tmp_path, name="", version=""))
     if after_validation:  # the training metric of a check is then the previous epoch's: shift it by one
@@ -255,8 +277,11 @@ class _EveryEpoch(Callback):
 
 @pytest.mark.parametrize(
     ("accelerator", "best_on_cpu"),
-    [("cpu", False), pytest.param("gpu", False, marks=pytest.mark.gpu),
-     pytest.param("gpu", True, marks=pytest.mark.gpu)],
+    [
+        ("cpu", False),
+        pytest.param("gpu", False, marks=pytest.mark.gpu),
+        pytest.param("gpu", True, marks=pytest.mark.gpu),
+    ],
 )
 def test_restored_weights_are_exactly_the_best_epochs(accelerator, best_on_cpu):
     # UP_CURVE: best 0.5 at epoch 4; UP_2 (strip 2) stops at epoch 7
@@ -319,15 +344,23 @@ def test_restore_from_checkpoint_needs_a_matching_model_checkpoint(tmp_path):
     es = EarlyStopping(monitor="val/err", restore_best=True, restore_from="checkpoint")
     other = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(monitor='val/err', mode='min'.*'val/acc', 'max'"):
-        _scripted_trainer([es, other], enable_checkpointing=True).fit(Scripted(PQ_VAL), _scripted_loader(),
-                                                                     _scripted_loader())
+        _scripted_trainer([es, other], enable_checkpointing=True).fit(
+            Scripted(PQ_VAL), _scripted_loader(), _scripted_loader()
+        )
 
 
 # ------------------------------------------------------------------------------------------------
 # configs
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "criterion"), [("early_stopping", "patience"), ("early_stopping_gl", "gl"),
-                                                 ("early_stopping_pq", "pq"), ("early_stopping_up", "up")])
+@pytest.mark.parametrize(
+    ("name", "criterion"),
+    [
+        ("early_stopping", "patience"),
+        ("early_stopping_gl", "gl"),
+        ("early_stopping_pq", "pq"),
+        ("early_stopping_up", "up"),
+    ],
+)
 def test_configs_compose_and_instantiate(name, criterion):
     cfg = compose_train([f"+callbacks={name}"])
     es = instantiate(cfg.callbacks[name])
@@ -347,8 +380,14 @@ class _Dump(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         es = next(cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping))
-        out = {"stopped": es.stopped_epoch, "reason": es.stop_reason, "history": es.history,
-               "seen": pl_module.seen, "best": es.best_epoch, "current_epoch": trainer.current_epoch}
+        out = {
+            "stopped": es.stopped_epoch,
+            "reason": es.stop_reason,
+            "history": es.history,
+            "seen": pl_module.seen,
+            "best": es.best_epoch,
+            "current_epoch": trainer.current_epoch,
+        }
         Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
@@ -359,8 +398,9 @@ def test_ddp_ranks_stop_on_the_same_epoch(tmp_path):
     drifted = [v - 0.05 * e for e, v in enumerate(UP_CURVE)]
     assert first_stop(drifted, rule=EarlyStopping(criterion="up", s=2, strip=2).rule).index is None
     es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2)
-    trainer = _scripted_trainer([es, _Dump(str(tmp_path))], max_epochs=len(UP_CURVE), accelerator="cpu",
-                                devices=2, strategy="ddp_spawn")
+    trainer = _scripted_trainer(
+        [es, _Dump(str(tmp_path))], max_epochs=len(UP_CURVE), accelerator="cpu", devices=2, strategy="ddp_spawn"
+    )
     trainer.fit(Scripted(UP_CURVE, drift=0.05), _scripted_loader(), _scripted_loader())
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["seen"] != r1["seen"]  # the ranks logged different values ...
@@ -386,8 +426,11 @@ class _StateAtStart(Callback):
         self.es, self.seen = es, None
 
     def on_train_start(self, trainer, pl_module):
-        self.seen = {"wait_count": self.es.wait_count, "best_score": float(self.es.best_score),
-                     "stopped_epoch": self.es.stopped_epoch}
+        self.seen = {
+            "wait_count": self.es.wait_count,
+            "best_score": float(self.es.best_score),
+            "stopped_epoch": self.es.stopped_epoch,
+        }
 
 
 def _save_after_epoch_2(es, tmp_path: Path) -> Path:
@@ -401,8 +444,9 @@ def _save_after_epoch_2(es, tmp_path: Path) -> Path:
 @pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
 @pytest.mark.parametrize("direction", ["lightning_to_ours", "ours_to_lightning"])
 def test_checkpoints_move_between_lightnings_early_stopping_and_ours(tmp_path, direction):
-    writer_cls, reader_cls = ((PLEarlyStopping, EarlyStopping) if direction == "lightning_to_ours"
-                              else (EarlyStopping, PLEarlyStopping))
+    writer_cls, reader_cls = (
+        (PLEarlyStopping, EarlyStopping) if direction == "lightning_to_ours" else (EarlyStopping, PLEarlyStopping)
+    )
     writer = writer_cls(monitor="val/err", patience=3)
     path = _save_after_epoch_2(writer, tmp_path)
     saved = torch.load(path, weights_only=True)["callbacks"]
@@ -480,16 +524,28 @@ def test_lightnings_arguments_values_and_exceptions():
         EarlyStopping(mode="maximum")
 
 
-@pytest.mark.parametrize(("kwargs", "curve", "stopped", "reason", "message"), [
-    (dict(stopping_threshold=0.45), [1.0, 0.5, 0.4, 0.3], 2, EarlyStoppingReason.STOPPING_THRESHOLD,
-     "Stopping threshold reached"),
-    (dict(divergence_threshold=2.0), [1.0, 0.5, 3.0, 0.3], 2, EarlyStoppingReason.DIVERGENCE_THRESHOLD,
-     "Divergence threshold reached"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "curve", "stopped", "reason", "message"),
+    [
+        (
+            dict(stopping_threshold=0.45),
+            [1.0, 0.5, 0.4, 0.3],
+            2,
+            EarlyStoppingReason.STOPPING_THRESHOLD,
+            "Stopping threshold reached",
+        ),
+        (
+            dict(divergence_threshold=2.0),
+            [1.0, 0.5, 3.0, 0.3],
+            2,
+            EarlyStoppingReason.DIVERGENCE_THRESHOLD,
+            "Divergence threshold reached",
+        ),
+    ],
+)
 @pytest.mark.parametrize("criterion", ["patience", "gl"])
 def test_threshold_stops_use_lightnings_reason_and_message(kwargs, curve, stopped, reason, message, criterion):
-    es = EarlyStopping(monitor="val/err", criterion=criterion, alpha=1000.0 if criterion == "gl" else None,
-                       **kwargs)
+    es = EarlyStopping(monitor="val/err", criterion=criterion, alpha=1000.0 if criterion == "gl" else None, **kwargs)
     _scripted_trainer([es], max_epochs=len(curve)).fit(Scripted(curve), _scripted_loader(), _scripted_loader())
     assert es.stopped_epoch == stopped and es.stopping_reason == reason
     assert es.stopping_reason_message.startswith(message)
@@ -499,10 +555,12 @@ def test_the_patience_decision_goes_through_lightnings_method():
     # a subclass (or a mock) of _evaluate_stopping_criteria is obeyed, with Lightning's rule and with ours
     for criterion in ("patience", "up"):
         es = EarlyStopping(monitor="val/err", criterion=criterion)
-        with mock.patch.object(PLEarlyStopping, "_evaluate_stopping_criteria",
-                               side_effect=[(False, "A"), (True, "B")]) as evaluate:
-            _scripted_trainer([es], max_epochs=len(UP_CURVE)).fit(Scripted(UP_CURVE), _scripted_loader(),
-                                                                  _scripted_loader())
+        with mock.patch.object(
+            PLEarlyStopping, "_evaluate_stopping_criteria", side_effect=[(False, "A"), (True, "B")]
+        ) as evaluate:
+            _scripted_trainer([es], max_epochs=len(UP_CURVE)).fit(
+                Scripted(UP_CURVE), _scripted_loader(), _scripted_loader()
+            )
         assert evaluate.call_count == 2 and es.stopped_epoch == 1 and es.stopping_reason_message == "B"
     # with our criterion Lightning's patience does not stop: UP_2 (strip 2) decides, at epoch 7
     es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2, patience=1)

@@ -81,8 +81,9 @@ def _warmup_avg_fn(decay: float) -> Any:
 
 
 def _trainer(callbacks: list, **kwargs: Any) -> Trainer:
-    opts = dict(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                enable_checkpointing=False)
+    opts = dict(
+        max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False
+    )
     opts.update(kwargs)
     return Trainer(callbacks=callbacks, **opts)
 
@@ -267,17 +268,20 @@ def test_ema_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 
 # -- arguments and config --------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    ({"decay": 1.0}, "decay must be in \\(0, 1\\), got 1.0"),
-    ({"decay": 0.0}, "decay must be in"),
-    ({"decay": 1.5}, "decay must be in"),
-    ({"decay": True}, "decay must be in"),
-    ({"every_n_steps": 0}, "every_n_steps"),
-    ({"start_step": -1}, "start_step"),
-    ({"evaluate": "avg"}, "evaluate must be one of"),
-    ({"buffers": "mean"}, "buffers must be"),
-    ({"raw_suffix": ""}, "raw_suffix"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"decay": 1.0}, "decay must be in \\(0, 1\\), got 1.0"),
+        ({"decay": 0.0}, "decay must be in"),
+        ({"decay": 1.5}, "decay must be in"),
+        ({"decay": True}, "decay must be in"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"start_step": -1}, "start_step"),
+        ({"evaluate": "avg"}, "evaluate must be one of"),
+        ({"buffers": "mean"}, "buffers must be"),
+        ({"raw_suffix": ""}, "raw_suffix"),
+    ],
+)
 def test_ema_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EMA(**kwargs)
@@ -312,9 +316,15 @@ class _SaveAverage(Callback):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:  # after the callbacks' on_train_end
         ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
         swa = next(c for c in trainer.callbacks if isinstance(c, SWA))
-        torch.save({"avg": ema.average_tensors(), "ref": dict(pl_module.ref.module.named_parameters()),
-                    "swa": swa.average_tensors(), "module": pl_module.state_dict()},
-                   f"{self.out}/rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "avg": ema.average_tensors(),
+                "ref": dict(pl_module.ref.module.named_parameters()),
+                "swa": swa.average_tensors(),
+                "module": pl_module.state_dict(),
+            },
+            f"{self.out}/rank{trainer.global_rank}.pt",
+        )
 
 
 @pytest.mark.ddp
@@ -323,13 +333,19 @@ def test_ema_and_swa_under_ddp_are_identical_on_all_ranks(tmp_path: Path) -> Non
     module = RefClassifier(0.9)
     ema = EMA(decay=0.9, warmup=False, average_at_end=False)
     swa = SWA(start=0, update_every="step")  # ends with the SWA weights and BatchNorm statistics in the module
-    trainer = _trainer([ema, swa, _SaveAverage(str(tmp_path))], accelerator="cpu", devices=2,
-                       strategy="ddp_spawn", max_epochs=1, limit_val_batches=0)
+    trainer = _trainer(
+        [ema, swa, _SaveAverage(str(tmp_path))],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        limit_val_batches=0,
+    )
     trainer.fit(module, _loader(8))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for name, t in r0["avg"].items():
         assert torch.equal(t, r1["avg"][name])
-        torch.testing.assert_close(t, r0["ref"][name[len("net."):]], rtol=0, atol=1e-6)
+        torch.testing.assert_close(t, r0["ref"][name[len("net.") :]], rtol=0, atol=1e-6)
     for name, t in r0["swa"].items():
         assert torch.equal(t, r1["swa"][name])
     # each rank recomputed BatchNorm statistics on its own shard; they were averaged across ranks

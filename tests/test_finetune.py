@@ -49,8 +49,16 @@ def make_module(optimizer=None, hidden=(16, 16), seed=0):
 
 
 def tiny_trainer(**kw):
-    base = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     base.update(kw)
     return Trainer(**base)
 
@@ -59,10 +67,14 @@ def tiny_trainer(**kw):
 def test_split_layers_groups_norms_with_their_weight_layer():
     mlp = MLP((1, 8, 8), 10, hidden=(16, 16))  # Flatten, Linear, BN, ReLU, Linear, BN, ReLU
     assert [[n for n, _ in layer] for layer in split_layers(mlp.backbone)] == [
-        ["1.weight", "2.weight", "2.bias"], ["4.weight", "5.weight", "5.bias"]]
+        ["1.weight", "2.weight", "2.bias"],
+        ["4.weight", "5.weight", "5.bias"],
+    ]
     ic = MLP((1, 8, 8), 10, hidden=(16, 16), norm="ic")  # Flatten, Linear, ReLU, IC(BN, Dropout), Linear, ReLU
     assert [[n for n, _ in layer] for layer in split_layers(ic.backbone)] == [
-        ["1.weight", "1.bias", "3.0.weight", "3.0.bias"], ["4.weight", "4.bias"]]
+        ["1.weight", "1.bias", "3.0.weight", "3.0.bias"],
+        ["4.weight", "4.bias"],
+    ]
     resnet = ResNet((1, 8, 8), 10, widths=(8, 16), blocks_per_stage=2)  # stem + 4 blocks
     layers = split_layers(resnet.backbone)
     assert len(layers) == 5
@@ -74,16 +86,34 @@ def test_layer_lr_factors_and_param_groups():
     assert layer_lr_factors(3, 0.1, 0.5) == pytest.approx([0.025, 0.05, 0.1])
     assert layer_lr_factors(2, 0.2) == [0.2, 0.2]
     mlp = MLP((1, 8, 8), 10, hidden=(16, 16))
-    groups = backbone_param_groups(mlp.backbone, "net.backbone", head_lr=0.2, lr_factor=0.1, layer_decay=0.5,
-                                   weight_decay=1e-4, split_no_decay=True, base_lr=0.4)
+    groups = backbone_param_groups(
+        mlp.backbone,
+        "net.backbone",
+        head_lr=0.2,
+        lr_factor=0.1,
+        layer_decay=0.5,
+        weight_decay=1e-4,
+        split_no_decay=True,
+        base_lr=0.4,
+    )
     summary = [(g["name"], g["lr"], g["weight_decay"], g["initial_lr"], g["param_names"]) for g in groups]
     assert summary == [
         ("net.backbone.layer0", pytest.approx(0.01), 1e-4, pytest.approx(0.02), ["net.backbone.1.weight"]),
-        ("net.backbone.layer0/no_decay", pytest.approx(0.01), 0.0, pytest.approx(0.02),
-         ["net.backbone.2.weight", "net.backbone.2.bias"]),
+        (
+            "net.backbone.layer0/no_decay",
+            pytest.approx(0.01),
+            0.0,
+            pytest.approx(0.02),
+            ["net.backbone.2.weight", "net.backbone.2.bias"],
+        ),
         ("net.backbone.layer1", pytest.approx(0.02), 1e-4, pytest.approx(0.04), ["net.backbone.4.weight"]),
-        ("net.backbone.layer1/no_decay", pytest.approx(0.02), 0.0, pytest.approx(0.04),
-         ["net.backbone.5.weight", "net.backbone.5.bias"]),
+        (
+            "net.backbone.layer1/no_decay",
+            pytest.approx(0.02),
+            0.0,
+            pytest.approx(0.04),
+            ["net.backbone.5.weight", "net.backbone.5.bias"],
+        ),
     ]
     one = backbone_param_groups(mlp.backbone, "b", head_lr=0.2, lr_factor=0.1, exclude=[mlp.backbone[1].weight])
     assert len(one) == 1 and one[0]["lr"] == pytest.approx(0.02) and "weight_decay" not in one[0]
@@ -105,12 +135,15 @@ def test_resolve_freeze_unfreeze():
     assert [n for n, p in bb.named_parameters() if p.requires_grad] == ["2.weight", "2.bias", "5.weight", "5.bias"]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"backbone": ""}, "backbone must be a non-empty attribute path"),
-    ({"unfreeze_at_epoch": -1}, "unfreeze_at_epoch must be an int >= 0 or None, got -1"),
-    ({"lr_factor": 0}, "lr_factor must be > 0, got 0"),
-    ({"layer_decay": 1.5}, r"layer_decay must be None or in \(0, 1\], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"backbone": ""}, "backbone must be a non-empty attribute path"),
+        ({"unfreeze_at_epoch": -1}, "unfreeze_at_epoch must be an int >= 0 or None, got -1"),
+        ({"lr_factor": 0}, "lr_factor must be > 0, got 0"),
+        ({"layer_decay": 1.5}, r"layer_decay must be None or in \(0, 1\], got 1.5"),
+    ],
+)
 def test_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FreezeUnfreeze(**kwargs)
@@ -139,7 +172,8 @@ class Probe(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         e = trainer.current_epoch
         self.grads_none[e] = self.grads_none.get(e, True) and all(
-            p.grad is None for p in pl_module.net.backbone.parameters())
+            p.grad is None for p in pl_module.net.backbone.parameters()
+        )
         bns = [m for m in pl_module.net.backbone.modules() if isinstance(m, nn.BatchNorm1d)]
         self.bn_training[e] = [m.training for m in bns]
 
@@ -164,12 +198,16 @@ def test_freeze_then_unfreeze_keeps_head_state(loader):
     assert not torch.equal(module.net.head[-1].weight, head_before)
     # unfrozen: weights move, BN trains, new groups at head_lr * 0.1 with the no-decay rule
     end = probe.end2
-    assert not torch.equal(end["1.weight"], initial["1.weight"]) and not torch.equal(end["2.running_mean"],
-                                                                                     initial["2.running_mean"])
+    assert not torch.equal(end["1.weight"], initial["1.weight"]) and not torch.equal(
+        end["2.running_mean"], initial["2.running_mean"]
+    )
     assert not probe.grads_none[2] and probe.bn_training[2] == [True, True]
-    assert probe.start[2] == [("decay", 1e-2, 1e-4), ("no_decay", 1e-2, 0.0),
-                              ("net.backbone", pytest.approx(1e-3), 1e-4),
-                              ("net.backbone/no_decay", pytest.approx(1e-3), 0.0)]
+    assert probe.start[2] == [
+        ("decay", 1e-2, 1e-4),
+        ("no_decay", 1e-2, 0.0),
+        ("net.backbone", pytest.approx(1e-3), 1e-4),
+        ("net.backbone/no_decay", pytest.approx(1e-3), 0.0),
+    ]
     assert all(p.requires_grad for p in module.parameters())
     # the head's Adam state survived the unfreeze: same buffers, step counts over all 9 steps
     opt = trainer.optimizers[0]
@@ -181,21 +219,26 @@ def test_freeze_then_unfreeze_keeps_head_state(loader):
 
 
 def test_layer_decay_groups_in_trainer(loader):
-    module = make_module({"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
-                          "no_decay_bias_norm": False})
+    module = make_module(
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "no_decay_bias_norm": False}
+    )
     cb = FreezeUnfreeze(unfreeze_at_epoch=0, lr_factor=0.1, layer_decay=0.5)
     trainer = tiny_trainer(max_steps=1, callbacks=[cb])
     trainer.fit(module, train_dataloaders=loader)
     groups = [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in trainer.optimizers[0].param_groups]
-    assert groups == [("decay", 0.05, 1e-4, 2), ("net.backbone.layer0", pytest.approx(0.0025), 1e-4, 3),
-                      ("net.backbone.layer1", pytest.approx(0.005), 1e-4, 3)]
+    assert groups == [
+        ("decay", 0.05, 1e-4, 2),
+        ("net.backbone.layer0", pytest.approx(0.0025), 1e-4, 3),
+        ("net.backbone.layer1", pytest.approx(0.005), 1e-4, 3),
+    ]
 
 
 def test_train_bn_keeps_batchnorm_training_while_frozen(loader):
     module = make_module()
     probe = Probe()
     tiny_trainer(max_epochs=1, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=None, train_bn=True), probe]).fit(
-        module, train_dataloaders=loader)
+        module, train_dataloaders=loader
+    )
     end, initial = probe.end0, probe.initial
     assert torch.equal(end["1.weight"], initial["1.weight"]) and torch.equal(end["4.weight"], initial["4.weight"])
     assert not torch.equal(end["2.weight"], initial["2.weight"])  # BN affine trains

@@ -25,21 +25,51 @@ PACKAGE = ROOT / "lightning_tricks"
 
 # Modules that hold formulas and layers: importable without Lightning (torch, numpy, torchmetrics only).
 CORES = [
-    "schedules", "averaging", "stopping", "ensemble", "lr_range_test", "augment", "regularize", "sanity",
-    "finetune", "optim", "losses", "plots", "random_state", "nn", "models",
+    "schedules",
+    "averaging",
+    "stopping",
+    "ensemble",
+    "lr_range_test",
+    "augment",
+    "regularize",
+    "sanity",
+    "finetune",
+    "optim",
+    "losses",
+    "plots",
+    "random_state",
+    "nn",
+    "models",
 ]
 # What a core must never import (directly, or lazily inside a function).
-FORBIDDEN = ("pytorch_lightning", "lightning", "lightning_tricks._lightning", "lightning_tricks.callbacks",
-             "lightning_tricks.mixins", "lightning_tricks.train", "lightning_tricks.recipe",
-             "lightning_tricks.data", "lightning_tricks.sweep", "lightning_tricks.loggers")
+FORBIDDEN = (
+    "pytorch_lightning",
+    "lightning",
+    "lightning_tricks._lightning",
+    "lightning_tricks.callbacks",
+    "lightning_tricks.mixins",
+    "lightning_tricks.train",
+    "lightning_tricks.recipe",
+    "lightning_tricks.data",
+    "lightning_tricks.sweep",
+    "lightning_tricks.loggers",
+)
 
 # class -> (core module, callback module, config(s) in conf/callbacks/ or conf/schedule/)
 TRICKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "LRSchedule": ("schedules", "lr_schedule", ("schedule/*",)),
     "LinearScaling": ("schedules", "lr_scaling", ("callbacks/linear_scaling",)),
     "LRRangeTest": ("lr_range_test", "lr_range_test", ("callbacks/lr_range_test",)),
-    "EarlyStopping": ("stopping", "early_stopping", ("callbacks/early_stopping", "callbacks/early_stopping_gl",
-                                                     "callbacks/early_stopping_pq", "callbacks/early_stopping_up")),
+    "EarlyStopping": (
+        "stopping",
+        "early_stopping",
+        (
+            "callbacks/early_stopping",
+            "callbacks/early_stopping_gl",
+            "callbacks/early_stopping_pq",
+            "callbacks/early_stopping_up",
+        ),
+    ),
     "EMA": ("averaging", "ema", ("callbacks/ema",)),
     "SWA": ("averaging", "swa", ("callbacks/swa",)),
     "SnapshotEnsemble": ("ensemble", "snapshot_ensemble", ("callbacks/snapshot_ensemble",)),
@@ -90,10 +120,19 @@ def test_core_imports_no_lightning_and_no_callback(core):
 
 
 def test_each_core_loads_in_a_fresh_interpreter_without_lightning():
-    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
-            "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'lightning_fabric') if m in sys.modules))")
-    procs = {core: subprocess.Popen([sys.executable, "-c", code, f"lightning_tricks.{core}"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for core in CORES}
+    code = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'lightning_fabric') if m in sys.modules))"
+    )
+    procs = {
+        core: subprocess.Popen(
+            [sys.executable, "-c", code, f"lightning_tricks.{core}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for core in CORES
+    }
     for core, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"lightning_tricks.{core} failed to import: {err[-2000:]}"

@@ -121,10 +121,23 @@ class Net(RecordsLR, Classifier):
 
 
 def trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> Trainer:
-    opts = {"max_epochs": EPOCHS, "logger": False, "enable_checkpointing": False, "limit_val_batches": 0,
-            "num_sanity_val_steps": 0, **kwargs}
-    return Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                   default_root_dir=tmp_path, callbacks=callbacks, **opts)
+    opts = {
+        "max_epochs": EPOCHS,
+        "logger": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        **kwargs,
+    }
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **opts,
+    )
 
 
 def owners(t: Trainer) -> list[LRSchedule]:
@@ -164,15 +177,20 @@ def test_swa_phase_rejects_bad_arguments() -> None:
 
 
 # -- SWA + LRSchedule: the same LR in both orders ----------------------------------------------------
-SCHEDULES = {"constant": Constant(), "warmup_cosine": Warmup(steps=2, then=Cosine(min_factor=0.1)),
-             "step": Step(step_size=3, gamma=0.5)}
+SCHEDULES = {
+    "constant": Constant(),
+    "warmup_cosine": Warmup(steps=2, then=Cosine(min_factor=0.1)),
+    "step": Step(step_size=3, gamma=0.5),
+}
 
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-@pytest.mark.parametrize("swa_kwargs", [{}, {"anneal_epochs": 1}, {"anneal_steps": 3, "anneal": "linear"}],
-                         ids=["constant", "anneal_epochs", "anneal_steps"])
-def test_swa_lr_beside_lr_schedule_is_the_same_in_both_orders(tmp_path: Path, schedule: str, swa_kwargs: dict
-                                                              ) -> None:
+@pytest.mark.parametrize(
+    "swa_kwargs",
+    [{}, {"anneal_epochs": 1}, {"anneal_steps": 3, "anneal": "linear"}],
+    ids=["constant", "anneal_epochs", "anneal_steps"],
+)
+def test_swa_lr_beside_lr_schedule_is_the_same_in_both_orders(tmp_path: Path, schedule: str, swa_kwargs: dict) -> None:
     sched = SCHEDULES[schedule]
     start = 2 * BATCHES  # SWA(start=2): the first step of epoch 2
     anneal = swa_kwargs.get("anneal", "cos")
@@ -181,8 +199,13 @@ def test_swa_lr_beside_lr_schedule_is_the_same_in_both_orders(tmp_path: Path, sc
         if t < start:
             want.append(0.1 * sched(t, T))
         else:
-            k, n = ((t - start) // BATCHES + 1, 1) if "anneal_epochs" in swa_kwargs else \
-                (t - start + 1, 3) if "anneal_steps" in swa_kwargs else (1, 0)
+            k, n = (
+                ((t - start) // BATCHES + 1, 1)
+                if "anneal_epochs" in swa_kwargs
+                else (t - start + 1, 3)
+                if "anneal_steps" in swa_kwargs
+                else (1, 0)
+            )
             want.append(swa_lr(k, 0.1 * sched(start, T), 0.01, n, anneal))
     seen = {}
     for order in ("schedule-first", "swa-first"):
@@ -198,8 +221,9 @@ def test_swa_lr_beside_lr_schedule_is_the_same_in_both_orders(tmp_path: Path, sc
     assert want[-1] == pytest.approx(0.01)
 
 
-def test_swa_alone_adds_one_owner_and_a_subclass_counts_as_the_owner(tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_swa_alone_adds_one_owner_and_a_subclass_counts_as_the_owner(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     module = Tiny(lr=0.1)
     t = trainer(tmp_path / "alone", [SWA(start=2, swa_lr=0.01)])
     with caplog.at_level("INFO"):
@@ -261,8 +285,11 @@ def test_a_foreign_lr_writer_fails_fit_with_the_values(tmp_path: Path, order: st
     callbacks = [writer, ours] if order == "writer-first" else [ours, writer]
     module = Tiny(lr=0.1)
     t = trainer(tmp_path, callbacks)
-    with pytest.raises(RuntimeError, match=r"optimizer 0 \(SGD\) group 0 has lr=0\.5 where it wrote 0\.1 for step 2: "
-                                           r"something else set param_group\['lr'\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"optimizer 0 \(SGD\) group 0 has lr=0\.5 where it wrote 0\.1 for step 2: "
+        r"something else set param_group\['lr'\]",
+    ):
         t.fit(module)
     # (an added owner is appended to the callback list: it always runs after the writer)
     if hook == "before_step" and order == "writer-last" and owner == "user":  # caught right after that update
@@ -274,13 +301,22 @@ def test_a_foreign_lr_writer_fails_fit_with_the_values(tmp_path: Path, order: st
 # -- pairs that cannot compose: refused at fit start, one message naming both ------------------------
 def test_refusals_name_both_and_come_before_the_first_step(tmp_path: Path) -> None:
     cases = [
-        ([SnapshotEnsemble(cycles=2, evaluate=False), LRSchedule(Cosine())], Tiny(),
-         ["SnapshotEnsemble(cycles=2, schedule=True)", "LRSchedule(Cosine("]),
-        ([LRSchedule(Constant()), LRSchedule(Cosine())], Tiny(),
-         ["LRSchedule(Constant(factor=1.0))", "LRSchedule(Cosine(", "both drive optimizer 0"]),
+        (
+            [SnapshotEnsemble(cycles=2, evaluate=False), LRSchedule(Cosine())],
+            Tiny(),
+            ["SnapshotEnsemble(cycles=2, schedule=True)", "LRSchedule(Cosine("],
+        ),
+        (
+            [LRSchedule(Constant()), LRSchedule(Cosine())],
+            Tiny(),
+            ["LRSchedule(Constant(factor=1.0))", "LRSchedule(Cosine(", "both drive optimizer 0"],
+        ),
         ([SWA(start=2, swa_lr=0.01)], Tiny(scheduler=True), ["SWA(swa_lr=0.01)", "StepLR", "SWA(swa_lr=None)"]),
-        ([SnapshotEnsemble(cycles=2, evaluate=False)], Tiny(scheduler=True),
-         ["SnapshotEnsemble(cycles=2, schedule=True)", "StepLR"]),
+        (
+            [SnapshotEnsemble(cycles=2, evaluate=False)],
+            Tiny(scheduler=True),
+            ["SnapshotEnsemble(cycles=2, schedule=True)", "StepLR"],
+        ),
         ([LRSchedule(Constant())], Tiny(scheduler=True), ["LRSchedule(Constant(factor=1.0))", "StepLR"]),
     ]
     for callbacks, module, names in cases:
@@ -341,14 +377,14 @@ def test_linear_scaling_scales_the_owner_base_lrs(tmp_path: Path, order: str) ->
     t = trainer(tmp_path, [LinearScaling(reference_batch_size=2)])
     with pytest.warns(UserWarning, match="scaled the base LRs of the module's StepLR"):
         t.fit(module)
-    assert [lrs[0] for lrs in module.seen] == pytest.approx([0.2 * 0.1 ** (s // (2 * BATCHES)) for s in range(T)],
-                                                          rel=1e-12)
+    assert [lrs[0] for lrs in module.seen] == pytest.approx(
+        [0.2 * 0.1 ** (s // (2 * BATCHES)) for s in range(T)], rel=1e-12
+    )
 
 
 def test_range_test_hands_off_base_lrs_through_the_owner(tmp_path: Path) -> None:
     sched = Cosine()
-    finder = LRRangeTest(min_lr=1e-4, max_lr=1.0, num_steps=6, skip_begin=0, skip_end=0, plot_path=None,
-                         apply_to="lr")
+    finder = LRRangeTest(min_lr=1e-4, max_lr=1.0, num_steps=6, skip_begin=0, skip_end=0, plot_path=None, apply_to="lr")
     module = Tiny(lr=0.1, two_groups=True)
     t = trainer(tmp_path, [LRSchedule(sched), finder])
     t.fit(module)

@@ -119,8 +119,15 @@ def test_function_form_on_digits_suggests_an_lr_where_the_loss_falls(tmp_path: P
     module = digits_module()
     before = copy.deepcopy(module.state_dict())
     dm = DigitsDataModule(batch_size=64, loader="resident")
-    result = lr_range_test(module, dm, min_lr=1e-4, max_lr=10.0, num_steps=80, plot_path=tmp_path / "lr.png",
-                           trainer_kwargs={"accelerator": "cpu", "default_root_dir": tmp_path})
+    result = lr_range_test(
+        module,
+        dm,
+        min_lr=1e-4,
+        max_lr=10.0,
+        num_steps=80,
+        plot_path=tmp_path / "lr.png",
+        trainer_kwargs={"accelerator": "cpu", "default_root_dir": tmp_path},
+    )
     assert len(result.lrs) == len(result.losses) == len(result.raw_losses) <= 80
     assert result.lrs[0] == pytest.approx(1e-4)
     # the band where the smoothed loss falls: from where it has dropped 5% below its start to its minimum
@@ -134,16 +141,29 @@ def test_function_form_on_digits_suggests_an_lr_where_the_loss_falls(tmp_path: P
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights (and BN buffers) untouched
     # the suggestion trains: one epoch at it brings the loss well below its start
     module = digits_module(lr=result.suggestion)
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=dm)
     assert float(trainer.callback_metrics["train/loss_epoch"]) < 0.6 * result.raw_losses[0]
 
 
 def test_stops_when_the_loss_diverges(tmp_path: Path) -> None:
     seed_everything(0)
-    result = lr_range_test(digits_module(), DigitsDataModule(batch_size=64, loader="resident"), min_lr=1e-3,
-                           max_lr=1e4, num_steps=60, trainer_kwargs={"accelerator": "cpu"})
+    result = lr_range_test(
+        digits_module(),
+        DigitsDataModule(batch_size=64, loader="resident"),
+        min_lr=1e-3,
+        max_lr=1e4,
+        num_steps=60,
+        trainer_kwargs={"accelerator": "cpu"},
+    )
     assert len(result.lrs) < 60
     assert result.stop_reason.startswith("stopped at lr")
     last, best = result.losses[-1], min(v for v in result.losses if math.isfinite(v))
@@ -187,8 +207,12 @@ class Snapshot(Callback):
                 pl_module.net(torch.randn(8, 4)).pow(2).mean().backward()
                 opt.step()
                 opt.zero_grad()
-        self.state = {"model": copy.deepcopy(pl_module.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-                      "rng": torch.get_rng_state(), "step": trainer.global_step}
+        self.state = {
+            "model": copy.deepcopy(pl_module.state_dict()),
+            "opt": copy.deepcopy(opt.state_dict()),
+            "rng": torch.get_rng_state(),
+            "step": trainer.global_step,
+        }
 
 
 def assert_same_tree(a: Any, b: Any) -> None:
@@ -211,9 +235,17 @@ def test_weights_optimizer_state_rng_and_loop_are_restored_bit_for_bit(tmp_path:
     module = Tiny()
     before, after = Snapshot(prime=True), Snapshot(prime=False)
     finder = LRRangeTest(min_lr=1e-4, max_lr=1.0, num_steps=20, skip_begin=2, apply_to=None, plot_path=None)
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
-                      callbacks=[before, finder, after], default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=2,
+        callbacks=[before, finder, after],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module)
     assert len(finder.result.lrs) == 20  # optimizer steps, not batches (40 batches were used)
     assert_same_tree(before.state, after.state)  # model, Adam state (step, exp_avg, ...), lr, RNG, step
@@ -226,9 +258,17 @@ def test_apply_to_lr_sets_the_base_lr_and_the_module_config(tmp_path: Path) -> N
     seed_everything(0)
     module = digits_module()
     finder = LRRangeTest(min_lr=1e-4, max_lr=10.0, num_steps=60, apply_to="lr", plot_path="lr.png")
-    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      callbacks=[finder], default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[finder],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=64, loader="resident"))
     lr = finder.result.suggestion
     assert finder.applied_lr == lr and module.optimizer_config.lr == lr
@@ -242,9 +282,17 @@ def test_apply_to_one_cycle_sets_the_peak_of_the_schedule(tmp_path: Path) -> Non
     one_cycle = OneCycle(pct_start=0.3)
     schedule = LRSchedule(one_cycle, momentum=one_cycle.momentum())
     finder = LRRangeTest(min_lr=1e-4, max_lr=10.0, num_steps=60, apply_to="one_cycle", plot_path=None)
-    trainer = Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      callbacks=[schedule, finder], default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[schedule, finder],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=64, loader="resident"))
     peak = finder.result.suggestion_min_div10
     assert finder.method == "min_div10" and finder.applied_lr == peak
@@ -255,8 +303,16 @@ def test_apply_to_one_cycle_sets_the_peak_of_the_schedule(tmp_path: Path) -> Non
 
 def test_configuration_errors(tmp_path: Path) -> None:
     def fit(callbacks: list) -> None:
-        Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path).fit(Tiny())
+        Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=tmp_path,
+        ).fit(Tiny())
 
     with pytest.raises(MisconfigurationException, match="needs an LRSchedule callback with a OneCycle schedule"):
         fit([LRRangeTest(apply_to="one_cycle")])
@@ -279,8 +335,14 @@ def test_configuration_errors(tmp_path: Path) -> None:
 def test_lr_range_test_config_runs_with_the_one_cycle_recipe(make_cfg, tmp_path: Path) -> None:
     from lightning_tricks.train import train
 
-    cfg = make_cfg("+callbacks=lr_range_test", "schedule=one_cycle", "callbacks.lr_range_test.apply_to=one_cycle",
-                   "callbacks.lr_range_test.num_steps=30", "callbacks.lr_range_test.min_lr=1e-4", "test=false")
+    cfg = make_cfg(
+        "+callbacks=lr_range_test",
+        "schedule=one_cycle",
+        "callbacks.lr_range_test.apply_to=one_cycle",
+        "callbacks.lr_range_test.num_steps=30",
+        "callbacks.lr_range_test.min_lr=1e-4",
+        "test=false",
+    )
     assert isinstance(instantiate(cfg.callbacks.lr_range_test), LRRangeTest)
     _, objects = train(cfg)
     finder = next(c for c in objects["callbacks"] if isinstance(c, LRRangeTest))
@@ -301,18 +363,36 @@ class RecordingRangeTest(LRRangeTest):
         super().on_fit_start(trainer, pl_module)
         same = all(torch.equal(before[k], v) for k, v in pl_module.state_dict().items())
         scaling = next(c for c in trainer.callbacks if isinstance(c, LinearScaling))
-        torch.save({"lrs": self.result.lrs, "losses": self.result.losses, "suggestion": self.result.suggestion,
-                    "same": same, "world": trainer.world_size, "factor": scaling.factor},
-                   Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "lrs": self.result.lrs,
+                "losses": self.result.losses,
+                "suggestion": self.result.suggestion,
+                "same": same,
+                "world": trainer.world_size,
+                "factor": scaling.factor,
+            },
+            Path(self.out_dir) / f"rank{trainer.global_rank}.pt",
+        )
 
 
 @pytest.mark.ddp
 def test_ddp_ranks_share_one_curve_and_restore_their_weights(tmp_path: Path) -> None:
-    finder = RecordingRangeTest(str(tmp_path), min_lr=1e-3, max_lr=1.0, num_steps=12, skip_begin=3,
-                                apply_to=None, plot_path=None)
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[LinearScaling(reference_batch_size=64), finder], default_root_dir=tmp_path)
+    finder = RecordingRangeTest(
+        str(tmp_path), min_lr=1e-3, max_lr=1.0, num_steps=12, skip_begin=3, apply_to=None, plot_path=None
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LinearScaling(reference_batch_size=64), finder],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(Tiny())
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["same"] and r1["same"]
@@ -334,11 +414,18 @@ def test_a_curve_that_never_fell_suggests_nothing():
 def test_range_test_from_a_diverging_start_leaves_the_lr(tmp_path):
     seed_everything(0)
     module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.05})
-    finder = LRRangeTest(min_lr=1e4, max_lr=1e6, num_steps=20, skip_begin=0, apply_to="lr",
-                         suggestion="min_div10")
-    trainer = Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-                      callbacks=[finder], default_root_dir=tmp_path)
+    finder = LRRangeTest(min_lr=1e4, max_lr=1e6, num_steps=20, skip_begin=0, apply_to="lr", suggestion="min_div10")
+    trainer = Trainer(
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[finder],
+        default_root_dir=tmp_path,
+    )
     with pytest.warns(UserWarning, match="never fell below its first value"):
         trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
     assert finder.result is not None and not finder.result.fell

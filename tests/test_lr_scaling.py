@@ -57,12 +57,27 @@ class Tiny(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def fit(tmp_path: Path, callbacks: list, data: Any, module: Tiny | None = None, ckpt_path: Any = None,
-        trainer_cls: type[Trainer] = Trainer, **kwargs: Any) -> Tiny:
+def fit(
+    tmp_path: Path,
+    callbacks: list,
+    data: Any,
+    module: Tiny | None = None,
+    ckpt_path: Any = None,
+    trainer_cls: type[Trainer] = Trainer,
+    **kwargs: Any,
+) -> Tiny:
     module = module or Tiny()
     kwargs = {"max_epochs": 1, "enable_checkpointing": False, **kwargs}
-    trainer = trainer_cls(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kwargs)
+    trainer = trainer_cls(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kwargs,
+    )
     if isinstance(data, LightningDataModule):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     else:
@@ -132,11 +147,21 @@ def test_warns_without_warmup_for_large_factors(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:.*ended before the epoch ended.*")
 def test_resume_does_not_scale_twice(tmp_path: Path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    full = fit(tmp_path, [LinearScaling(reference_batch_size=32), LRSchedule(Cosine()), ckpt], Data(batch_size=8),
-               max_epochs=2, enable_checkpointing=True)
+    full = fit(
+        tmp_path,
+        [LinearScaling(reference_batch_size=32), LRSchedule(Cosine()), ckpt],
+        Data(batch_size=8),
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
     assert len(full.lrs) == 16 and full.lrs[0] == pytest.approx(0.025)
-    resumed = fit(tmp_path, [LRSchedule(Cosine()), LinearScaling(reference_batch_size=32)], Data(batch_size=8),
-                  max_epochs=2, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+    resumed = fit(
+        tmp_path,
+        [LRSchedule(Cosine()), LinearScaling(reference_batch_size=32)],
+        Data(batch_size=8),
+        max_epochs=2,
+        ckpt_path=tmp_path / "ckpt" / "step=3.ckpt",
+    )
     assert resumed.lrs == full.lrs[3:]
 
 

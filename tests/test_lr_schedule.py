@@ -31,8 +31,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 class Tiny(LightningModule):
     """A linear regression over 10 batches of 4 that records the LR it trains with."""
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, with_scheduler: bool = False,
-                 two_groups: bool = False) -> None:
+    def __init__(
+        self, optimizer: str = "sgd", lr: float = 0.1, with_scheduler: bool = False, two_groups: bool = False
+    ) -> None:
         super().__init__()
         self.layer = nn.Linear(4, 1)
         self.optimizer_name, self.lr, self.with_scheduler, self.two_groups = optimizer, lr, with_scheduler, two_groups
@@ -53,8 +54,10 @@ class Tiny(LightningModule):
     def configure_optimizers(self) -> Any:
         params: Any = self.parameters()
         if self.two_groups:
-            params = [{"params": [self.layer.weight], "name": "weights"},
-                      {"params": [self.layer.bias], "name": "bias", "lr": self.lr / 10}]
+            params = [
+                {"params": [self.layer.weight], "name": "weights"},
+                {"params": [self.layer.bias], "name": "bias", "lr": self.lr / 10},
+            ]
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
         elif self.optimizer_name == "adam":
@@ -93,8 +96,16 @@ class ListLogger(Logger):
 
 def tiny_trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> Trainer:
     kwargs = {"max_epochs": 2, "logger": False, "enable_checkpointing": False, **kwargs}
-    return Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                   default_root_dir=tmp_path, callbacks=callbacks, num_sanity_val_steps=0, **kwargs)
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 def test_lr_follows_optimizer_steps_with_gradient_accumulation(tmp_path: Path) -> None:
@@ -135,16 +146,18 @@ def test_momentum_schedule_sets_sgd_momentum_and_adam_beta1(tmp_path: Path) -> N
         module = Tiny(optimizer=name, lr=0.2)
         tiny_trainer(tmp_path, [LRSchedule(oc, momentum=oc.momentum(0.8, 0.95))], max_epochs=1).fit(module)
         assert [lr for _, lr, _ in module.at_step] == pytest.approx([0.2 * oc(t, 10) for t in range(10)], abs=1e-12)
-        assert [m for _, _, m in module.at_step] == pytest.approx([oc.momentum(0.8, 0.95)(t, 10) for t in range(10)],
-                                                                abs=1e-12)
+        assert [m for _, _, m in module.at_step] == pytest.approx(
+            [oc.momentum(0.8, 0.95)(t, 10) for t in range(10)], abs=1e-12
+        )
 
 
 def test_logs_the_lr_it_sets_per_step_and_per_group(tmp_path: Path) -> None:
     logger = ListLogger()
     sched = Step(step_size=3, gamma=0.5)
     module = Tiny(lr=0.4)
-    trainer = tiny_trainer(tmp_path, [LRSchedule(sched, momentum=Constant(0.5))], max_epochs=1,
-                           logger=logger, log_every_n_steps=1)
+    trainer = tiny_trainer(
+        tmp_path, [LRSchedule(sched, momentum=Constant(0.5))], max_epochs=1, logger=logger, log_every_n_steps=1
+    )
     trainer.fit(module)
     logged = {step: m["lr"] for step, m in logger.rows if "lr" in m}
     # logged under the index of the step that used it
@@ -164,8 +177,7 @@ def test_logs_the_lr_it_sets_per_step_and_per_group(tmp_path: Path) -> None:
 def test_resume_from_a_mid_run_checkpoint_continues_the_same_lr_curve(tmp_path: Path) -> None:
     seed_everything(0)
     oc = OneCycle(pct_start=0.3)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1,
-                           filename="{step}")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
     full = Tiny(lr=0.3)
     cb = LRSchedule(oc, momentum=oc.momentum())
     tiny_trainer(tmp_path, [cb, ckpt], enable_checkpointing=True).fit(full)
@@ -239,8 +251,22 @@ SCHEDULE_CONFIGS = sorted(p.stem for p in (CONF / "schedule").glob("*.yaml"))
 
 
 def test_every_schedule_has_a_config() -> None:
-    wanted = {"constant", "step", "multistep", "exponential", "inverse", "poly", "sigmoid", "cosine",
-              "cosine_restarts", "cyclic", "one_cycle", "linear", "warmup", "warmup_cosine"}
+    wanted = {
+        "constant",
+        "step",
+        "multistep",
+        "exponential",
+        "inverse",
+        "poly",
+        "sigmoid",
+        "cosine",
+        "cosine_restarts",
+        "cyclic",
+        "one_cycle",
+        "linear",
+        "warmup",
+        "warmup_cosine",
+    }
     assert wanted <= set(SCHEDULE_CONFIGS)
 
 
@@ -300,9 +326,19 @@ def test_log_switch_and_log_every_n_steps(log, tmp_path):
     seed_everything(0)
     schedule = LRSchedule(Cosine(), log=log)
     seen = Seen()
-    trainer = Trainer(max_steps=12, log_every_n_steps=4, logger=False, enable_progress_bar=False,
-                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                      callbacks=[schedule, seen], default_root_dir=tmp_path)
-    trainer.fit(Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.1}),
-                DigitsDataModule(batch_size=32, loader="resident"))
+    trainer = Trainer(
+        max_steps=12,
+        log_every_n_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[schedule, seen],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(
+        Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.1}),
+        DigitsDataModule(batch_size=32, loader="resident"),
+    )
     assert seen.steps == ([4, 8, 12] if log else [])

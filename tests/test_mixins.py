@@ -61,12 +61,18 @@ def test_no_decay_means_biases_do_not_shrink():
 @pytest.mark.parametrize(
     "cfg, cls, check",
     [
-        ({"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}, torch.optim.SGD,
-         {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        (
+            {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+            torch.optim.SGD,
+            {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+        ),
         ({"name": "sgd", "lr": 0.2, "momentum": 0.0}, torch.optim.SGD, {"momentum": 0.0, "nesterov": False}),
         ({"name": "adagrad", "lr": 0.05, "eps": 1e-10}, torch.optim.Adagrad, {"lr": 0.05, "eps": 1e-10}),
-        ({"name": "rmsprop", "lr": 1e-3, "alpha": 0.9, "momentum": 0.5}, torch.optim.RMSprop,
-         {"alpha": 0.9, "momentum": 0.5}),
+        (
+            {"name": "rmsprop", "lr": 1e-3, "alpha": 0.9, "momentum": 0.5},
+            torch.optim.RMSprop,
+            {"alpha": 0.9, "momentum": 0.5},
+        ),
         ({"name": "adam", "lr": 1e-3, "betas": [0.8, 0.99]}, torch.optim.Adam, {"betas": (0.8, 0.99)}),
         ({"name": "AdamW", "lr": 3e-3, "weight_decay": 0.05}, torch.optim.AdamW, {"lr": 3e-3}),
     ],

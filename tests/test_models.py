@@ -12,8 +12,17 @@ def _kinds(seq):
 
 def test_mlp_placements():
     classic = MLP((1, 8, 8), 10, hidden=(16, 16), norm="classic", dropout=0.1)
-    assert _kinds(classic.backbone) == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Dropout",
-                                        "Linear", "BatchNorm1d", "ReLU", "Dropout"]
+    assert _kinds(classic.backbone) == [
+        "Flatten",
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Dropout",
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Dropout",
+    ]
     ic = MLP((1, 8, 8), 10, hidden=(16, 16), norm="ic", dropout=0.1)
     assert _kinds(ic.backbone) == ["Flatten", "Linear", "ReLU", "ICBlock", "Linear", "ReLU"]
     assert _kinds(ic.head) == ["ICBlock", "Linear"]

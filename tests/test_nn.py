@@ -47,8 +47,9 @@ def test_ic_block_eval_is_batchnorm_eval_then_identity(dims):
     block = _ic_with_stats(dims, p=0.5).eval()
     norm = block[0]
     x = torch.randn(5, 6) if dims == 1 else torch.randn(5, 6, 4, 4)
-    expected = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-                            training=False, eps=norm.eps)
+    expected = F.batch_norm(
+        x, norm.running_mean, norm.running_var, norm.weight, norm.bias, training=False, eps=norm.eps
+    )
     out = block(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     assert torch.equal(out, block(x))  # deterministic
@@ -168,7 +169,7 @@ def test_drop_path_rates_rise_linearly():
 
 
 def test_fractional_max_pool_random_in_training_fixed_in_eval():
-    pool = FractionalMaxPool2d(2 ** -0.5, generator=torch.Generator().manual_seed(0))
+    pool = FractionalMaxPool2d(2**-0.5, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 3, 16, 16)
     a, b = pool.train()(x), pool(x)
     assert a.shape == (4, 3, 11, 11)
@@ -259,8 +260,14 @@ def test_ic_mlp_trains_on_digits():
         return loss
 
     before = full_loss()
-    trainer = Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_checkpointing=False, enable_model_summary=False)
+    trainer = Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     after = full_loss()
     assert any(isinstance(m, ICBlock) for m in module.modules())

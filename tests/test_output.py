@@ -10,8 +10,14 @@ import sys
 
 def test_cli_output_to_a_file_is_one_line_per_epoch(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    r = subprocess.run([sys.executable, "-m", "lightning_tricks.train", "trainer.max_epochs=3", "logger=none"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "lightning_tricks.train", "trainer.max_epochs=3", "logger=none"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]

@@ -13,8 +13,13 @@ from omegaconf import open_dict
 from lightning_tricks.recipe import _settings, run_recipe
 from lightning_tricks.train import ConfigError, config_dir
 
-SMALL = ["trainer=debug", "recipe.search.epochs=1", "recipe.lr_range.num_steps=40",
-         "recipe.search.lr_factors=[0.5,2.0]", "recipe.initial_loss.num_samples=128"]
+SMALL = [
+    "trainer=debug",
+    "recipe.search.epochs=1",
+    "recipe.lr_range.num_steps=40",
+    "recipe.search.lr_factors=[0.5,2.0]",
+    "recipe.initial_loss.num_samples=128",
+]
 
 
 def compose_recipe(overrides, tmp_path):
@@ -44,20 +49,24 @@ def test_recipe_runs_end_to_end_on_digits(tmp_path):
 
 
 def test_recipe_stops_on_failed_check(tmp_path):
-    cfg = compose_recipe([*SMALL, "recipe.overfit.steps=1", "recipe.overfit.target_loss=1e-6",
-                          "recipe.stop_on_failure=true"], tmp_path)
+    cfg = compose_recipe(
+        [*SMALL, "recipe.overfit.steps=1", "recipe.overfit.target_loss=1e-6", "recipe.stop_on_failure=true"], tmp_path
+    )
     report = run_recipe(cfg)
     assert not report.passed and len(report.steps) == 2 and report.suggested == {}
     assert report.step("overfit a tiny subset").passed is False
     assert "Fix first: overfit a tiny subset failed" in report.render()
 
 
-@pytest.mark.parametrize("override, match", [
-    ("recipe.lr_range.min_lr=20.0", "0 < min_lr < max_lr"),
-    ("recipe.search.epochs=0", "recipe.search.epochs must be >= 1, got 0"),
-    ("recipe.search.lr_factors=[-1.0]", "lr_factors must be positive"),
-    ("+recipe.overfit.stepz=3", "stepz"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("recipe.lr_range.min_lr=20.0", "0 < min_lr < max_lr"),
+        ("recipe.search.epochs=0", "recipe.search.epochs must be >= 1, got 0"),
+        ("recipe.search.lr_factors=[-1.0]", "lr_factors must be positive"),
+        ("+recipe.overfit.stepz=3", "stepz"),
+    ],
+)
 def test_recipe_settings_are_validated(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         _settings(compose_recipe([override], tmp_path))
@@ -65,12 +74,19 @@ def test_recipe_settings_are_validated(override, match, tmp_path):
 
 @pytest.mark.slow
 def test_recipe_command_line(tmp_path):
-    cmd = [sys.executable, "-m", "lightning_tricks.recipe", *SMALL, "recipe.search.lr_factors=[1.0]",
-           f"hydra.run.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_tricks.recipe",
+        *SMALL,
+        "recipe.search.lr_factors=[1.0]",
+        f"hydra.run.dir={tmp_path}",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "## Suggested config" in r.stdout and "python -m lightning_tricks.train optimizer.lr=" in r.stdout
     assert (tmp_path / "recipe_report.md").is_file()
-    bad = subprocess.run([*cmd[:3], "recipe.search.epochs=0", f"hydra.run.dir={tmp_path}"], capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        [*cmd[:3], "recipe.search.epochs=0", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and "recipe.search.epochs must be >= 1" in bad.stderr

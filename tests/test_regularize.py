@@ -32,7 +32,11 @@ def test_select_parameters_skips_bias_and_norm_and_filters_by_regex():
     assert [n for n, _ in select_parameters(net)] == ["0.weight", "3.weight"]
     assert [n for n, _ in select_parameters(net, include=r"^3\.")] == ["3.weight"]
     assert [n for n, _ in select_parameters(net, include=["^0", "^1"], exclude_bias=False)] == [
-        "0.weight", "0.bias", "1.weight", "1.bias"]
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+    ]
     net[0].weight.requires_grad_(False)
     assert [n for n, _ in select_parameters(net)] == ["3.weight"]
     assert [n for n, _ in select_parameters(net, trainable_only=False)] == ["0.weight", "3.weight"]
@@ -90,8 +94,14 @@ class Tiny(LightningModule):
 def _fit(module: LightningModule, callbacks=(), **kwargs) -> LightningModule:
     torch.manual_seed(1)
     data = TensorDataset(torch.randn(16, 5), torch.randint(0, 3, (16,)))
-    settings = dict(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                    enable_checkpointing=False, enable_model_summary=False)
+    settings = dict(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer = Trainer(callbacks=list(callbacks), **{**settings, **kwargs})
     trainer.fit(module, DataLoader(data, batch_size=8))
     return module

@@ -36,9 +36,11 @@ from lightning_tricks.random_state import (
 )
 from lightning_tricks.train import train
 
-pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`",
-                                        "ignore:.*does not have many workers",
-                                        "ignore:The number of training batches")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Be aware that when using `ckpt_path`",
+    "ignore:.*does not have many workers",
+    "ignore:The number of training batches",
+)
 
 
 # -- (a) the pure core ------------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def _equal(a: tuple, b: tuple) -> bool:
 
 def test_core_round_trips_every_generator():
     random.gauss(0, 1)  # leaves a cached Gaussian in Python's state (gauss_next), which must round-trip too
-    np.random.randn()   # numpy's cached Gaussian likewise
+    np.random.randn()  # numpy's cached Gaussian likewise
     states = get_rng_states()
     first = _draws()
     assert not _equal(first, _draws())  # the generators moved on
@@ -80,11 +82,14 @@ def test_core_round_trips_cuda_generators():
     assert torch.equal(first, torch.rand(5, device="cuda"))
 
 
-@pytest.mark.parametrize("bad, match", [
-    ([1, 2], "must be a dict with keys"),
-    ({"torch": torch.get_rng_state()}, r"miss the keys \['cuda', 'numpy', 'python'\]"),
-    ({"torch": torch.zeros(3), "cuda": [], "numpy": {}, "python": {}}, r"states\['torch'\] must be a 1-d uint8"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([1, 2], "must be a dict with keys"),
+        ({"torch": torch.get_rng_state()}, r"miss the keys \['cuda', 'numpy', 'python'\]"),
+        ({"torch": torch.zeros(3), "cuda": [], "numpy": {}, "python": {}}, r"states\['torch'\] must be a 1-d uint8"),
+    ],
+)
 def test_core_rejects_bad_states_by_name(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         check_rng_states(bad)
@@ -109,9 +114,17 @@ def _module(model: str) -> Classifier:
     return Classifier(net, 10, {"name": "sgd", "lr": 0.05})
 
 
-def _fit(tmp_path: Path, *, random_state: bool, model: str = "mlp", loader: str = "resident",
-         ckpt_path: str | None = None, checkpoint: ModelCheckpoint | None = None, epochs: int = EPOCHS,
-         extra: list[Callback] | None = None):
+def _fit(
+    tmp_path: Path,
+    *,
+    random_state: bool,
+    model: str = "mlp",
+    loader: str = "resident",
+    ckpt_path: str | None = None,
+    checkpoint: ModelCheckpoint | None = None,
+    epochs: int = EPOCHS,
+    extra: list[Callback] | None = None,
+):
     seed_everything(0)
     module = _module(model)
     dm = DigitsDataModule(batch_size=32, loader=loader)
@@ -120,17 +133,26 @@ def _fit(tmp_path: Path, *, random_state: bool, model: str = "mlp", loader: str 
         callbacks.append(cbs.RandomState())
     if checkpoint is not None:
         callbacks.append(checkpoint)
-    trainer = Trainer(max_epochs=epochs, limit_train_batches=BATCHES, limit_val_batches=2, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=checkpoint is not None, callbacks=callbacks,
-                      default_root_dir=tmp_path, num_sanity_val_steps=2)
+    trainer = Trainer(
+        max_epochs=epochs,
+        limit_train_batches=BATCHES,
+        limit_val_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoint is not None,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=2,
+    )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer, module
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a.state_dict().values(),
-                                                                            b.state_dict().values()))
+    return max(
+        (x.float() - y.float()).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values())
+    )
 
 
 @pytest.mark.parametrize("model, loader", [("mlp", "resident"), ("mlp", "dataloader"), ("resnet", "resident")])
@@ -140,8 +162,9 @@ def test_resume_after_an_epoch_is_exact_only_with_random_state(tmp_path, model, 
         out = tmp_path / str(with_rs)
         ckpt = ModelCheckpoint(dirpath=out, filename="e{epoch}", save_top_k=-1, auto_insert_metric_name=False)
         full_trainer, full = _fit(out / "full", random_state=with_rs, model=model, loader=loader, checkpoint=ckpt)
-        resumed_trainer, resumed = _fit(out / "resumed", random_state=with_rs, model=model, loader=loader,
-                                        ckpt_path=str(out / "e0.ckpt"))
+        resumed_trainer, resumed = _fit(
+            out / "resumed", random_state=with_rs, model=model, loader=loader, ckpt_path=str(out / "e0.ckpt")
+        )
         assert resumed_trainer.global_step == full_trainer.global_step == EPOCHS * BATCHES
         diffs[with_rs] = _max_diff(full, resumed)
     assert diffs[True] == 0.0, f"resumed with RandomState differs from the uninterrupted run by {diffs[True]}"
@@ -206,19 +229,22 @@ def test_random_state_on_another_world_size_warns_and_restores_nothing():
 
 # -- (c) mid-epoch resume ------------------------------------------------------------------------------
 def _step_checkpoint(dirpath: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(dirpath=dirpath, filename="s{step}", every_n_train_steps=2, save_top_k=-1,
-                           auto_insert_metric_name=False)
+    return ModelCheckpoint(
+        dirpath=dirpath, filename="s{step}", every_n_train_steps=2, save_top_k=-1, auto_insert_metric_name=False
+    )
 
 
 def test_mid_epoch_resume_is_exact_with_the_resident_loader(tmp_path):
     # steps 2 and 4 are mid-epoch with 3 batches per epoch; s4 is after batch 0 of epoch 1
-    full_trainer, full = _fit(tmp_path / "full", random_state=True, model="resnet",
-                              checkpoint=_step_checkpoint(tmp_path))
+    full_trainer, full = _fit(
+        tmp_path / "full", random_state=True, model="resnet", checkpoint=_step_checkpoint(tmp_path)
+    )
     state = torch.load(tmp_path / "s4.ckpt", weights_only=True)
     assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
     for name in ("s2.ckpt", "s4.ckpt"):
-        resumed_trainer, resumed = _fit(tmp_path / name, random_state=True, model="resnet",
-                                        ckpt_path=str(tmp_path / name))
+        resumed_trainer, resumed = _fit(
+            tmp_path / name, random_state=True, model="resnet", ckpt_path=str(tmp_path / name)
+        )
         assert resumed_trainer.global_step == full_trainer.global_step
         assert _max_diff(full, resumed) == 0.0, name
 
@@ -231,8 +257,9 @@ def test_mid_epoch_resume_with_a_plain_dataloader_is_not_exact(tmp_path):
     """
     _, full = _fit(tmp_path / "full", random_state=True, loader="dataloader", checkpoint=_step_checkpoint(tmp_path))
     with pytest.warns(UserWarning, match="dataloader is not resumable"):
-        _, resumed = _fit(tmp_path / "resumed", random_state=True, loader="dataloader",
-                          ckpt_path=str(tmp_path / "s4.ckpt"))
+        _, resumed = _fit(
+            tmp_path / "resumed", random_state=True, loader="dataloader", ckpt_path=str(tmp_path / "s4.ckpt")
+        )
     assert _max_diff(full, resumed) > 0.0
 
 
@@ -253,8 +280,17 @@ class _Killed(RuntimeError):
 
 
 def _bag_of_tricks(out: Path, *extra: str):
-    return compose_train(["experiment=bag_of_tricks", "trainer=debug", "trainer.max_epochs=3", "model.dropout=0.1",
-                          "logger=none", *extra], output_dir=out)
+    return compose_train(
+        [
+            "experiment=bag_of_tricks",
+            "trainer=debug",
+            "trainer.max_epochs=3",
+            "model.dropout=0.1",
+            "logger=none",
+            *extra,
+        ],
+        output_dir=out,
+    )
 
 
 def _ema(objects) -> dict[str, torch.Tensor]:

@@ -15,9 +15,25 @@ from lightning_tricks.train import ConfigError, train
 
 def test_two_runs_started_at_the_same_instant_get_two_directories(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-m", "lightning_tricks.train", "trainer=debug", "logger=none",
-                               f"optimizer.lr={lr}", "test=false"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for lr in (0.01, 0.02)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lightning_tricks.train",
+                "trainer=debug",
+                "logger=none",
+                f"optimizer.lr={lr}",
+                "test=false",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for lr in (0.01, 0.02)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

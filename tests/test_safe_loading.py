@@ -77,11 +77,23 @@ def test_our_checkpoints_load_weights_only_and_resume(tmp_path):
         seed_everything(0)
         module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.05})
         saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="e{epoch}", save_top_k=-1)
-        callbacks = [EMA(decay=0.9), SWA(start=1, swa_lr=0.02, bn_update_batches=2),
-                     EarlyStopping(monitor="val/loss", criterion="gl", alpha=50.0), saver]
-        trainer = Trainer(max_epochs=epochs, limit_train_batches=3, limit_val_batches=2, logger=False,
-                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                          callbacks=callbacks, default_root_dir=tmp_path)
+        callbacks = [
+            EMA(decay=0.9),
+            SWA(start=1, swa_lr=0.02, bn_update_batches=2),
+            EarlyStopping(monitor="val/loss", criterion="gl", alpha=50.0),
+            saver,
+        ]
+        trainer = Trainer(
+            max_epochs=epochs,
+            limit_train_batches=3,
+            limit_val_batches=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"), ckpt_path=ckpt_path)
         return trainer
 
@@ -91,7 +103,8 @@ def test_our_checkpoints_load_weights_only_and_resume(tmp_path):
     for path in paths:
         assert "optimizer_states" in load_checkpoint(path)  # weights_only=True is enough
     ensemble = CheckpointEnsemble.from_checkpoints(
-        lambda: Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.05}), paths)
+        lambda: Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.05}), paths
+    )
     assert ensemble.predict_proba(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert fit(ckpt_path=str(paths[-1]), epochs=3).global_step == 9
 

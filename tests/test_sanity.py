@@ -62,8 +62,16 @@ def make_module(seed=0, lr=0.05, hidden=(32,), **opt):
 
 
 def tiny_trainer(**kw):
-    base = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     base.update(kw)
     return Trainer(**base)
 
@@ -95,8 +103,11 @@ class MemoryLogger(Logger):
         pass
 
     def with_prefix(self, prefix):
-        return [(s, {k: v for k, v in m.items() if k.startswith(prefix)}) for s, m in self.rows
-                if any(k.startswith(prefix) for k in m)]
+        return [
+            (s, {k: v for k, v in m.items() if k.startswith(prefix)})
+            for s, m in self.rows
+            if any(k.startswith(prefix) for k in m)
+        ]
 
 
 # -- 1. initial loss: core -----------------------------------------------------------------------
@@ -165,18 +176,22 @@ def test_initial_loss_check_callback(digits):
         big.net.head[-1].weight.mul_(50.0)
     with pytest.raises(SanityCheckError, match="InitialLossCheck failed: initial loss .* above the expected 2.303"):
         tiny_trainer(max_steps=1, callbacks=[InitialLossCheck(action="raise")]).fit(
-            big, train_dataloaders=fixed_loader(digits))
+            big, train_dataloaders=fixed_loader(digits)
+        )
     warn_cb = InitialLossCheck(action="warn")
     with pytest.warns(UserWarning, match="InitialLossCheck failed"):
         tiny_trainer(max_steps=1, callbacks=[warn_cb]).fit(copy.deepcopy(big), train_dataloaders=fixed_loader(digits))
     assert not warn_cb.report.passed
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"rtol": 0}, "rtol must be > 0, got 0"),
-    ({"action": "stop"}, "action must be one of"),
-    ({"expected": -1.0}, "expected must be 'log_num_classes' or a number > 0, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rtol": 0}, "rtol must be > 0, got 0"),
+        ({"action": "stop"}, "action must be one of"),
+        ({"expected": -1.0}, "expected must be 'log_num_classes' or a number > 0, got -1.0"),
+    ],
+)
 def test_initial_loss_check_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InitialLossCheck(**kwargs)
@@ -210,8 +225,12 @@ def test_overfit_check_fails_with_zero_lr(digits):
 
 def test_overfit_check_turns_regularization_off(digits):
     torch.manual_seed(0)
-    module = Classifier(MLP((1, 8, 8), 10, hidden=(64,), dropout=0.5), 10,
-                        {"name": "sgd", "lr": 0.05, "weight_decay": 0.5}, label_smoothing=0.5)
+    module = Classifier(
+        MLP((1, 8, 8), 10, hidden=(64,), dropout=0.5),
+        10,
+        {"name": "sgd", "lr": 0.05, "weight_decay": 0.5},
+        label_smoothing=0.5,
+    )
     result = overfit_check(module, digits, num_samples=20, steps=200)
     # weight decay 0.5 and label smoothing 0.5 would keep the loss far above 0.05; dropout 0.5 would make it noisy
     assert result.passed, result.reason
@@ -250,12 +269,15 @@ def test_overfit_check_callback_keeps_real_run_bit_identical(digits):
         run([OverfitCheck(steps=10, lr=0.0, action="raise")])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_samples": 0}, "num_samples must be an int >= 1, got 0"),
-    ({"steps": 0}, "steps must be an int >= 1, got 0"),
-    ({"target_loss": 0.0}, "target_loss must be > 0, got 0.0"),
-    ({"lr": -1.0}, "lr must be None or a number >= 0, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_samples": 0}, "num_samples must be an int >= 1, got 0"),
+        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"target_loss": 0.0}, "target_loss must be > 0, got 0.0"),
+        ({"lr": -1.0}, "lr must be None or a number >= 0, got -1.0"),
+    ],
+)
 def test_overfit_check_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OverfitCheck(**kwargs)
@@ -267,8 +289,10 @@ def test_update_ratios_core_matches_formula():
     before = [torch.randn(4, 3), torch.randn(5), torch.zeros(2)]
     after = [b + 1e-3 * torch.randn_like(b) for b in before]
     got = update_ratios(before, after)
-    want = [float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-12))
-            for a, b in zip(after, before)]
+    want = [
+        float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-12))
+        for a, b in zip(after, before)
+    ]
     assert got.tolist() == pytest.approx(want, rel=1e-6)
     params = [nn.Parameter(b.clone()) for b in before]
     tracker = UpdateRatio(params)
@@ -297,7 +321,8 @@ class RecordUpdate(Callback):
         params = dict(pl_module.named_parameters())
         self.ratios[self.step] = {
             n: float(torch.linalg.vector_norm(params[n].detach() - b) / torch.linalg.vector_norm(b))
-            for n, b in self.before.items()}
+            for n, b in self.before.items()
+        }
 
 
 def test_update_ratio_monitor_logs_hand_computed_ratios(digits):
@@ -337,8 +362,9 @@ def test_update_ratio_monitor_resume_keeps_warned_set(digits, tmp_path):
     def run(max_steps, ckpt=None, callbacks=()):
         module = make_module(hidden=(32,))
         monitor = UpdateRatioMonitor(every_n_steps=2, band=(1e-3, 2e-3))
-        trainer = tiny_trainer(max_steps=max_steps, callbacks=[monitor, *callbacks],
-                               enable_checkpointing=bool(callbacks))
+        trainer = tiny_trainer(
+            max_steps=max_steps, callbacks=[monitor, *callbacks], enable_checkpointing=bool(callbacks)
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(module, train_dataloaders=fixed_loader(digits, n=192), ckpt_path=ckpt)
@@ -380,7 +406,8 @@ def test_grad_norm_and_dead_unit_monitors(digits):
 
     grad_mon, dead_mon = GradNormMonitor(every_n_steps=2), DeadUnitMonitor(every_n_steps=2)
     tiny_trainer(max_steps=3, callbacks=[Probe(), grad_mon, dead_mon], logger=logger).fit(
-        module, train_dataloaders=fixed_loader(digits))
+        module, train_dataloaders=fixed_loader(digits)
+    )
     grad_rows = logger.with_prefix("grad_norm/")
     assert [s for s, _ in grad_rows] == [0, 2]
     for step, metrics in grad_rows:
@@ -394,10 +421,14 @@ def test_grad_norm_and_dead_unit_monitors(digits):
 
 
 # -- configs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, cls", [
-    ("initial_loss_check", InitialLossCheck), ("overfit_check", OverfitCheck),
-    ("update_ratio_monitor", UpdateRatioMonitor),
-])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("initial_loss_check", InitialLossCheck),
+        ("overfit_check", OverfitCheck),
+        ("update_ratio_monitor", UpdateRatioMonitor),
+    ],
+)
 def test_config_composes_and_instantiates(name, cls):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name=f"callbacks/{name}")

@@ -59,8 +59,14 @@ class Recorder(Classifier):
 
 
 def _trainer(callbacks: list, **kwargs: Any) -> Trainer:
-    opts = dict(max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                enable_checkpointing=False, limit_val_batches=0)
+    opts = dict(
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
     opts.update(kwargs)
     return Trainer(callbacks=callbacks, **opts)
 

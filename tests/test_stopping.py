@@ -41,8 +41,17 @@ GL_CURVE = [1.0, 0.8, 0.7, 0.72, 0.74, 0.75, 0.69, 0.73, 0.76]
 
 
 def test_gl_values_follow_the_formula():
-    by_hand = [0.0, 0.0, 0.0, 100 * (0.72 / 0.7 - 1), 100 * (0.74 / 0.7 - 1), 100 * (0.75 / 0.7 - 1), 0.0,
-               100 * (0.73 / 0.69 - 1), 100 * (0.76 / 0.69 - 1)]
+    by_hand = [
+        0.0,
+        0.0,
+        0.0,
+        100 * (0.72 / 0.7 - 1),
+        100 * (0.74 / 0.7 - 1),
+        100 * (0.75 / 0.7 - 1),
+        0.0,
+        100 * (0.73 / 0.69 - 1),
+        100 * (0.76 / 0.69 - 1),
+    ]
     got = [generalization_loss(GL_CURVE[: t + 1]) for t in range(len(GL_CURVE))]
     assert got == pytest.approx(by_hand, abs=1e-12)
     assert got[4] == pytest.approx(5.714285714, abs=1e-8)
@@ -54,8 +63,7 @@ def test_gl_stop_epoch_min_and_max_mode(alpha, expected):
     # an accuracy: E = 1 - acc is the same error, so the same epoch
     assert stop_index(acc(GL_CURVE), criterion="gl", alpha=alpha, mode="max") == expected
     # a metric to maximize with another ideal value: E = optimum - metric
-    assert stop_index([10 - v for v in GL_CURVE], criterion="gl", alpha=alpha, mode="max",
-                      optimum=10.0) == expected
+    assert stop_index([10 - v for v in GL_CURVE], criterion="gl", alpha=alpha, mode="max", optimum=10.0) == expected
 
 
 def test_gl_reason_is_one_readable_line():
@@ -68,8 +76,8 @@ def test_gl_reason_is_one_readable_line():
 def test_min_epochs_delays_every_criterion():
     # min_epochs=m: a stop is allowed from check m (1-based) on
     assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=5) == 4
-    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=6) == 5   # GL=7.14 at check 6
-    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=7) == 7   # check 7 is a new best
+    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=6) == 5  # GL=7.14 at check 6
+    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=7) == 7  # check 7 is a new best
     assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=10) is None
 
 
@@ -106,8 +114,10 @@ def test_pq_stop_epoch_min_and_max_mode(alpha, expected):
     assert stop_index(PQ_VAL, PQ_TRAIN, criterion="pq", alpha=alpha, strip=3) == expected
     assert stop_index(acc(PQ_VAL), PQ_TRAIN, criterion="pq", alpha=alpha, strip=3, mode="max") == expected
     # training accuracy instead of training loss: E_tr = 1 - acc
-    assert stop_index(acc(PQ_VAL), acc(PQ_TRAIN), criterion="pq", alpha=alpha, strip=3, mode="max",
-                      train_mode="max") == expected
+    assert (
+        stop_index(acc(PQ_VAL), acc(PQ_TRAIN), criterion="pq", alpha=alpha, strip=3, mode="max", train_mode="max")
+        == expected
+    )
 
 
 def test_pq_needs_the_training_metric():
@@ -158,8 +168,9 @@ PATIENCE_CURVE = [1.0, 0.8, 0.85, 0.79, 0.795, 0.81, 0.8, 0.7]
 @pytest.mark.parametrize(("min_delta", "expected"), [(0.0, 6), (0.02, 4)])
 def test_patience_no_improvement_by_hand(min_delta, expected):
     assert stop_index(PATIENCE_CURVE, criterion="patience", patience=3, min_delta=min_delta) == expected
-    assert stop_index(acc(PATIENCE_CURVE), criterion="patience", patience=3, min_delta=min_delta,
-                      mode="max") == expected
+    assert (
+        stop_index(acc(PATIENCE_CURVE), criterion="patience", patience=3, min_delta=min_delta, mode="max") == expected
+    )
 
 
 def _lightning_stop_index(curve, patience, min_delta, mode):

@@ -56,8 +56,9 @@ class SwaRef(Classifier):
 
 
 def _trainer(callbacks: list, **kwargs: Any) -> Trainer:
-    opts = dict(max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                enable_checkpointing=False)
+    opts = dict(
+        max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False
+    )
     opts.update(kwargs)
     return Trainer(callbacks=callbacks, **opts)
 
@@ -176,20 +177,23 @@ def test_swa_on_digits_without_bn_update_is_measurably_worse() -> None:
 
 
 # -- arguments and config --------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    ({"start": 1.5}, "start must be a fraction in \\(0, 1\\) or an int epoch >= 0, got 1.5"),
-    ({"start": 0.0}, "start must be"),
-    ({"start": -1}, "start must be"),
-    ({"start": True}, "start must be"),
-    ({"swa_lr": 0.0}, "swa_lr must be"),
-    ({"swa_lr": 0.1, "anneal_epochs": 1, "anneal_steps": 1}, "not both"),
-    ({"swa_lr": 0.1, "anneal_epochs": -1}, "anneal_epochs"),
-    ({"anneal_steps": 3}, "need swa_lr"),
-    ({"anneal": "exp"}, "anneal must be"),
-    ({"update_every": "batch"}, "update_every"),
-    ({"bn_update_batches": 0}, "bn_update_batches"),
-    ({"evaluate": "ema"}, "evaluate must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"start": 1.5}, "start must be a fraction in \\(0, 1\\) or an int epoch >= 0, got 1.5"),
+        ({"start": 0.0}, "start must be"),
+        ({"start": -1}, "start must be"),
+        ({"start": True}, "start must be"),
+        ({"swa_lr": 0.0}, "swa_lr must be"),
+        ({"swa_lr": 0.1, "anneal_epochs": 1, "anneal_steps": 1}, "not both"),
+        ({"swa_lr": 0.1, "anneal_epochs": -1}, "anneal_epochs"),
+        ({"anneal_steps": 3}, "need swa_lr"),
+        ({"anneal": "exp"}, "anneal must be"),
+        ({"update_every": "batch"}, "update_every"),
+        ({"bn_update_batches": 0}, "bn_update_batches"),
+        ({"evaluate": "ema"}, "evaluate must be one of"),
+    ],
+)
 def test_swa_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SWA(**kwargs)

@@ -15,16 +15,23 @@ from lightning_tricks.sweep import collect, summarize
 
 def _run(*args, cwd, timeout=600):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, "-m", "lightning_tricks.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_tricks.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_summarize_sorts_by_monitor(tmp_path):
     for i, (lr, acc) in enumerate([(0.1, 0.8), (0.2, 0.9), (0.3, 0.7)]):
         d = tmp_path / str(i)
         d.mkdir()
-        (d / "metrics.json").write_text(json.dumps(
-            {"overrides": [f"optimizer.lr={lr}"], "metrics": {"best/val/acc": acc, "test/acc": acc - 0.1}}))
+        (d / "metrics.json").write_text(
+            json.dumps({"overrides": [f"optimizer.lr={lr}"], "metrics": {"best/val/acc": acc, "test/acc": acc - 0.1}})
+        )
     path, table = summarize(tmp_path, "val/acc", "max")
     rows = list(csv.DictReader(open(path)))
     assert [r["optimizer.lr"] for r in rows] == ["0.2", "0.1", "0.3"]
@@ -35,15 +42,26 @@ def test_summarize_sorts_by_monitor(tmp_path):
 @pytest.mark.slow
 def test_grid_multirun_2x2(tmp_path):
     sweep = tmp_path / "sweep"
-    r = _run("--multirun", "trainer=debug", "logger=none", "optimizer.lr=0.01,0.1", "model.norm=classic,ic",
-             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    r = _run(
+        "--multirun",
+        "trainer=debug",
+        "logger=none",
+        "optimizer.lr=0.01,0.1",
+        "model.norm=classic,ic",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = sorted(sweep.glob("*/metrics.json"))
     assert len(results) == 4
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 4
     assert {(r["optimizer.lr"], r["model.norm"]) for r in rows} == {
-        ("0.01", "classic"), ("0.01", "ic"), ("0.1", "classic"), ("0.1", "ic")}
+        ("0.01", "classic"),
+        ("0.01", "ic"),
+        ("0.1", "classic"),
+        ("0.1", "ic"),
+    }
     scores = [float(r["best/val/acc"]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
 
@@ -52,8 +70,15 @@ def test_grid_multirun_2x2(tmp_path):
 @needs_extra("sweep")
 def test_random_search_three_trials(tmp_path):
     sweep = tmp_path / "sweep"
-    r = _run("--multirun", "hparams_search=random", "hydra.sweeper.n_trials=3", "trainer=debug", "logger=none",
-             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    r = _run(
+        "--multirun",
+        "hparams_search=random",
+        "hydra.sweeper.n_trials=3",
+        "trainer=debug",
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 3
@@ -65,8 +90,18 @@ def test_random_search_three_trials(tmp_path):
 
 @needs_extra("cluster")
 def test_slurm_launcher_composes(tmp_path):
-    r = _run("launcher=slurm", "trainer=ddp", "launcher.nodes=2", "launcher.gpus_per_node=4",
-             "launcher.partition=gpu", "--cfg", "all", "--resolve", cwd=tmp_path, timeout=120)
+    r = _run(
+        "launcher=slurm",
+        "trainer=ddp",
+        "launcher.nodes=2",
+        "launcher.gpus_per_node=4",
+        "launcher.partition=gpu",
+        "--cfg",
+        "all",
+        "--resolve",
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = yaml.safe_load(r.stdout)
     launcher = cfg["hydra"]["launcher"]

@@ -67,8 +67,14 @@ def test_bad_config_is_one_clear_error(make_cfg, overrides, match):
 
 def _cli(*args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "lightning_tricks.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_tricks.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_runs_and_returns(tmp_path):
@@ -86,7 +92,8 @@ def test_cli_bad_inputs_end_in_one_message(tmp_path):
     r = _cli("trainer=debug", "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
-        "lightning-tricks: configuration error: optimizer lr must be a positive number, got -1")
+        "lightning-tricks: configuration error: optimizer lr must be a positive number, got -1"
+    )
     assert "Traceback" not in r.stderr
 
 

@@ -143,7 +143,7 @@ def test_hand_over_precedence_does_not_depend_on_order(order: str) -> None:
     avg, best = {"0.bias": torch.full((4,), 1.0)}, {"0.bias": torch.full((4,), 2.0)}
     w.fit_start()
     offers = [(AVERAGE, "ema", avg), (BEST, "best", best)]
-    for rank, label, tensors in (offers if order == "average_first" else offers[::-1]):
+    for rank, label, tensors in offers if order == "average_first" else offers[::-1]:
         w.hand_over(rank, label, tensors)
     assert w.held == "best" and torch.equal(net[0].bias, best["0.bias"])
     assert torch.equal(w.raw_tensors()["0.bias"], raw["0.bias"])
@@ -185,17 +185,25 @@ def _fit(averaging: Callback, order: str, lr: float) -> tuple[Any, ...]:
     es = EarlyStopping(monitor="val/loss", patience=3, restore_best=True)
     record, seen = _Record(), _Averages()
     callbacks = [averaging, es] if order == "average_first" else [es, averaging]
-    trainer = Trainer(callbacks=[*callbacks, record, seen], max_epochs=6, limit_train_batches=4,
-                      logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer = Trainer(
+        callbacks=[*callbacks, record, seen],
+        max_epochs=6,
+        limit_train_batches=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, dm)
     return trainer, module, dm, es, record, seen
 
 
 @pytest.mark.parametrize("order", ["average_first", "best_first"])
 @pytest.mark.parametrize("kind", ["ema", "swa"])
-def test_restore_best_beside_an_average_revalidates_to_the_best_logged_value(kind: str, order: str,
-                                                                           tmp_path: Path) -> None:
+def test_restore_best_beside_an_average_revalidates_to_the_best_logged_value(
+    kind: str, order: str, tmp_path: Path
+) -> None:
     # SWA: a large LR makes the later averages worse, so the best check is not the last one
     averaging = EMA(decay=0.9) if kind == "ema" else SWA(start=1, update_every="step")
     trainer, module, dm, es, record, seen = _fit(averaging, order, 0.5 if kind == "ema" else 2.0)
@@ -217,9 +225,17 @@ def test_restore_best_beside_an_average_revalidates_to_the_best_logged_value(kin
     for name, t in saved.items():
         assert torch.equal(t, raw[name]), name
     # a second fit trains from the raw weights
-    again = Trainer(callbacks=[averaging, es, record], max_epochs=7, limit_train_batches=1, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                    num_sanity_val_steps=0, limit_val_batches=1)
+    again = Trainer(
+        callbacks=[averaging, es, record],
+        max_epochs=7,
+        limit_train_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
     again.fit(module, dm)
     for name, t in record.fit_start[-1].items():
         assert torch.equal(t, raw[name]), name
@@ -231,9 +247,16 @@ def test_restore_best_without_an_average_restores_the_raw_weights_at_the_best_ch
     module = _module()
     es = EarlyStopping(monitor="val/loss", patience=3, restore_best=True)
     seen = _Averages()
-    trainer = Trainer(callbacks=[es, seen], max_epochs=6, limit_train_batches=4, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      num_sanity_val_steps=0)
+    trainer = Trainer(
+        callbacks=[es, seen],
+        max_epochs=6,
+        limit_train_batches=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, dm)
     assert set(es.measured) == {RAW}
     for name, t in module.state_dict().items():
@@ -249,8 +272,15 @@ def test_restore_from_checkpoint_beside_ema_restores_the_checkpoints_average(tmp
     ema = EMA(decay=0.9)
     es = EarlyStopping(monitor="val/loss", patience=3, restore_best=True, restore_from="checkpoint")
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1)
-    trainer = Trainer(callbacks=[es, ema, ckpt], max_epochs=6, limit_train_batches=4, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = Trainer(
+        callbacks=[es, ema, ckpt],
+        max_epochs=6,
+        limit_train_batches=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, dm)
     assert weights_of(module).held == "best" and es.measured[es.best_check] == "ema"
     got = trainer.validate(module, dm, verbose=False)[0]["val/loss"]
@@ -278,7 +308,7 @@ def test_two_averages_at_the_end_are_ordered_by_label_not_by_list_order(order: s
     ema, swa = {"0.bias": torch.full((4,), 1.0)}, {"0.bias": torch.full((4,), 2.0)}
     w.fit_start()
     offers = [("ema", ema), ("swa", swa)]
-    for label, tensors in (offers if order == "ema_first" else offers[::-1]):
+    for label, tensors in offers if order == "ema_first" else offers[::-1]:
         w.hand_over(AVERAGE, label, tensors)
     assert w.held == "swa" and torch.equal(net[0].bias, swa["0.bias"])
     assert w.outranks(BEST, "best") and not w.outranks(AVERAGE, "ema")
@@ -301,9 +331,17 @@ def test_snapshot_evaluation_puts_back_what_the_module_held() -> None:
     dm = DigitsDataModule(batch_size=32, loader="resident")
     module = _module()
     ema, snap, before, after = EMA(decay=0.9), SnapshotEnsemble(cycles=2), _Held(), _Held()
-    trainer = Trainer(callbacks=[ema, before, snap, after], max_epochs=2, limit_train_batches=4, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = Trainer(
+        callbacks=[ema, before, snap, after],
+        max_epochs=2,
+        limit_train_batches=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, dm)
     raw = {k: v.clone() for k, v in weights_of(module).raw_tensors().items()}
     for name, t in snap.snapshots[-1].items():  # the last snapshot is the raw weights, not the held average

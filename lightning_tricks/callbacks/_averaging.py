@@ -222,7 +222,8 @@ class _Averaging(Callback):
                 f"{type(self).__name__}(evaluate='both') evaluates the raw weights a second time through the "
                 f"module's evaluation_outputs(batch, stage) -> {{metric name: per-sample values}}, which "
                 f"{type(pl_module).__name__} does not define. Implement it (as "
-                f"lightning_tricks.mixins.ClassificationMixin does) or use evaluate={self._AVERAGE!r} / 'raw'")
+                f"lightning_tricks.mixins.ClassificationMixin does) or use evaluate={self._AVERAGE!r} / 'raw'"
+            )
 
     def _bind(self, pl_module: LightningModule) -> None:
         """Create (or rebind after a device move) the average and apply a loaded state."""
@@ -281,8 +282,11 @@ class _Averaging(Callback):
             return
         if not self._started:
             if trainer.state.fn != "fit":  # in fit, evaluating the raw weights before the start is the rule
-                self._warn_once("no-average", f"{type(self).__name__}: there is no average yet (no fit ran "
-                                "and no checkpoint with its state was loaded); evaluating the raw weights")
+                self._warn_once(
+                    "no-average",
+                    f"{type(self).__name__}: there is no average yet (no fit ran "
+                    "and no checkpoint with its state was loaded); evaluating the raw weights",
+                )
             return
         if held == RAW:
             self._eval_return_to = "raw"
@@ -338,8 +342,11 @@ class _Averaging(Callback):
             if self._started:
                 self._hold_average(trainer, pl_module, rank=AVERAGE)  # restore-best, if offered, wins
             else:
-                self._warn_once("end-no-average", f"{type(self).__name__}: training ended before the "
-                                "average started; the module keeps its raw weights")
+                self._warn_once(
+                    "end-no-average",
+                    f"{type(self).__name__}: training ended before the "
+                    "average started; the module keeps its raw weights",
+                )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         weights_of(pl_module).hold_raw()

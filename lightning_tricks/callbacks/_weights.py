@@ -144,8 +144,14 @@ class ModuleWeights:
 
     # -- swapping ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def hold(self, label: str, tensors: Mapping[str, Tensor], after_load: Callable[[], None] | None = None,
-             also: Iterable[str] = (), rank: int = 0) -> None:
+    def hold(
+        self,
+        label: str,
+        tensors: Mapping[str, Tensor],
+        after_load: Callable[[], None] | None = None,
+        also: Iterable[str] = (),
+        rank: int = 0,
+    ) -> None:
         """Copy ``tensors`` (``state_dict`` names) into the module and call it ``label``.
 
         The raw weights are backed up first (once: if another label is held, the raw weights are put
@@ -244,8 +250,14 @@ class ModuleWeights:
             live = self._live()
             names = list(self._backup)
             copy = self._measured_copy
-            if any(n not in copy or copy[n].shape != live[n].shape or copy[n].dtype != live[n].dtype
-                   or copy[n].device != live[n].device or copy[n].is_inference() for n in names):
+            if any(
+                n not in copy
+                or copy[n].shape != live[n].shape
+                or copy[n].dtype != live[n].dtype
+                or copy[n].device != live[n].device
+                or copy[n].is_inference()
+                for n in names
+            ):
                 copy = {n: torch.empty_like(live[n]) for n in names}
             self._measured_copy = {n: copy[n] for n in names}
             torch._foreach_copy_([self._measured_copy[n] for n in names], [live[n] for n in names])
@@ -270,8 +282,9 @@ class ModuleWeights:
         if label == RAW:
             return self.raw_tensors()
         if not self._track or not self._measured_copy:
-            raise RuntimeError(f"the last evaluation ran on {label!r}, which is no longer in the module, and "
-                               "track_measured() was off")
+            raise RuntimeError(
+                f"the last evaluation ran on {label!r}, which is no longer in the module, and track_measured() was off"
+            )
         out = self.raw_tensors()
         out.update(self._measured_copy)
         return out
@@ -283,8 +296,14 @@ class ModuleWeights:
         self._end_offer = (0, RAW)
         self._in_evaluation = False
 
-    def hand_over(self, rank: int, label: str, tensors: Mapping[str, Tensor],
-                  after_load: Callable[[], None] | None = None, also: Iterable[str] = ()) -> bool:
+    def hand_over(
+        self,
+        rank: int,
+        label: str,
+        tensors: Mapping[str, Tensor],
+        after_load: Callable[[], None] | None = None,
+        also: Iterable[str] = (),
+    ) -> bool:
         """Offer the weights the module should hold after fit; the highest ``rank`` offered wins.
 
         ``BEST`` (restore-best) > ``AVERAGE`` (EMA/SWA ``average_at_end``) > raw (nothing offered),

@@ -50,6 +50,7 @@ from lightning_tricks._lightning import (
     Trainer,
     rank_zero_info,
     rank_zero_warn,
+    trainer_datamodule,
 )
 from lightning_tricks.augment import (
     cutmix_batch,
@@ -151,8 +152,13 @@ class _BatchAugment(Callback):
     changes_targets = True
 
     def __init__(
-        self, p: float = 1.0, until_epoch: int | None = None, off_last_epochs: int = 0,
-        seed: int | None = None, input_key: int | str = 0, target_key: int | str = 1,
+        self,
+        p: float = 1.0,
+        until_epoch: int | None = None,
+        off_last_epochs: int = 0,
+        seed: int | None = None,
+        input_key: int | str = 0,
+        target_key: int | str = 1,
     ) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise ValueError(f"p must be in (0, 1], got {p!r}")
@@ -202,9 +208,10 @@ class _BatchAugment(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        stack = sorted((c for c in getattr(trainer, "callbacks", [self]) if isinstance(c, _BatchAugment)),
-                       key=lambda c: (_ORDER.index(type(c).name) if type(c).name in _ORDER else len(_ORDER),
-                                      c.state_key))
+        stack = sorted(
+            (c for c in getattr(trainer, "callbacks", [self]) if isinstance(c, _BatchAugment)),
+            key=lambda c: (_ORDER.index(type(c).name) if type(c).name in _ORDER else len(_ORDER), c.state_key),
+        )
         self._peers = stack if stack and stack[0] is self else []
         if self._resolved_seed is None:
             self._resolved_seed = int(torch.initial_seed())
@@ -212,11 +219,15 @@ class _BatchAugment(Callback):
         if self.off_last_epochs:
             max_epochs = trainer.max_epochs
             if max_epochs is None or max_epochs < 0:
-                raise ValueError(f"{type(self).__name__}(off_last_epochs={self.off_last_epochs}) needs "
-                                 f"Trainer(max_epochs=...), got max_epochs={max_epochs!r}")
+                raise ValueError(
+                    f"{type(self).__name__}(off_last_epochs={self.off_last_epochs}) needs "
+                    f"Trainer(max_epochs=...), got max_epochs={max_epochs!r}"
+                )
             if self.off_last_epochs >= max_epochs:
-                rank_zero_warn(f"{type(self).__name__}: off_last_epochs={self.off_last_epochs} >= "
-                               f"max_epochs={max_epochs}, so it never acts")
+                rank_zero_warn(
+                    f"{type(self).__name__}: off_last_epochs={self.off_last_epochs} >= "
+                    f"max_epochs={max_epochs}, so it never acts"
+                )
         self._setup(trainer, pl_module)
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -254,7 +265,10 @@ class _BatchAugment(Callback):
         new_x, new_y = self.apply(x, y, g, pl_module)
         self._write(batch, new_x, new_y)
 
-    def apply(self, x: Tensor, y: Tensor, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+    def apply(
+        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
+    ) -> tuple[Tensor, Tensor | None]:
+        """The augmented ``(x, y)``; ``y`` is ``None`` for augmentations that leave targets alone."""
         raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------------
@@ -288,14 +302,17 @@ class _BatchAugment(Callback):
         if not isinstance(batch, (list, MutableMapping)):
             raise TypeError(f"{type(self).__name__} needs a list or dict batch, got {type(batch).__name__}")
         try:
-            x = batch[self.input_key]
-            y = batch[self.target_key] if self.changes_targets else None
+            x = batch[self.input_key]  # type: ignore[index]  # int for a list batch, str for a dict batch
+            y = batch[self.target_key] if self.changes_targets else None  # type: ignore[index]
         except (IndexError, KeyError) as err:
-            raise TypeError(f"{type(self).__name__}: the batch has no entry {err} (input_key={self.input_key!r}, "
-                            f"target_key={self.target_key!r})") from None
+            raise TypeError(
+                f"{type(self).__name__}: the batch has no entry {err} (input_key={self.input_key!r}, "
+                f"target_key={self.target_key!r})"
+            ) from None
         if not isinstance(x, Tensor) or (self.changes_targets and not isinstance(y, Tensor)):
-            raise TypeError(f"{type(self).__name__}: batch[{self.input_key!r}] and batch[{self.target_key!r}] "
-                            "must be tensors")
+            raise TypeError(
+                f"{type(self).__name__}: batch[{self.input_key!r}] and batch[{self.target_key!r}] must be tensors"
+            )
         return x, y
 
     def _write(self, batch: Any, x: Tensor, y: Tensor | None) -> None:
@@ -306,8 +323,14 @@ class _BatchAugment(Callback):
 
 class _Mix(_BatchAugment):
     def __init__(
-        self, alpha: float = 1.0, p: float = 1.0, until_epoch: int | None = None, off_last_epochs: int = 0,
-        num_classes: int | None = None, seed: int | None = None, input_key: int | str = 0,
+        self,
+        alpha: float = 1.0,
+        p: float = 1.0,
+        until_epoch: int | None = None,
+        off_last_epochs: int = 0,
+        num_classes: int | None = None,
+        seed: int | None = None,
+        input_key: int | str = 0,
         target_key: int | str = 1,
     ) -> None:
         super().__init__(p, until_epoch, off_last_epochs, seed, input_key, target_key)
@@ -322,14 +345,16 @@ class _Mix(_BatchAugment):
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._classes is None:
-            found = getattr(pl_module, "num_classes", None) or getattr(trainer.datamodule, "num_classes", None)
+            found = getattr(pl_module, "num_classes", None) or getattr(trainer_datamodule(trainer), "num_classes", None)
             self._classes = int(found) if found is not None else None
 
     def _need_classes(self, y: Tensor) -> int | None:
         if self._classes is None and not y.dtype.is_floating_point:
-            raise ValueError(f"{type(self).__name__} needs num_classes to make soft targets from class indices: "
-                             f"pass {type(self).__name__}(num_classes=...) or give the LightningModule or "
-                             "DataModule a num_classes attribute")
+            raise ValueError(
+                f"{type(self).__name__} needs num_classes to make soft targets from class indices: "
+                f"pass {type(self).__name__}(num_classes=...) or give the LightningModule or "
+                "DataModule a num_classes attribute"
+            )
         return self._classes
 
 
@@ -359,7 +384,10 @@ class Mixup(_Mix):
 
     name = "mixup"
 
-    def apply(self, x: Tensor, y: Tensor, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+    def apply(
+        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
+    ) -> tuple[Tensor, Tensor | None]:
+        assert y is not None  # changes_targets: _read gives the targets
         out = mixup_batch(x, y, self._need_classes(y), self.alpha, generator=generator)
         return out.x, out.y
 
@@ -379,7 +407,10 @@ class CutMix(_Mix):
 
     name = "cutmix"
 
-    def apply(self, x: Tensor, y: Tensor, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+    def apply(
+        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
+    ) -> tuple[Tensor, Tensor | None]:
+        assert y is not None  # changes_targets: _read gives the targets
         out = cutmix_batch(x, y, self._need_classes(y), self.alpha, generator=generator)
         return out.x, out.y
 
@@ -407,9 +438,16 @@ class Cutout(_BatchAugment):
     changes_targets = False
 
     def __init__(
-        self, size: int | float = 0.5, count: int = 1, value: float = 0.0, p: float = 1.0,
-        until_epoch: int | None = None, off_last_epochs: int = 0, seed: int | None = None,
-        input_key: int | str = 0, target_key: int | str = 1,
+        self,
+        size: int | float = 0.5,
+        count: int = 1,
+        value: float = 0.0,
+        p: float = 1.0,
+        until_epoch: int | None = None,
+        off_last_epochs: int = 0,
+        seed: int | None = None,
+        input_key: int | str = 0,
+        target_key: int | str = 1,
     ) -> None:
         super().__init__(p, until_epoch, off_last_epochs, seed, input_key, target_key)
         if isinstance(size, bool) or not isinstance(size, (int, float)):
@@ -429,10 +467,12 @@ class Cutout(_BatchAugment):
         return {"size": self.size, "count": self.count, "p": self.p}
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        shape = getattr(trainer.datamodule, "input_shape", None)
+        shape = getattr(trainer_datamodule(trainer), "input_shape", None)
         if shape is not None and len(shape) == 3:
             cutout_size(self.size, int(shape[1]), int(shape[2]))  # raises if it does not fit
 
-    def apply(self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule) -> tuple[Tensor, Tensor | None]:
+    def apply(
+        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
+    ) -> tuple[Tensor, Tensor | None]:
         out, _ = cutout_batch(x, self.size, self.count, generator=generator, value=self.value)
         return out, y

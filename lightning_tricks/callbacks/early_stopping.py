@@ -228,8 +228,11 @@ class EarlyStopping(PLEarlyStopping):
                 raise ValueError(f"{metric_arg} must be a non-empty metric name, got {metric!r}")
         if not isinstance(log_prefix, str):
             raise ValueError(f"log_prefix must be a str, got {log_prefix!r}")
-        for name, value in (("restore_best", restore_best), ("save_best_weights", save_best_weights),
-                            ("best_on_cpu", best_on_cpu)):
+        for name, value in (
+            ("restore_best", restore_best),
+            ("save_best_weights", save_best_weights),
+            ("best_on_cpu", best_on_cpu),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
         if log_values is not None and not isinstance(log_values, bool):
@@ -245,16 +248,33 @@ class EarlyStopping(PLEarlyStopping):
             rule_delta = 0.0
         # every rule argument is validated here, with the allowed values in the message
         self.rule = StopRule(
-            criterion=criterion, mode=mode, patience=rule_patience, patience_rule=patience_rule,
-            min_delta=rule_delta, alpha=alpha, strip=strip, s=s, optimum=optimum, train_mode=train_mode,
-            train_optimum=train_optimum, min_epochs=min_epochs, check_finite=bool(check_finite),
+            criterion=criterion,
+            mode=mode,
+            patience=rule_patience,
+            patience_rule=patience_rule,
+            min_delta=rule_delta,
+            alpha=alpha,
+            strip=strip,
+            s=s,
+            optimum=optimum,
+            train_mode=train_mode,
+            train_optimum=train_optimum,
+            min_epochs=min_epochs,
+            check_finite=bool(check_finite),
             stopping_threshold=stopping_threshold if _finite_real(stopping_threshold) else None,
             divergence_threshold=divergence_threshold if _finite_real(divergence_threshold) else None,
         )
         super().__init__(
-            monitor=monitor, min_delta=min_delta, patience=patience, verbose=verbose, mode=mode,
-            strict=strict, check_finite=check_finite, stopping_threshold=stopping_threshold,
-            divergence_threshold=divergence_threshold, check_on_train_epoch_end=check_on_train_epoch_end,
+            monitor=monitor,
+            min_delta=min_delta,
+            patience=patience,
+            verbose=verbose,
+            mode=mode,
+            strict=strict,
+            check_finite=check_finite,
+            stopping_threshold=stopping_threshold,
+            divergence_threshold=divergence_threshold,
+            check_on_train_epoch_end=check_on_train_epoch_end,
             log_rank_zero_only=log_rank_zero_only,
         )
         self.criterion = criterion
@@ -291,8 +311,10 @@ class EarlyStopping(PLEarlyStopping):
 
     def _other_state_keys(self) -> list[str]:
         """Where a checkpoint without this key may hold this callback's state: Lightning's key / ours with the rule."""
-        keys = [self._generate_state_key(monitor=self.monitor, mode=self.mode, rule=self.rule.describe()),
-                self._generate_state_key(monitor=self.monitor, mode=self.mode)]
+        keys = [
+            self._generate_state_key(monitor=self.monitor, mode=self.mode, rule=self.rule.describe()),
+            self._generate_state_key(monitor=self.monitor, mode=self.mode),
+        ]
         return [k for k in keys if k != self.state_key]
 
     @property
@@ -341,7 +363,8 @@ class EarlyStopping(PLEarlyStopping):
             if self.lightning_rule and isinstance(self.patience, int) and not isinstance(self.patience, bool):
                 self.rule = replace(self.rule, patience=max(self.patience, 1))
         self.stopping_reason = EarlyStoppingReason(
-            state_dict.get("stopping_reason", EarlyStoppingReason.NOT_STOPPED.value))
+            state_dict.get("stopping_reason", EarlyStoppingReason.NOT_STOPPED.value)
+        )
         self.stopping_reason_message = state_dict.get("stopping_reason_message")
         self.history = _floats(state_dict.get("history", []))
         self.train_history = _floats(state_dict.get("train_history", [None] * len(self.history)))
@@ -363,17 +386,21 @@ class EarlyStopping(PLEarlyStopping):
         if self.restore_best and self.restore_from == "memory":
             weights_of(pl_module).track_measured(True)  # the measured average survives its swap back
         if self.restore_best and self.restore_from == "checkpoint" and self._checkpoint_callback(trainer) is None:
-            found = [(type(cb).__name__, getattr(cb, "monitor", None), getattr(cb, "mode", None))
-                     for cb in trainer.checkpoint_callbacks]
+            found = [
+                (type(cb).__name__, getattr(cb, "monitor", None), getattr(cb, "mode", None))
+                for cb in trainer.checkpoint_callbacks
+            ]
             raise ValueError(
                 f"restore_from='checkpoint' needs a ModelCheckpoint(monitor={self.monitor!r}, mode={self.mode!r}, "
                 f"save_top_k != 0) among the trainer's callbacks; found {found or 'none'}. Add one, or use "
-                "restore_from='memory'")
+                "restore_from='memory'"
+            )
         if self.criterion == "pq" and not self._check_on_train_epoch_end:
             rank_zero_warn(
                 f"EarlyStopping(criterion='pq') checks after validation (check_on_train_epoch_end=False): "
                 f"{self.train_monitor!r} is then the last finished training epoch's value, one epoch "
-                "behind the validation metric")
+                "behind the validation metric"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         weights_of(pl_module).fit_start()  # a second fit trains the raw weights, not the restored best
@@ -403,11 +430,13 @@ class EarlyStopping(PLEarlyStopping):
     def _validate_condition_metric(self, logs: dict[str, Tensor]) -> bool:
         if logs.get(self.monitor) is not None:
             return True
-        msg = (f"Early stopping conditioned on metric `{self.monitor}` which is not available."
-               " Pass in or modify your `EarlyStopping` callback to use any of the following:"
-               f" `{'`, `'.join(list(logs.keys()))}` (EarlyStopping monitor={self.monitor!r} was not logged; the "
-               f"logged metrics are {sorted(logs) or 'none'}. Log it, e.g. self.log({self.monitor!r}, ...) in "
-               "validation_step, or set monitor to one of these)")
+        msg = (
+            f"Early stopping conditioned on metric `{self.monitor}` which is not available."
+            " Pass in or modify your `EarlyStopping` callback to use any of the following:"
+            f" `{'`, `'.join(list(logs.keys()))}` (EarlyStopping monitor={self.monitor!r} was not logged; the "
+            f"logged metrics are {sorted(logs) or 'none'}. Log it, e.g. self.log({self.monitor!r}, ...) in "
+            "validation_step, or set monitor to one of these)"
+        )
         if self.strict:
             raise RuntimeError(msg)
         if "monitor" not in self._warned:  # Lightning warns only when verbose: we say it once (never silent)
@@ -447,8 +476,9 @@ class EarlyStopping(PLEarlyStopping):
             should_stop, reason = False, None  # our criterion replaces Lightning's patience
         if should_stop and checks < self.min_epochs and kind != EarlyStoppingReason.NON_FINITE_METRIC:
             should_stop, reason = False, None  # our warm-up
-        ours = (not self.lightning_rule and d.stop and not should_stop
-                and d.kind not in _REASON)  # the thresholds and non-finite are Lightning's to decide
+        ours = (
+            not self.lightning_rule and d.stop and not should_stop and d.kind not in _REASON
+        )  # the thresholds and non-finite are Lightning's to decide
         if ours:
             should_stop, reason = True, d.reason
             kind = EarlyStoppingReason.PATIENCE_EXHAUSTED
@@ -476,23 +506,26 @@ class EarlyStopping(PLEarlyStopping):
 
     def _missing_train_metric(self, logs: dict[str, Tensor], epoch: int) -> None:
         """PQ without its training metric: an error if it was never logged, else a warning (no PQ on that strip)."""
-        msg = (f"EarlyStopping(criterion='pq') needs the training metric train_monitor={self.train_monitor!r} at "
-               f"every check, but it was not logged; the logged metrics are {sorted(logs)}. Log it once per epoch "
-               "(self.log(..., on_epoch=True)) or set train_monitor to one of these")
+        msg = (
+            f"EarlyStopping(criterion='pq') needs the training metric train_monitor={self.train_monitor!r} at "
+            f"every check, but it was not logged; the logged metrics are {sorted(logs)}. Log it once per epoch "
+            "(self.log(..., on_epoch=True)) or set train_monitor to one of these"
+        )
         never = all(math.isnan(v) for v in self.train_history)
         if never and len(self.history) >= self.rule.strip:  # one missing check is allowed: checks after validation
             raise RuntimeError(msg)
         if not never:
-            self._warn_once("train", msg + f" (missing at epoch {epoch}; PQ is not evaluated on "
-                                           "strips without it)")
+            self._warn_once("train", msg + f" (missing at epoch {epoch}; PQ is not evaluated on strips without it)")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.restore_best or pl_module is None:
             return
         best = self.best_check
         if best < 0:
-            self._warn_once("restore", f"EarlyStopping: no finite value of {self.monitor!r} was recorded, no best "
-                                       "weights to restore")
+            self._warn_once(
+                "restore",
+                f"EarlyStopping: no finite value of {self.monitor!r} was recorded, no best weights to restore",
+            )
             return
         epoch, value = self.epochs[best], self.history[best]
         if self.restore_from == "checkpoint":
@@ -503,11 +536,14 @@ class EarlyStopping(PLEarlyStopping):
                 "restore",
                 f"EarlyStopping: the weights of the best epoch {epoch} ({self.monitor}={value:.4g}) are not "
                 "available (the run resumed from a checkpoint saved with save_best_weights=False); the module "
-                "keeps its final weights")
+                "keeps its final weights",
+            )
             return
         weights_of(pl_module).hand_over(BEST, "best", self._best)
-        rank_zero_info(f"EarlyStopping: restored the weights of epoch {epoch} ({self.monitor}={value:.4g}, "
-                       f"measured on {self._measured_at(best)!r})")
+        rank_zero_info(
+            f"EarlyStopping: restored the weights of epoch {epoch} ({self.monitor}={value:.4g}, "
+            f"measured on {self._measured_at(best)!r})"
+        )
 
     def _measured_at(self, check: int) -> str:
         return self.measured[check] if 0 <= check < len(self.measured) else RAW
@@ -522,8 +558,9 @@ class EarlyStopping(PLEarlyStopping):
         live = weights.measured_tensors() if weights.measured is not None else weights.raw_tensors()
         target = torch.device("cpu") if self.best_on_cpu else None
         same = live.keys() == self._best.keys() and all(
-            b.shape == live[n].shape and b.dtype == live[n].dtype
-            and b.device == (target or live[n].device) for n, b in self._best.items())
+            b.shape == live[n].shape and b.dtype == live[n].dtype and b.device == (target or live[n].device)
+            for n, b in self._best.items()
+        )
         if not same:
             self._best = {n: torch.empty_like(t, device=target or t.device) for n, t in live.items()}
         names = list(live)
@@ -532,8 +569,12 @@ class EarlyStopping(PLEarlyStopping):
 
     def _checkpoint_callback(self, trainer: Trainer) -> ModelCheckpoint | None:
         for cb in trainer.checkpoint_callbacks:
-            if (isinstance(cb, ModelCheckpoint) and cb.monitor == self.monitor and cb.mode == self.mode
-                    and cb.save_top_k != 0):
+            if (
+                isinstance(cb, ModelCheckpoint)
+                and cb.monitor == self.monitor
+                and cb.mode == self.mode
+                and cb.save_top_k != 0
+            ):
                 return cb
         return None
 
@@ -541,8 +582,11 @@ class EarlyStopping(PLEarlyStopping):
         cb = self._checkpoint_callback(trainer)
         path = cb.best_model_path if cb is not None else ""
         if not path:
-            self._warn_once("restore", "EarlyStopping(restore_from='checkpoint'): the ModelCheckpoint saved no best "
-                                       "checkpoint; the module keeps its final weights")
+            self._warn_once(
+                "restore",
+                "EarlyStopping(restore_from='checkpoint'): the ModelCheckpoint saved no best "
+                "checkpoint; the module keeps its final weights",
+            )
             return
         checkpoint = trainer.strategy.load_checkpoint(path)
         label = self._measured_at(self.best_check)
@@ -551,13 +595,17 @@ class EarlyStopping(PLEarlyStopping):
             try:
                 state = averaged_state_dict(checkpoint, which=label.upper())
             except KeyError:
-                rank_zero_warn(f"EarlyStopping: the best check measured {label!r} weights, but {path} holds no "
-                               "such average; restoring its raw weights")
+                rank_zero_warn(
+                    f"EarlyStopping: the best check measured {label!r} weights, but {path} holds no "
+                    "such average; restoring its raw weights"
+                )
         weights_of(pl_module).hand_over(BEST, "best", state)
         saved = checkpoint.get("epoch")
         if saved is not None and saved != epoch:
-            rank_zero_warn(f"EarlyStopping: the best checkpoint {path} is from epoch {saved}, the best check from "
-                           f"epoch {epoch} (the ModelCheckpoint saves on another schedule)")
+            rank_zero_warn(
+                f"EarlyStopping: the best checkpoint {path} is from epoch {saved}, the best check from "
+                f"epoch {epoch} (the ModelCheckpoint saves on another schedule)"
+            )
         rank_zero_info(f"EarlyStopping: restored the weights of {path}")
 
     def _log_values(self, trainer: Trainer, values: dict[str, float]) -> None:
@@ -565,8 +613,9 @@ class EarlyStopping(PLEarlyStopping):
             return
         metrics = {self.log_prefix + k: float(v) for k, v in values.items()}
         if self._check_on_train_epoch_end:  # called from on_train_epoch_end: self.log is allowed
-            trainer.lightning_module.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False,
-                                              logger=bool(trainer.loggers))
+            trainer.lightning_module.log_dict(
+                metrics, on_step=False, on_epoch=True, prog_bar=False, logger=bool(trainer.loggers)
+            )
         elif trainer.is_global_zero:  # on_validation_end: Lightning forbids self.log there
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

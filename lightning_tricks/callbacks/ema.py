@@ -84,8 +84,15 @@ class EMA(_Averaging):
     _AVERAGE = "ema"
 
     def __init__(
-        self, decay: float = 0.999, warmup: bool = True, every_n_steps: int = 1, start_step: int = 0,
-        evaluate: str = "ema", on_cpu: bool = False, buffers: str = "copy", average_at_end: bool = True,
+        self,
+        decay: float = 0.999,
+        warmup: bool = True,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        evaluate: str = "ema",
+        on_cpu: bool = False,
+        buffers: str = "copy",
+        average_at_end: bool = True,
         raw_suffix: str = "_raw",
     ) -> None:
         super().__init__(evaluate, average_at_end, on_cpu, raw_suffix)
@@ -106,8 +113,7 @@ class EMA(_Averaging):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(decay=self.decay, every_n_steps=self.every_n_steps,
-                                        start_step=self.start_step)
+        return self._generate_state_key(decay=self.decay, every_n_steps=self.every_n_steps, start_step=self.start_step)
 
     def _include_buffers(self) -> bool:
         return self.buffers == "average"
@@ -119,15 +125,17 @@ class EMA(_Averaging):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.max_steps is not None and 0 <= trainer.max_steps <= self.start_step:
-            raise ValueError(f"EMA start_step={self.start_step} is not before the end of the run "
-                             f"(max_steps={trainer.max_steps})")
+            raise ValueError(
+                f"EMA start_step={self.start_step} is not before the end of the run (max_steps={trainer.max_steps})"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         total = trainer.estimated_stepping_batches
         if math.isfinite(total) and self.start_step >= total:
-            raise ValueError(f"EMA start_step={self.start_step} is beyond the run "
-                             f"({int(total)} optimizer steps in total)")
+            raise ValueError(
+                f"EMA start_step={self.start_step} is beyond the run ({int(total)} optimizer steps in total)"
+            )
         step = trainer.global_step
         self._steps.start(step)
         if not self._started and step >= self.start_step:
@@ -140,8 +148,9 @@ class EMA(_Averaging):
         self.num_updates = 0
         self._last_update_step = step
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self._steps.stepped(step):
             return  # no optimizer step in this batch (gradient accumulation)
@@ -156,12 +165,15 @@ class EMA(_Averaging):
             self._last_update_step = step
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"num_updates": self.num_updates, "last_step": self._steps.last,
-                "last_update_step": self._last_update_step, "decay": self.decay, "warmup": self.warmup}
+        return {
+            "num_updates": self.num_updates,
+            "last_step": self._steps.last,
+            "last_update_step": self._last_update_step,
+            "decay": self.decay,
+            "warmup": self.warmup,
+        }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.num_updates = int(state.get("num_updates", 0))
         self._steps.last = int(state.get("last_step", -1))
         self._last_update_step = int(state.get("last_update_step", -1))
-
-

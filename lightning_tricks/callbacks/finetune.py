@@ -116,8 +116,7 @@ class FreezeUnfreeze(Callback):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"unfrozen": self.unfrozen, "unfrozen_at": self.unfrozen_at,
-                "groups": [dict(g) for g in self.groups]}
+        return {"unfrozen": self.unfrozen, "unfrozen_at": self.unfrozen_at, "groups": [dict(g) for g in self.groups]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.unfrozen = bool(state_dict.get("unfrozen", False))
@@ -143,7 +142,8 @@ class FreezeUnfreeze(Callback):
                 f"FreezeUnfreeze: the optimizer already holds {held} frozen parameters of {self._name!r}; "
                 "build the optimizer from parameters with requires_grad only (e.g. "
                 "lightning_tricks.mixins.param_groups_weight_decay), or they would train at the head's LR "
-                "after unfreezing")
+                "after unfreezing"
+            )
         if len(trainer.optimizers) > 1:
             rank_zero_warn("FreezeUnfreeze: several optimizers; the backbone groups go to the first one")
         if self.unfrozen:  # resumed after the unfreeze: rebuild the groups before the optimizer state loads
@@ -200,9 +200,15 @@ class FreezeUnfreeze(Callback):
         unfreeze(self._module)
         self._frozen_bns = []
         groups = backbone_param_groups(
-            self._module, self._name, head_lr=float(head["lr"]), lr_factor=self.lr_factor,
-            layer_decay=self.layer_decay, weight_decay=weight_decay, split_no_decay=split,
-            exclude=in_optimizer, base_lr=head.get("initial_lr"),
+            self._module,
+            self._name,
+            head_lr=float(head["lr"]),
+            lr_factor=self.lr_factor,
+            layer_decay=self.layer_decay,
+            weight_decay=weight_decay,
+            split_no_decay=split,
+            exclude=in_optimizer,
+            base_lr=head.get("initial_lr"),
         )
         named_groups = "param_names" in head
         self.groups = []
@@ -210,13 +216,18 @@ class FreezeUnfreeze(Callback):
             names = group["param_names"] if named_groups else group.pop("param_names")
             group.setdefault("initial_lr", group["lr"])  # the base LR the LR owner (LRSchedule) schedules
             optimizer.add_param_group(group)
-            self.groups.append({**{k: v for k, v in optimizer.param_groups[-1].items() if k != "params"},
-                                "param_names": list(names)})
+            self.groups.append(
+                {**{k: v for k, v in optimizer.param_groups[-1].items() if k != "params"}, "param_names": list(names)}
+            )
         self.unfrozen, self.unfrozen_at = True, trainer.current_epoch
         lrs = ", ".join(f"{g['name']}={g['lr']:.3g}" for g in self.groups)
-        rank_zero_info(f"FreezeUnfreeze: unfroze {self._name!r} at epoch {trainer.current_epoch}; "
-                       f"head LR {float(head['lr']):.3g}, new groups: {lrs}")
+        rank_zero_info(
+            f"FreezeUnfreeze: unfroze {self._name!r} at epoch {trainer.current_epoch}; "
+            f"head LR {float(head['lr']):.3g}, new groups: {lrs}"
+        )
         if trainer.lr_scheduler_configs:
-            rank_zero_warn("FreezeUnfreeze: torch LR schedulers fix their base LRs when built, so they do not "
-                           "schedule the backbone groups added now (they keep the LRs above); use "
-                           "lightning_tricks.callbacks.LRSchedule, or a scheduler that reads each group's LR")
+            rank_zero_warn(
+                "FreezeUnfreeze: torch LR schedulers fix their base LRs when built, so they do not "
+                "schedule the backbone groups added now (they keep the LRs above); use "
+                "lightning_tricks.callbacks.LRSchedule, or a scheduler that reads each group's LR"
+            )

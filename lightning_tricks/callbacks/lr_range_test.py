@@ -125,8 +125,10 @@ class LRRangeTest(Callback):
         if suggestion not in SUGGESTIONS:
             raise ValueError(f"suggestion must be one of {SUGGESTIONS}, got {suggestion!r}")
         if skip_begin + skip_end + 2 > num_steps:
-            rank_zero_warn(f"LRRangeTest: num_steps={num_steps} leaves fewer than 2 points after skip_begin="
-                           f"{skip_begin} and skip_end={skip_end}; the steepest suggestion will be None")
+            rank_zero_warn(
+                f"LRRangeTest: num_steps={num_steps} leaves fewer than 2 points after skip_begin="
+                f"{skip_begin} and skip_end={skip_end}; the steepest suggestion will be None"
+            )
         self.min_lr, self.max_lr, self.num_steps, self.mode = float(min_lr), float(max_lr), num_steps, mode
         self.smooth, self.diverge_threshold = float(smooth), diverge_threshold
         self.skip_begin, self.skip_end = skip_begin, skip_end
@@ -139,8 +141,9 @@ class LRRangeTest(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(min_lr=self.min_lr, max_lr=self.max_lr, num_steps=self.num_steps,
-                                        mode=self.mode)
+        return self._generate_state_key(
+            min_lr=self.min_lr, max_lr=self.max_lr, num_steps=self.num_steps, mode=self.mode
+        )
 
     @property
     def method(self) -> str:
@@ -158,11 +161,13 @@ class LRRangeTest(Callback):
         if any(isinstance(cb, LinearScaling) for cb in trainer_callbacks(trainer)):
             raise MisconfigurationException(
                 f"LRRangeTest(apply_to={self.apply_to!r}) and LinearScaling both set the base LR at fit start; "
-                "the range test already measures at this batch size. Drop one, or use apply_to=None")
+                "the range test already measures at this batch size. Drop one, or use apply_to=None"
+            )
         if self.apply_to == "one_cycle" and _find_one_cycle(trainer) is None:
             raise MisconfigurationException(
                 "LRRangeTest(apply_to='one_cycle') needs an LRSchedule callback with a OneCycle schedule "
-                "(e.g. schedule=one_cycle); found none. Use apply_to='lr' to set the base LR instead")
+                "(e.g. schedule=one_cycle); found none. Use apply_to='lr' to set the base LR instead"
+            )
         # before Lightning restores callback states: an added owner gets its own back
         self._lr_owner = lr_owner(trainer, f"LRRangeTest(apply_to={self.apply_to!r})")
 
@@ -186,11 +191,14 @@ class LRRangeTest(Callback):
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
             raise MisconfigurationException(
-                f"LRRangeTest works with one optimizer; configure_optimizers returned {len(optimizers)}")
+                f"LRRangeTest works with one optimizer; configure_optimizers returned {len(optimizers)}"
+            )
         strategy = type(trainer.strategy).__name__
         if any(s in strategy for s in ("FSDP", "DeepSpeed", "ModelParallel")):
-            raise MisconfigurationException(f"LRRangeTest keeps an in-memory copy of the model and cannot run "
-                                            f"under the sharded strategy {strategy}; use DDP or one device")
+            raise MisconfigurationException(
+                f"LRRangeTest keeps an in-memory copy of the model and cannot run "
+                f"under the sharded strategy {strategy}; use DDP or one device"
+            )
         optimizer = optimizers[0]
         loop = trainer.fit_loop
         saved = {
@@ -224,9 +232,17 @@ class LRRangeTest(Callback):
             finally:
                 self._restore(trainer, pl_module, optimizer, saved)
         result = RangeTestResult(
-            lrs=sweep.lrs, losses=sweep.losses, raw_losses=sweep.raw, mode=self.mode, min_lr=self.min_lr,
-            max_lr=self.max_lr, num_steps=self.num_steps, skip_begin=self.skip_begin, skip_end=self.skip_end,
-            stop_reason=sweep.reason or f"completed {len(sweep.lrs)} of {self.num_steps} steps")
+            lrs=sweep.lrs,
+            losses=sweep.losses,
+            raw_losses=sweep.raw,
+            mode=self.mode,
+            min_lr=self.min_lr,
+            max_lr=self.max_lr,
+            num_steps=self.num_steps,
+            skip_begin=self.skip_begin,
+            skip_end=self.skip_end,
+            stop_reason=sweep.reason or f"completed {len(sweep.lrs)} of {self.num_steps} steps",
+        )
         result = trainer.strategy.broadcast(result)  # one curve, one suggestion on every rank
         self.result = result
         self.plot_file = self._plot(trainer, result)
@@ -234,12 +250,14 @@ class LRRangeTest(Callback):
         rank_zero_info(
             f"LRRangeTest: {len(result.lrs)} steps, lr {self.min_lr:.3g} -> {result.lrs[-1] if result.lrs else 0:.3g} "
             f"({self.mode}); {result.stop_reason}. Suggestions: steepest {_fmt(steep)}, min-loss/10 {_fmt(div10)}"
-            + (f"; plot {self.plot_file}" if self.plot_file else ""))
+            + (f"; plot {self.plot_file}" if self.plot_file else "")
+        )
         return result
 
     @staticmethod
-    def _restore(trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
-                 saved: dict[str, Any]) -> None:
+    def _restore(
+        trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+    ) -> None:
         loop = trainer.fit_loop
         trainer.strategy.lr_scheduler_configs = saved["schedulers"]
         trainer.callbacks = saved["callbacks"]  # type: ignore[attr-defined]
@@ -281,11 +299,16 @@ class LRRangeTest(Callback):
         """Set the base LR (and the module's LR attribute) to the suggestion; return the LR set."""
         lr = result.suggest(self.method)
         if lr is None:
-            why = (f"the smoothed loss never fell below its first value ({result.stop_reason or 'no fall'}: "
-                   f"the sweep starts too high, lower min_lr)" if result.losses and not result.fell
-                   else f"{len(result.lrs)} points recorded")
-            rank_zero_warn(f"LRRangeTest(apply_to={self.apply_to!r}): no {self.method} suggestion ({why}); "
-                           "the LR stays as configured")
+            why = (
+                f"the smoothed loss never fell below its first value ({result.stop_reason or 'no fall'}: "
+                f"the sweep starts too high, lower min_lr)"
+                if result.losses and not result.fell
+                else f"{len(result.lrs)} points recorded"
+            )
+            rank_zero_warn(
+                f"LRRangeTest(apply_to={self.apply_to!r}): no {self.method} suggestion ({why}); "
+                "the LR stays as configured"
+            )
             return None
         groups = trainer.optimizers[0].param_groups
         first = groups[0]["lr"]
@@ -294,8 +317,9 @@ class LRRangeTest(Callback):
         where = self._update_attr(pl_module, lr)
         self.applied_lr = lr
         target = "OneCycle peak LR" if self.apply_to == "one_cycle" else "base LR"
-        rank_zero_info(f"LRRangeTest: {target} set to {lr:.4g} ({self.method})"
-                       + (f"; updated {where}" if where else ""))
+        rank_zero_info(
+            f"LRRangeTest: {target} set to {lr:.4g} ({self.method})" + (f"; updated {where}" if where else "")
+        )
         return lr
 
     def _update_attr(self, pl_module: LightningModule, lr: float) -> str | None:
@@ -317,15 +341,18 @@ class LRRangeTest(Callback):
                 setattr(pl_module, name, lr)
                 return f"{type(pl_module).__name__}.{name}"
         if self.attr_name:
-            raise AttributeError(f"LRRangeTest(attr_name={self.attr_name!r}): the module has no such attribute "
-                                 "or hparam")
+            raise AttributeError(
+                f"LRRangeTest(attr_name={self.attr_name!r}): the module has no such attribute or hparam"
+            )
         return None
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"applied_lr": self.applied_lr,
-                "suggestion": None if self.result is None else self.result.suggestion,
-                "suggestion_min_div10": None if self.result is None else self.result.suggestion_min_div10}
+        return {
+            "applied_lr": self.applied_lr,
+            "suggestion": None if self.result is None else self.result.suggestion,
+            "suggestion_min_div10": None if self.result is None else self.result.suggestion_min_div10,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied_lr = state_dict.get("applied_lr", self.applied_lr)
@@ -361,8 +388,9 @@ class _Sweep(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         self._set(trainer)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             loss = loss.detach().float()
@@ -372,8 +400,7 @@ class _Sweep(Callback):
         step = trainer.global_step
         if step == self._last:
             return  # inside an accumulation window
-        lr = sweep_lr(self._last - self.start, self.test.num_steps, self.test.min_lr, self.test.max_lr,
-                      self.test.mode)
+        lr = sweep_lr(self._last - self.start, self.test.num_steps, self.test.min_lr, self.test.max_lr, self.test.mode)
         self._last = step
         if not self._window:  # the step returned no loss (training_step gave None): a gap, not a divergence
             self.lrs.append(lr)
@@ -454,12 +481,28 @@ def lr_range_test(
         ...                        trainer_kwargs={"accelerator": "cpu"})        # doctest: +SKIP
         >>> module.optimizer_config.lr = result.suggestion                        # doctest: +SKIP
     """
-    callback = LRRangeTest(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode, smooth=smooth,
-                           diverge_threshold=diverge_threshold, skip_begin=skip_begin, skip_end=skip_end,
-                           apply_to=None, plot_path=plot_path, exit_after=True)
-    kwargs: dict[str, Any] = {"devices": 1, "max_epochs": 1, "logger": False, "enable_checkpointing": False,
-                              "enable_progress_bar": False, "enable_model_summary": False,
-                              "num_sanity_val_steps": 0}
+    callback = LRRangeTest(
+        min_lr=min_lr,
+        max_lr=max_lr,
+        num_steps=num_steps,
+        mode=mode,
+        smooth=smooth,
+        diverge_threshold=diverge_threshold,
+        skip_begin=skip_begin,
+        skip_end=skip_end,
+        apply_to=None,
+        plot_path=plot_path,
+        exit_after=True,
+    )
+    kwargs: dict[str, Any] = {
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
     kwargs.update(trainer_kwargs or {})
     extra = list(kwargs.pop("callbacks", None) or [])
     trainer = Trainer(callbacks=[callback, *extra], **kwargs)

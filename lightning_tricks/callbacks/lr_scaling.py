@@ -79,13 +79,17 @@ class LinearScaling(Callback):
     """
 
     def __init__(self, reference_batch_size: int = 256, rule: str = "linear", batch_size: int | None = None) -> None:
-        if isinstance(reference_batch_size, bool) or not isinstance(reference_batch_size, int) \
-                or reference_batch_size < 1:
+        if (
+            isinstance(reference_batch_size, bool)
+            or not isinstance(reference_batch_size, int)
+            or reference_batch_size < 1
+        ):
             raise ValueError(f"reference_batch_size must be an int >= 1, got {reference_batch_size!r}")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
         self.reference_batch_size = reference_batch_size
         self.rule = rule
@@ -111,7 +115,8 @@ class LinearScaling(Callback):
                 raise ValueError(
                     "LinearScaling could not find the per-device batch size: no int `batch_size` on the "
                     "datamodule, the module or its hparams, and the train dataloader has none; "
-                    "pass LinearScaling(batch_size=...)")
+                    "pass LinearScaling(batch_size=...)"
+                )
             per_device, where = found
         accumulate = int(trainer.accumulate_grad_batches)
         world = int(trainer.world_size)
@@ -121,22 +126,32 @@ class LinearScaling(Callback):
             rank_zero_warn("LinearScaling found no optimizer to scale")
             return
         owner = self._lr_owner if self._lr_owner is not None else lr_owner(trainer, "LinearScaling")
-        changes = [f"{old:.4g} -> {new:.4g}" for _, _, old, new in owner.scale_base_lrs(trainer, self.factor,
-                                                                                         by="LinearScaling")]
+        changes = [
+            f"{old:.4g} -> {new:.4g}"
+            for _, _, old, new in owner.scale_base_lrs(trainer, self.factor, by="LinearScaling")
+        ]
         for config in trainer.lr_scheduler_configs:
-            rank_zero_warn(f"LinearScaling scaled the base LRs of the module's {type(config.scheduler).__name__}; "
-                           "bounds it keeps elsewhere (max_lr, eta_min, ...) are not scaled. "
-                           "lightning_tricks.callbacks.LRSchedule has none of these.")
+            rank_zero_warn(
+                f"LinearScaling scaled the base LRs of the module's {type(config.scheduler).__name__}; "
+                "bounds it keeps elsewhere (max_lr, eta_min, ...) are not scaled. "
+                "lightning_tricks.callbacks.LRSchedule has none of these."
+            )
         rank_zero_info(
             f"LinearScaling ({self.rule}): global batch {self.global_batch_size} = {per_device} per device "
             f"(from {where}) x {accumulate} accumulated x {world} device(s); reference {self.reference_batch_size}; "
             f"LR x {self.factor:.4g}: {', '.join(changes)}"
-            + (f" (resuming from {trainer.ckpt_path}: its optimizer state, already scaled, replaces these)"
-               if trainer.ckpt_path else ""))
+            + (
+                f" (resuming from {trainer.ckpt_path}: its optimizer state, already scaled, replaces these)"
+                if trainer.ckpt_path
+                else ""
+            )
+        )
         if self.factor >= 2 and not self._has_warmup(trainer):
-            rank_zero_warn(f"LinearScaling multiplies the LR by {self.factor:.3g} without a warmup; Goyal et al. "
-                           "ramp the LR up over the first epochs: add LRSchedule(Warmup(...)) "
-                           "(schedule=warmup_cosine)")
+            rank_zero_warn(
+                f"LinearScaling multiplies the LR by {self.factor:.3g} without a warmup; Goyal et al. "
+                "ramp the LR up over the first epochs: add LRSchedule(Warmup(...)) "
+                "(schedule=warmup_cosine)"
+            )
 
     @staticmethod
     def _has_warmup(trainer: Trainer) -> bool:

@@ -52,8 +52,10 @@ def lr_owner(trainer: Trainer, by: str) -> LRSchedule:
     owner = LRSchedule(Constant(), log=False)
     owner._implicit = True
     trainer_callbacks(trainer).append(owner)
-    rank_zero_info(f"{by} changes the learning rate through LRSchedule, and there was none: added "
-                   "LRSchedule(Constant()) to own the LR (add your own LRSchedule to choose the schedule)")
+    rank_zero_info(
+        f"{by} changes the learning rate through LRSchedule, and there was none: added "
+        "LRSchedule(Constant()) to own the LR (add your own LRSchedule to choose the schedule)"
+    )
     return owner
 
 
@@ -141,8 +143,9 @@ class LRSchedule(Callback):
             raise ValueError(f"schedule must be callable as schedule(step, total_steps), got {schedule!r}")
         if momentum is not None and not callable(momentum):
             raise ValueError(f"momentum must be None or callable as momentum(step, total_steps), got {momentum!r}")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps < 1):
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
             raise ValueError(f"total_steps must be None or an int >= 1, got {total_steps!r}")
         if optimizers is not None:
             idx = [optimizers] if isinstance(optimizers, int) else list(optimizers)
@@ -180,8 +183,9 @@ class LRSchedule(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(schedule=self._key_schedule, momentum=repr(self.momentum),
-                                        optimizers=self.optimizers)
+        return self._generate_state_key(
+            schedule=self._key_schedule, momentum=repr(self.momentum), optimizers=self.optimizers
+        )
 
     @property
     def added(self) -> bool:
@@ -241,7 +245,8 @@ class LRSchedule(Callback):
             if other != by:
                 raise MisconfigurationException(
                     f"{by} and {other} both put an LR phase over {self._name()}; only one can own the tail of "
-                    f"the LR curve. Keep the LR argument of one of them.{_hint(hint)}")
+                    f"the LR curve. Keep the LR argument of one of them.{_hint(hint)}"
+                )
         self._phases[by] = phase
         self._hints[by] = hint
         self._phase_factor.pop(by, None)
@@ -258,14 +263,15 @@ class LRSchedule(Callback):
         """
         if self._schedule_by is not None and self._schedule_by != by:
             raise MisconfigurationException(
-                f"{by} and {self._schedule_by} both set the schedule of {self._name()}; keep one of them."
-                f"{_hint(hint)}")
+                f"{by} and {self._schedule_by} both set the schedule of {self._name()}; keep one of them.{_hint(hint)}"
+            )
         if not self._implicit and self._schedule_by is None:
             if schedule != self.schedule:
                 raise MisconfigurationException(
                     f"{by} sets the LR schedule to {schedule!r}, but {self._name()} has its own schedule: two "
                     f"schedules cannot both own the LR. Remove the LRSchedule callback, or give it exactly "
-                    f"{schedule!r}.{_hint(hint)}")
+                    f"{schedule!r}.{_hint(hint)}"
+                )
             return
         self.schedule = schedule
         self._schedule_by = by
@@ -286,8 +292,9 @@ class LRSchedule(Callback):
         """
         return self._change_base(trainer, by, lambda i, j, x: x * factor)
 
-    def set_base_lrs(self, trainer: Trainer, lrs: dict[int, Sequence[float]], by: str
-                     ) -> list[tuple[int, int, float, float]]:
+    def set_base_lrs(
+        self, trainer: Trainer, lrs: dict[int, Sequence[float]], by: str
+    ) -> list[tuple[int, int, float, float]]:
         """Set the base LR of the groups of the given optimizers (the range test's hand-off).
 
         ``lrs`` maps an optimizer index to one LR per group. Applied as :meth:`scale_base_lrs` is;
@@ -296,12 +303,15 @@ class LRSchedule(Callback):
         optimizers = trainer.optimizers
         for i, values in lrs.items():
             if not 0 <= i < len(optimizers) or len(values) != len(optimizers[i].param_groups):
-                raise ValueError(f"{by}: set_base_lrs got {len(values)} LR(s) for optimizer {i}, which has "
-                                 f"{len(optimizers[i].param_groups) if 0 <= i < len(optimizers) else 'no'} group(s)")
+                raise ValueError(
+                    f"{by}: set_base_lrs got {len(values)} LR(s) for optimizer {i}, which has "
+                    f"{len(optimizers[i].param_groups) if 0 <= i < len(optimizers) else 'no'} group(s)"
+                )
         return self._change_base(trainer, by, lambda i, j, x: float(lrs[i][j]) if i in lrs else x)
 
-    def _change_base(self, trainer: Trainer, by: str, fn: Callable[[int, int, float], float]
-                     ) -> list[tuple[int, int, float, float]]:
+    def _change_base(
+        self, trainer: Trainer, by: str, fn: Callable[[int, int, float], float]
+    ) -> list[tuple[int, int, float, float]]:
         self._prepare(trainer)
         changes: list[tuple[int, int, float, float]] = []
         for i, opt in enumerate(trainer.optimizers):
@@ -336,12 +346,15 @@ class LRSchedule(Callback):
         optimizers = trainer.optimizers
         if not optimizers:
             raise MisconfigurationException(
-                "LRSchedule found no optimizer: configure_optimizers must return one for the schedule to drive")
+                "LRSchedule found no optimizer: configure_optimizers must return one for the schedule to drive"
+            )
         indices = list(range(len(optimizers))) if self.optimizers is None else list(self.optimizers)
         bad = [i for i in indices if i >= len(optimizers)]
         if bad:
-            raise ValueError(f"LRSchedule(optimizers={self.optimizers!r}): index {bad[0]} is out of range; "
-                             f"the module has {len(optimizers)} optimizer(s)")
+            raise ValueError(
+                f"LRSchedule(optimizers={self.optimizers!r}): index {bad[0]} is out of range; "
+                f"the module has {len(optimizers)} optimizer(s)"
+            )
         for other in trainer_callbacks(trainer):
             if other is self or not isinstance(other, LRSchedule):
                 continue
@@ -350,7 +363,8 @@ class LRSchedule(Callback):
             if common:
                 raise MisconfigurationException(
                     f"{self._name()} and {other._name()} both drive optimizer {common[0]}: one LR owner per "
-                    "optimizer. Keep one LRSchedule, or split the optimizers with LRSchedule(optimizers=...)")
+                    "optimizer. Keep one LRSchedule, or split the optimizers with LRSchedule(optimizers=...)"
+                )
         self._deferred = {}
         driven = {id(optimizers[i]): i for i in indices}
         for config in trainer.lr_scheduler_configs:
@@ -362,7 +376,8 @@ class LRSchedule(Callback):
                 raise MisconfigurationException(
                     f"{self._name()} and the module's own LR scheduler {name} would both set the LR of optimizer "
                     f"{i} ({type(opt).__name__}). Use one: return only the optimizer from configure_optimizers, "
-                    "or drop the LRSchedule callback (or pass LRSchedule(optimizers=...) to drive the others).")
+                    "or drop the LRSchedule callback (or pass LRSchedule(optimizers=...) to drive the others)."
+                )
             self._deferred[i] = name  # added by lr_owner: the module's scheduler owns this optimizer's LR
         indices = [i for i in indices if i not in self._deferred]
         if self.momentum is not None:
@@ -372,7 +387,8 @@ class LRSchedule(Callback):
                         raise MisconfigurationException(
                             f"LRSchedule(momentum={self.momentum!r}): optimizer {i} ({type(optimizers[i]).__name__}) "
                             f"group {j} has neither 'momentum' nor 'betas' to schedule; use SGD/RMSprop/Adam(W) or "
-                            "drop the momentum schedule")
+                            "drop the momentum schedule"
+                        )
         self._indices = indices
         self._total = self._run_length(trainer)
         self._prepared = True
@@ -387,9 +403,14 @@ class LRSchedule(Callback):
             check = getattr(fn, "check", None)
             check(self._total) if check is not None else fn(0, self._total)
         except ValueError as e:
-            hint = "" if self._total is not None else (
-                " (the Trainer gives no run length: max_steps=-1 and max_epochs=-1; "
-                "pass LRSchedule(total_steps=...))")
+            hint = (
+                ""
+                if self._total is not None
+                else (
+                    " (the Trainer gives no run length: max_steps=-1 and max_epochs=-1; "
+                    "pass LRSchedule(total_steps=...))"
+                )
+            )
             raise ValueError(f"LRSchedule {name} {fn!r} cannot run {self._total} steps: {e}{hint}") from e
 
     def _check_contributions(self, by: str, hint: str) -> None:
@@ -400,7 +421,8 @@ class LRSchedule(Callback):
                 f"{by} sets {what} through LRSchedule, but the module's own LR scheduler {name} owns the LR of "
                 f"optimizer {i}: one would silently override the other. Either drop {by}'s LR argument (the LR "
                 f"stays with {name}), or return only the optimizer from configure_optimizers and give the "
-                f"schedule to an LRSchedule callback.{_hint(hint)}")
+                f"schedule to an LRSchedule callback.{_hint(hint)}"
+            )
 
     def _run_length(self, trainer: Trainer) -> int | None:
         if self.total_steps is not None:
@@ -454,8 +476,9 @@ class LRSchedule(Callback):
         if regrouped or step != self._written_step:
             self._write(trainer, step)
 
-    def _foreign_write(self, optimizer: torch.optim.Optimizer, i: int, j: int, found: float, written: float,
-                       step: int) -> None:
+    def _foreign_write(
+        self, optimizer: torch.optim.Optimizer, i: int, j: int, found: float, written: float, step: int
+    ) -> None:
         name = optimizer.param_groups[j].get("name")
         label = f"group {j}" + (f" ({name!r})" if name is not None else "")
         raise RuntimeError(
@@ -463,7 +486,8 @@ class LRSchedule(Callback):
             f"lr={found!r} where it wrote {written!r} for step {step}: something else set param_group['lr'] "
             "during fit. Contribute to the LR through LRSchedule instead (lr_owner(trainer).add_phase / "
             "set_schedule / scale_base_lrs / set_base_lrs), or remove the other writer (a callback, a module "
-            "hook, a torch LR scheduler stepped by hand).")
+            "hook, a torch LR scheduler stepped by hand)."
+        )
 
     def _regroup(self, trainer: Trainer, i: int) -> list[float]:
         """Groups were added to optimizer ``i`` during training (e.g. by unfreezing a backbone): they join
@@ -471,15 +495,16 @@ class LRSchedule(Callback):
         assert self._base is not None
         groups = trainer.optimizers[i].param_groups
         base = self._base[i][: len(groups)]
-        for group in groups[len(base):]:
+        for group in groups[len(base) :]:
             b = float(group.get("initial_lr", group["lr"]))
             group["initial_lr"] = b
             base.append(b)
         self._base[i] = base
         self._lr_keys = self._keys(trainer.optimizers, self._base, self.log_name)
         if self.momentum is not None:
-            self._momentum_keys = self._keys(trainer.optimizers, {j: [0.0] * len(b) for j, b in self._base.items()},
-                                             "momentum")
+            self._momentum_keys = self._keys(
+                trainer.optimizers, {j: [0.0] * len(b) for j, b in self._base.items()}, "momentum"
+            )
         return base
 
     # -- Lightning hooks --------------------------------------------------------------------------
@@ -507,15 +532,19 @@ class LRSchedule(Callback):
                 base[i] = [float(b) for b in saved]
             else:
                 if saved is not None:
-                    rank_zero_warn(f"LRSchedule: the checkpoint has {len(saved)} base LR(s) for optimizer {i} but "
-                                   f"it has {len(groups)} group(s) now; using the groups' current LRs")
+                    rank_zero_warn(
+                        f"LRSchedule: the checkpoint has {len(saved)} base LR(s) for optimizer {i} but "
+                        f"it has {len(groups)} group(s) now; using the groups' current LRs"
+                    )
                 base[i] = [float(g.get("initial_lr", g["lr"])) for g in groups]
             for group, b in zip(groups, base[i]):
                 group["initial_lr"] = b
         saved_total = (self._loaded or {}).get("total_steps")
         if saved_total is not None and saved_total != self._total:
-            rank_zero_warn(f"LRSchedule: the checkpoint's run was {saved_total} steps long, this run is "
-                           f"{self._total}; the LR curve continues on the new length from step {trainer.global_step}")
+            rank_zero_warn(
+                f"LRSchedule: the checkpoint's run was {saved_total} steps long, this run is "
+                f"{self._total}; the LR curve continues on the new length from step {trainer.global_step}"
+            )
         saved_phases = (self._loaded or {}).get("phases") or {}
         for name, phase in self._phases.items():
             saved = saved_phases.get(name)
@@ -524,8 +553,10 @@ class LRSchedule(Callback):
             if int(saved.get("start_step", -1)) == phase.start_step and saved.get("factor_at_start") is not None:
                 self._phase_factor[name] = float(saved["factor_at_start"])
             else:
-                rank_zero_warn(f"LRSchedule: the checkpoint's {name} phase started at step {saved.get('start_step')}, "
-                               f"this run's starts at {phase.start_step}")
+                rank_zero_warn(
+                    f"LRSchedule: the checkpoint's {name} phase started at step {saved.get('start_step')}, "
+                    f"this run's starts at {phase.start_step}"
+                )
         self._base = base
         self._loaded = None
         self._lr_keys = self._keys(optimizers, base, self.log_name)
@@ -537,12 +568,14 @@ class LRSchedule(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._sync(trainer)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._sync(trainer)  # after a step: the optimizer now holds the LR of the next one
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if self._base is None:
             return
         self._sync(trainer)  # the guard: right before the update that uses the LR
@@ -554,14 +587,14 @@ class LRSchedule(Callback):
         groups = optimizer.param_groups
         for j, key in enumerate(self._lr_keys[index]):
             if key is not None:
-                pl_module.log(key, torch.tensor(groups[j]["lr"], dtype=torch.float64), on_step=True,
-                              on_epoch=False, batch_size=1)
+                pl_module.log(
+                    key, torch.tensor(groups[j]["lr"], dtype=torch.float64), on_step=True, on_epoch=False, batch_size=1
+                )
         for j, key in enumerate(self._momentum_keys.get(index, [])):
             if key is not None:
                 g = groups[j]
                 value = g["betas"][0] if "betas" in g else g["momentum"]
-                pl_module.log(key, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False,
-                              batch_size=1)
+                pl_module.log(key, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False, batch_size=1)
 
     @staticmethod
     def _keys(optimizers: list, base: dict[int, list[float]], name: str) -> dict[int, list[str | None]]:
@@ -589,10 +622,14 @@ class LRSchedule(Callback):
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"base_lrs": None if self._base is None else {i: list(b) for i, b in self._base.items()},
-                "total_steps": self._total,
-                "phases": {name: {"start_step": int(p.start_step), "factor_at_start": self._phase_factor.get(name)}
-                           for name, p in self._phases.items()}}
+        return {
+            "base_lrs": None if self._base is None else {i: list(b) for i, b in self._base.items()},
+            "total_steps": self._total,
+            "phases": {
+                name: {"start_step": int(p.start_step), "factor_at_start": self._phase_factor.get(name)}
+                for name, p in self._phases.items()
+            },
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         base = state_dict.get("base_lrs")

@@ -18,15 +18,15 @@ from lightning_tricks.plots import plot_curves
 class CurvePlot(Callback):
     """Keep the curves of a run and save them as ``curves.png`` when fit ends.
 
-    Epoch-level metrics whose names contain ``loss`` or ``acc`` are read from
-    ``trainer.callback_metrics`` once per epoch (one host copy per epoch, none per step). The LR of each
-    parameter group is read from the optimizer right before every optimizer step, so it is the LR that
-step used whatever the order of the callbacks (a Python float, no sync).
-    The history is kept in checkpoints, so a resumed run plots the whole curve.
+        Epoch-level metrics whose names contain ``loss`` or ``acc`` are read from
+        ``trainer.callback_metrics`` once per epoch (one host copy per epoch, none per step). The LR of each
+        parameter group is read from the optimizer right before every optimizer step, so it is the LR that
+    step used whatever the order of the callbacks (a Python float, no sync).
+        The history is kept in checkpoints, so a resumed run plots the whole curve.
 
-    Args:
-        dirpath: folder of the PNG; defaults to the Trainer's ``log_dir`` (or ``default_root_dir``).
-        filename: name of the PNG.
+        Args:
+            dirpath: folder of the PNG; defaults to the Trainer's ``log_dir`` (or ``default_root_dir``).
+            filename: name of the PNG.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "curves.png") -> None:
@@ -77,9 +77,12 @@ step used whatever the order of the callbacks (a Python float, no sync).
             return
         directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
         net = type(getattr(pl_module, "net", pl_module)).__name__
-        self.path = plot_curves(self.epoch_metrics, self.lr, os.path.join(directory, self.filename),
-                                title=f"{type(pl_module).__name__}({net}), "
-                                      f"{trainer.current_epoch} epochs, {trainer.global_step} steps")
+        self.path = plot_curves(
+            self.epoch_metrics,
+            self.lr,
+            os.path.join(directory, self.filename),
+            title=f"{type(pl_module).__name__}({net}), {trainer.current_epoch} epochs, {trainer.global_step} steps",
+        )
         rank_zero_info(f"CurvePlot: wrote {self.path}")
 
     def state_dict(self) -> dict[str, Any]:

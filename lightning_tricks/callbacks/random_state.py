@@ -105,8 +105,10 @@ class RandomState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ranks = state_dict.get("ranks")
         if not isinstance(ranks, (list, tuple)) or not ranks:
-            raise ValueError(f"RandomState: the checkpoint's state has no 'ranks' list of RNG states, "
-                             f"got keys {sorted(map(str, state_dict))}")
+            raise ValueError(
+                f"RandomState: the checkpoint's state has no 'ranks' list of RNG states, "
+                f"got keys {sorted(map(str, state_dict))}"
+            )
         for i, states in enumerate(ranks):
             try:
                 check_rng_states(states)
@@ -120,19 +122,25 @@ class RandomState(Callback):
         self.restored = False
         if pending is None:
             if trainer.ckpt_path is not None:
-                rank_zero_warn(f"RandomState: the checkpoint {trainer.ckpt_path} has no RNG states (saved without "
-                               "RandomState), so the resumed run draws differently from the uninterrupted one")
+                rank_zero_warn(
+                    f"RandomState: the checkpoint {trainer.ckpt_path} has no RNG states (saved without "
+                    "RandomState), so the resumed run draws differently from the uninterrupted one"
+                )
             return
         world, rank = int(trainer.world_size), int(trainer.global_rank)
         if pending["world_size"] != world or len(pending["ranks"]) != world:
-            rank_zero_warn(f"RandomState: the checkpoint holds RNG states of {pending['world_size']} rank(s), this run "
-                           f"has world_size={world}; the RNG states are not restored")
+            rank_zero_warn(
+                f"RandomState: the checkpoint holds RNG states of {pending['world_size']} rank(s), this run "
+                f"has world_size={world}; the RNG states are not restored"
+            )
             return
         states = pending["ranks"][rank]
         n_cuda = set_rng_states(states, self.cuda)
         if self.cuda is not False and n_cuda < len(states["cuda"]):
-            rank_zero_warn(f"RandomState: the checkpoint has {len(states['cuda'])} CUDA generator state(s), "
-                           f"{n_cuda} restored (visible CUDA devices: {_cuda_count()})")
+            rank_zero_warn(
+                f"RandomState: the checkpoint has {len(states['cuda'])} CUDA generator state(s), "
+                f"{n_cuda} restored (visible CUDA devices: {_cuda_count()})"
+            )
         self.restored = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

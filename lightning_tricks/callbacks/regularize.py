@@ -79,8 +79,10 @@ class L1Regularization(Callback):
             return
         chosen = select_parameters(pl_module, self.include, self.exclude_bias, trainable_only=False)
         if not chosen:
-            raise ValueError(f"L1Regularization(include={self.include!r}, exclude_bias={self.exclude_bias}) "
-                             f"matched no parameter of {type(pl_module).__name__}")
+            raise ValueError(
+                f"L1Regularization(include={self.include!r}, exclude_bias={self.exclude_bias}) "
+                f"matched no parameter of {type(pl_module).__name__}"
+            )
         self.names = [n for n, _ in chosen]
         self._params = [p for _, p in chosen]
         self._per_optimizer.clear()

@@ -103,8 +103,13 @@ class InitialLossCheck(Callback):
         >>> trainer = Trainer(callbacks=[InitialLossCheck(rtol=0.1, action="raise")])  # doctest: +SKIP
     """
 
-    def __init__(self, expected: str | float = "log_num_classes", rtol: float = 0.1, action: str = "warn",
-                 loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self,
+        expected: str | float = "log_num_classes",
+        rtol: float = 0.1,
+        action: str = "warn",
+        loss_fn: LossFn | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(expected, str):
             if expected != "log_num_classes":
@@ -132,11 +137,16 @@ class InitialLossCheck(Callback):
             return
         num_classes = getattr(pl_module, "num_classes", None)
         self.report = initial_loss(
-            pl_module, batch, self.expected, self.rtol,
-            num_classes=num_classes if isinstance(num_classes, int) else None, loss_fn=self.loss_fn,
+            pl_module,
+            batch,
+            self.expected,
+            self.rtol,
+            num_classes=num_classes if isinstance(num_classes, int) else None,
+            loss_fn=self.loss_fn,
         )
-        log_to_loggers(trainer, {"sanity/initial_loss": self.report.loss,
-                                 "sanity/initial_loss_expected": self.report.expected})
+        log_to_loggers(
+            trainer, {"sanity/initial_loss": self.report.loss, "sanity/initial_loss_expected": self.report.expected}
+        )
         _report(trainer, "InitialLossCheck", self.report.passed, self.report.reason, self.action)
 
 
@@ -163,8 +173,16 @@ class OverfitCheck(Callback):
         seed: seed of the copy's training (on a forked RNG).
     """
 
-    def __init__(self, num_samples: int = 20, steps: int = 200, target_loss: float = 0.05,
-                 lr: float | None = None, action: str = "warn", loss_fn: LossFn | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int = 20,
+        steps: int = 200,
+        target_loss: float = 0.05,
+        lr: float | None = None,
+        action: str = "warn",
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if not (isinstance(num_samples, int) and num_samples >= 1):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
@@ -190,12 +208,25 @@ class OverfitCheck(Callback):
             raise MisconfigurationException("OverfitCheck: the Trainer has no training dataloader")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.result = overfit_check(
-            pl_module, data, num_samples=self.num_samples, steps=self.steps, target_loss=self.target_loss,
-            lr=self.lr, optimizer=optimizer, loss_fn=self.loss_fn, seed=self.seed,
+            pl_module,
+            data,
+            num_samples=self.num_samples,
+            steps=self.steps,
+            target_loss=self.target_loss,
+            lr=self.lr,
+            optimizer=optimizer,
+            loss_fn=self.loss_fn,
+            seed=self.seed,
         )
         r = self.result
-        log_to_loggers(trainer, {"sanity/overfit_loss": r.final_loss, "sanity/overfit_passed": float(r.passed),
-                                 "sanity/overfit_steps": float(r.steps)})
+        log_to_loggers(
+            trainer,
+            {
+                "sanity/overfit_loss": r.final_loss,
+                "sanity/overfit_passed": float(r.passed),
+                "sanity/overfit_steps": float(r.steps),
+            },
+        )
         _report(trainer, "OverfitCheck", r.passed, r.reason, self.action)
 
 
@@ -243,8 +274,13 @@ class UpdateRatioMonitor(Callback):
         log_per_tensor: log each tensor's ratio (else only the median).
     """
 
-    def __init__(self, every_n_steps: int = 50, band: Sequence[float] = (1e-4, 1e-2), params: str = "weights",
-                 log_per_tensor: bool = True) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        band: Sequence[float] = (1e-4, 1e-2),
+        params: str = "weights",
+        log_per_tensor: bool = True,
+    ) -> None:
         super().__init__()
         self.every_n_steps = _check_every(every_n_steps)
         band = tuple(float(b) for b in band)
@@ -290,8 +326,9 @@ class UpdateRatioMonitor(Callback):
         self._tracker.snapshot()
         self._pending, self._step = True, trainer.global_step
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._pending:
             return
         self._pending = False
@@ -406,10 +443,12 @@ class DeadUnitMonitor(Callback):
         def hook(module: nn.Module, args: Any, out: Tensor) -> None:
             with torch.no_grad():
                 self._stats[name].append(relu_stats(out))
+
         return hook
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._handles:
             return
         for h in self._handles:

@@ -51,8 +51,10 @@ def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
         raise ValueError(f"need cycles >= 1 and total_steps >= 1, got cycles={cycles}, total_steps={total_steps}")
     length = math.ceil(total_steps / cycles)
     if (cycles - 1) * length >= total_steps:
-        raise ValueError(f"cycles={cycles} do not fit in {total_steps} optimizer steps: cycles of "
-                         f"ceil({total_steps}/{cycles})={length} steps leave the last cycle empty")
+        raise ValueError(
+            f"cycles={cycles} do not fit in {total_steps} optimizer steps: cycles of "
+            f"ceil({total_steps}/{cycles})={length} steps leave the last cycle empty"
+        )
     steps = [end + 1 for end in CosineRestarts(T_0=length, T_mult=1, min_factor=0.0).cycle_ends(total_steps)]
     if len(steps) < cycles:
         steps.append(total_steps)
@@ -101,8 +103,15 @@ class SnapshotEnsemble(Callback):
         "SnapshotEnsemble{'cycles': 4}"
     """
 
-    def __init__(self, cycles: int, keep: str = "memory", dirpath: str | Path | None = None, schedule: bool = True,
-                 evaluate: bool = True, metrics: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cycles: int,
+        keep: str = "memory",
+        dirpath: str | Path | None = None,
+        schedule: bool = True,
+        evaluate: bool = True,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
         check_int("cycles", cycles, 1)
         if keep not in ("memory", "disk"):
             raise ValueError(f"keep must be 'memory' or 'disk', got {keep!r}")
@@ -138,10 +147,16 @@ class SnapshotEnsemble(Callback):
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.max_epochs is not None and trainer.max_epochs > 0 \
-                and self.cycles > trainer.max_epochs:
-            raise ValueError(f"SnapshotEnsemble cycles={self.cycles} is larger than the number of epochs "
-                             f"(max_epochs={trainer.max_epochs}); use at most one cycle per epoch")
+        if (
+            stage == "fit"
+            and trainer.max_epochs is not None
+            and trainer.max_epochs > 0
+            and self.cycles > trainer.max_epochs
+        ):
+            raise ValueError(
+                f"SnapshotEnsemble cycles={self.cycles} is larger than the number of epochs "
+                f"(max_epochs={trainer.max_epochs}); use at most one cycle per epoch"
+            )
         if stage == "fit" and self.schedule:  # before Lightning restores callback states: an added owner gets its own
             self._lr_owner = lr_owner(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
 
@@ -154,8 +169,9 @@ class SnapshotEnsemble(Callback):
             raise ValueError("SnapshotEnsemble needs a finite run (max_epochs or max_steps) to place its cycles")
         self.total_steps = int(total)
         if self.cycles > self.total_steps:
-            raise ValueError(f"SnapshotEnsemble cycles={self.cycles} is larger than the run's "
-                             f"{self.total_steps} optimizer steps")
+            raise ValueError(
+                f"SnapshotEnsemble cycles={self.cycles} is larger than the run's {self.total_steps} optimizer steps"
+            )
         self.steps = snapshot_steps(self.total_steps, self.cycles)
         self._cosine = CosineRestarts(T_0=math.ceil(self.total_steps / self.cycles), T_mult=1, min_factor=0.0)
         others = self._lr_callbacks(trainer)
@@ -163,20 +179,26 @@ class SnapshotEnsemble(Callback):
             if self._lr_owner is None:  # setup did not run (the hook called by hand)
                 self._lr_owner = lr_owner(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
             self._lr_owner.set_schedule(
-                f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)", self._cosine,
-                hint="Or use SnapshotEnsemble(schedule=False) with your schedule (its cycle ends must match).")
+                f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)",
+                self._cosine,
+                hint="Or use SnapshotEnsemble(schedule=False) with your schedule (its cycle ends must match).",
+            )
         else:
             ours = [e + 1 for e in self._cosine.cycle_ends(self.total_steps)]
             for cb in others:
                 ends = getattr(getattr(cb, "schedule", None), "cycle_ends", None)
                 theirs = None if ends is None else [e + 1 for e in ends(self.total_steps)]
                 if theirs is not None and theirs != ours:
-                    raise ValueError(f"the LRSchedule's cycles end after steps {theirs}, "
-                                     f"the snapshots are taken after {self.steps}; give its CosineRestarts "
-                                     f"T_0={self._cosine.T_0}, T_mult=1")
+                    raise ValueError(
+                        f"the LRSchedule's cycles end after steps {theirs}, "
+                        f"the snapshots are taken after {self.steps}; give its CosineRestarts "
+                        f"T_0={self._cosine.T_0}, T_mult=1"
+                    )
             if not others and not trainer.lr_scheduler_configs:
-                rank_zero_warn("SnapshotEnsemble(schedule=False) with no LR schedule: nothing restarts the LR, "
-                               "so the snapshots are just checkpoints of one descent")
+                rank_zero_warn(
+                    "SnapshotEnsemble(schedule=False) with no LR schedule: nothing restarts the LR, "
+                    "so the snapshots are just checkpoints of one descent"
+                )
         self._steps.start(trainer.global_step)
 
     # -- LR and snapshots --------------------------------------------------------------------------
@@ -185,8 +207,9 @@ class SnapshotEnsemble(Callback):
         assert self._cosine is not None and self.total_steps is not None
         return self._cosine(min(step, self.total_steps - 1), self.total_steps)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self._steps.stepped(step):
             return
@@ -211,8 +234,10 @@ class SnapshotEnsemble(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if len(self._snapshots) < self.cycles:
-            rank_zero_warn(f"SnapshotEnsemble took {len(self._snapshots)} of {self.cycles} snapshots (the run "
-                           f"stopped at step {trainer.global_step}; cycles end after steps {self.steps})")
+            rank_zero_warn(
+                f"SnapshotEnsemble took {len(self._snapshots)} of {self.cycles} snapshots (the run "
+                f"stopped at step {trainer.global_step}; cycles end after steps {self.steps})"
+            )
 
     # -- evaluation --------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -240,8 +265,15 @@ class SnapshotEnsemble(Callback):
 
             # each member is held as "snapshot_<k>"; afterwards the module holds what it held before
             with _untouched(pl_module, loaders), weights.keep():
-                out = evaluate_members(pl_module, self._snapshots, batches, metrics=self.metrics, use_average=False,
-                                       restore=False, load=load)
+                out = evaluate_members(
+                    pl_module,
+                    self._snapshots,
+                    batches,
+                    metrics=self.metrics,
+                    use_average=False,
+                    restore=False,
+                    load=load,
+                )
             suffix = f"/dataloader_idx_{i}" if len(loaders) > 1 else ""
             for k, member in enumerate(out["members"], start=1):
                 for name, value in member.items():
@@ -253,8 +285,12 @@ class SnapshotEnsemble(Callback):
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"snapshots": list(self._snapshots), "taken": list(self._taken),
-                "last_step": self._steps.last, "keep": self.keep}
+        return {
+            "snapshots": list(self._snapshots),
+            "taken": list(self._taken),
+            "last_step": self._steps.last,
+            "keep": self.keep,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._snapshots = list(state_dict.get("snapshots", []))

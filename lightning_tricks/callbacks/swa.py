@@ -83,10 +83,19 @@ class SWA(_Averaging):
     """
 
     def __init__(
-        self, start: float | int = 0.75, swa_lr: float | None = None, anneal_epochs: int | None = None,
-        anneal_steps: int | None = None, anneal: str = "cos", update_every: str = "epoch",
-        bn_update: bool = True, bn_update_batches: int | None = None, evaluate: str = "average",
-        on_cpu: bool = False, average_at_end: bool = True, raw_suffix: str = "_raw",
+        self,
+        start: float | int = 0.75,
+        swa_lr: float | None = None,
+        anneal_epochs: int | None = None,
+        anneal_steps: int | None = None,
+        anneal: str = "cos",
+        update_every: str = "epoch",
+        bn_update: bool = True,
+        bn_update_batches: int | None = None,
+        evaluate: str = "average",
+        on_cpu: bool = False,
+        average_at_end: bool = True,
+        raw_suffix: str = "_raw",
     ) -> None:
         super().__init__(evaluate, average_at_end, on_cpu, raw_suffix)
         if isinstance(start, bool) or not isinstance(start, (int, float)):
@@ -98,8 +107,9 @@ class SWA(_Averaging):
         if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and math.isfinite(swa_lr) and swa_lr > 0):
             raise ValueError(f"swa_lr must be a positive number or None, got {swa_lr!r}")
         if anneal_epochs is not None and anneal_steps is not None:
-            raise ValueError(f"give anneal_epochs or anneal_steps, not both "
-                             f"(got {anneal_epochs!r} and {anneal_steps!r})")
+            raise ValueError(
+                f"give anneal_epochs or anneal_steps, not both (got {anneal_epochs!r} and {anneal_steps!r})"
+            )
         for arg, value in (("anneal_epochs", anneal_epochs), ("anneal_steps", anneal_steps)):
             check_int(arg, value, 0, allow_none=True)
         if (anneal_epochs or anneal_steps) and swa_lr is None:
@@ -136,14 +146,18 @@ class SWA(_Averaging):
         known = max_epochs is not None and max_epochs > 0
         if isinstance(self.start, float):
             if not known:
-                raise ValueError(f"SWA start={self.start} is a fraction of max_epochs, but max_epochs is "
-                                 f"{max_epochs!r}; set max_epochs or give start as an int epoch")
+                raise ValueError(
+                    f"SWA start={self.start} is a fraction of max_epochs, but max_epochs is "
+                    f"{max_epochs!r}; set max_epochs or give start as an int epoch"
+                )
             epoch = int(self.start * max_epochs)  # type: ignore[operator]
         else:
             epoch = int(self.start)
         if known and epoch >= max_epochs:  # type: ignore[operator]
-            raise ValueError(f"SWA start={self.start!r} resolves to epoch {epoch}, beyond the run "
-                             f"(max_epochs={max_epochs}, epochs 0..{max_epochs - 1})")  # type: ignore[operator]
+            raise ValueError(
+                f"SWA start={self.start!r} resolves to epoch {epoch}, beyond the run "
+                f"(max_epochs={max_epochs}, epochs 0..{max_epochs - 1})"  # type: ignore[operator]
+            )
         return epoch
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -160,8 +174,9 @@ class SWA(_Averaging):
         if self.swa_lr is not None:
             if self._lr_owner is None:  # setup did not run (the hook called by hand)
                 self._lr_owner = lr_owner(trainer, self._lr_name())
-            self._lr_owner.add_phase(self._lr_name(), self.lr_phase(trainer),
-                                     hint="(SWA(swa_lr=None) averages without touching the LR.)")
+            self._lr_owner.add_phase(
+                self._lr_name(), self.lr_phase(trainer), hint="(SWA(swa_lr=None) averages without touching the LR.)"
+            )
         self._steps.start(trainer.global_step)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -172,16 +187,23 @@ class SWA(_Averaging):
             accumulate = max(1, trainer.accumulate_grad_batches)
             epochs = math.ceil(total / math.ceil(per_epoch / accumulate))
             if self.start_epoch is not None and self.start_epoch >= epochs:
-                raise ValueError(f"SWA start epoch {self.start_epoch} is beyond the run "
-                                 f"(about {epochs} epochs of {int(total)} optimizer steps)")
+                raise ValueError(
+                    f"SWA start epoch {self.start_epoch} is beyond the run "
+                    f"(about {epochs} epochs of {int(total)} optimizer steps)"
+                )
 
     def _in_swa(self, trainer: Trainer) -> bool:
         return self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
 
     # -- LR: a phase that LRSchedule evaluates ------------------------------------------------------
     def _lr_name(self) -> str:
-        anneal = (f", anneal_steps={self.anneal_steps}" if self.anneal_steps is not None
-                  else f", anneal_epochs={self.anneal_epochs}" if self.anneal_epochs else "")
+        anneal = (
+            f", anneal_steps={self.anneal_steps}"
+            if self.anneal_steps is not None
+            else f", anneal_epochs={self.anneal_epochs}"
+            if self.anneal_epochs
+            else ""
+        )
         return f"SWA(swa_lr={self.swa_lr}{anneal})"
 
     def lr_phase(self, trainer: Trainer) -> SWALRPhase:
@@ -194,12 +216,19 @@ class SWA(_Averaging):
         if math.isfinite(batches) and batches > 0:
             per_epoch = math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))
         elif self.start_epoch > 0 or self.anneal_epochs:
-            raise ValueError(f"{self._lr_name()} with start epoch {self.start_epoch} needs the number of batches per "
-                             f"epoch, but the train data has none ({batches}); give the loader a length or use "
-                             "start=0 with anneal_steps")
-        return SWALRPhase(swa_lr=self.swa_lr, start_step=self.start_epoch * (per_epoch or 0), anneal=self.anneal,
-                          anneal_steps=self.anneal_steps, anneal_epochs=self.anneal_epochs or None,
-                          steps_per_epoch=per_epoch)
+            raise ValueError(
+                f"{self._lr_name()} with start epoch {self.start_epoch} needs the number of batches per "
+                f"epoch, but the train data has none ({batches}); give the loader a length or use "
+                "start=0 with anneal_steps"
+            )
+        return SWALRPhase(
+            swa_lr=self.swa_lr,
+            start_step=self.start_epoch * (per_epoch or 0),
+            anneal=self.anneal,
+            anneal_steps=self.anneal_steps,
+            anneal_epochs=self.anneal_epochs or None,
+            steps_per_epoch=per_epoch,
+        )
 
     # -- averaging ---------------------------------------------------------------------------------
     def _update(self, trainer: Trainer) -> None:
@@ -208,8 +237,9 @@ class SWA(_Averaging):
         self.num_averaged += 1
         self._started = True
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._steps.stepped(trainer.global_step):
             return  # no optimizer step in this batch
         if not self._in_swa(trainer):
@@ -222,8 +252,7 @@ class SWA(_Averaging):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # safety net: an epoch whose last batch was not recognised is still averaged once
-        if (self.update_every == "epoch" and self._in_swa(trainer)
-                and self._last_epoch_averaged < trainer.current_epoch):
+        if self.update_every == "epoch" and self._in_swa(trainer) and self._last_epoch_averaged < trainer.current_epoch:
             self._update(trainer)
             self._last_epoch_averaged = trainer.current_epoch
 
@@ -244,8 +273,11 @@ class SWA(_Averaging):
             loader = datamodule.train_dataloader()
         loaders = _as_list(loader)
         if not loaders:
-            self._warn_once("no-bn-data", "SWA: no training data to recompute the BatchNorm statistics of "
-                            "the average; evaluating it with the raw model's statistics")
+            self._warn_once(
+                "no-bn-data",
+                "SWA: no training data to recompute the BatchNorm statistics of "
+                "the average; evaluating it with the raw model's statistics",
+            )
             return
         limit = trainer.num_training_batches if trainer.train_dataloader is not None else float("inf")
         if self.bn_update_batches is not None:
@@ -277,9 +309,14 @@ class SWA(_Averaging):
         return state
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"num_averaged": self.num_averaged, "start_epoch": self.start_epoch, "last_step": self._steps.last,
-                "last_epoch_averaged": self._last_epoch_averaged,
-                "bn_state": self._bn_state, "bn_version": self._bn_version}
+        return {
+            "num_averaged": self.num_averaged,
+            "start_epoch": self.start_epoch,
+            "last_step": self._steps.last,
+            "last_epoch_averaged": self._last_epoch_averaged,
+            "bn_state": self._bn_state,
+            "bn_version": self._bn_version,
+        }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.num_averaged = int(state.get("num_averaged", 0))

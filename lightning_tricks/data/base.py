@@ -36,8 +36,13 @@ class TensorDataModule(LightningDataModule):
     input_shape: tuple[int, ...]
 
     def __init__(
-        self, batch_size: int = 64, val_fraction: float = 0.1, loader: str = "dataloader",
-        num_workers: int = 0, batch_augment: Callable[[Tensor], Tensor] | None = None, split_seed: int = 0,
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        loader: str = "dataloader",
+        num_workers: int = 0,
+        batch_augment: Callable[[Tensor], Tensor] | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -83,13 +88,17 @@ class TensorDataModule(LightningDataModule):
                 low, high = int(y.min()), int(y.max())
                 if low < 0 or high >= self.num_classes:
                     bad = low if low < 0 else high
-                    raise ValueError(f"{name}: the {split} split has label {bad}, outside 0..{self.num_classes - 1} "
-                                     f"(num_classes={self.num_classes}); check the data files or num_classes")
+                    raise ValueError(
+                        f"{name}: the {split} split has label {bad}, outside 0..{self.num_classes - 1} "
+                        f"(num_classes={self.num_classes}); check the data files or num_classes"
+                    )
         n = len(splits["train"][1])
         if n < self.batch_size:
-            raise ValueError(f"{name}: the training split has {n} sample(s), fewer than batch_size={self.batch_size} "
-                             "(training batches drop the incomplete last one, so no step would run); lower "
-                             "data.batch_size or data.val_fraction")
+            raise ValueError(
+                f"{name}: the training split has {n} sample(s), fewer than batch_size={self.batch_size} "
+                "(training batches drop the incomplete last one, so no step would run); lower "
+                "data.batch_size or data.val_fraction"
+            )
 
     def _loader(self, split: str, train: bool) -> Any:
         if not self.splits:
@@ -102,10 +111,25 @@ class TensorDataModule(LightningDataModule):
             device = trainer.strategy.root_device if trainer is not None else None
             rank = trainer.global_rank if trainer is not None else 0
             world = trainer.world_size if trainer is not None else 1
-            return TensorBatchLoader(x, y, batch_size=self.batch_size, shuffle=train, drop_last=train,
-                                     device=device, rank=rank, world_size=world, seed=self.split_seed)
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=train, drop_last=train,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+            return TensorBatchLoader(
+                x,
+                y,
+                batch_size=self.batch_size,
+                shuffle=train,
+                drop_last=train,
+                device=device,
+                rank=rank,
+                world_size=world,
+                seed=self.split_seed,
+            )
+        return DataLoader(
+            TensorDataset(x, y),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> Any:
         return self._loader("train", train=True)

@@ -23,8 +23,14 @@ from typing import Any
 
 import numpy as np
 
-_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES: dict[int, Any] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 class DataFileError(ValueError):
@@ -52,8 +58,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise DataFileError(f"corrupt data file {path}: expected {expected} bytes for shape {shape}, "
-                            f"found {len(raw)}")
+        raise DataFileError(f"corrupt data file {path}: expected {expected} bytes for shape {shape}, found {len(raw)}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -75,9 +80,12 @@ class CifarUnpickler(pickle.Unpickler):
     """
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
         ("_codecs", "encode"),  # how Python 3 writes bytes in protocol 2: encode(str, "latin1")
     }
 
@@ -120,8 +128,10 @@ def read_cifar_batches(directory: str | os.PathLike, names: Sequence[str]) -> tu
         except Exception as e:  # noqa: BLE001 - wrong content: say what was found
             raise DataFileError(f"corrupt data file {path}: not a CIFAR python batch ({type(e).__name__}: {e})") from e
         if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-            raise DataFileError(f"corrupt data file {path}: expected data (N, 3072) and N labels, got "
-                                f"data {data.shape} and {labels.shape[0] if labels.ndim else 0} labels")
+            raise DataFileError(
+                f"corrupt data file {path}: expected data (N, 3072) and N labels, got "
+                f"data {data.shape} and {labels.shape[0] if labels.ndim else 0} labels"
+            )
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(labels)
     return np.concatenate(xs), np.concatenate(ys)
@@ -131,8 +141,11 @@ def write_cifar_batch(path: str | os.PathLike, images: np.ndarray, labels: Seque
     """Write a CIFAR python batch (images ``(N, 3, 32, 32)`` uint8): the inverse reader, for tests."""
     data = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), 3072)
     with open(path, "wb") as f:
-        pickle.dump({b"batch_label": b"written by lightning_tricks", b"labels": list(map(int, labels)),
-                     b"data": data}, f, protocol=4)
+        pickle.dump(
+            {b"batch_label": b"written by lightning_tricks", b"labels": list(map(int, labels)), b"data": data},
+            f,
+            protocol=4,
+        )
 
 
 # The MD5 checksums the datasets' authors publish for their files (Fashion-MNIST's README, MNIST's and
@@ -177,8 +190,10 @@ def download(url: str, dest: Path, md5: str | None = None) -> None:
         found = md5sum(tmp)
         if found != md5:
             tmp.unlink(missing_ok=True)
-            raise DataFileError(f"download of {url} has MD5 {found}, the published checksum is {md5}: the file "
-                                "was deleted (a corrupt or tampered download); try again or fetch it by hand")
+            raise DataFileError(
+                f"download of {url} has MD5 {found}, the published checksum is {md5}: the file "
+                "was deleted (a corrupt or tampered download); try again or fetch it by hand"
+            )
     tmp.replace(dest)
 
 

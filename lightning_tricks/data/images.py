@@ -57,8 +57,15 @@ class IdxImageDataModule(TensorDataModule):
     num_classes = 10
     input_shape = (1, 28, 28)
 
-    def __init__(self, data_dir: str, dataset: str = "fashion_mnist", download: bool = False,
-                 limit_train: int | None = None, limit_test: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        dataset: str = "fashion_mnist",
+        download: bool = False,
+        limit_train: int | None = None,
+        limit_test: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if dataset not in MIRRORS:
             raise ValueError(f"dataset must be one of {sorted(MIRRORS)}, got {dataset!r}")
@@ -82,10 +89,11 @@ class IdxImageDataModule(TensorDataModule):
             x = read_idx(self.data_dir / images)
             y = read_idx(self.data_dir / labels)
             if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-                raise ValueError(f"{self.data_dir}: {images} has shape {x.shape} and {labels} {y.shape}; "
-                                 "expected (N, H, W) images and N labels")
-            out[split] = (torch.from_numpy(x.copy()).float().unsqueeze(1) / 255.0,
-                          torch.from_numpy(y.astype(np.int64)))
+                raise ValueError(
+                    f"{self.data_dir}: {images} has shape {x.shape} and {labels} {y.shape}; "
+                    "expected (N, H, W) images and N labels"
+                )
+            out[split] = (torch.from_numpy(x.copy()).float().unsqueeze(1) / 255.0, torch.from_numpy(y.astype(np.int64)))
         out["train"] = _limit(*out["train"], self.limit_train)
         out["test"] = _limit(*out["test"], self.limit_test)
         x_train, x_test = standardize(out["train"][0], out["test"][0])
@@ -118,8 +126,14 @@ class CIFAR10DataModule(TensorDataModule):
     num_classes = 10
     input_shape = (3, 32, 32)
 
-    def __init__(self, data_dir: str, download: bool = False, limit_train: int | None = None,
-                 limit_test: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        download: bool = False,
+        limit_train: int | None = None,
+        limit_test: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.data_dir = Path(data_dir).expanduser()
         self.download = download

@@ -47,8 +47,15 @@ class TensorBatchLoader:
     """
 
     def __init__(
-        self, *tensors: Tensor, batch_size: int, shuffle: bool = False, drop_last: bool = False,
-        device: torch.device | str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
+        self,
+        *tensors: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
     ) -> None:
         if not tensors:
             raise ValueError("TensorBatchLoader needs at least one tensor")

@@ -25,14 +25,22 @@ class BasicBlock(nn.Module):
         super().__init__()
         if norm == "ic":
             self.branch = nn.Sequential(
-                ICBlock(cin, dropout, dims=2), _conv(cin, cout, stride), nn.ReLU(inplace=True),
-                ICBlock(cout, dropout, dims=2), _conv(cout, cout),
+                ICBlock(cin, dropout, dims=2),
+                _conv(cin, cout, stride),
+                nn.ReLU(inplace=True),
+                ICBlock(cout, dropout, dims=2),
+                _conv(cout, cout),
             )
         else:
             bn = (lambda c: nn.BatchNorm2d(c)) if norm == "classic" else (lambda c: nn.Identity())
             drop = [nn.Dropout2d(dropout)] if dropout > 0 else []
             self.branch = nn.Sequential(
-                _conv(cin, cout, stride), bn(cout), nn.ReLU(inplace=True), *drop, _conv(cout, cout), bn(cout),
+                _conv(cin, cout, stride),
+                bn(cout),
+                nn.ReLU(inplace=True),
+                *drop,
+                _conv(cout, cout),
+                bn(cout),
             )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:

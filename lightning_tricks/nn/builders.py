@@ -45,8 +45,12 @@ def _act(activation: Activation) -> list[nn.Module]:
 
 
 def linear_block(
-    in_features: int, out_features: int, norm: str = "ic", p: float = 0.0,
-    activation: Activation = nn.ReLU, ic_input: bool = True,
+    in_features: int,
+    out_features: int,
+    norm: str = "ic",
+    p: float = 0.0,
+    activation: Activation = nn.ReLU,
+    ic_input: bool = True,
 ) -> nn.Sequential:
     """One fully connected block with the chosen placement.
 
@@ -78,8 +82,15 @@ def linear_block(
 
 
 def conv_block(
-    in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None,
-    norm: str = "ic", p: float = 0.0, activation: Activation = nn.ReLU, ic_input: bool = True,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    padding: int | None = None,
+    norm: str = "ic",
+    p: float = 0.0,
+    activation: Activation = nn.ReLU,
+    ic_input: bool = True,
     pool: str | None = None,
 ) -> nn.Sequential:
     """One convolution block with the chosen placement, optionally followed by pooling.
@@ -116,8 +127,12 @@ def conv_block(
 
 
 def mlp_stack(
-    in_features: int, sizes: Sequence[int], norm: str = "ic", p: float = 0.0,
-    activation: Activation = nn.ReLU, ic_first: bool = False,
+    in_features: int,
+    sizes: Sequence[int],
+    norm: str = "ic",
+    p: float = 0.0,
+    activation: Activation = nn.ReLU,
+    ic_first: bool = False,
 ) -> nn.Sequential:
     """``len(sizes)`` :func:`linear_block` s, ``in_features -> sizes[0] -> ... -> sizes[-1]``.
 
@@ -139,8 +154,13 @@ def mlp_stack(
 
 
 def conv_stack(
-    in_channels: int, widths: Sequence[int], norm: str = "ic", p: float = 0.0,
-    activation: Activation = nn.ReLU, ic_first: bool = False, pool: str | None = None,
+    in_channels: int,
+    widths: Sequence[int],
+    norm: str = "ic",
+    p: float = 0.0,
+    activation: Activation = nn.ReLU,
+    ic_first: bool = False,
+    pool: str | None = None,
     kernel_size: int = 3,
 ) -> nn.Sequential:
     """``len(widths)`` :func:`conv_block` s, each followed by ``pool`` (the IC rule as in :func:`mlp_stack`).
@@ -155,7 +175,10 @@ def conv_stack(
         raise ValueError(f"widths must be a non-empty list of positive ints, got {widths}")
     blocks, cin = [], in_channels
     for i, w in enumerate(widths):
-        blocks.append(conv_block(cin, w, kernel_size, norm=norm, p=p, activation=activation,
-                                 ic_input=ic_first or i > 0, pool=pool))
+        blocks.append(
+            conv_block(
+                cin, w, kernel_size, norm=norm, p=p, activation=activation, ic_input=ic_first or i > 0, pool=pool
+            )
+        )
         cin = w
     return nn.Sequential(*blocks)

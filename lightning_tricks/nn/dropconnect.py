@@ -26,7 +26,10 @@ def _check_p(p: float) -> None:
 
 
 def dropconnect_weight(
-    weight: Tensor, p: float, training: bool = True, generator: torch.Generator | None = None,
+    weight: Tensor,
+    p: float,
+    training: bool = True,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(W * M / (1 - p), M)`` with ``M ~ Bernoulli(1 - p)`` drawn from ``generator``.
 
@@ -66,8 +69,14 @@ class DropConnectLinear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5,
-        generator: torch.Generator | None = None, device=None, dtype=None,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        p: float = 0.5,
+        generator: torch.Generator | None = None,
+        device=None,
+        dtype=None,
     ) -> None:
         _check_p(p)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -97,8 +106,13 @@ class DropConnectConv2d(nn.Conv2d):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size, p: float = 0.5,
-        generator: torch.Generator | None = None, **kwargs,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        p: float = 0.5,
+        generator: torch.Generator | None = None,
+        **kwargs,
     ) -> None:
         _check_p(p)
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)

@@ -39,8 +39,11 @@ class FractionalMaxPool2d(nn.Module):
     """
 
     def __init__(
-        self, output_ratio: float | tuple[float, float] = 2 ** -0.5, kernel_size: int | tuple[int, int] = 2,
-        eval_sample: float | None = 0.5, generator: torch.Generator | None = None,
+        self,
+        output_ratio: float | tuple[float, float] = 2**-0.5,
+        kernel_size: int | tuple[int, int] = 2,
+        eval_sample: float | None = 0.5,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         ratio = (output_ratio, output_ratio) if isinstance(output_ratio, (int, float)) else tuple(output_ratio)
@@ -64,8 +67,7 @@ class FractionalMaxPool2d(nn.Module):
             samples = torch.rand(n, c, 2, dtype=x.dtype, device=x.device, generator=self.generator)
         else:
             samples = torch.full((n, c, 2), self.eval_sample, dtype=x.dtype, device=x.device)
-        return F.fractional_max_pool2d(x, self.kernel_size, output_ratio=self.output_ratio,
-                                       _random_samples=samples)
+        return F.fractional_max_pool2d(x, self.kernel_size, output_ratio=self.output_ratio, _random_samples=samples)
 
     def extra_repr(self) -> str:
         return f"output_ratio={self.output_ratio}, kernel_size={self.kernel_size}, eval_sample={self.eval_sample}"

@@ -20,7 +20,13 @@ from lightning_tricks.nn.naming import compile_patterns, matches
 __all__ = ["WEIGHT_LAYERS", "apply_weight_norm", "remove_weight_norm", "weight_normed_layers"]
 
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
 )
 
 
@@ -69,8 +75,10 @@ def apply_weight_norm(
             continue
         chosen.append((name, m))
     if not chosen:
-        raise ValueError(f"apply_weight_norm matched no layer (include={include!r}, exclude={exclude!r}, "
-                         f"types={[t.__name__ for t in types]})")
+        raise ValueError(
+            f"apply_weight_norm matched no layer (include={include!r}, exclude={exclude!r}, "
+            f"types={[t.__name__ for t in types]})"
+        )
     for _, m in chosen:
         weight_norm(m, name="weight", dim=dim)
     return [n for n, _ in chosen]
@@ -83,4 +91,3 @@ def remove_weight_norm(module: nn.Module) -> list[str]:
     for n in names:
         parametrize.remove_parametrizations(modules[n], "weight", leave_parametrized=True)
     return names
-

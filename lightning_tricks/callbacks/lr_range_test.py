@@ -454,23 +454,18 @@ def lr_range_test(
     module: Any,
     data: Any,
     *,
-    min_lr: float = 1e-7,
-    max_lr: float = 10.0,
-    num_steps: int = 100,
-    mode: str = "exp",
-    smooth: float = 0.98,
-    diverge_threshold: float | None = 4.0,
-    skip_begin: int = 10,
-    skip_end: int = 1,
     plot_path: str | os.PathLike | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
+    **sweep: Any,
 ) -> RangeTestResult:
     """Run the LR range test on ``module`` and return the result; the module is left as it was.
 
-    ``data`` is a ``LightningDataModule`` or a train dataloader. A ``Trainer`` is built from
-    ``trainer_kwargs`` (defaults: one device, no logger, no checkpoints, no progress bar); the sweep runs
-    in it through :class:`~lightning_tricks.callbacks.LRRangeTest`, which restores the weights, optimizer
-    state and RNG afterwards and trains no further.
+    ``data`` is a ``LightningDataModule`` or a train dataloader. ``sweep`` takes the sweep arguments of
+    :class:`LRRangeTest` (``min_lr``, ``max_lr``, ``num_steps``, ``mode``, ``smooth``, ``diverge_threshold``,
+    ``skip_begin``, ``skip_end``) with its defaults; nothing is applied (``apply_to=None``). A ``Trainer``
+    is built from ``trainer_kwargs`` (defaults: one device, no logger, no checkpoints, no progress bar);
+    the sweep runs in it through :class:`LRRangeTest`, which restores the weights, optimizer state and
+    RNG afterwards and trains no further.
 
     Example:
         >>> from lightning_tricks.data import DigitsDataModule
@@ -481,19 +476,10 @@ def lr_range_test(
         ...                        trainer_kwargs={"accelerator": "cpu"})        # doctest: +SKIP
         >>> module.optimizer_config.lr = result.suggestion                        # doctest: +SKIP
     """
-    callback = LRRangeTest(
-        min_lr=min_lr,
-        max_lr=max_lr,
-        num_steps=num_steps,
-        mode=mode,
-        smooth=smooth,
-        diverge_threshold=diverge_threshold,
-        skip_begin=skip_begin,
-        skip_end=skip_end,
-        apply_to=None,
-        plot_path=plot_path,
-        exit_after=True,
-    )
+    fixed = sorted({"apply_to", "exit_after", "suggestion", "attr_name"} & set(sweep))
+    if fixed:
+        raise TypeError(f"lr_range_test() only measures: {fixed} cannot be set here (use the LRRangeTest callback)")
+    callback = LRRangeTest(**sweep, apply_to=None, plot_path=plot_path, exit_after=True)
     kwargs: dict[str, Any] = {
         "devices": 1,
         "max_epochs": 1,

@@ -59,6 +59,7 @@ def _registry() -> dict[str, Callable[[], Callback]]:
         "FreezeUnfreeze": lambda: cbs.FreezeUnfreeze(unfreeze_at_epoch=1),
         "CurvePlot": lambda: cbs.CurvePlot(),
         "DivergenceGuard": lambda: cbs.DivergenceGuard(),
+        "EpochLines": lambda: cbs.EpochLines(),
         "RandomState": lambda: cbs.RandomState(),
         "EarlyStopping": lambda: cbs.EarlyStopping(monitor="val/loss", criterion="gl", alpha=50.0),
     }

@@ -18,6 +18,24 @@ from lightning_tricks.sweep import summarize
 from lightning_tricks.train import train, worst_value
 
 
+def _fit(module, tmp_path, callbacks=(), **trainer_args):
+    """A quiet, tiny fit on digits; the trainer is also kept in ``_fit.trainer`` for when fit raises."""
+    args = {"max_epochs": 3, "limit_train_batches": 5, "limit_val_batches": 1, **trainer_args}
+    trainer = Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        **args,
+    )
+    _fit.trainer = trainer
+    trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
+    return trainer
+
+
 def test_message_names_step_epoch_and_lr():
     msg = divergence_message("loss", math.inf, 7, 2, [0.5, 0.5, 0.05])
     assert msg.startswith("diverged: the loss is inf at optimizer step 7 (epoch 2), lr 0.05, 0.5;")
@@ -27,21 +45,9 @@ def test_guard_raises_before_the_update_and_weights_stay_finite(tmp_path):
     seed_everything(0)
     module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 1e6})
     ema = EMA(decay=0.9)
-    trainer = Trainer(
-        max_epochs=3,
-        limit_train_batches=5,
-        limit_val_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        callbacks=[ema, DivergenceGuard()],
-        default_root_dir=tmp_path,
-    )
     with pytest.raises(Diverged, match=r"at optimizer step \d+ \(epoch \d\), lr 1e\+06") as info:
-        trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
-    assert info.value.step == trainer.global_step  # the step whose loss was not finite never ran
+        _fit(module, tmp_path, [ema, DivergenceGuard()])
+    assert info.value.step == _fit.trainer.global_step  # the step whose loss was not finite never ran
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert all(torch.isfinite(t).all() for t in ema.average_tensors().values())
 
@@ -49,18 +55,7 @@ def test_guard_raises_before_the_update_and_weights_stay_finite(tmp_path):
 def test_without_the_guard_the_same_run_ends_non_finite(tmp_path):
     seed_everything(0)
     module = Classifier(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 1e6})
-    trainer = Trainer(
-        max_epochs=3,
-        limit_train_batches=5,
-        limit_val_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
+    _fit(module, tmp_path)
     assert not all(torch.isfinite(p).all() for p in module.parameters())  # what the guard prevents
 
 
@@ -71,32 +66,18 @@ def test_weights_check_catches_an_overflow_from_a_finite_gradient(tmp_path):
 
     module = Overflow(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 10.0, "momentum": 0.0})
     ema = EMA(decay=0.9)
-    trainer = Trainer(
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        callbacks=[DivergenceGuard(), ema],
-        default_root_dir=tmp_path,
-    )
     with pytest.raises(Diverged, match="weight norm after the update is inf at optimizer step 0"):
-        trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
+        _fit(module, tmp_path, [DivergenceGuard(), ema], max_steps=3, limit_train_batches=None, limit_val_batches=None)
     assert all(torch.isfinite(t).all() for t in ema.average_tensors().values())  # the average never saw it
     off = Overflow(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 10.0, "momentum": 0.0})
-    trainer = Trainer(
+    _fit(
+        off,
+        tmp_path,
+        [DivergenceGuard(check_weights=False)],
         max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
+        limit_train_batches=None,
         limit_val_batches=0,
-        callbacks=[DivergenceGuard(check_weights=False)],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(off, DigitsDataModule(batch_size=32, loader="resident"))  # the switch turns the check off
+    )  # the switch turns the check off
     assert not torch.isfinite(next(off.parameters())).all()
 
 

@@ -36,6 +36,7 @@ _WHERE: dict[str, str] = {
     # run output
     "DivergenceGuard": "divergence_guard",
     "CurvePlot": "plots",
+    "EpochLines": "progress",
     "RandomState": "random_state",
     # Lightning's own, re-exported for configs
     "ModelCheckpoint": "lightning",

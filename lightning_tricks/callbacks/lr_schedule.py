@@ -103,7 +103,8 @@ class LRSchedule(Callback):
     ``on_train_batch_end`` and ``on_before_optimizer_step`` that sees a new ``trainer.global_step``
     (always ``schedule(trainer.global_step)``, so between steps the optimizer holds the LR of the *next*
     step: step 0's before the first batch, the same value through an accumulation window, and a
-    ``LearningRateMonitor`` or the forward pass reads the right value whatever the callback order). Each of the two per-step calls first compares the groups' ``lr`` with what was
+    ``LearningRateMonitor`` or the forward pass reads the right value whatever the callback order).
+    Each of the two per-step calls first compares the groups' ``lr`` with what was
     written (a few float comparisons, no allocation, no device sync), so another writer is caught at
     the latest in the hook after its write; one in ``on_before_optimizer_step`` that runs after this
     callback's is caught one step late, at the next ``on_train_batch_end``. The LR of an optimizer step

@@ -12,11 +12,14 @@ import csv
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
+
+from lightning_tricks.launch import global_rank
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class SweepSummary(HydraCallback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
+        if global_rank(os.environ) != 0 or not sweep_dir.is_dir():  # srun'd ranks all sweep; rank 0 summarizes
             return
         path, table = summarize(sweep_dir, config.get("monitor"), config.get("monitor_mode", "max"))
         log.info("sweep summary (%s):\n%s", path, table)

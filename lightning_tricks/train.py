@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -42,6 +43,7 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.callbacks.progress import EpochLines
 from lightning_tricks.data import DataFileError
+from lightning_tricks.launch import child_argv, ddp_job, global_rank, slurm_dir_overrides, spawns_ranks
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.sanity import Diverged
 
@@ -137,12 +139,37 @@ def _check_trainer_kwargs(kwargs: Mapping[str, Any]) -> None:
     if kwargs.get("accumulate_grad_batches", 1) < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {kwargs['accumulate_grad_batches']}")
     accelerator = str(kwargs.get("accelerator", "auto"))
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if kwargs.get("sync_batchnorm") and on_cpu:
+    if kwargs.get("sync_batchnorm") not in (None, True, False):
+        raise ConfigError(f"trainer.sync_batchnorm must be true, false or auto, got {kwargs['sync_batchnorm']!r}")
+    if kwargs.get("sync_batchnorm") and _on_cpu(kwargs):
         raise ConfigError(
             f"trainer.sync_batchnorm=true needs GPUs, but the run is on the CPU "
-            f"(trainer.accelerator={accelerator}); add trainer.sync_batchnorm=false"
+            f"(trainer.accelerator={accelerator}); add trainer.sync_batchnorm=false (or auto)"
         )
+
+
+def _on_cpu(kwargs: Mapping[str, Any]) -> bool:
+    accelerator = str(kwargs.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def _resolve_auto(kwargs: dict[str, Any]) -> None:
+    """``sync_batchnorm: auto`` (``trainer=ddp``): on where it works (GPUs), off on the CPU (gloo has no SyncBN)."""
+    if kwargs.get("sync_batchnorm") == "auto":
+        kwargs["sync_batchnorm"] = not _on_cpu(kwargs)
+
+
+def _job_config(cfg: DictConfig) -> Path | None:
+    """The saved config of this Hydra job, for the DDP ranks it spawns (saved here if Hydra saved none)."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.output_subdir is not None and (job_dir / hydra_cfg.output_subdir / "config.yaml").is_file():
+        return job_dir / hydra_cfg.output_subdir / "config.yaml"
+    path = job_dir / "ddp_job.yaml"
+    OmegaConf.save(cfg, path)
+    return path
 
 
 TEST_WEIGHTS = ("final", "best")
@@ -249,7 +276,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         seed_everything(int(cfg.seed), workers=True)
     out = _output_dir(cfg)
-    _check_fresh(out, cfg.get("ckpt_path"))
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # a child rank joins its parent's job, in its directory
+        _check_fresh(out, cfg.get("ckpt_path"))
     datamodule, module = build_data_and_module(cfg)
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
@@ -260,10 +288,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         # a log file, not a terminal: one line per epoch instead of progress-bar frames
         trainer_kwargs["enable_progress_bar"] = False
         callbacks.append(EpochLines())
+    _resolve_auto(trainer_kwargs)
     _check_trainer_kwargs(trainer_kwargs)
     _check_run_options(cfg, callbacks, trainer_kwargs)
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
+    spawning = spawns_ranks(trainer) and global_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
+    with ddp_job(trainer, _job_config(cfg) if spawning else None):
+        metrics = _fit_and_test(cfg, trainer, module, datamodule, callbacks)
+    if trainer.is_global_zero:
+        _write_metrics(out, metrics)
+    objects = {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "module": module,
+        "trainer": trainer,
+        "callbacks": callbacks,
+        "output_dir": out,
+    }
+    rank_zero_info(summary(metrics, cfg.get("monitor"), out, trainer))
+    return metrics, objects
 
+
+def _fit_and_test(
+    cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule: Any, callbacks: list[Callback]
+) -> dict[str, Any]:
+    """Fit, then test unless the run diverged; the metrics of :func:`train` (one job, all its ranks)."""
     t0 = time.perf_counter()
     diverged: Diverged | None = None
     try:
@@ -291,18 +340,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             ckpt = "best" if cfg.get("test_weights", "final") == "best" else None
             for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
                 metrics.update({k: float(v) for k, v in result.items()})
-    if trainer.is_global_zero:
-        _write_metrics(out, metrics)
-    objects = {
-        "cfg": cfg,
-        "datamodule": datamodule,
-        "module": module,
-        "trainer": trainer,
-        "callbacks": callbacks,
-        "output_dir": out,
-    }
-    rank_zero_info(summary(metrics, monitor, out, trainer))
-    return metrics, objects
+    metrics["world_size"] = trainer.world_size
+    return metrics
 
 
 def worst_value(mode: str) -> float:
@@ -391,7 +430,12 @@ def quiet_third_party() -> None:
 def main() -> None:
     """``python -m lightning_tricks.train`` / ``lightning-tricks-train``: Hydra's command line."""
     quiet_third_party()
-    sys.argv = [sys.argv[0], *null_groups_removed(sys.argv[1:])]
+    child = child_argv(os.environ)
+    if child is not None:  # a DDP rank started by a job of this program: run that job, never a sweep of its own
+        sys.argv = [sys.argv[0], *child]
+    else:
+        args = null_groups_removed(sys.argv[1:])
+        sys.argv = [sys.argv[0], *args, *slurm_dir_overrides(os.environ, args)]
     _hydra_main()
 
 

@@ -21,7 +21,14 @@ CASES = [
     (["test_weights=best", "~callbacks.model_checkpoint"], "test_weights=best needs a ModelCheckpoint monitoring"),
     (["data.batch_size=5000"], "the training split has 1294 sample(s), fewer than batch_size=5000"),
     (["data.val_fraction=0.999"], "the training split has 1 sample(s), fewer than batch_size=64"),
-    (["trainer=ddp", "trainer.accelerator=cpu"], "trainer.sync_batchnorm=true needs GPUs"),
+    (
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.sync_batchnorm=true"],
+        "trainer.sync_batchnorm=true needs GPUs",
+    ),
+    (
+        ["trainer=ddp", "trainer.sync_batchnorm=maybe"],
+        "trainer.sync_batchnorm must be true, false or auto, got 'maybe'",
+    ),
     (["ckpt_path=/no/such/last.ckpt"], "ckpt_path=/no/such/last.ckpt: no such file"),
 ]
 

@@ -96,6 +96,8 @@ def test_slurm_launcher_composes(tmp_path):
         "launcher.nodes=2",
         "launcher.gpus_per_node=4",
         "launcher.partition=gpu",
+        "launcher.time_min=240",
+        "launcher.cpus_per_task=6",
         "--cfg",
         "all",
         "--resolve",
@@ -108,5 +110,8 @@ def test_slurm_launcher_composes(tmp_path):
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
     assert launcher["partition"] == "gpu"
+    assert (launcher["timeout_min"], launcher["cpus_per_task"]) == (240, 6)
+    # one SLURM task per device: Lightning's world size (num_nodes x devices) is the allocation's task count
+    assert launcher["tasks_per_node"] == cfg["trainer"]["devices"] and launcher["nodes"] == cfg["trainer"]["num_nodes"]
     assert (cfg["trainer"]["num_nodes"], cfg["trainer"]["devices"], cfg["trainer"]["strategy"]) == (2, 4, "ddp")
-    assert cfg["trainer"]["sync_batchnorm"] is True
+    assert cfg["trainer"]["sync_batchnorm"] == "auto"  # on with GPUs (test_ddp_sweep checks the resolution)

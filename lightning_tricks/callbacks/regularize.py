@@ -1,17 +1,29 @@
-"""L1 regularization as a callback: ``grad += lam * sign(w)`` just before each optimizer step.
+"""L1 regularization as a callback: a proximal step after each optimizer step, or the subgradient before it.
 
-The math is :func:`lightning_tricks.regularize.add_l1_grad_`; this class picks the parameters once
-(at ``setup``) and calls it from ``on_before_optimizer_step``.
+The math is in :mod:`lightning_tricks.regularize`; this class picks the parameters once (at ``setup``).
 
-Where the term goes, from Lightning's source (2.x, ``plugins/precision``): ``on_before_optimizer_step``
-runs once per optimizer step, after the closure has run every backward pass of the step, after the AMP
-``GradScaler`` has unscaled the gradients (``MixedPrecision.optimizer_step`` calls ``scaler.unscale_``
-first) and before gradient clipping. Lightning divides each micro-batch loss by
-``accumulate_grad_batches``, so the gradient there is that of the mean loss, and adding
-``lam * sign(w)`` once gives exactly the gradient of ``mean loss + lam * ||w||_1`` for any accumulation,
-clipped together as if the penalty were in the loss. Optimizers that unscale inside their own
-``step`` (``_step_supports_amp_scaling``, e.g. fused Adam) still hold scaled gradients in the hook;
-the term is then multiplied by the scaler's current scale (a device tensor, no sync).
+``mode="proximal"`` (default): after each optimizer step, every chosen weight is soft-thresholded by
+``lr * lam`` with the LR its param group just used (:func:`~lightning_tricks.regularize.soft_threshold_`,
+a torch optimizer step post-hook, so before any callback's ``on_train_batch_end`` reads the weights, EMA
+included). This is the proximal-gradient (ISTA) step for ``loss + lam * ||w||_1``: small weights become
+exactly zero. Like AdamW's decoupled weight decay, the term does not go through momentum, Adam's scaling
+or clipping; it follows the LR schedule (the LR is read, never written: ``LRSchedule`` owns it). A step
+that AMP's ``GradScaler`` skips (inf/nan gradients) is not followed by a shrink.
+
+``mode="subgradient"``: ``grad += lam * sign(w)`` in ``on_before_optimizer_step``, exactly the gradient
+of ``lam * ||w||_1`` added to the loss. Where the term goes, from Lightning's source (2.x,
+``plugins/precision``): ``on_before_optimizer_step`` runs once per optimizer step, after the closure has
+run every backward pass of the step, after the AMP ``GradScaler`` has unscaled the gradients
+(``MixedPrecision.optimizer_step`` calls ``scaler.unscale_`` first) and before gradient clipping.
+Lightning divides each micro-batch loss by ``accumulate_grad_batches``, so the gradient there is that of
+the mean loss, and adding ``lam * sign(w)`` once gives exactly the gradient of ``mean loss +
+lam * ||w||_1`` for any accumulation, clipped together as if the penalty were in the loss. Optimizers
+that unscale inside their own ``step`` (``_step_supports_amp_scaling``, e.g. fused Adam) still hold
+scaled gradients in the hook; the term is then multiplied by the scaler's current scale (a device
+tensor, no sync).
+
+Cost per step (benchmarks/overhead.py, CPU MLP): the proximal step is one pass over the chosen weights
+(reads and writes ``w``); the subgradient two (``_foreach_sign``, then ``_foreach_add_``), about 2 floors.
 """
 
 from __future__ import annotations
@@ -24,29 +36,32 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer
+from lightning_tricks.callbacks._common import check_choice
 from lightning_tricks.nn.naming import compile_patterns
-from lightning_tricks.regularize import add_l1_grad_, select_parameters
+from lightning_tricks.regularize import add_l1_grad_, select_parameters, soft_threshold_
 
 __all__ = ["L1Regularization"]
 
 
-class L1Regularization(Callback):
-    """Adds ``lam * sign(w)`` to the gradients of the chosen weights before every optimizer step.
+MODES = ("proximal", "subgradient")
 
-    Equivalent to adding ``lam * sum |w|`` to the training loss (the L1 penalty, seed note 003;
-    Tibshirani 1996 for the lasso), without the extra autograd graph: one ``_foreach_sign`` and one
-    ``_foreach_add_`` over a parameter list built once. Semantics: the subgradient is added to the
-    gradients (``sign(0) = 0``), not a proximal (soft-thresholding) step, so weights hover around zero
-    rather than land exactly on it, and the term goes through the optimizer like the loss gradient
-    (momentum, Adam's scaling, clipping). Cost: two passes over the chosen weights, about 2 floors
-    (see :func:`~lightning_tricks.regularize.add_l1_grad_`). Weight decay (L2) on weights only is the
-    optimizer config's ``weight_decay`` (see :func:`lightning_tricks.mixins.param_groups_weight_decay`).
-    For the penalty in the loss instead, use :func:`lightning_tricks.regularize.l1_penalty`.
+
+class L1Regularization(Callback):
+    """L1 regularization of the chosen weights, ``lam * sum |w|`` (seed note 003; Tibshirani 1996).
+
+    ``mode="proximal"`` (default) soft-thresholds the weights by ``lr * lam`` after each optimizer step
+    (ISTA: exact zeros, one pass, decoupled from momentum/Adam like AdamW's decay); ``mode="subgradient"``
+    adds ``lam * sign(w)`` to the gradients before it, which equals the penalty in the loss (it goes
+    through momentum, Adam's scaling and clipping; weights hover around zero rather than land on it).
+    Both without the extra autograd graph of :func:`lightning_tricks.regularize.l1_penalty`. Weight decay
+    (L2) on weights only is the optimizer config's ``weight_decay`` (see
+    :func:`lightning_tricks.mixins.param_groups_weight_decay`).
 
     Args:
         lam: L1 strength, >= 0 (0 turns it off; typical 1e-6 .. 1e-4 per weight).
         include: regex or list of regexes on parameter names (``re.search``); ``None`` = all.
         exclude_bias: leave out biases and normalization parameters (as weight decay does).
+        mode: ``"proximal"`` or ``"subgradient"`` (above).
 
     Parameters without a gradient in a step (frozen, unused) are left alone, as the optimizer leaves
     them. With several optimizers, each step touches only the chosen parameters of that optimizer.
@@ -54,25 +69,38 @@ class L1Regularization(Callback):
     Example:
         >>> cb = L1Regularization(1e-5, include="backbone")   # Trainer(callbacks=[cb])
         >>> cb.state_key
-        "L1Regularization{'lam': 1e-05, 'include': 'backbone'}"
+        "L1Regularization{'lam': 1e-05, 'include': 'backbone', 'mode': 'proximal'}"
     """
 
-    def __init__(self, lam: float, include: str | Sequence[str] | None = None, exclude_bias: bool = True) -> None:
+    def __init__(
+        self,
+        lam: float,
+        include: str | Sequence[str] | None = None,
+        exclude_bias: bool = True,
+        mode: str = "proximal",
+    ) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         compile_patterns(include, "include")  # validates
         if not isinstance(exclude_bias, bool):
             raise ValueError(f"exclude_bias must be a bool, got {exclude_bias!r}")
+        self.mode = check_choice("mode", mode, MODES)
         self.lam = float(lam)
         self.include = include if include is None or isinstance(include, str) else list(include)
         self.exclude_bias = exclude_bias
         self.names: list[str] = []
         self._params: list[torch.nn.Parameter] = []
         self._per_optimizer: dict[int, tuple[int, list[torch.nn.Parameter]]] = {}
+        self._groups: dict[int, list[tuple[dict[str, Any], list[torch.nn.Parameter]]]] = {}
+        self._sizes: dict[int, int] = {}
+        self._handles: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:  # hook handles do not travel (pickling, ddp_spawn)
+        return {**self.__dict__, "_handles": [], "_groups": {}, "_sizes": {}, "_per_optimizer": {}}
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(lam=self.lam, include=self.include)
+        return self._generate_state_key(lam=self.lam, include=self.include, mode=self.mode)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -86,6 +114,7 @@ class L1Regularization(Callback):
         self.names = [n for n, _ in chosen]
         self._params = [p for _, p in chosen]
         self._per_optimizer.clear()
+        self._groups.clear()
 
     def _params_for(self, optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
         size = sum(len(g["params"]) for g in optimizer.param_groups)
@@ -104,6 +133,40 @@ class L1Regularization(Callback):
         return scaler._scale  # gradients are still scaled: the optimizer unscales inside step()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self.lam == 0:
+        if self.lam == 0 or self.mode != "subgradient":
             return
         add_l1_grad_(self._params_for(optimizer), self.lam, self._grad_scale(trainer, optimizer))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove()
+        if self.lam == 0 or self.mode != "proximal":
+            return
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(self._shrink))
+
+    def _chosen_groups(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[torch.nn.Parameter]]]:
+        """Per param group, its chosen parameters (cached; rebuilt when a group or parameter is added)."""
+        size = sum(len(g["params"]) for g in optimizer.param_groups)
+        cached = self._groups.get(id(optimizer))
+        if cached is None or len(cached) != len(optimizer.param_groups) or self._sizes[id(optimizer)] != size:
+            self._sizes[id(optimizer)] = size
+            chosen = {id(p) for p in self._params}
+            cached = [(g, [p for p in g["params"] if id(p) in chosen]) for g in optimizer.param_groups]
+            self._groups[id(optimizer)] = cached
+        return cached
+
+    def _shrink(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, params in self._chosen_groups(optimizer):
+            if params:
+                soft_threshold_([p for p in params if p.grad is not None], float(group["lr"]) * self.lam)
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove()

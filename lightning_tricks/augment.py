@@ -16,14 +16,21 @@ every draw and DDP ranks can differ on purpose. The Lightning wiring lives in
   ``lam = 1 - box_area / (H * W)`` before mixing the labels.
 - **Cutout** (DeVries, Taylor 2017, arXiv:1708.04552): zero ``count`` squares of side ``size`` per
   image, each around a uniform center (clipped at the border). Labels are unchanged.
+- **mixup or CutMix, timm semantics** (:func:`mixup_cutmix_batch`, as ``timm.data.Mixup``): each batch
+  (``mode="batch"``), pair of samples ``(i, N-1-i)`` (``"pair"``) or sample (``"elem"``) is mixed with
+  probability ``prob``, by CutMix with probability ``switch_prob`` else by mixup, with its own ``lam``;
+  sample ``i``'s partner is ``N-1-i`` (the loader shuffles); label smoothing folded into the targets.
 - **random crop + flip**: pad by ``padding`` and crop back at a uniform offset (a translation by up
   to ``padding`` pixels), then flip horizontally with probability 1/2, per sample, in one gather.
+- **test-time augmentation** (:func:`tta_predict`): the mean of the softmax over fixed views of the
+  batch (identity, horizontal flip, shifted crops of the zero-padded images).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -40,8 +47,19 @@ __all__ = [
     "cutout_size",
     "cutout_boxes",
     "cutout_batch",
+    "MIX_MODES",
+    "MixCutParams",
+    "MixCutBatch",
+    "check_mixup_cutmix",
+    "sample_beta_n",
+    "mixup_cutmix_params",
+    "mixup_cutmix_batch",
     "random_crop_flip",
     "RandomCropFlip",
+    "TTA_MODES",
+    "check_tta",
+    "tta_views",
+    "tta_predict",
 ]
 
 
@@ -251,6 +269,265 @@ def cutmix_batch(
     return MixedBatch(out, torch.lerp(q.index_select(0, idx), q, lam), lam, idx, box)
 
 
+# -- mixup or CutMix, timm semantics ------------------------------------------------------------
+
+#: how :func:`mixup_cutmix_batch` draws: one set of parameters per batch, per pair ``(i, N-1-i)``, per sample
+MIX_MODES = ("batch", "pair", "elem")
+
+
+class MixCutParams(NamedTuple):
+    """The draws of :func:`mixup_cutmix_params`, one row per sample (CPU tensors).
+
+    Attributes:
+        lam: ``(N,)`` float64, the weight of each sample's own label, equal to the share of its own
+            image in the result: mixup's ``lam``, CutMix's kept area ``1 - box_area / (H * W)`` (after
+            clipping the box), 1 for a sample left as it is.
+        use_cutmix: ``(N,)`` bool, the samples mixed by CutMix (the others by mixup, or not at all).
+        boxes: ``(N, 4)`` int64 CutMix boxes ``(top, left, bottom, right)``, end-exclusive; all zero
+            (empty) for samples not mixed by CutMix.
+        index: ``(N,)`` int64, the partner of each sample: ``N - 1 - i``.
+    """
+
+    lam: Tensor
+    use_cutmix: Tensor
+    boxes: Tensor
+    index: Tensor  # type: ignore[assignment]  # shadows tuple.index: the partner of each sample
+
+    @property
+    def mixed(self) -> bool:
+        """Whether any sample is changed (some ``lam < 1``); decided on the host, no device sync."""
+        return bool((self.lam < 1.0).any())
+
+
+class MixCutBatch(NamedTuple):
+    """The result of :func:`mixup_cutmix_batch`.
+
+    Attributes:
+        x: the mixed inputs (the input tensor itself when no sample is mixed).
+        y: soft targets ``(N, num_classes)``, label smoothing folded in.
+        params: the draws used (:class:`MixCutParams`): ``params.lam`` is each sample's label weight.
+    """
+
+    x: Tensor
+    y: Tensor
+    params: MixCutParams
+
+
+def _check_prob(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def check_mixup_cutmix(
+    mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float, mode: str, label_smoothing: float
+) -> None:
+    """Raise a one-line ``ValueError`` naming the first bad argument of :func:`mixup_cutmix_batch`."""
+    for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"{name} must be a finite number >= 0 (0 turns it off), got {alpha!r}")
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        raise ValueError("mixup_alpha and cutmix_alpha are both 0, so nothing is mixed; set one of them > 0")
+    _check_prob("prob", prob)
+    _check_prob("switch_prob", switch_prob)
+    if mode not in MIX_MODES:
+        raise ValueError(f"mode must be one of {MIX_MODES}, got {mode!r}")
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not 0.0 <= label_smoothing < 1.0
+    ):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+
+
+def sample_beta_n(alpha: float, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` draws of ``Beta(alpha, alpha)`` (float64, CPU), each as in :func:`sample_beta`.
+
+    Example:
+        >>> lam = sample_beta_n(1.0, 3, torch.Generator().manual_seed(0))
+        >>> lam.shape, bool(((0 <= lam) & (lam <= 1)).all())
+        (torch.Size([3]), True)
+    """
+    _check_alpha(alpha)
+    gammas = torch._standard_gamma(torch.full((2, n), float(alpha), dtype=torch.float64), generator=generator)
+    total = gammas.sum(dim=0)
+    lam = gammas[0] / total
+    zero = total == 0  # both gamma draws underflowed (tiny alpha): the limit, 0 or 1 with probability 1/2
+    if bool(zero.any()):
+        coin = torch.randint(0, 2, (n,), generator=generator).to(torch.float64)
+        lam = torch.where(zero, coin, lam)
+    return lam
+
+
+def _partner_of(n: int) -> Tensor:
+    return torch.arange(n - 1, -1, -1)
+
+
+def mixup_cutmix_params(
+    n: int,
+    image_size: tuple[int, int] | None,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    mode: str = "batch",
+    generator: torch.Generator | None = None,
+) -> MixCutParams:
+    """Draw the mixing of a batch of ``n`` samples, as ``timm.data.Mixup`` decides it.
+
+    A *slot* is the whole batch (``mode="batch"``), a pair ``(i, N-1-i)`` for ``i < N // 2``
+    (``"pair"``) or one sample (``"elem"``). For every slot, in this order and from ``generator``:
+    ``apply = U < prob``; ``cutmix = U < switch_prob`` when both alphas are > 0 (else the one that is
+    > 0); ``lam ~ Beta(alpha, alpha)`` of the chosen method; a box center uniform over the image (when
+    ``cutmix_alpha > 0``). A CutMix box has sides ``int(sqrt(1 - lam) * (H, W))`` around its center
+    (as :func:`cutmix_box`), is clipped at the border, and ``lam`` becomes its kept area
+    ``1 - box_area / (H * W)``. A slot that does not apply has ``lam = 1``. Both samples of a pair share
+    their slot's ``lam`` and box; with an odd ``N`` in pair mode the middle sample is left as it is.
+
+    Args:
+        n: batch size.
+        image_size: ``(H, W)``; may be ``None`` only when ``cutmix_alpha == 0``.
+        mixup_alpha, cutmix_alpha: Beta concentrations, >= 0; 0 turns that method off.
+        prob: probability that a slot is mixed, in [0, 1].
+        switch_prob: probability of CutMix rather than mixup when both are on, in [0, 1].
+        mode: ``"batch"``, ``"pair"`` or ``"elem"``.
+        generator: the source of every draw (CPU).
+
+    Example:
+        >>> p = mixup_cutmix_params(4, (8, 8), mixup_alpha=1.0, cutmix_alpha=0.0, mode="pair",
+        ...                         generator=torch.Generator().manual_seed(0))
+        >>> p.index.tolist(), bool(p.lam[0] == p.lam[3]), bool(p.lam[1] == p.lam[2])
+        ([3, 2, 1, 0], True, True)
+    """
+    check_mixup_cutmix(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, 0.0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if cutmix_alpha > 0 and image_size is None:
+        raise ValueError("cutmix needs the image size (H, W), got image_size=None")
+    slots = 1 if mode == "batch" else n if mode == "elem" else n // 2
+    f64 = torch.float64
+    apply = torch.rand(slots, generator=generator, dtype=f64) < prob
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        cut = torch.rand(slots, generator=generator, dtype=f64) < switch_prob
+    else:
+        cut = torch.full((slots,), cutmix_alpha > 0, dtype=torch.bool)
+    lam_mix = sample_beta_n(mixup_alpha, slots, generator) if mixup_alpha > 0 else torch.ones(slots, dtype=f64)
+    lam_cut = sample_beta_n(cutmix_alpha, slots, generator) if cutmix_alpha > 0 else torch.ones(slots, dtype=f64)
+    lam = torch.where(apply, torch.where(cut, lam_cut, lam_mix), torch.ones((), dtype=f64))
+    cut = cut & apply
+    boxes = torch.zeros((slots, 4), dtype=torch.long)
+    if cutmix_alpha > 0:
+        assert image_size is not None
+        h, w = (int(s) for s in image_size)
+        cy = torch.randint(0, h, (slots,), generator=generator)
+        cx = torch.randint(0, w, (slots,), generator=generator)
+        side = torch.sqrt(1.0 - lam)  # float64: the same numbers as cutmix_box's math.sqrt and int()
+        cut_h, cut_w = (h * side).long(), (w * side).long()
+        top, left = cy - cut_h // 2, cx - cut_w // 2
+        box = torch.stack([top.clamp(0, h), left.clamp(0, w), (top + cut_h).clamp(0, h), (left + cut_w).clamp(0, w)], 1)
+        boxes = torch.where(cut[:, None], box, boxes)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        lam = torch.where(cut, 1.0 - area.to(f64) / (h * w), lam)
+    # slot of each sample; the extra last slot leaves a sample as it is (the middle one of an odd pair batch)
+    lam = torch.cat([lam, torch.ones(1, dtype=f64)])
+    cut = torch.cat([cut, torch.zeros(1, dtype=torch.bool)])
+    boxes = torch.cat([boxes, torch.zeros((1, 4), dtype=torch.long)])
+    if mode == "batch":
+        slot_of = torch.zeros(n, dtype=torch.long)
+    elif mode == "elem":
+        slot_of = torch.arange(n)
+    else:
+        first = torch.arange(n // 2)
+        middle = torch.full((n % 2,), slots, dtype=torch.long)
+        slot_of = torch.cat([first, middle, first.flip(0)])
+    return MixCutParams(lam[slot_of], cut[slot_of], boxes[slot_of], _partner_of(n))
+
+
+def mixup_cutmix_batch(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int | None = None,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    mode: str = "batch",
+    label_smoothing: float = 0.0,
+    generator: torch.Generator | None = None,
+    params: MixCutParams | None = None,
+) -> MixCutBatch:
+    """Mixup or CutMix per batch, pair or sample, with ``timm.data.Mixup``'s semantics.
+
+    The draws are :func:`mixup_cutmix_params` (or given as ``params``); sample ``i`` is mixed with
+    sample ``j = N - 1 - i``. Mixup: ``x'_i = lam_i x_i + (1 - lam_i) x_j``; CutMix: ``x'_i`` is ``x_i``
+    with the box's pixels taken from ``x_j``. Labels:
+    ``y'_i = lam_i s(q_i) + (1 - lam_i) s(q_j)`` with ``q`` the one-hot (or given soft) targets and
+    ``s(q) = (1 - eps) q + eps / C`` the label smoothing folded in (timm's ``on = 1 - eps + eps / C``,
+    ``off = eps / C``). So each sample's label weight equals the share of its own image in ``x'_i``.
+    One weighted ``lerp`` for the batch: no per-sample Python loop. Zhang et al. 2018 (arXiv:1710.09412),
+    Yun et al. 2019 (arXiv:1905.04899); timm's ``Mixup`` (Wightman 2019) for the batch/pair/elem modes.
+
+    Args:
+        x: inputs ``(N, C, H, W)``, floating point (any ``(N, ...)`` when ``cutmix_alpha == 0``).
+        y: class indices ``(N,)`` or soft targets ``(N, C)``.
+        num_classes: needed when ``y`` holds class indices.
+        mixup_alpha, cutmix_alpha, prob, switch_prob, mode: see :func:`mixup_cutmix_params`.
+        label_smoothing: ``eps`` in [0, 1), folded into the targets (then the loss must not smooth again).
+        generator: the source of the draws (CPU).
+        params: fixed draws instead (``len == N``).
+
+    Example:
+        >>> x, y = torch.arange(4.0).view(2, 2), torch.tensor([0, 1])
+        >>> out = mixup_cutmix_batch(x, y, 2, mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.2,
+        ...                          params=MixCutParams(torch.tensor([0.75, 0.75], dtype=torch.float64),
+        ...                              torch.zeros(2, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.long),
+        ...                              torch.tensor([1, 0])))
+        >>> out.x.tolist(), [[round(v, 4) for v in row] for row in out.y.tolist()]
+        ([[0.5, 1.5], [1.5, 2.5]], [[0.7, 0.3], [0.3, 0.7]])
+    """
+    check_mixup_cutmix(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, label_smoothing)
+    _check_batch(x, y)
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"mixup/cutmix needs floating point inputs, got dtype {x.dtype}")
+    n = x.shape[0]
+    if cutmix_alpha > 0 and x.ndim != 4:
+        raise ValueError(f"cutmix needs images (N, C, H, W), got shape {tuple(x.shape)}; or set cutmix_alpha=0")
+    if params is None:
+        size = (x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
+        params = mixup_cutmix_params(n, size, mixup_alpha, cutmix_alpha, prob, switch_prob, mode, generator)
+    if params.lam.shape != (n,):
+        raise ValueError(f"params are for {params.lam.shape[0]} samples, the batch has {n}")
+    q = soft_targets(y, num_classes, _target_dtype(x))
+    if label_smoothing:
+        q = q * (1.0 - label_smoothing) + label_smoothing / q.shape[1]
+    if not params.mixed:
+        return MixCutBatch(x, q, params)
+    device = x.device
+    idx = params.index.to(device, non_blocking=True)
+    lam = params.lam.to(device, non_blocking=True)
+    view = (n,) + (1,) * (x.ndim - 1)
+    if bool(params.use_cutmix.all()) and bool((params.boxes == params.boxes[0]).all()):
+        # one box for every sample (batch mode): paste the partners' box, as cutmix_batch does
+        top, left, bottom, right = params.boxes[0].tolist()
+        x_out = x.clone()
+        x_out[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right].index_select(0, idx)
+    elif bool(params.use_cutmix.any()):
+        h, w = x.shape[-2:]
+        boxes = params.boxes.to(device, non_blocking=True)
+        rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+        in_rows = (rows >= boxes[:, 0, None]) & (rows < boxes[:, 2, None])  # (N, H)
+        in_cols = (cols >= boxes[:, 1, None]) & (cols < boxes[:, 3, None])  # (N, W)
+        in_box = in_rows[:, :, None] & in_cols[:, None, :]  # (N, H, W)
+        own = torch.where(params.use_cutmix.to(device, non_blocking=True), torch.ones_like(lam), lam)
+        # CutMix samples: weight 1 outside the box, 0 inside; mixup samples: lam everywhere
+        weight = torch.where(in_box, torch.zeros((), dtype=x.dtype, device=device), own.to(x.dtype)[:, None, None])
+        # lerp(a, b, w) is exactly b at w = 1 and exactly a at w = 0: pasted pixels are the partner's own values
+        x_out = torch.lerp(x.index_select(0, idx), x, weight[:, None])
+    else:
+        x_out = torch.lerp(x.index_select(0, idx), x, lam.to(x.dtype).view(view))
+    y_out = torch.lerp(q.index_select(0, idx), q, lam.to(q.dtype)[:, None])
+    return MixCutBatch(x_out, y_out, params)
+
+
 def cutout_size(size: int | float, height: int, width: int) -> int:
     """The side in pixels: ``size`` itself for an int, ``round(size * min(H, W))`` for a fraction in (0, 1].
 
@@ -433,3 +710,85 @@ class RandomCropFlip:
 
     def __repr__(self) -> str:
         return f"RandomCropFlip(padding={self.padding}, flip={self.flip}, seed={self.seed})"
+
+
+# -- test-time augmentation ---------------------------------------------------------------------
+
+#: the views :func:`tta_predict` averages over (see :func:`tta_views`)
+TTA_MODES = ("none", "flip", "crop", "flip_crop")
+
+
+def check_tta(mode: str, flip_keeps_class: bool = True, data: str = "the data") -> str:
+    """``mode`` if it is one of :data:`TTA_MODES` and allowed for the data, else a one-line ``ValueError``.
+
+    A mode with a horizontal flip is refused when ``flip_keeps_class`` is False (the data module's
+    ``flip`` attribute: mirror images change the class, as for digits).
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {mode!r}")
+    if "flip" in mode and not flip_keeps_class:
+        raise ValueError(
+            f"tta={mode!r} averages over horizontally flipped images, but {data} has flip=False "
+            "(a mirror image can change the class); use tta='none' or tta='crop'"
+        )
+    return mode
+
+
+def tta_views(x: Tensor, mode: str, padding: int = 2) -> list[Tensor]:
+    """The views of a batch of images ``(N, C, H, W)`` that test-time augmentation averages over.
+
+    - ``"none"``: ``[x]``;
+    - ``"flip"``: ``[x, flip(x)]`` (horizontal flip, the last dimension);
+    - ``"crop"``: ``x`` and its 4 crops shifted by ``(±padding, ±padding)`` pixels (zero padding, as
+      :func:`random_crop_flip` with the corner offsets), 5 views;
+    - ``"flip_crop"``: the 5 crops and their flips, 10 views (Krizhevsky et al. 2012's ten crops, as
+      shifts of the padded image).
+
+    Example:
+        >>> x = torch.arange(4.0).view(1, 1, 2, 2)
+        >>> [v.flatten().tolist() for v in tta_views(x, "flip")]
+        [[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 3.0, 2.0]]
+    """
+    check_tta(mode)
+    if mode == "none":
+        return [x]
+    if x.ndim != 4:
+        raise ValueError(f"tta={mode!r} needs images (N, C, H, W), got shape {tuple(x.shape)}")
+    views = [x]
+    if "crop" in mode:
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 1:
+            raise ValueError(f"padding must be an int >= 1 for crops, got {padding!r}")
+        n = x.shape[0]
+        no_flip = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for dy, dx in ((0, 0), (0, 2 * padding), (2 * padding, 0), (2 * padding, 2 * padding)):
+            offsets = torch.tensor([dy, dx], device=x.device).expand(n, 2)
+            views.append(random_crop_flip(x, padding, offsets=offsets, flips=no_flip))
+    if "flip" in mode:
+        views += [v.flip(-1) for v in views]
+    return views
+
+
+def tta_predict(model_fn: Callable[[Tensor], Tensor], x: Tensor, mode: str = "none", padding: int = 2) -> Tensor:
+    """Class probabilities with test-time augmentation: the mean of ``softmax(model_fn(view))`` over the views.
+
+    ``p(y | x) = (1 / V) * sum_v softmax(f(view_v(x)))`` over the :func:`tta_views` of ``mode``, in
+    float32; ``mode="none"`` is ``softmax(f(x))``. One forward per view (memory stays one batch).
+    Flip views suit data whose classes survive a mirror image (CIFAR-10, Fashion-MNIST), not digits.
+
+    Args:
+        model_fn: inputs -> logits ``(N, classes)``, in eval mode.
+        x: the batch (images ``(N, C, H, W)`` unless ``mode="none"``).
+        mode: one of :data:`TTA_MODES`.
+        padding: the shift of the crops, in pixels.
+
+    Example:
+        >>> f = lambda v: v.flatten(1)[:, :2]   # logits = the first two pixels
+        >>> x = torch.tensor([[[[0.0, 2.0]]]])
+        >>> tta_predict(f, x, "flip").tolist() == ((f(x).softmax(-1) + f(x.flip(-1)).softmax(-1)) / 2).tolist()
+        True
+    """
+    views = tta_views(x, mode, padding)
+    total = model_fn(views[0]).float().softmax(dim=-1)
+    for view in views[1:]:
+        total = total + model_fn(view).float().softmax(dim=-1)
+    return total / len(views) if len(views) > 1 else total

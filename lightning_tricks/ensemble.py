@@ -14,6 +14,9 @@ Lee 2017, "Checkpoint Ensembles: Ensemble Methods from a Single Training Process
 - :class:`CheckpointEnsemble` builds an ensemble from checkpoint files, from the best-k or last-k
   checkpoints of a :class:`~lightning_tricks._lightning.ModelCheckpoint`, or from state dicts, then
   evaluates it, predicts with it, or becomes an ``nn.Module`` (:class:`EnsembleModule`).
+- With test-time augmentation (``tta``, :func:`lightning_tricks.augment.tta_predict`) each member's
+  probabilities are its mean softmax over the views, and the ensemble is the mean over members of
+  those: ``p = (1/M) sum_m (1/V) sum_v softmax(f_m(view_v(x)))``.
 
 Modules whose hyperparameters do not rebuild them (``Classifier`` does not save its ``net``) are
 rebuilt from a *template*: a module or a zero-argument factory; each member's weights are loaded into
@@ -40,11 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_tricks.augment import check_tta, tta_predict
 from lightning_tricks.averaging import averaged_state_dict
+from lightning_tricks.losses import probability_nll
 
 __all__ = [
     "mean_softmax",
@@ -132,6 +136,26 @@ def _default_forward(module: nn.Module, batch: Any) -> Tensor:
     return module(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
 
+def _with_input(batch: Any, x: Tensor) -> Any:
+    """``batch`` with its input (``batch[0]``, or the batch itself when it is a tensor) replaced by ``x``."""
+    if isinstance(batch, (list, tuple)):
+        return type(batch)([x, *batch[1:]])
+    return x
+
+
+def _batch_input(batch: Any) -> Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _tta_probs(module: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Tensor], tta: str) -> Tensor:
+    """``tta_predict`` of one member on one batch: each view replaces the batch's input before ``forward``."""
+
+    def logits(x: Tensor) -> Tensor:
+        return forward(module, _with_input(batch, x))
+
+    return tta_predict(logits, _batch_input(batch), tta)
+
+
 def _default_target(batch: Any) -> Tensor:
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ValueError("evaluation batches must be (x, y, ...) to read the targets")
@@ -143,7 +167,7 @@ class MeanNLL(MeanMetric):
     """The mean negative log-likelihood ``-log p[y]`` over ``update(probs, target)`` calls (torchmetrics)."""
 
     def update(self, probs: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        super().update(F.nll_loss(probs.float().clamp_min(1e-12).log(), target, reduction="none"))
+        super().update(probability_nll(probs, target, reduction="none"))
 
 
 def _make_metrics(num_classes: int, templates: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
@@ -174,6 +198,7 @@ def evaluate_members(
     restore: bool = True,
     use_average: bool | None = None,
     load: Callable[[int, Mapping[str, Tensor]], None] | None = None,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Metrics of each member and of the mean-of-softmax ensemble, one member at a time.
 
@@ -197,12 +222,15 @@ def evaluate_members(
             ``module.load_state_dict(state)``). ``SnapshotEnsemble`` passes the module's weights
             service (:func:`lightning_tricks.callbacks._weights.weights_of`), which then also puts back
             what the module held; pass ``restore=False`` with it.
+        tta: test-time augmentation of each member (:func:`~lightning_tricks.augment.tta_predict`): the
+            views replace ``batch[0]`` (or a tensor batch) before ``forward``; ``"none"`` is the plain path.
 
     Returns:
         ``{"members": [{name: value}, ...], "ensemble": {name: value}}`` with float values.
     """
     if not states:
         raise ValueError("evaluate_members needs at least one member")
+    check_tta(tta)
     forward = forward or _default_forward
     target = target or _default_target
     device = next((t.device for t in module.parameters()), torch.device("cpu"))
@@ -222,8 +250,10 @@ def evaluate_members(
             module.eval()
             member_metrics: dict[str, Any] | None = None
             for b, batch in enumerate(batches()):
-                logits = forward(module, batch)
-                probs = logits.float().softmax(dim=-1)
+                if tta == "none":
+                    probs = forward(module, batch).float().softmax(dim=-1)
+                else:
+                    probs = _tta_probs(module, batch, forward, tta)
                 y = target(batch)
                 if member_metrics is None:
                     member_metrics = _make_metrics(probs.shape[-1], metrics, device)
@@ -250,16 +280,28 @@ def evaluate_members(
 
 
 class EnsembleModule(nn.Module):
-    """``M`` copies of a model whose ``forward`` returns the mean of their softmax (class probabilities)."""
+    """``M`` copies of a model whose ``forward`` returns the mean of their softmax (class probabilities).
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    With ``tta`` other than ``"none"``, ``forward(x)`` is the mean over members of each member's
+    :func:`~lightning_tricks.augment.tta_predict` (images ``x`` only).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], tta: str = "none") -> None:
         super().__init__()
         if not members:
             raise ValueError("EnsembleModule needs at least one member")
         self.members = nn.ModuleList(members)
+        self.tta = check_tta(tta)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return mean_softmax([m(*args, **kwargs) for m in self.members])
+        if self.tta == "none":
+            return mean_softmax([m(*args, **kwargs) for m in self.members])
+        if len(args) != 1 or kwargs:
+            raise TypeError(f"EnsembleModule(tta={self.tta!r}) takes one input batch, got {len(args)} and {kwargs}")
+        total = tta_predict(self.members[0], args[0], self.tta)
+        for m in self.members[1:]:
+            total = total + tta_predict(m, args[0], self.tta)
+        return total / len(self.members)
 
 
 class CheckpointEnsemble:
@@ -277,6 +319,10 @@ class CheckpointEnsemble:
         device: where :meth:`module`, :meth:`predict_proba` and :meth:`evaluate` run (default: CPU).
         trusted: load member files with full unpickling; by default they load with ``weights_only=True``
             and a file that needs more is refused (:func:`load_checkpoint`).
+        tta: test-time augmentation of each member in :meth:`predict_proba`, :meth:`module` and
+            :meth:`evaluate` (:func:`~lightning_tricks.augment.tta_predict`); ``None`` takes the
+            template's own ``tta`` (a :class:`~lightning_tricks.mixins.Classifier`'s), else ``"none"``.
+            Nothing here knows the data: use a flip only where mirror images keep the class.
 
     Example:
         >>> from lightning_tricks.mixins import Classifier
@@ -294,9 +340,11 @@ class CheckpointEnsemble:
         use_average: bool | None = None,
         device: torch.device | str | None = None,
         trusted: bool = False,
+        tta: str | None = None,
     ) -> None:
         if not members:
             raise ValueError("CheckpointEnsemble needs at least one member")
+        self._tta = None if tta is None else check_tta(tta)
         self._template = template
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.sources = [str(m) if isinstance(m, (str, Path)) else "<state dict>" for m in members]
@@ -314,6 +362,17 @@ class CheckpointEnsemble:
 
     def __len__(self) -> int:
         return len(self.states)
+
+    def _tta_of(self, model: nn.Module) -> str:
+        """The TTA mode: the one given, else the template model's ``tta`` attribute, else ``"none"``."""
+        if self._tta is None:
+            self._tta = check_tta(str(getattr(model, "tta", "none")))
+        return self._tta
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation the members use (resolved from the template when not given)."""
+        return self._tta if self._tta is not None else self._tta_of(self._new_model())
 
     def __repr__(self) -> str:
         return f"CheckpointEnsemble({len(self)} members: {self.sources})"
@@ -363,7 +422,7 @@ class CheckpointEnsemble:
                 model = self._new_model()
                 model.load_state_dict(state)
                 members.append(model.eval())
-            self._module = EnsembleModule(members).eval()
+            self._module = EnsembleModule(members, self._tta_of(members[0])).eval()
         return self._module
 
     @torch.no_grad()
@@ -392,7 +451,9 @@ class CheckpointEnsemble:
                 else:
                     yield batch.to(self.device)
 
-        out = evaluate_members(model, self.states, batches, forward=forward, metrics=metrics, restore=False)
+        out = evaluate_members(
+            model, self.states, batches, forward=forward, metrics=metrics, restore=False, tta=self._tta_of(model)
+        )
         flat = {f"member_{i}/{k}": v for i, m in enumerate(out["members"]) for k, v in m.items()}
         flat.update({f"ensemble/{k}": v for k, v in out["ensemble"].items()})
         return flat

@@ -12,6 +12,8 @@ general (Howard & Ruder 2018, ULMFiT, arXiv:1801.06146; layer-wise LR decay as i
 
 :func:`split_layers` cuts a backbone into those layers, :func:`backbone_param_groups` makes the
 optimizer groups, :func:`freeze` / :func:`unfreeze` switch ``requires_grad`` (and BatchNorm's mode).
+A backbone module that holds its own classifier and says which it is (timm models' ``get_classifier()``)
+keeps that classifier out of all of these: :func:`classifier_parameters` finds its parameters.
 :class:`~lightning_tricks.callbacks.FreezeUnfreeze` wires them into a Trainer.
 
 Example:
@@ -59,22 +61,43 @@ def resolve_module(root: nn.Module, path: str) -> tuple[str, nn.Module]:
     raise ValueError(f"backbone={path!r} is ambiguous, it matches {[n for n, _ in matches]}; give the full path")
 
 
-def split_layers(backbone: nn.Module) -> list[NamedParams]:
+def classifier_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the classifier inside ``module`` when it names one (timm's ``get_classifier()``).
+
+    ``[]`` for a module without ``get_classifier`` or whose classifier has no parameters (e.g. after
+    timm's ``reset_classifier(0)``, as in :class:`~lightning_tricks.models.TimmModel`'s backbone).
+    """
+    get = getattr(module, "get_classifier", None)
+    if not callable(get):
+        return []
+    found = get()
+    heads = list(found) if isinstance(found, (list, tuple)) else [found]
+    params: list[nn.Parameter] = []
+    for head in heads:
+        if isinstance(head, nn.Module):
+            params += [p for p in head.parameters() if all(p is not q for q in params)]
+    return params
+
+
+def split_layers(backbone: nn.Module, skip: Iterable[nn.Parameter] = ()) -> list[NamedParams]:
     """The backbone's parameters cut into layers, input side first.
 
     Each direct child that holds a weight of two or more dimensions (a ``Linear``, a ``Conv``, a
     block containing them) starts a layer; children without one (BatchNorm, LayerNorm, ...) join the
     layer before them (or the first layer if they come first). A backbone without children is one
     layer. Parameter names are relative to ``backbone``; frozen and trainable parameters alike.
+    Parameters in ``skip`` (a classifier inside the backbone) are left out before the split, so they
+    count for no layer.
     """
+    skipped = {id(p) for p in skip}
     children = list(backbone.named_children())
-    own = [(n, p) for n, p in backbone.named_parameters(recurse=False)]
+    own = [(n, p) for n, p in backbone.named_parameters(recurse=False) if id(p) not in skipped]
     if not children:
         return [own] if own else []
     layers: list[NamedParams] = []
     pending: NamedParams = list(own)
     for cname, child in children:
-        params = [(f"{cname}.{n}", p) for n, p in child.named_parameters()]
+        params = [(f"{cname}.{n}", p) for n, p in child.named_parameters() if id(p) not in skipped]
         if not params:
             continue
         if any(p.ndim >= 2 for _, p in params):
@@ -109,17 +132,20 @@ def batchnorm_modules(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm)]
 
 
-def freeze(module: nn.Module, train_bn: bool = False) -> list[_BatchNorm]:
+def freeze(module: nn.Module, train_bn: bool = False, keep: Iterable[nn.Parameter] = ()) -> list[_BatchNorm]:
     """``requires_grad=False`` on ``module``'s parameters; with ``train_bn`` BatchNorm stays trainable.
 
-    Returns the BatchNorm layers that are frozen (empty with ``train_bn=True``): the caller keeps them
-    in eval mode while frozen (:func:`set_bn_eval`), so they neither train nor update running
-    statistics and normalize as the pretrained network did.
+    Parameters in ``keep`` (a classifier inside ``module``, :func:`classifier_parameters`) stay trainable,
+    and so do the BatchNorm layers among them. Returns the BatchNorm layers that are frozen (empty with
+    ``train_bn=True``): the caller keeps them in eval mode while frozen (:func:`set_bn_eval`), so they
+    neither train nor update running statistics and normalize as the pretrained network did.
     """
-    bns = batchnorm_modules(module)
-    keep = {id(p) for m in bns for p in m.parameters()} if train_bn else set()
+    kept = {id(p) for p in keep}
+    bns = [m for m in batchnorm_modules(module) if not any(id(p) in kept for p in m.parameters())]
+    if train_bn:
+        kept |= {id(p) for m in bns for p in m.parameters()}
     for p in module.parameters():
-        if id(p) not in keep:
+        if id(p) not in kept:
             p.requires_grad_(False)
     return [] if train_bn else bns
 
@@ -148,6 +174,7 @@ def backbone_param_groups(
     split_no_decay: bool = False,
     exclude: Iterable[nn.Parameter] = (),
     base_lr: float | None = None,
+    head: Iterable[nn.Parameter] = (),
 ) -> list[dict[str, Any]]:
     """Optimizer groups for the backbone's parameters at discriminative learning rates.
 
@@ -158,18 +185,21 @@ def backbone_param_groups(
     (already in the optimizer) are left out, and so are empty groups. ``weight_decay=None`` leaves the
     key out (the optimizer's default applies). With ``base_lr`` (a schedule's base LR of the head)
     each group also gets ``initial_lr = base_lr * factor`` so that LR schedules scale it like the head.
+    Parameters in ``head`` (a classifier inside ``backbone``) are no part of the backbone: they are left
+    out and count for no layer of depth.
 
     Group names: ``"<prefix>"`` or ``"<prefix>.layer<i>"`` (``i`` from the input side), with
     ``"/no_decay"`` appended to the no-decay half. Each group has ``"param_names"`` (``prefix`` + the
     name inside ``backbone``), torch's key for named parameter groups; drop it before
     ``add_param_group`` when the optimizer's other groups have no names (torch requires all or none).
     """
-    excluded = {id(p) for p in exclude}
+    head = list(head)
+    excluded = {id(p) for p in exclude} | {id(p) for p in head}
     if layer_decay is None:
         layers = [[(n, p) for n, p in backbone.named_parameters()]]
         names = [prefix]
     else:
-        layers = split_layers(backbone)
+        layers = split_layers(backbone, skip=head)
         names = [f"{prefix}.layer{i}" for i in range(len(layers))]
     factors = layer_lr_factors(len(layers), lr_factor, layer_decay)
     skip = no_decay_parameter_names(backbone) if split_no_decay else set()

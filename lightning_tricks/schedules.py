@@ -35,6 +35,10 @@ of any other schedule (Goyal et al. 2017, arXiv:1706.02677).
 Where ``torch.optim.lr_scheduler`` has the same schedule the values are equal to its to 1e-9 over a
 whole run (``tests/test_schedules.py``).
 
+:class:`Plateau` is the event-driven one (torch ``ReduceLROnPlateau``): it is stepped with a monitored
+metric once per validation, not evaluated from the step, and keeps its state (``state_dict``); it stands
+alone or after a :class:`Warmup`, and ``LRSchedule`` steps it.
+
 Phases: what another trick contributes to the tail of the LR curve. :class:`SWALRPhase` is SWA's
 constant or annealed SWA learning rate (``torch.optim.swa_utils.SWALR`` semantics); because its target
 is an absolute LR, not a multiplier, it is evaluated per parameter group as
@@ -79,6 +83,10 @@ __all__ = [
     "OneCycleMomentum",
     "Linear",
     "Warmup",
+    "Plateau",
+    "plateau_of",
+    "PLATEAU_MODES",
+    "THRESHOLD_MODES",
     "swa_lr",
     "SWALRPhase",
     "SCALING_RULES",
@@ -846,6 +854,232 @@ class Warmup(Schedule):
         if then_check is not None:
             w = self.warmup_steps(total_steps)
             then_check(None if total_steps is None else total_steps - w)
+
+
+# --------------------------------------------------------------------------------------------------
+# event-driven: reduce the LR when a monitored metric stops improving
+# --------------------------------------------------------------------------------------------------
+PLATEAU_MODES = ("min", "max")
+THRESHOLD_MODES = ("rel", "abs")
+
+
+@dataclasses.dataclass
+class Plateau(Schedule):
+    """Reduce the LR when a monitored metric stops improving (``torch.optim.lr_scheduler.ReduceLROnPlateau``).
+
+    Unlike the other schedules this one is not a function of the step: it is stepped with the value of
+    ``monitor`` once per validation (:meth:`step`), keeps the count of validations without improvement,
+    and multiplies the LR by ``factor`` when that count exceeds ``patience``. The rule, the same as
+    torch's, for each ``metric`` given to :meth:`step`:
+
+    - improved: ``metric < best * (1 - threshold)`` (``mode="min"``, ``threshold_mode="rel"``),
+      ``metric < best - threshold`` (``min``, ``abs``), ``metric > best * (1 + threshold)`` (``max``,
+      ``rel``) or ``metric > best + threshold`` (``max``, ``abs``); then ``best = metric`` and
+      ``num_bad_epochs = 0``, else ``num_bad_epochs += 1`` (a NaN never improves);
+    - in cooldown (``cooldown_counter > 0``): ``cooldown_counter -= 1`` and ``num_bad_epochs = 0``;
+    - ``num_bad_epochs > patience``: a reduction; ``cooldown_counter = cooldown``, ``num_bad_epochs = 0``.
+
+    At each reduction every parameter group's LR goes from ``lr`` to ``new = max(lr * factor, min_lr)``,
+    kept only if ``lr - new > eps`` (:meth:`lrs` replays this from the base LRs, so the LRs are torch's bit
+    for bit, ``min_lr`` and ``eps`` included). :meth:`step` and the schedule call return the *current
+    factor*: ``factor`` multiplied once per reduction, the multiplier of a base LR that neither
+    ``min_lr`` nor ``eps`` stopped.
+
+    :class:`~lightning_tricks.callbacks.LRSchedule` drives it: it reads ``monitor`` from the Trainer's
+    ``callback_metrics`` at the end of each validation (every epoch or every ``val_check_interval``
+    steps), steps this object, writes the groups' LRs from :meth:`lrs`, and keeps the state (:meth:`state_dict`)
+    in its checkpoint. Use it alone or as the ``then`` of a :class:`Warmup` (``Warmup(steps=0.05,
+    then=Plateau())``): the plateau factor multiplies the LR after the warmup, and validations that end
+    before the warmup's last step are not counted (the metric is still falling fast while the LR rises,
+    and a reduction would bend the warmup ramp).
+
+    Args:
+        monitor: the logged metric to watch (read by ``LRSchedule``; this core only records the name).
+        mode: ``"min"`` (reduce when it stops falling, e.g. a loss) or ``"max"`` (e.g. an accuracy).
+        factor: the LR multiplier at each reduction, in ``(0, 1)``.
+        patience: validations without improvement tolerated before a reduction, an int ``>= 0``.
+        threshold: the least change that counts as an improvement, ``>= 0``.
+        threshold_mode: ``"rel"`` (``threshold`` is a fraction of ``best``) or ``"abs"``.
+        cooldown: validations after a reduction during which bad ones are not counted, an int ``>= 0``.
+        min_lr: the lowest LR (absolute), one value for every group or a list with one per group.
+        eps: a reduction smaller than this (absolute) is skipped, ``>= 0``.
+
+    Example:
+        >>> p = Plateau(mode="min", factor=0.5, patience=1)
+        >>> [p.step(m) for m in (1.0, 0.9, 0.95, 0.95, 0.8, 0.85, 0.9)]
+        [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+        >>> p.lrs([0.1, 0.01]), p.best, p.num_bad_epochs
+        ([0.025, 0.0025], 0.8, 0)
+    """
+
+    monitor: str = "val/loss"
+    mode: str = "min"
+    factor: float = 0.1
+    patience: int = 10
+    threshold: float = 1e-4
+    threshold_mode: str = "rel"
+    cooldown: int = 0
+    min_lr: float | Sequence[float] = 0.0
+    eps: float = 1e-8
+    # state (not part of the repr or of equality: a schedule's identity is its configuration)
+    best: float = dataclasses.field(init=False, repr=False, compare=False)
+    num_bad_epochs: int = dataclasses.field(init=False, repr=False, compare=False)
+    cooldown_counter: int = dataclasses.field(init=False, repr=False, compare=False)
+    last_epoch: int = dataclasses.field(init=False, repr=False, compare=False)
+    reductions: int = dataclasses.field(init=False, repr=False, compare=False)
+    current_factor: float = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise ValueError(f"monitor must be the name of a logged metric (a non-empty string), got {self.monitor!r}")
+        if self.mode not in PLATEAU_MODES:
+            raise ValueError(f"mode must be one of {PLATEAU_MODES}, got {self.mode!r}")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        self.factor = _check_factor(self.factor, "factor", 0.0, 1.0, low_open=True)
+        if self.factor >= 1.0:
+            raise ValueError(
+                f"factor must be in (0, 1) (the LR is multiplied by it at each reduction), got {self.factor!r}"
+            )
+        for name in ("patience", "cooldown"):
+            value: Any = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():  # YAML may give 3.0
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (a number of validations), got {value!r}")
+            setattr(self, name, value)
+        self.threshold = _check_factor(self.threshold, "threshold")
+        self.eps = _check_factor(self.eps, "eps")
+        if isinstance(self.min_lr, (int, float)):
+            self.min_lr = _check_factor(self.min_lr, "min_lr")
+        elif isinstance(self.min_lr, (str, bytes)) or not hasattr(self.min_lr, "__iter__"):
+            raise ValueError(f"min_lr must be a number >= 0 or a list of them (one per group), got {self.min_lr!r}")
+        else:
+            values = list(self.min_lr)
+            if not values:
+                raise ValueError("min_lr must be a number >= 0 or a non-empty list of them (one per group), got []")
+            self.min_lr = tuple(_check_factor(v, f"min_lr[{i}]") for i, v in enumerate(values))
+        self.reset()
+
+    # -- the rule ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every metric seen: no best yet, factor 1 (a new run)."""
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
+        self.last_epoch = 0
+        self.reductions = 0
+        self.current_factor = 1.0
+
+    def is_better(self, metric: float, best: float) -> bool:
+        """Whether ``metric`` improves on ``best`` by more than the threshold."""
+        if self.mode == "min":
+            return metric < (best * (1.0 - self.threshold) if self.threshold_mode == "rel" else best - self.threshold)
+        return metric > (best * (self.threshold + 1.0) if self.threshold_mode == "rel" else best + self.threshold)
+
+    def step(self, metric: float) -> float:
+        """Take one validation's value of the monitored metric; return the current factor."""
+        current = float(metric)
+        self.last_epoch += 1
+        if self.is_better(current, self.best):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # bad validations in cooldown are not counted
+        if self.num_bad_epochs > self.patience:
+            self.reductions += 1
+            self.current_factor *= self.factor
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+        return self.current_factor
+
+    @property
+    def in_cooldown(self) -> bool:
+        """Whether the last reduction's cooldown is still running."""
+        return self.cooldown_counter > 0
+
+    def min_lrs(self, groups: int) -> tuple[float, ...]:
+        """``min_lr`` for each of ``groups`` parameter groups (a list must have one value per group)."""
+        if isinstance(self.min_lr, (int, float)):
+            return (float(self.min_lr),) * groups
+        if len(self.min_lr) != groups:
+            raise ValueError(
+                f"min_lr has {len(self.min_lr)} values (one per parameter group) but the optimizer has "
+                f"{groups} group(s); give one value per group or a single number"
+            )
+        return tuple(self.min_lr)
+
+    def lrs(self, base_lrs: Sequence[float]) -> list[float]:
+        """The LR of each parameter group whose LR was ``base_lrs[j]`` before the first reduction.
+
+        Each of the :attr:`reductions` so far is replayed as torch applies it: ``new = max(lr * factor,
+        min_lr)``, kept if ``lr - new > eps``.
+        """
+        out = []
+        for base, floor in zip(base_lrs, self.min_lrs(len(base_lrs))):
+            lr = float(base)
+            for _ in range(self.reductions):
+                new = max(lr * self.factor, floor)
+                if lr - new <= self.eps:
+                    break  # every later reduction would be skipped as well: lr stays, so new stays
+                lr = new
+            out.append(lr)
+        return out
+
+    def value(self, step: int, total_steps: int | None) -> float:
+        return self.current_factor
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint (plain Python numbers)."""
+        return {
+            "best": float(self.best),
+            "num_bad_epochs": int(self.num_bad_epochs),
+            "cooldown_counter": int(self.cooldown_counter),
+            "last_epoch": int(self.last_epoch),
+            "reductions": int(self.reductions),
+            "current_factor": float(self.current_factor),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys keep a fresh run's values."""
+        self.reset()
+        self.best = float(state.get("best", self.best))
+        self.num_bad_epochs = int(state.get("num_bad_epochs", 0))
+        self.cooldown_counter = int(state.get("cooldown_counter", 0))
+        self.last_epoch = int(state.get("last_epoch", 0))
+        self.reductions = int(state.get("reductions", 0))
+        factor = state.get("current_factor")
+        if factor is None:
+            factor = 1.0
+            for _ in range(self.reductions):
+                factor *= self.factor
+        self.current_factor = float(factor)
+
+
+def plateau_of(schedule: object, total_steps: int | None = None) -> tuple[Plateau, int] | None:
+    """The :class:`Plateau` that ``schedule`` ends in, and the first step it governs; ``None`` if none.
+
+    ``schedule`` is a ``Plateau`` (from step 0) or a chain of :class:`Warmup` ending in one (from the
+    end of the warmups: ``Warmup(steps=10, then=Plateau())`` gives step 10).
+
+    Example:
+        >>> plateau, start = plateau_of(Warmup(steps=0.1, then=Plateau(patience=3)), 200)
+        >>> plateau.patience, start
+        (3, 20)
+        >>> plateau_of(Cosine(), 200) is None
+        True
+    """
+    start, rest = 0, total_steps
+    while isinstance(schedule, Warmup):
+        w = schedule.warmup_steps(rest)
+        start += w
+        rest = None if rest is None else rest - w
+        schedule = schedule.then
+    return (schedule, start) if isinstance(schedule, Plateau) else None
 
 
 # --------------------------------------------------------------------------------------------------

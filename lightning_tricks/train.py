@@ -240,6 +240,7 @@ def build_data_and_module(cfg: DictConfig) -> tuple[Any, Classifier]:
             num_classes=datamodule.num_classes,
             optimizer=optimizer,  # type: ignore[arg-type]
             label_smoothing=float(cfg.module.label_smoothing),
+            tta=str(cfg.module.get("tta", "none")),
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e

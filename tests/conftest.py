@@ -23,6 +23,7 @@ SHARED_DATA = Path(os.environ.get("LT_SHARED_DATA", ROOT.parent / "shared" / "da
 EXTRAS = {
     "sweep": "hydra_plugins.hydra_optuna_sweeper",
     "cluster": "hydra_plugins.hydra_submitit_launcher",
+    "timm": "timm",
 }
 
 

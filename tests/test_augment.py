@@ -346,7 +346,8 @@ def test_mixup_callback_with_a_plain_module_mixes_train_only():
         assert torch.equal(xs, x) and torch.equal(ys, y)
 
 
-def test_mixup_and_cutmix_with_the_classifier_on_digits():
+@pytest.mark.parametrize("mix", ["cutmix", "mixup"])
+def test_mixup_and_cutmix_with_the_classifier_on_digits(mix):
     from lightning_tricks.data import DigitsDataModule
     from lightning_tricks.mixins import Classifier
     from lightning_tricks.models import MLP
@@ -360,7 +361,7 @@ def test_mixup_and_cutmix_with_the_classifier_on_digits():
     dm = DigitsDataModule(batch_size=64, loader="dataloader")
     module = Spy(MLP((1, 8, 8), 10, hidden=(32,)), 10, {"name": "sgd", "lr": 0.05}, label_smoothing=0.1)
     trainer = _trainer(
-        [CutMix(alpha=1.0), Mixup(alpha=0.4), Cutout(size=0.25)],
+        [CutMix(alpha=1.0) if mix == "cutmix" else Mixup(alpha=0.4), Cutout(size=0.25)],
         max_epochs=2,
         limit_train_batches=5,
         limit_val_batches=2,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, compose_train
 
 from lightning_tricks.data.files import write_cifar_batch, write_idx
 
@@ -146,11 +147,11 @@ def test_ablation_variants_compose() -> None:
     base = ablation.overrides(frozenset(), s, 0, "/tmp/x", "cpu")
     assert "callbacks=[]" in base and not any(o.startswith("schedule=") for o in base)
     full = ablation.overrides(frozenset(ablation.KEYS), s, 0, "/tmp/x", "cpu")
-    assert "callbacks=[linear_scaling,ema,cutout]" in full and "schedule=warmup_cosine" in full
+    assert "callbacks=[linear_scaling,ema]" in full and "schedule=warmup_cosine" in full
     assert "optimizer.lr=0.1" in full  # 0.05 at batch 128 given at the reference batch 256
     cfg = ablation.compose(full)
-    assert cfg.model.norm == "ic" and cfg.module.label_smoothing == 0.1
-    assert cfg.optimizer.no_decay_bias_norm is True and set(cfg.callbacks) == {"linear_scaling", "ema", "cutout"}
+    assert cfg.model.norm == "batch" and cfg.module.label_smoothing == 0.1
+    assert cfg.optimizer.no_decay_bias_norm is True and set(cfg.callbacks) == {"linear_scaling", "ema"}
     no_warmup = ablation.compose(ablation.overrides(frozenset(ablation.KEYS) - {"warmup"}, s, 0, "/tmp/x", "cpu"))
     assert no_warmup.schedule.schedule._target_.endswith("Cosine") and "linear_scaling" not in no_warmup.callbacks
 
@@ -162,7 +163,7 @@ def test_ablation_table(tmp_path: Path, fashion_dir: Path) -> None:
             "--data-dir",
             str(fashion_dir),
             "--variants",
-            "baseline,full,-ic",
+            "baseline,full,-ema",
             "--epochs",
             "1",
             "--widths",
@@ -177,7 +178,7 @@ def test_ablation_table(tmp_path: Path, fashion_dir: Path) -> None:
             str(tmp_path),
         ]
     )
-    assert [r["variant"] for r in rows] == ["baseline", "full", "-ic"]
+    assert [r["variant"] for r in rows] == ["baseline", "full", "-ema"]
     assert finite(rows, ["test_acc", "test_loss", "fit_s"])
     assert "**Removing one trick from the full recipe:**" in md and "Full recipe vs baseline" in md
     assert finite(read_csv(tmp_path / "ablation_tiny.csv"), ["test_acc", "fit_s"])
@@ -249,6 +250,154 @@ def test_speedrun_table_cifar_layout(tmp_path: Path, cifar_dir: Path) -> None:
     assert not rows[0]["reached"] and rows[0]["epochs"] == 2 and finite(rows, ["train_s", "acc"])
     assert "not reached" in md
     assert finite(read_csv(tmp_path / "speedrun_cifar10_miss.csv"), ["train_s", "final_acc"])
+
+
+def _speedrun_recipe_args(data_dir: Path, out: Path, *more: str) -> list[str]:
+    """A tiny Fashion-MNIST speedrun: a 4-8 SpeedNet, batch 32, one reference epoch, one run."""
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--override",
+        "model.widths=[4,8]",
+        "--override",
+        "data.batch_size=32",
+        "--reference-epochs",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--runs",
+        "1",
+        "--out-dir",
+        str(out),
+        *more,
+    ]
+
+
+def test_speedrun_fashion_recipe_and_reference(tmp_path: Path, fashion_dir: Path) -> None:
+    """The default setting (the library's path + the reference loop) on 200 synthetic images, reached and missed."""
+    speedrun = load("speedrun")
+    rows, md = speedrun.main(_speedrun_recipe_args(fashion_dir, tmp_path, "--epochs", "2", "--target", "0.01"))
+    ours = [r for r in rows if r["side"] == "ours"]
+    refs = [r for r in rows if r["side"] == "reference"]
+    assert len(ours) == len(refs) == 1 and ours[0]["reached"] and ours[0]["epochs"] == 1 and refs[0]["epochs"] == 1
+    assert finite(rows, ["train_s", "wall_s", "acc", "ratio"]) and 0 < ours[0]["train_s"] <= ours[0]["wall_s"]
+    assert ours[0]["ratio"] == pytest.approx(ours[0]["train_s"] / refs[0]["train_s"])
+    assert "| ours: `experiment=speedrun_fashion_mnist` | 1/1 |" in md and "| reference raw loop | 1/1 |" in md
+    assert (
+        "Goal (issue 16): ours / reference ≤ 0.5" in md
+        and "SpeedNet widths [4, 8], flatten head with a hidden layer of 128, channels_last" in md
+    )
+    assert "2 epochs" in md and "TTA flip" in md and "EMA 0.99" in md  # the recipe line reads the composed config
+    assert finite(read_csv(tmp_path / "speedrun_fashion_mnist_cpu.csv"), ["train_s", "acc"])
+    rows, md = speedrun.main(
+        _speedrun_recipe_args(fashion_dir, tmp_path, "--epochs", "2", "--target", "1.0", "--name", "miss")
+    )
+    ours = [r for r in rows if r["side"] == "ours"]
+    assert not ours[0]["reached"] and ours[0]["epochs"] == 2 and len(ours[0]["history"].split()) == 2
+    assert "not reached" in md and "(missed)" in md
+
+
+def test_speedrun_without_the_reference(tmp_path: Path, fashion_dir: Path) -> None:
+    speedrun = load("speedrun")
+    rows, md = speedrun.main(
+        _speedrun_recipe_args(fashion_dir, tmp_path, "--epochs", "1", "--target", "0.01", "--no-reference")
+    )
+    assert [r["side"] for r in rows] == ["ours"] and math.isnan(rows[0]["ratio"])
+    assert "reference raw loop |" not in md and "Goal (issue 16)" not in md
+
+
+def test_speedrun_records_the_tta_accuracy_of_the_ema_weights(fashion_dir: Path) -> None:
+    """The epoch accuracy the clock stops on is the module's flip-TTA accuracy of the weights validation ran on:
+    after the last epoch the module holds the EMA average (``average_at_end``), the same weights."""
+    import torch
+
+    from lightning_tricks.augment import tta_predict
+
+    speedrun = load("speedrun")
+    s = {**speedrun.SETTINGS, "data_dir": str(fashion_dir), "target": 1.0, "epochs": 1}
+    s["overrides"] = ("model.widths=[4,8]", "data.batch_size=32")
+    device = torch.device("cpu")
+    cfg = speedrun.compose_recipe(s, 0, device)
+    assert cfg.module.tta == "flip" and "ema" in cfg.callbacks
+    row, datamodule, module = speedrun.fit_recipe(cfg, s, device)
+    x, y = datamodule.splits["test"]
+    module.eval()
+    with torch.no_grad():
+        probs = torch.cat([tta_predict(module, x[i : i + 32], "flip") for i in range(0, len(y), 32)])
+        plain = torch.cat([module(x[i : i + 32]) for i in range(0, len(y), 32)])
+    assert row["acc"] == int((probs.argmax(-1) == y).sum()) / len(y)  # the same count: exactly equal
+    assert row["plain_acc"] == pytest.approx(int((plain.argmax(-1) == y).sum()) / len(y), abs=1e-6)
+    assert row["acc"] != pytest.approx(row["plain_acc"], abs=1e-6)  # here the flip views change a prediction
+    assert torch.equal(datamodule.splits["val"][1], y)  # validation ran over the test split
+
+
+def test_speedrun_composes_what_the_command_line_composes(tmp_path: Path) -> None:
+    """The benchmark's recipe is ``python -m lightning_tricks.train experiment=speedrun_fashion_mnist ...``."""
+    import torch
+
+    speedrun = load("speedrun")
+    s = {**speedrun.SETTINGS, "data_dir": str(tmp_path)}
+    ours = speedrun.compose_recipe(s, 3, torch.device("cpu"))
+    cli = compose_train(
+        ["experiment=speedrun_fashion_mnist", f"data.data_dir={tmp_path}", "seed=3", "trainer.accelerator=cpu"]
+    )
+    for key in ("data", "model", "optimizer", "schedule", "callbacks", "module", "trainer", "seed", "monitor"):
+        assert ours[key] == cli[key], key
+    assert ours.data.split_seed == 3 and ours.data.val_fraction == 0.0 and ours.data.loader == "resident"
+
+
+def test_speedrun_experiment_runs_through_train(tmp_path: Path, fashion_dir: Path) -> None:
+    """The command-line path of the recipe (``train(cfg)``, fit then test) on the tiny files."""
+    from lightning_tricks.train import train
+
+    cfg = compose_train(
+        [
+            "experiment=speedrun_fashion_mnist",
+            f"data.data_dir={fashion_dir}",
+            "model.widths=[4,8]",
+            "data.batch_size=32",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+        ],
+        output_dir=tmp_path,
+    )
+    metrics, objects = train(cfg)
+    assert metrics["status"] == "ok" and 0.0 <= metrics["test/acc"] <= 1.0
+    assert objects["trainer"].global_step == 200 // 32 and "val/acc" not in metrics  # all 200 images train
+
+
+def test_speedrun_refuses_resnet9_options_for_the_recipe(fashion_dir: Path) -> None:
+    speedrun = load("speedrun")
+    with pytest.raises(SystemExit):
+        speedrun.main(["--data-dir", str(fashion_dir), "--widths", "4,4,4,4"])
+    with pytest.raises(SystemExit):
+        speedrun.main(["--dataset", "cifar10", "--override", "model.widths=[4]"])
+
+
+def test_speedrun_reference_net_is_the_issue_16_network() -> None:
+    import torch
+
+    speedrun = load("speedrun")
+    net = speedrun.reference_net()
+    # conv 1->32 (+bias), BN 32, conv 32->64 (+bias), BN 64, Linear 3136->128, Linear 128->10
+    expected = (9 * 32 + 32) + 64 + (9 * 32 * 64 + 64) + 128 + (3136 * 128 + 128) + (128 * 10 + 10)
+    assert sum(p.numel() for p in net.parameters()) == expected == 421_834
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason=f"the real Fashion-MNIST files are not in {SHARED_DATA / 'fashion_mnist'} (see ../shared/data/README.md)",
+)
+def test_speedrun_on_the_real_fashion_mnist_files(tmp_path: Path) -> None:
+    """The default setting on the shared idx files, cut to 512 training and 256 test images, one epoch."""
+    speedrun = load("speedrun")
+    args = _speedrun_recipe_args(SHARED_DATA / "fashion_mnist", tmp_path, "--epochs", "1", "--target", "1.0")
+    rows, md = speedrun.main([*args, "--limit-train", "512", "--limit-test", "256"])
+    assert finite(rows, ["train_s", "acc"]) and "(512 train / 256 test images)" in md
+    ours = next(r for r in rows if r["side"] == "ours")
+    assert 0.3 < ours["acc"] <= 1.0  # 16 steps of a 4-8 SpeedNet: well above chance (10%)
 
 
 def test_speedrun_resnet9_shapes() -> None:

@@ -50,6 +50,10 @@ def _registry() -> dict[str, Callable[[], Callback]]:
         "Mixup": lambda: cbs.Mixup(alpha=0.4, seed=1),
         "CutMix": lambda: cbs.CutMix(alpha=1.0, seed=1),
         "Cutout": lambda: cbs.Cutout(size=3, count=1, seed=1),
+        "MixupCutmix": lambda: cbs.MixupCutmix(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", seed=1),
+        "LayerStats": lambda: cbs.LayerStats(every_n_steps=2, histograms="none"),
+        "AGC": lambda: cbs.AGC(clipping=0.01),
+        "BatchSizeFinder": lambda: cbs.BatchSizeFinder(init_val=32, max_trials=2, steps_per_trial=1),
         "L1Regularization": lambda: cbs.L1Regularization(lam=1e-4),
         "InitialLossCheck": lambda: cbs.InitialLossCheck(rtol=0.5),
         "OverfitCheck": lambda: cbs.OverfitCheck(num_samples=8, steps=5, target_loss=10.0),
@@ -166,6 +170,10 @@ REFUSED: set[frozenset[str]] = {
     # SnapshotEnsemble(schedule=True) drives the LR with its own cosine cycles; the registry's LRSchedule has a
     # different schedule (warmup + cosine): two schedules for one LR
     frozenset({"LRSchedule", "SnapshotEnsemble"}),
+    # two label-mixing callbacks would mix every batch twice; MixupCutmix switches between mixup and CutMix
+    frozenset({"Mixup", "CutMix"}),
+    frozenset({"MixupCutmix", "Mixup"}),
+    frozenset({"MixupCutmix", "CutMix"}),
 }
 
 PAIRS = [(a, b) for a in sorted(REGISTRY) for b in sorted(REGISTRY) if a < b]

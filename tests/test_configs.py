@@ -40,6 +40,8 @@ def _extra_of(override: str) -> str | None:
         return "sweep"
     if "/hydra/launcher: submitit" in text:
         return "cluster"
+    if "lightning_tricks.models.TimmModel" in text:
+        return "timm"
     return None
 
 

@@ -136,6 +136,8 @@ def test_documented_command_runs(where, command, tmp_path):
         pytest.skip("needs the 'sweep' extra")
     if any(a.startswith("launcher=") for a in args) and not installed("hydra_plugins.hydra_submitit_launcher"):
         pytest.skip("needs the 'cluster' extra")
+    if any(a == "model=timm" for a in args) and not installed("timm"):
+        pytest.skip("needs the 'timm' extra")
     if reason is not None:
         _compose_and_instantiate(args, tmp_path)
         return

@@ -22,6 +22,7 @@ from lightning_tricks.callbacks import FreezeUnfreeze
 from lightning_tricks.data import DigitsDataModule
 from lightning_tricks.finetune import (
     backbone_param_groups,
+    classifier_parameters,
     freeze,
     layer_lr_factors,
     resolve_module,
@@ -133,6 +134,45 @@ def test_resolve_freeze_unfreeze():
     assert all(p.requires_grad for p in bb.parameters())
     assert freeze(bb, train_bn=True) == []
     assert [n for n, p in bb.named_parameters() if p.requires_grad] == ["2.weight", "2.bias", "5.weight", "5.bias"]
+
+
+class WithClassifier(nn.Module):
+    """A backbone that holds its own classifier and names it, as timm models do (``get_classifier()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.block = nn.Linear(8, 8)
+        self.fc = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
+def test_a_classifier_inside_the_backbone_is_left_out():
+    net = WithClassifier()
+    head = classifier_parameters(net)
+    assert [id(p) for p in head] == [id(p) for p in net.fc.parameters()]
+    assert classifier_parameters(nn.Linear(2, 2)) == []
+    assert [[n for n, _ in layer] for layer in split_layers(net, skip=head)] == [
+        ["stem.weight", "stem.bias", "norm.weight", "norm.bias"],
+        ["block.weight", "block.bias"],
+    ]
+    groups = backbone_param_groups(net, "net", head_lr=1.0, lr_factor=0.1, layer_decay=0.5, head=head)
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [
+        ("net.layer0", pytest.approx(0.05), 4),
+        ("net.layer1", pytest.approx(0.1), 2),
+    ]  # two layers of depth: the classifier is not the deepest layer
+    assert len(backbone_param_groups(net, "net", head_lr=1.0, head=head)[0]["params"]) == 6
+    bns = freeze(net, keep=head)
+    assert bns == [net.norm]  # the classifier's BatchNorm stays trainable and in training mode
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == [
+        "fc.0.weight",
+        "fc.0.bias",
+        "fc.1.weight",
+        "fc.1.bias",
+    ]
 
 
 @pytest.mark.parametrize(

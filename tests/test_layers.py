@@ -40,6 +40,9 @@ CORES = [
     "random_state",
     "nn",
     "models",
+    "policies",
+    "layer_stats",
+    "clipping",
 ]
 # What a core must never import (directly, or lazily inside a function).
 FORBIDDEN = (
@@ -86,6 +89,11 @@ TRICKS: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
     "CurvePlot": ("plots", "plots", ("callbacks/default",)),
     "DivergenceGuard": ("sanity", "divergence_guard", ("callbacks/divergence_guard",)),
     "RandomState": ("random_state", "random_state", ("callbacks/random_state",)),
+    "MixupCutmix": ("augment", "augment", ("callbacks/mixup_cutmix",)),
+    "LayerStats": ("layer_stats", "layer_stats", ("callbacks/layer_stats",)),
+    "AGC": ("clipping", "clipping", ("callbacks/agc",)),
+    # Lightning's search (no formula of ours); the LR follows it through LinearScaling's rule (schedules)
+    "BatchSizeFinder": (None, "batch_size", ("callbacks/batch_size_finder",)),
     # run output with no formula: no core; train.py adds it when stdout is not a terminal
     "EpochLines": (None, "progress", ()),
 }

@@ -183,7 +183,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_the_same_lr_curve(tmp_path: 
     tiny_trainer(tmp_path, [cb, ckpt], enable_checkpointing=True).fit(full)
     assert len(full.at_step) == 20
     state = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=False)["callbacks"][cb.state_key]
-    assert state == {"base_lrs": {0: [0.3]}, "total_steps": 20, "phases": {}}  # phases: what SWA contributes
+    # phases: what SWA contributes; plateau: the state of a Plateau schedule (tests/test_plateau.py)
+    assert state == {"base_lrs": {0: [0.3]}, "total_steps": 20, "phases": {}, "plateau": None}
 
     # a fresh module whose optimizer starts at another LR: the checkpoint decides
     resumed = Tiny(lr=0.9)
@@ -266,6 +267,8 @@ def test_every_schedule_has_a_config() -> None:
         "linear",
         "warmup",
         "warmup_cosine",
+        "plateau",
+        "warmup_plateau",
     }
     assert wanted <= set(SCHEDULE_CONFIGS)
 

@@ -123,6 +123,32 @@ def test_loss_hard_soft_and_smoothing_match_formula():
     torch.testing.assert_close(classification_loss(logits, mixed, eps), expected)
 
 
+def test_probability_nll_is_cross_entropy_on_probabilities():
+    from lightning_tricks.losses import PROB_FLOOR, probability_nll
+
+    torch.manual_seed(1)
+    logits = torch.randn(6, 5)
+    y = torch.tensor([0, 4, 2, 2, 1, 3])
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(probability_nll(probs, y), classification_loss(logits, y))
+    soft = 0.6 * F.one_hot(y, 5).float() + 0.4 * F.one_hot(y.roll(1), 5).float()
+    torch.testing.assert_close(probability_nll(probs, soft), classification_loss(logits, soft))
+    torch.testing.assert_close(probability_nll(probs, y, "none"), -probs[torch.arange(6), y].log())
+    torch.testing.assert_close(probability_nll(probs, y, "sum"), -probs[torch.arange(6), y].log().sum())
+    zero = torch.tensor([[1.0, 0.0]])
+    assert probability_nll(zero, torch.tensor([1])).item() == pytest.approx(-math.log(PROB_FLOOR))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        probability_nll(probs, y, "max")
+
+
+def test_classifier_saves_its_tta_and_refuses_an_unknown_one():
+    module = Classifier(MLP((1, 8, 8), 10, hidden=(8,)), 10, tta="flip")
+    assert module.tta == "flip" and module.hparams["tta"] == "flip"
+    assert Classifier(MLP((1, 8, 8), 10, hidden=(8,)), 10).hparams["tta"] == "none"
+    with pytest.raises(ValueError, match=r"tta must be one of \('none', 'flip', 'crop', 'flip_crop'\), got 'ten'"):
+        Classifier(MLP((1, 8, 8), 10), 10, tta="ten")
+
+
 def test_classifier_smooths_in_training_only_and_logs_accuracy():
     torch.manual_seed(0)
     module = Classifier(MLP((1, 8, 8), 10, hidden=(8,)), 10, label_smoothing=0.2)

@@ -16,6 +16,7 @@ from lightning_tricks.nn import (
     FractionalMaxPool2d,
     ICBlock,
     apply_weight_norm,
+    check_norm,
     conv_block,
     conv_stack,
     drop_path,
@@ -23,6 +24,7 @@ from lightning_tricks.nn import (
     dropconnect_weight,
     linear_block,
     mlp_stack,
+    norm_layer,
     remove_weight_norm,
     weight_normed_layers,
 )
@@ -235,6 +237,46 @@ def test_builders_place_norm_and_dropout():
         conv_block(3, 8, pool="avg")
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
         mlp_stack(4, [4], "ic", 1.0)
+
+
+def test_builders_norm_switch():
+    layer = linear_block(4, 8, "layer", 0.1)
+    assert _types(layer) == ["Linear", "LayerNorm", "ReLU", "Dropout"] and layer[0].bias is None
+    weight = linear_block(4, 8, "weight")
+    assert _types(weight) == ["ParametrizedLinear", "ReLU"] and weight[0].bias is not None
+    assert weight_normed_layers(weight) == ["0"]
+    assert _types(linear_block(4, 8, "batch")) == _types(linear_block(4, 8, "classic"))
+    conv = conv_block(3, 8, norm="layer", pool="max")
+    assert _types(conv) == ["Conv2d", "GroupNorm", "ReLU", "MaxPool2d"] and conv[1].num_groups == 1
+    assert conv[0].bias is None
+    assert _types(conv_block(3, 8, norm="weight")) == ["ParametrizedConv2d", "ReLU"]
+    assert conv_stack(1, [4, 8], "weight")(torch.randn(2, 1, 8, 8)).shape == (2, 8, 8, 8)
+
+
+def test_check_norm_and_norm_layer():
+    assert [check_norm(n) for n in ("classic", "batch", "layer", "weight", "ic", "none")] == [
+        "batch",
+        "batch",
+        "layer",
+        "weight",
+        "ic",
+        "none",
+    ]
+    with pytest.raises(ValueError, match=r"norm must be one of .* \('classic' = 'batch'\), got 'post'"):
+        check_norm("post")
+    assert _types(norm_layer("batch", 4, dims=1) + norm_layer("batch", 4, dims=2)) == ["BatchNorm1d", "BatchNorm2d"]
+    assert _types(norm_layer("layer", 4, dims=1) + norm_layer("layer", 4, dims=2)) == ["LayerNorm", "GroupNorm"]
+    assert norm_layer("weight", 4, 1) == norm_layer("ic", 4, 2) == norm_layer("none", 4, 2) == []
+    # GroupNorm(1, C) is LayerNorm over (C, H, W) followed by a per-channel affine
+    (gn,) = norm_layer("layer", 3, dims=2)
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 5, 5)
+    expected = F.layer_norm(x, (3, 5, 5)) * gn.weight[:, None, None] + gn.bias[:, None, None]
+    torch.testing.assert_close(gn(x), expected)
+    with pytest.raises(ValueError, match="dims must be 1 or 2, got 3"):
+        norm_layer("batch", 4, dims=3)
 
 
 # -- an IC model trains --------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_default_run_reaches_95_percent(tmp_path):
     [
         (["optimizer.name=lbfgs"], "unknown optimizer name 'lbfgs'; choose one of"),
         (["optimizer.lr=-0.1"], "lr must be a positive number, got -0.1"),
-        (["model.norm=batch"], "model: norm must be one of"),
+        (["model.norm=group"], "model: norm must be one of"),
         (["data=fashion_mnist", "data.data_dir=/nonexistent/fm"], "/nonexistent/fm"),
         (["monitor=val/nope", "~callbacks.model_checkpoint"], "monitor='val/nope' was never logged"),
     ],

@@ -15,6 +15,7 @@ _WHERE: dict[str, str] = {
     "LRSchedule": "lr_schedule",
     "LinearScaling": "lr_scaling",
     "LRRangeTest": "lr_range_test",
+    "BatchSizeFinder": "batch_size",
     # early stopping
     "EarlyStopping": "early_stopping",
     # weight averaging and ensembles
@@ -24,6 +25,7 @@ _WHERE: dict[str, str] = {
     # batch augmentation and regularization
     "Mixup": "augment",
     "CutMix": "augment",
+    "MixupCutmix": "augment",
     "Cutout": "augment",
     "L1Regularization": "regularize",
     # the training recipe
@@ -32,6 +34,8 @@ _WHERE: dict[str, str] = {
     "UpdateRatioMonitor": "sanity",
     "GradNormMonitor": "sanity",
     "DeadUnitMonitor": "sanity",
+    "LayerStats": "layer_stats",
+    "AGC": "clipping",
     "FreezeUnfreeze": "finetune",
     # run output
     "DivergenceGuard": "divergence_guard",

@@ -1,4 +1,4 @@
-"""Mixup, CutMix and Cutout as callbacks: batch-level augmentation on the device, after transfer.
+"""Mixup, CutMix, MixupCutmix and Cutout as callbacks: batch-level augmentation on the device, after transfer.
 
 The math is in :mod:`lightning_tricks.augment`; these classes only decide when to act, draw the
 randomness and put the new tensors into the batch.
@@ -31,8 +31,11 @@ computed :data:`SEED_BLOCK` batches at a time by a vectorized copy of ``SeedSequ
 a microsecond per batch instead of the 10-15 µs of a ``SeedSequence`` per batch, with the same seeds.
 
 Stacked (e.g. ``Cutout`` and ``Mixup`` in one Trainer), they act in one fixed order whatever the order
-of the callback list: Cutout, then CutMix, then Mixup (same class: by ``state_key``). The first of them
-in that order applies all of them, each with its own state, in its ``on_train_batch_start``.
+of the callback list: Cutout, then the label-mixing one (same class: by ``state_key``). The first of them
+in that order applies all of them, each with its own state, in its ``on_train_batch_start``. At most one
+label-mixing callback (``Mixup``, ``CutMix``, ``MixupCutmix``) is allowed: two would mix every batch
+twice, so ``setup`` refuses them and points to :class:`MixupCutmix`, which picks mixup or CutMix per
+batch, pair or sample (timm's ``Mixup``).
 """
 
 from __future__ import annotations
@@ -53,14 +56,17 @@ from lightning_tricks._lightning import (
     trainer_datamodule,
 )
 from lightning_tricks.augment import (
+    check_mixup_cutmix,
     cutmix_batch,
     cutout_batch,
     cutout_size,
     mixup_batch,
+    mixup_cutmix_batch,
+    mixup_cutmix_params,
 )
 from lightning_tricks.callbacks._common import check_int
 
-__all__ = ["Mixup", "CutMix", "Cutout", "seed_states"]
+__all__ = ["Mixup", "CutMix", "MixupCutmix", "Cutout", "seed_states"]
 
 #: batches whose generator seeds are computed at once
 SEED_BLOCK = 256
@@ -142,7 +148,7 @@ def _check_alpha(alpha: Any) -> None:
 
 
 # the fixed order of stacked batch augmentations (by ``name``): occlusion first, then the label-mixing ones
-_ORDER = ("cutout", "cutmix", "mixup")
+_ORDER = ("cutout", "mixup_cutmix", "cutmix", "mixup")
 
 
 class _BatchAugment(Callback):
@@ -212,6 +218,13 @@ class _BatchAugment(Callback):
             (c for c in getattr(trainer, "callbacks", [self]) if isinstance(c, _BatchAugment)),
             key=lambda c: (_ORDER.index(type(c).name) if type(c).name in _ORDER else len(_ORDER), c.state_key),
         )
+        mixers = [type(c).__name__ for c in stack if c.changes_targets]
+        if len(mixers) > 1:
+            raise ValueError(
+                f"{' and '.join(mixers)} both mix the labels, so every batch would be mixed twice; use one "
+                "MixupCutmix(mixup_alpha=..., cutmix_alpha=..., switch_prob=...) instead, which picks mixup or "
+                "CutMix per batch, pair or sample (timm's Mixup)"
+            )
         self._peers = stack if stack and stack[0] is self else []
         if self._resolved_seed is None:
             self._resolved_seed = int(torch.initial_seed())
@@ -321,7 +334,27 @@ class _BatchAugment(Callback):
             batch[self.target_key] = y
 
 
-class _Mix(_BatchAugment):
+class _Labels(_BatchAugment):
+    """A batch augmentation that mixes labels: finds ``num_classes`` at setup to make soft targets."""
+
+    _classes: int | None = None
+
+    def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._classes is None:
+            found = getattr(pl_module, "num_classes", None) or getattr(trainer_datamodule(trainer), "num_classes", None)
+            self._classes = int(found) if found is not None else None
+
+    def _need_classes(self, y: Tensor) -> int | None:
+        if self._classes is None and not y.dtype.is_floating_point:
+            raise ValueError(
+                f"{type(self).__name__} needs num_classes to make soft targets from class indices: "
+                f"pass {type(self).__name__}(num_classes=...) or give the LightningModule or "
+                "DataModule a num_classes attribute"
+            )
+        return self._classes
+
+
+class _Mix(_Labels):
     def __init__(
         self,
         alpha: float = 1.0,
@@ -343,20 +376,6 @@ class _Mix(_BatchAugment):
     def _key_args(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "p": self.p}
 
-    def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._classes is None:
-            found = getattr(pl_module, "num_classes", None) or getattr(trainer_datamodule(trainer), "num_classes", None)
-            self._classes = int(found) if found is not None else None
-
-    def _need_classes(self, y: Tensor) -> int | None:
-        if self._classes is None and not y.dtype.is_floating_point:
-            raise ValueError(
-                f"{type(self).__name__} needs num_classes to make soft targets from class indices: "
-                f"pass {type(self).__name__}(num_classes=...) or give the LightningModule or "
-                "DataModule a num_classes attribute"
-            )
-        return self._classes
-
 
 class Mixup(_Mix):
     """Mixup on training batches: ``x' = lam x + (1-lam) x[perm]``, ``y' = lam q + (1-lam) q[perm]``.
@@ -375,6 +394,8 @@ class Mixup(_Mix):
             DataModule.
         seed: base seed of the draws; ``None`` takes ``torch.initial_seed()`` (set by ``seed_everything``).
         input_key, target_key: where ``x`` and ``y`` are in the batch (list positions or dict keys).
+
+    Not together with :class:`CutMix` (refused at ``setup``): :class:`MixupCutmix` switches between them.
 
     Example:
         >>> cb = Mixup(alpha=0.2, off_last_epochs=2)   # Trainer(callbacks=[cb], max_epochs=10)
@@ -399,7 +420,8 @@ class CutMix(_Mix):
     clipped), then ``lam = 1 - box_area / (H W)`` and ``y' = lam q + (1 - lam) q[perm]``.
     Yun, Han, Oh, Chun, Choe, Yoo, "CutMix: Regularization Strategy to Train Strong Classifiers with
     Localizable Features", 2019, arXiv:1905.04899. Images ``(N, C, H, W)`` only. Arguments as
-    :class:`Mixup` (the paper uses ``alpha=1``).
+    :class:`Mixup` (the paper uses ``alpha=1``). Not together with :class:`Mixup` (refused at ``setup``):
+    :class:`MixupCutmix` switches between them.
 
     Example:
         >>> cb = CutMix(alpha=1.0, p=0.5)
@@ -413,6 +435,137 @@ class CutMix(_Mix):
         assert y is not None  # changes_targets: _read gives the targets
         out = cutmix_batch(x, y, self._need_classes(y), self.alpha, generator=generator)
         return out.x, out.y
+
+
+class MixupCutmix(_Labels):
+    """Mixup or CutMix on training batches, chosen per batch, pair or sample: timm's ``Mixup`` as a callback.
+
+    For each *slot* (the batch with ``mode="batch"``, the pair ``(i, N-1-i)`` with ``"pair"``, the sample
+    with ``"elem"``): with probability ``prob`` it is mixed, by CutMix with probability ``switch_prob``
+    (when both alphas are > 0) else by mixup, with ``lam ~ Beta(alpha, alpha)`` of that method. Sample
+    ``i`` is mixed with sample ``N-1-i`` (as timm: the loader's shuffle makes the partner random). CutMix
+    pastes a box of the partner (sides ``sqrt(1 - lam) * (H, W)``, clipped) and its label weight is the
+    kept area ``1 - box_area / (H W)``, per sample in ``"elem"`` mode. Targets become
+    ``y'_i = lam_i s(q_i) + (1 - lam_i) s(q_{N-1-i})`` with ``s(q) = (1 - eps) q + eps / C`` (label
+    smoothing folded in, as timm's ``mixup_target``); with ``label_smoothing > 0`` every training batch
+    gets smoothed soft targets, mixed or not (timm does the same), so the module must not smooth again:
+    ``setup`` refuses a module with its own ``label_smoothing > 0`` (the two are equivalent; use one).
+    The math is :func:`lightning_tricks.augment.mixup_cutmix_batch`; the draws come from this callback's
+    generator, reseeded per batch from ``(seed, rank, batch count)`` like :class:`Mixup`'s, so resume
+    continues the same draws. It cannot be stacked with :class:`Mixup` or :class:`CutMix` (refused at
+    ``setup``); :class:`Cutout` acts first.
+
+    Zhang et al. 2018 (arXiv:1710.09412); Yun et al. 2019 (arXiv:1905.04899); the batch/pair/elem
+    switch is Wightman's ``timm.data.Mixup`` (DeiT, Touvron et al. 2021, arXiv:2012.12877, uses
+    ``mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1``).
+
+    Args:
+        mixup_alpha: mixup's Beta concentration, >= 0 (0 turns mixup off).
+        cutmix_alpha: CutMix's Beta concentration, >= 0 (0 turns CutMix off; images ``(N, C, H, W)``
+            are needed when it is > 0). Not both 0.
+        prob: probability that a slot is mixed, in [0, 1].
+        switch_prob: probability of CutMix instead of mixup when both are on, in [0, 1].
+        mode: ``"batch"`` (one ``lam`` and box for the batch), ``"pair"`` or ``"elem"`` (per sample).
+        label_smoothing: ``eps`` in [0, 1) folded into the soft targets.
+        until_epoch: mix only in epochs ``< until_epoch`` (0-based; timm's ``mixup_off_epoch``);
+            ``None`` = always. Label smoothing goes on after it.
+        off_last_epochs, num_classes, seed, input_key, target_key: as :class:`Mixup`.
+
+    Example:
+        >>> cb = MixupCutmix(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", until_epoch=90)
+        >>> cb.active(89, max_epochs=100), cb.active(90, max_epochs=100)
+        (True, False)
+    """
+
+    name = "mixup_cutmix"
+
+    def __init__(
+        self,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = "batch",
+        label_smoothing: float = 0.0,
+        until_epoch: int | None = None,
+        off_last_epochs: int = 0,
+        num_classes: int | None = None,
+        seed: int | None = None,
+        input_key: int | str = 0,
+        target_key: int | str = 1,
+    ) -> None:
+        super().__init__(1.0, until_epoch, off_last_epochs, seed, input_key, target_key)
+        check_mixup_cutmix(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, label_smoothing)
+        check_int("num_classes", num_classes, 2, allow_none=True)
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.prob = float(prob)
+        self.switch_prob = float(switch_prob)
+        self.mode = mode
+        self.label_smoothing = float(label_smoothing)
+        self.num_classes = num_classes
+        self._classes = num_classes
+
+    def _key_args(self) -> dict[str, Any]:
+        return {
+            "mixup_alpha": self.mixup_alpha,
+            "cutmix_alpha": self.cutmix_alpha,
+            "prob": self.prob,
+            "switch_prob": self.switch_prob,
+            "mode": self.mode,
+        }
+
+    def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super()._setup(trainer, pl_module)
+        smoothing = getattr(pl_module, "label_smoothing", 0.0)
+        if self.label_smoothing and isinstance(smoothing, (int, float)) and smoothing > 0:
+            raise ValueError(
+                f"MixupCutmix(label_smoothing={self.label_smoothing}) and the module's "
+                f"label_smoothing={smoothing} would smooth the targets twice; set one of them to 0 "
+                "(they give the same targets)"
+            )
+
+    def _augment(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        count = self.batches
+        self.batches += 1
+        mixing = self.active(trainer.current_epoch, trainer.max_epochs)
+        if not mixing:
+            if not self._announced_off:
+                rank_zero_info(f"MixupCutmix is off from epoch {trainer.current_epoch} (label smoothing stays)")
+                self._announced_off = True
+            if not self.label_smoothing:
+                return
+        x, y = self._read(batch)
+        assert y is not None  # changes_targets: _read gives the targets
+        if self.cutmix_alpha > 0 and x.ndim != 4:
+            raise ValueError(
+                f"MixupCutmix(cutmix_alpha={self.cutmix_alpha}) needs images (N, C, H, W), got shape "
+                f"{tuple(x.shape)}; set cutmix_alpha=0 for other inputs"
+            )
+        size = (x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
+        params = mixup_cutmix_params(
+            x.shape[0],
+            size,
+            self.mixup_alpha,
+            self.cutmix_alpha,
+            self.prob if mixing else 0.0,
+            self.switch_prob,
+            self.mode,
+            self._seed_generator(count),
+        )
+        if not self.label_smoothing and not params.mixed:
+            return  # nothing to do: the batch stays exactly as it is
+        out = mixup_cutmix_batch(
+            x,
+            y,
+            self._need_classes(y),
+            self.mixup_alpha,
+            self.cutmix_alpha,
+            label_smoothing=self.label_smoothing,
+            mode=self.mode,
+            params=params,
+        )
+        self._write(batch, out.x, out.y)
 
 
 class Cutout(_BatchAugment):

@@ -17,6 +17,7 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.finetune import (
     backbone_param_groups,
+    classifier_parameters,
     freeze,
     params_by_name,
     resolve_module,
@@ -59,6 +60,12 @@ class FreezeUnfreeze(Callback):
     The module's ``configure_optimizers`` must only take parameters with ``requires_grad`` (the
     library's :func:`~lightning_tricks.mixins.param_groups_weight_decay` does). The freeze happens in
     ``setup``, before ``configure_optimizers``.
+
+    Which part is the head: everything outside ``backbone`` (our models' ``head``; for
+    :class:`~lightning_tricks.models.TimmModel` the timm classifier, split off as ``head``). A backbone
+    that holds its own classifier and names it, as every timm model does with ``get_classifier()``, keeps
+    that classifier trainable and out of the backbone's groups and layer count: ``FreezeUnfreeze(backbone="model")``
+    on a module whose ``self.model`` is a plain timm model trains ``model.get_classifier()`` from the start.
 
     Resuming: the state holds whether the backbone was unfrozen and the added groups' layout; on
     resume after the unfreeze epoch the groups are re-added in ``on_fit_start``, before Lightning
@@ -109,6 +116,7 @@ class FreezeUnfreeze(Callback):
         self._module: nn.Module | None = None
         self._name = backbone
         self._frozen_bns: list[Any] = []  # the BatchNorm layers kept in eval mode
+        self._inner_head: list[nn.Parameter] = []  # a classifier inside the backbone (timm's get_classifier())
 
     @property
     def state_key(self) -> str:
@@ -130,7 +138,10 @@ class FreezeUnfreeze(Callback):
         self._name, self._module = resolve_module(pl_module, self.backbone)
         if not any(True for _ in self._module.parameters()):
             raise ValueError(f"backbone {self._name!r} has no parameters to freeze")
-        self._frozen_bns = freeze(self._module, train_bn=self.train_bn)
+        self._inner_head = classifier_parameters(self._module)
+        if self._inner_head and len(self._inner_head) == len(list(self._module.parameters())):
+            raise ValueError(f"backbone {self._name!r} is all classifier (get_classifier()): nothing to freeze")
+        self._frozen_bns = freeze(self._module, train_bn=self.train_bn, keep=self._inner_head)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizer = self._optimizer(trainer)
@@ -209,6 +220,7 @@ class FreezeUnfreeze(Callback):
             split_no_decay=split,
             exclude=in_optimizer,
             base_lr=head.get("initial_lr"),
+            head=self._inner_head,
         )
         named_groups = "param_names" in head
         self.groups = []

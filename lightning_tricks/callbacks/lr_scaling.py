@@ -7,7 +7,9 @@ from typing import Any
 from lightning_tricks._lightning import (
     Callback,
     LightningModule,
+    MisconfigurationException,
     Trainer,
+    pl,
     rank_zero_info,
     rank_zero_warn,
     trainer_callbacks,
@@ -65,7 +67,16 @@ class LinearScaling(Callback):
     either order. When the module configures its own torch LR scheduler, that scheduler owns the LR of its
     optimizer: its ``base_lrs`` are scaled too (with a warning: bounds it keeps elsewhere are not).
     A resumed run takes the already-scaled base LRs from the checkpoint (no double scaling).
-    What it did is printed once on rank zero. Pair a large factor with a warmup
+    What it did is printed once on rank zero.
+
+    With a batch-size search (Lightning's ``BatchSizeFinder`` or
+    :class:`~lightning_tricks.callbacks.BatchSizeFinder`, ``+callbacks=batch_size_finder``) the LR follows the
+    batch size it finds: the finder runs in its ``on_fit_start``, sets ``datamodule.batch_size`` (or the
+    module's) and restores the weights and the optimizer from its temporary checkpoint; Lightning always
+    moves tuner callbacks to the front of the callback list, so this callback's ``on_fit_start`` runs
+    after it, whatever the order the user wrote, and reads the found batch size. Both are checked at fit
+    start: a finder that would run after this callback, or an explicit ``batch_size`` (which would ignore
+    the found one), is refused with one message naming both. Pair a large factor with a warmup
     (``Warmup(...)``/``schedule=warmup_cosine``), as Goyal et al. do: it warns when there is none.
 
     Args:
@@ -97,6 +108,7 @@ class LinearScaling(Callback):
         self.factor: float | None = None
         self.global_batch_size: int | None = None
         self._lr_owner: LRSchedule | None = None
+        self._resuming_from: Any = None
 
     @property
     def state_key(self) -> str:
@@ -105,8 +117,11 @@ class LinearScaling(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # before Lightning restores callback states: an added owner gets its own back
             self._lr_owner = lr_owner(trainer, "LinearScaling")
+            # the user's checkpoint: a batch-size finder's temporary one shows in trainer.ckpt_path later
+            self._resuming_from = trainer.ckpt_path
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        finder = self._check_finders(trainer)
         if self.batch_size is not None:
             per_device, where = self.batch_size, "LinearScaling(batch_size=...)"
         else:
@@ -118,6 +133,8 @@ class LinearScaling(Callback):
                     "pass LinearScaling(batch_size=...)"
                 )
             per_device, where = found
+            if finder is not None and finder.optimal_batch_size == per_device:
+                where += f", found by {type(finder).__name__}"
         accumulate = int(trainer.accumulate_grad_batches)
         world = int(trainer.world_size)
         self.global_batch_size = global_batch_size(per_device, accumulate, world)
@@ -141,8 +158,8 @@ class LinearScaling(Callback):
             f"(from {where}) x {accumulate} accumulated x {world} device(s); reference {self.reference_batch_size}; "
             f"LR x {self.factor:.4g}: {', '.join(changes)}"
             + (
-                f" (resuming from {trainer.ckpt_path}: its optimizer state, already scaled, replaces these)"
-                if trainer.ckpt_path
+                f" (resuming from {self._resuming_from}: its optimizer state, already scaled, replaces these)"
+                if self._resuming_from
                 else ""
             )
         )
@@ -152,6 +169,28 @@ class LinearScaling(Callback):
                 "ramp the LR up over the first epochs: add LRSchedule(Warmup(...)) "
                 "(schedule=warmup_cosine)"
             )
+
+    def _check_finders(self, trainer: Trainer) -> Any:
+        """The batch-size finder of this fit (``None``: none); refuse one this callback cannot follow."""
+        callbacks = trainer_callbacks(trainer)
+        finders = [i for i, cb in enumerate(callbacks) if isinstance(cb, pl.callbacks.BatchSizeFinder)]
+        if not finders:
+            return None
+        finder = callbacks[finders[0]]
+        name = type(finder).__name__
+        if self.batch_size is not None:
+            raise MisconfigurationException(
+                f"LinearScaling(batch_size={self.batch_size}) fixes the batch size, but {name} searches for one: "
+                f"the LR would not follow the batch {name} finds. Drop LinearScaling's batch_size (it then reads "
+                "the found one from the datamodule or the module), or drop the finder."
+            )
+        me = next((i for i, cb in enumerate(callbacks) if cb is self), -1)
+        if any(i > me for i in finders):
+            raise MisconfigurationException(
+                f"{name} comes after LinearScaling in trainer.callbacks, so it would change the batch size after "
+                f"LinearScaling scaled the LR for the old one; put {name} first (Lightning's Trainer does so itself)"
+            )
+        return finder
 
     @staticmethod
     def _has_warmup(trainer: Trainer) -> bool:

@@ -23,11 +23,18 @@ from lightning_tricks._lightning import (
     should_log_step,
     trainer_callbacks,
 )
-from lightning_tricks.schedules import Constant
+from lightning_tricks.schedules import Constant, Plateau, Warmup, plateau_of
 
 __all__ = ["LRSchedule", "lr_owner"]
 
 ScheduleFn = Callable[[int, "int | None"], float]
+
+
+def _plateau_in(schedule: object) -> Plateau | None:
+    """The :class:`~lightning_tricks.schedules.Plateau` a schedule is or ends in (after warmups), else ``None``."""
+    while isinstance(schedule, Warmup):
+        schedule = schedule.then
+    return schedule if isinstance(schedule, Plateau) else None
 
 
 def lr_owner(trainer: Trainer, by: str) -> LRSchedule:
@@ -89,6 +96,22 @@ class LRSchedule(Callback):
     - :class:`~lightning_tricks.callbacks.FreezeUnfreeze`: parameter groups added during training join
       the schedule with their ``initial_lr`` (else their LR at that moment) as base LR.
 
+    **Reduce on plateau.** With a :class:`~lightning_tricks.schedules.Plateau` as the schedule, or as the
+    ``then`` of a :class:`~lightning_tricks.schedules.Warmup` (``Warmup(steps=0.05, then=Plateau())``), this
+    callback steps it at the end of every validation during fit (each epoch, or every ``val_check_interval``
+    steps: once per validation, never in the sanity check) with ``trainer.callback_metrics[plateau.monitor]``
+    (rank 0's value, broadcast, so every DDP rank reduces together), and from then on each group's LR is
+    ``plateau.lrs(base_lrs)``: torch ``ReduceLROnPlateau``'s LRs, ``min_lr`` and ``eps`` included. A missing
+    metric fails with one line naming it and the logged ones, as Lightning's plateau scheduler does;
+    validation switched off (``limit_val_batches=0``) is refused at fit start. Behind a warmup the plateau
+    governs from the warmup's last step on: validations that end before it are not counted, and the factor
+    multiplies the LR after the warmup. The plateau's state (best, bad validations, cooldown, reductions,
+    current factor) is part of this callback's checkpoint state, so a resumed run reduces at the same
+    validations. With contributors: base-LR changes (LinearScaling, the range test, unfrozen groups) are the
+    LRs the reductions start from; SWA's phase starts from the plateau's LRs at its start step, and the
+    plateau stops counting once the phase has begun (the phase owns the tail); SnapshotEnsemble's cycles
+    replace the schedule, so beside a Plateau they are refused (use ``SnapshotEnsemble(schedule=False)``).
+
     Pairs that cannot compose are refused at fit start with one message naming both: two LRSchedules
     driving the same optimizer; an LRSchedule beside the module's own LR scheduler for the same
     optimizer; a phase or schedule contributed where a module scheduler owns the LR; a second
@@ -143,6 +166,10 @@ class LRSchedule(Callback):
             raise ValueError(f"schedule must be callable as schedule(step, total_steps), got {schedule!r}")
         if momentum is not None and not callable(momentum):
             raise ValueError(f"momentum must be None or callable as momentum(step, total_steps), got {momentum!r}")
+        if momentum is not None and _plateau_in(momentum) is not None:
+            raise ValueError(
+                f"momentum={momentum!r}: a Plateau reduces the learning rate; it cannot be a momentum schedule"
+            )
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
@@ -180,6 +207,11 @@ class LRSchedule(Callback):
         self._momentum_keys: dict[int, list[str | None]] = {}
         self._written_step = -1  # global_step of the last write, -1: write at the next call
         self._written: dict[int, list[float]] = {}  # optimizer index -> the lr written in each group
+        # reduce on plateau (an event-driven schedule this callback steps at validation end)
+        self._plateau: Plateau | None = _plateau_in(schedule)
+        self._plateau_start = 0  # first optimizer step the plateau governs (after the warmups)
+        self._plateau_cache: dict[int, tuple[int, list[float], list[float]]] = {}  # i -> (reductions, base, lrs)
+        self._plateau_steps = 0  # validations the plateau took in this fit
 
     @property
     def state_key(self) -> str:
@@ -205,16 +237,43 @@ class LRSchedule(Callback):
         return self._total
 
     def lr_at(self, step: int) -> dict[int, list[float]]:
-        """The LR of every driven group at optimizer step ``step``: ``{optimizer index: [lr per group]}``."""
+        """The LR of every driven group at optimizer step ``step``: ``{optimizer index: [lr per group]}``.
+
+        With a :class:`~lightning_tricks.schedules.Plateau`, under its state now (the reductions so far).
+        """
         if self._base is None:
             raise RuntimeError("LRSchedule has no base LRs yet: they are captured when training starts")
         phase = self._active_phase(step)
-        if phase is not None:
-            name, p = phase
+        factor = float(self.schedule(step, self._total))
+        return {i: list(self._lrs(i, base, step, factor, phase)) for i, base in self._base.items()}
+
+    def _lrs(self, i: int, base: list[float], step: int, factor: float, phase: tuple[str, Any] | None) -> list[float]:
+        """The LR of each of optimizer ``i``'s groups at ``step`` (``factor``: ``schedule(step, T)``)."""
+        if phase is None:
+            if self._plateau_governs(step):
+                return self._plateau_lrs(i, base)
+            return [b * factor for b in base]
+        name, p = phase
+        if self._plateau_governs(p.start_step):  # the plateau's LRs at the start (it stops stepping in the phase)
+            start = self._plateau_lrs(i, base)
+        else:
             f0 = self._start_factor(name, p)
-            return {i: [p.lr(step, b * f0) for b in base] for i, base in self._base.items()}
-        factor = self.schedule(step, self._total)
-        return {i: [b * factor for b in base] for i, base in self._base.items()}
+            start = [b * f0 for b in base]
+        return [p.lr(step, s) for s in start]
+
+    def _plateau_governs(self, step: int) -> bool:
+        return self._plateau is not None and step >= self._plateau_start
+
+    def _plateau_lrs(self, i: int, base: list[float]) -> list[float]:
+        """``plateau.lrs(base)``, recomputed only after a reduction or a change of the base LRs."""
+        assert self._plateau is not None
+        cached = self._plateau_cache.get(i)
+        reductions = self._plateau.reductions
+        if cached is not None and cached[0] == reductions and cached[1] == base:
+            return cached[2]
+        lrs = self._plateau.lrs(base)
+        self._plateau_cache[i] = (reductions, list(base), lrs)
+        return lrs
 
     def _active_phase(self, step: int) -> tuple[str, Any] | None:
         for name, phase in self._phases.items():
@@ -278,9 +337,11 @@ class LRSchedule(Callback):
         self._hints[by] = hint
         self._phase_factor = {}
         self._written_step = -1
+        self._plateau, self._plateau_cache = _plateau_in(schedule), {}
         if self._prepared:
             self._check_contributions(by, hint)
             self._check_schedule("schedule", schedule)
+            self._prepare_plateau(trainer=None)
 
     def scale_base_lrs(self, trainer: Trainer, factor: float, by: str) -> list[tuple[int, int, float, float]]:
         """Multiply every group's base LR by ``factor`` (LinearScaling); return ``(opt, group, old, new)``.
@@ -397,6 +458,27 @@ class LRSchedule(Callback):
                 self._check_schedule(name, fn)
         for by in [*self._phases, *([self._schedule_by] if self._schedule_by else [])]:
             self._check_contributions(by, self._hints.get(by, ""))
+        self._prepare_plateau(trainer)
+
+    def _prepare_plateau(self, trainer: Trainer | None) -> None:
+        """Where the plateau starts governing; refuse a run whose validation is off or whose groups do not
+        match a per-group ``min_lr``."""
+        found = plateau_of(self.schedule, self._total)
+        self._plateau_start = 0 if found is None else found[1]
+        if self._plateau is None or trainer is None:
+            return
+        if trainer.limit_val_batches == 0:
+            raise MisconfigurationException(
+                f"{self._name()} reduces the LR when {self._plateau.monitor!r} stops improving, at each validation, "
+                "but validation is off (trainer limit_val_batches=0): it would never act. Turn validation on, "
+                "or use a schedule that is a function of the step"
+            )
+        for i in self._indices:
+            groups = len(trainer.optimizers[i].param_groups)
+            try:
+                self._plateau.min_lrs(groups)
+            except ValueError as e:
+                raise ValueError(f"{self._name()}, optimizer {i}: {e}") from e
 
     def _check_schedule(self, name: str, fn: ScheduleFn) -> None:
         try:
@@ -437,7 +519,6 @@ class LRSchedule(Callback):
         assert self._base is not None
         phase = self._active_phase(step)
         factor = float(self.schedule(step, self._total))
-        f0 = 0.0 if phase is None else self._start_factor(phase[0], phase[1])
         mom = None if self.momentum is None else float(self.momentum(step, self._total))
         optimizers = trainer.optimizers
         for i, base in self._base.items():
@@ -447,8 +528,7 @@ class LRSchedule(Callback):
             written = self._written.get(i)
             if written is None or len(written) != len(base):
                 written = self._written[i] = [0.0] * len(base)
-            for j, (group, b) in enumerate(zip(groups, base)):
-                lr = b * factor if phase is None else phase[1].lr(step, b * f0)
+            for j, (group, lr) in enumerate(zip(groups, self._lrs(i, base, step, factor, phase))):
                 group["lr"] = lr
                 written[j] = lr
                 if mom is not None:
@@ -516,6 +596,9 @@ class LRSchedule(Callback):
             self._written_step, self._written = -1, {}
             if self._implicit:
                 self.schedule = self._initial_schedule
+            self._plateau, self._plateau_cache, self._plateau_steps = _plateau_in(self.schedule), {}, 0
+            if self._plateau is not None:
+                self._plateau.reset()  # a new fit; a resumed one gets its state back at train start
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._prepare(trainer)
@@ -550,13 +633,16 @@ class LRSchedule(Callback):
             saved = saved_phases.get(name)
             if saved is None:
                 continue
-            if int(saved.get("start_step", -1)) == phase.start_step and saved.get("factor_at_start") is not None:
-                self._phase_factor[name] = float(saved["factor_at_start"])
-            else:
+            if int(saved.get("start_step", -1)) != phase.start_step:
                 rank_zero_warn(
                     f"LRSchedule: the checkpoint's {name} phase started at step {saved.get('start_step')}, "
                     f"this run's starts at {phase.start_step}"
                 )
+            elif saved.get("factor_at_start") is not None:
+                self._phase_factor[name] = float(saved["factor_at_start"])
+        saved_plateau = (self._loaded or {}).get("plateau")
+        if self._plateau is not None and saved_plateau:
+            self._plateau.load_state_dict(saved_plateau)
         self._base = base
         self._loaded = None
         self._lr_keys = self._keys(optimizers, base, self.log_name)
@@ -593,6 +679,41 @@ class LRSchedule(Callback):
                 value = g["betas"][0] if "betas" in g else g["momentum"]
                 pl_module.log(key, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False, batch_size=1)
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plateau = self._plateau
+        if plateau is None or self._base is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        step = trainer.global_step
+        if step < self._plateau_start or self._active_phase(step) is not None:
+            return  # in the warmup: not counted; in a phase (SWA): the phase owns the LR
+        metrics = trainer.callback_metrics
+        if plateau.monitor not in metrics:
+            raise MisconfigurationException(
+                f"{self._name()} is conditioned on metric {plateau.monitor!r}, which is not available at the end of "
+                f"validation. Available metrics are: {sorted(metrics)}. Log it, or set the Plateau's monitor to "
+                "one of these"
+            )
+        value = trainer.strategy.broadcast(float(metrics[plateau.monitor]), src=0)  # every rank decides alike
+        before = plateau.reductions
+        plateau.step(value)
+        self._plateau_steps += 1
+        if plateau.reductions != before:
+            rank_zero_info(
+                f"LRSchedule: {plateau.monitor} has not improved on {plateau.best:.6g} for more than "
+                f"patience={plateau.patience} validation(s): LR x {plateau.factor:g} from step {step} "
+                f"(reduction {plateau.reductions}, factor now {plateau.current_factor:.6g})"
+            )
+            self._written_step = -1
+            self._sync(trainer)  # the next step's LR, written now (after checking nobody else wrote it)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._plateau is not None and self._plateau_steps == 0 and trainer.global_step > self._plateau_start:
+            rank_zero_warn(
+                f"{self._name()} never took a step: no validation ended after step {self._plateau_start} of this "
+                "fit (no val_dataloader, or check_val_every_n_epoch longer than the run?), so the LR was never "
+                "reduced"
+            )
+
     @staticmethod
     def _keys(optimizers: list, base: dict[int, list[float]], name: str) -> dict[int, list[str | None]]:
         """One key when all driven groups share a base LR, else one per group (``name/<group name>``)."""
@@ -626,6 +747,7 @@ class LRSchedule(Callback):
                 name: {"start_step": int(p.start_step), "factor_at_start": self._phase_factor.get(name)}
                 for name, p in self._phases.items()
             },
+            "plateau": None if self._plateau is None else self._plateau.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -634,6 +756,7 @@ class LRSchedule(Callback):
             "base_lrs": None if base is None else {int(i): [float(x) for x in b] for i, b in base.items()},
             "total_steps": state_dict.get("total_steps"),
             "phases": dict(state_dict.get("phases") or {}),
+            "plateau": state_dict.get("plateau"),
         }
 
 

@@ -26,7 +26,9 @@ from lightning_tricks._lightning import (
     Trainer,
     rank_zero_warn,
     trainer_callbacks,
+    trainer_datamodule,
 )
+from lightning_tricks.augment import check_tta
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
 from lightning_tricks.callbacks._common import StepWatch, check_int
 from lightning_tricks.callbacks._weights import weights_of
@@ -85,6 +87,11 @@ class SnapshotEnsemble(Callback):
     ``test/ensemble/acc``, ``test/ensemble/nll``; this costs one pass over the test data per snapshot.
     :meth:`ensemble` gives a :class:`~lightning_tricks.ensemble.CheckpointEnsemble` for prediction.
 
+    With test-time augmentation (``tta``, or the module's own ``tta`` attribute, e.g. ``Classifier(tta=
+    "flip")``) each snapshot's probabilities are its mean softmax over the views
+    (:func:`lightning_tricks.augment.tta_predict`), costing V passes per snapshot; a flip is refused at
+    ``setup`` when the DataModule has ``flip=False``.
+
     Huang, Li, Pleiss, Liu, Hopcroft, Weinberger 2017, "Snapshot Ensembles: Train 1, get M for free",
     arXiv:1704.00109 (cosine cycles: Loshchilov & Hutter 2017, arXiv:1608.03983).
 
@@ -97,6 +104,8 @@ class SnapshotEnsemble(Callback):
         evaluate: evaluate and log the snapshots and their ensemble at test time.
         metrics: ``{name: torchmetrics.Metric}`` updated with ``(probs, target)``; default accuracy and
             negative log-likelihood.
+        tta: test-time augmentation of the snapshots' evaluation (``"none"``, ``"flip"``, ``"crop"``,
+            ``"flip_crop"``); ``None`` takes the module's ``tta`` attribute (``"none"`` if it has none).
 
     Example:
         >>> SnapshotEnsemble(cycles=4).state_key
@@ -111,8 +120,11 @@ class SnapshotEnsemble(Callback):
         schedule: bool = True,
         evaluate: bool = True,
         metrics: dict[str, Any] | None = None,
+        tta: str | None = None,
     ) -> None:
         check_int("cycles", cycles, 1)
+        if tta is not None:
+            check_tta(tta)
         if keep not in ("memory", "disk"):
             raise ValueError(f"keep must be 'memory' or 'disk', got {keep!r}")
         self.cycles = cycles
@@ -121,6 +133,7 @@ class SnapshotEnsemble(Callback):
         self.schedule = bool(schedule)
         self.evaluate = bool(evaluate)
         self.metrics = metrics
+        self.tta = tta
         self.total_steps: int | None = None
         self.steps: list[int] = []  # optimizer-step counts that end a cycle
         self._snapshots: list[dict[str, Tensor] | str] = []
@@ -139,14 +152,30 @@ class SnapshotEnsemble(Callback):
         """The snapshots taken so far: state dicts (``keep="memory"``) or file paths (``"disk"``)."""
         return list(self._snapshots)
 
-    def ensemble(self, template: Template, device: torch.device | str | None = None) -> CheckpointEnsemble:
-        """A :class:`CheckpointEnsemble` of the snapshots (``template``: the module or a factory)."""
+    def ensemble(
+        self, template: Template, device: torch.device | str | None = None, tta: str | None = None
+    ) -> CheckpointEnsemble:
+        """A :class:`CheckpointEnsemble` of the snapshots (``template``: the module or a factory).
+
+        ``tta``: the ensemble's test-time augmentation; ``None`` takes this callback's ``tta``, else the
+        template's own (see :class:`CheckpointEnsemble`).
+        """
         if not self._snapshots:
             raise ValueError("no snapshot has been taken yet")
-        return CheckpointEnsemble(template, self._snapshots, use_average=False, device=device)
+        tta = tta if tta is not None else self.tta
+        return CheckpointEnsemble(template, self._snapshots, use_average=False, device=device, tta=tta)
+
+    def _tta_for(self, pl_module: LightningModule) -> str:
+        return check_tta(self.tta if self.tta is not None else str(getattr(pl_module, "tta", "none")))
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        datamodule = trainer_datamodule(trainer)
+        check_tta(
+            self._tta_for(pl_module),
+            bool(getattr(datamodule, "flip", True)),
+            f"the DataModule {type(datamodule).__name__}",
+        )
         if (
             stage == "fit"
             and trainer.max_epochs is not None
@@ -273,6 +302,7 @@ class SnapshotEnsemble(Callback):
                     use_average=False,
                     restore=False,
                     load=load,
+                    tta=self._tta_for(pl_module),
                 )
             suffix = f"/dataloader_idx_{i}" if len(loaders) > 1 else ""
             for k, member in enumerate(out["members"], start=1):

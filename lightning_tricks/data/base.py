@@ -1,8 +1,25 @@
-"""Shared DataModule logic: splits, resident-tensor or DataLoader loading, on-device batch augmentation."""
+"""Shared DataModule logic: splits, normalization, resident-tensor or DataLoader loading, on-device augmentation.
+
+Pixels, normalization and augmentation: :meth:`TensorDataModule.load` returns images with pixels in
+``[0, 1]``; :meth:`~TensorDataModule.setup` carves the validation split and then normalizes every split
+per channel with statistics of the *training split only* (``normalize="zscore"``: mean and std;
+``"minmax"``: min and max; ``"none"``: unchanged), so the tensors in ``splits`` (and every batch, training
+or evaluation) are normalized. The augmentation policy (``augment=NAME``, :mod:`lightning_tricks.policies`)
+acts on training batches after transfer, on the device, in pixel space: each batch is mapped back to
+``[0, 1]`` (``x * scale + shift``), augmented, and normalized again, so brightness, contrast, solarize or a
+black border mean the same on every dataset and with every normalization.
+
+Randomness of the policy: a CPU ``torch.Generator`` reseeded for every training batch from
+``(augment_seed, global rank, batch count)`` (:func:`lightning_tricks.policies.batch_seed`); the seed and
+the count are the module's ``state_dict``, which Lightning saves in every checkpoint (under the class
+name) and loads on resume, so a resumed run draws what the uninterrupted run drew and DDP ranks draw
+differently. ``augment_seed=None`` takes ``torch.initial_seed()`` (``seed_everything``'s seed) at the first
+training batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import LightningDataModule
 from lightning_tricks.data.loader import TensorBatchLoader
+from lightning_tricks.policies import NORMALIZATIONS, AugmentPolicy, batch_seed
 
 LOADERS = ("dataloader", "resident")
 
@@ -18,8 +36,9 @@ LOADERS = ("dataloader", "resident")
 class TensorDataModule(LightningDataModule):
     """A DataModule whose splits are in-memory tensors ``x`` (float, normalized) and ``y`` (int64).
 
-    Subclasses implement :meth:`load` returning ``{"train": (x, y), "test": (x, y)}``; a validation
-    split is carved from train (``val_fraction``, fixed ``split_seed``) unless ``load`` gives one.
+    Subclasses implement :meth:`load` returning ``{"train": (x, y), "test": (x, y)}`` with pixels in
+    ``[0, 1]``; a validation split is carved from train (``val_fraction``, fixed ``split_seed``) unless
+    ``load`` gives one; then every split is normalized with the training split's statistics.
 
     Args:
         batch_size: per-device batch size.
@@ -27,13 +46,28 @@ class TensorDataModule(LightningDataModule):
         loader: ``"dataloader"`` (a ``DataLoader`` over a ``TensorDataset``, ``num_workers`` workers) or
             ``"resident"`` (tensors kept on the training device, batches are index lookups, no workers).
         num_workers: DataLoader workers for ``loader="dataloader"``.
-        batch_augment: a callable ``(x) -> x`` applied to training batches on the device after transfer
-            (e.g. :class:`lightning_tricks.augment.RandomCropFlip`); never applied in eval.
+        batch_augment: a callable ``(x) -> x`` applied to (normalized) training batches on the device after
+            transfer and after ``augment`` (e.g. :class:`lightning_tricks.augment.RandomCropFlip`); never
+            applied in eval. A ``generator`` attribute of it (a ``torch.Generator``) is saved in the state.
         split_seed: seed of the train/val split.
+        augment: the augmentation policy of training batches, a name in
+            :data:`lightning_tricks.policies.POLICIES` or a list of them applied in order (``"none"``: off).
+        augment_options: the policies' options (:class:`lightning_tricks.policies.PolicyOptions`):
+            ``padding``, ``crop_scale``, ``crop_ratio``, ``brightness``, ``contrast``, ``saturation``,
+            ``num_ops``, ``magnitude``, ``magnitude_std``, ``erase_p``, ``erase_scale``, ``erase_ratio``,
+            ``erase_value``.
+        flip: whether the policies flip images horizontally; ``None`` takes the dataset's
+            :attr:`default_flip` (on for CIFAR-10 and Fashion-MNIST, off for digits and MNIST, where a
+            mirror image can change the class). Test-time augmentation reads ``datamodule.flip``.
+        normalize: ``"zscore"`` (per-channel mean and std of the training split), ``"minmax"`` (per-channel
+            min and max of the training split, to ``[0, 1]``) or ``"none"`` (pixels in ``[0, 1]``).
+        augment_seed: base seed of the policy's draws; ``None``: ``torch.initial_seed()`` at the first batch.
     """
 
     num_classes: int
     input_shape: tuple[int, ...]
+    #: whether horizontal flips keep the class (the ``flip`` default)
+    default_flip: bool = False
 
     def __init__(
         self,
@@ -43,6 +77,11 @@ class TensorDataModule(LightningDataModule):
         num_workers: int = 0,
         batch_augment: Callable[[Tensor], Tensor] | None = None,
         split_seed: int = 0,
+        augment: str | Sequence[str] | None = "none",
+        augment_options: Mapping[str, Any] | None = None,
+        flip: bool | None = None,
+        normalize: str = "zscore",
+        augment_seed: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -59,6 +98,29 @@ class TensorDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.batch_augment = batch_augment
         self.split_seed = split_seed
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        self.normalize = normalize
+        if flip is None:
+            flip = type(self).default_flip
+        if not isinstance(flip, bool):
+            raise ValueError(f"flip must be a bool (or null for the dataset's default), got {flip!r}")
+        self.flip = flip
+        shape = getattr(type(self), "input_shape", None)
+        self.augment_policy = AugmentPolicy(
+            augment, flip=flip, channels=shape[0] if shape else None, options=augment_options
+        )
+        self.augment = self.augment_policy.names
+        if augment_seed is not None and (
+            isinstance(augment_seed, bool) or not isinstance(augment_seed, int) or augment_seed < 0
+        ):
+            raise ValueError(f"augment_seed must be an int >= 0 or None, got {augment_seed!r}")
+        self.augment_seed = augment_seed
+        self.augment_batches = 0  # training batches augmented so far (the per-batch seed)
+        self._augment_generator = torch.Generator()
+        self.norm_shift: Tensor | None = None  # (1, C, 1, 1): pixel = x * norm_scale + norm_shift
+        self.norm_scale: Tensor | None = None
+        self._norm_on: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
     # -- subclass API ---------------------------------------------------------------------------
@@ -78,7 +140,25 @@ class TensorDataModule(LightningDataModule):
             splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
             splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
         self._check(splits)
-        self.splits = splits
+        self.splits = self._normalized(splits)
+
+    def _normalized(self, splits: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every split mapped by ``(x - shift) / scale``, per channel, from the training split's statistics."""
+        x = splits["train"][0]
+        if self.normalize == "none" or not x.dtype.is_floating_point or x.ndim < 2 or len(x) == 0:
+            self.norm_shift = self.norm_scale = None
+            return splits
+        dims = [d for d in range(x.ndim) if d != 1]
+        if self.normalize == "zscore":
+            shift = x.mean(dim=dims, keepdim=True)
+            scale = x.std(dim=dims, keepdim=True)
+        else:  # minmax
+            shift = x.amin(dim=dims, keepdim=True)
+            scale = x.amax(dim=dims, keepdim=True) - shift
+        scale = scale.clamp_min(1e-6)
+        self.norm_shift, self.norm_scale = shift, scale
+        self._norm_on.clear()
+        return {name: ((xs - shift) / scale, ys) for name, (xs, ys) in splits.items()}
 
     def _check(self, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
         """Labels in ``[0, num_classes)`` and a training split of at least one batch, said before training."""
@@ -145,10 +225,56 @@ class TensorDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)
-        if self.batch_augment is not None and trainer is not None and trainer.training:
-            x, *rest = batch
-            batch = [self.batch_augment(x), *rest]
-        return batch
+        if trainer is None or not trainer.training or (not self.augment_policy and self.batch_augment is None):
+            return batch
+        x, *rest = batch
+        if self.augment_policy:
+            x = self.augment_batch(x, rank=trainer.global_rank)
+        if self.batch_augment is not None:
+            x = self.batch_augment(x)
+        return [x, *rest]
+
+    # -- augmentation -----------------------------------------------------------------------------------
+    def augment_batch(self, x: Tensor, rank: int = 0) -> Tensor:
+        """The policy applied to the normalized training batch ``x``, with this batch's generator (seeded
+        from ``(augment_seed, rank, augment_batches)``); counts the batch."""
+        if self.augment_seed is None:
+            self.augment_seed = int(torch.initial_seed()) & ((1 << 63) - 1)
+        generator = self._augment_generator.manual_seed(batch_seed(self.augment_seed, rank, self.augment_batches))
+        self.augment_batches += 1
+        return self.apply_policy(x, generator)
+
+    def apply_policy(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The policy applied in pixel space: ``x * scale + shift``, the policy, then ``(x - shift) / scale``."""
+        if self.norm_shift is None or self.norm_scale is None:
+            return self.augment_policy(x, generator)
+        key = (x.device, x.dtype)
+        if key not in self._norm_on:
+            self._norm_on[key] = (self.norm_shift.to(x.device, x.dtype), self.norm_scale.to(x.device, x.dtype))
+        shift, scale = self._norm_on[key]
+        return (self.augment_policy(torch.addcmul(shift, x, scale), generator) - shift) / scale
+
+    def state_dict(self) -> dict[str, Any]:
+        """The augmentation's resume state: ``augment_seed`` and ``augment_batches`` (and the state of a
+        ``batch_augment`` generator); empty without augmentation, so checkpoints stay as they were."""
+        state: dict[str, Any] = {}
+        if self.augment_policy:
+            state["augment_seed"] = self.augment_seed
+            state["augment_batches"] = self.augment_batches
+        generator = getattr(self.batch_augment, "generator", None)
+        if isinstance(generator, torch.Generator):
+            state["batch_augment_generator"] = generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        seed = state_dict.get("augment_seed")
+        if seed is not None:
+            self.augment_seed = int(seed)
+        self.augment_batches = int(state_dict.get("augment_batches", 0))
+        generator = getattr(self.batch_augment, "generator", None)
+        saved = state_dict.get("batch_augment_generator")
+        if isinstance(generator, torch.Generator) and isinstance(saved, Tensor):
+            generator.set_state(saved)
 
 
 def standardize(train_x: Tensor, *others: Tensor) -> tuple[Tensor, ...]:

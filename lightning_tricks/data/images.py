@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_tricks.data.base import TensorDataModule, standardize
+from lightning_tricks.data.base import TensorDataModule
 from lightning_tricks.data.files import (
     CHECKSUMS,
     download,
@@ -51,7 +51,9 @@ class IdxImageDataModule(TensorDataModule):
         dataset: ``"fashion_mnist"`` or ``"mnist"`` (picks the download mirror).
         download: fetch the files into ``data_dir`` if missing (opt-in; needs internet).
         limit_train, limit_test: keep only the first N samples (quick runs, tests).
-        **kwargs: :class:`TensorDataModule` options (batch_size, val_fraction, loader, ...).
+        **kwargs: :class:`TensorDataModule` options (batch_size, val_fraction, loader, augment, flip,
+            normalize, ...). ``flip`` defaults to on for Fashion-MNIST (a mirrored garment is the same
+            garment) and off for MNIST (a mirrored digit may not be a digit).
     """
 
     num_classes = 10
@@ -66,9 +68,11 @@ class IdxImageDataModule(TensorDataModule):
         limit_test: int | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
         if dataset not in MIRRORS:
             raise ValueError(f"dataset must be one of {sorted(MIRRORS)}, got {dataset!r}")
+        if kwargs.get("flip") is None:
+            kwargs["flip"] = dataset == "fashion_mnist"
+        super().__init__(**kwargs)
         self.data_dir = Path(data_dir).expanduser()
         self.dataset = dataset
         self.download = download
@@ -96,20 +100,23 @@ class IdxImageDataModule(TensorDataModule):
             out[split] = (torch.from_numpy(x.copy()).float().unsqueeze(1) / 255.0, torch.from_numpy(y.astype(np.int64)))
         out["train"] = _limit(*out["train"], self.limit_train)
         out["test"] = _limit(*out["test"], self.limit_test)
-        x_train, x_test = standardize(out["train"][0], out["test"][0])
-        self.input_shape = tuple(x_train.shape[1:])  # type: ignore[assignment]
-        return {"train": (x_train, out["train"][1]), "test": (x_test, out["test"][1])}
+        self.input_shape = tuple(out["train"][0].shape[1:])  # type: ignore[assignment]
+        return out
 
 
 class FashionMNISTDataModule(IdxImageDataModule):
-    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017, arXiv:1708.07747) from ``data_dir``."""
+    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017, arXiv:1708.07747) from ``data_dir``; flips on by default."""
+
+    default_flip = True
 
     def __init__(self, data_dir: str, **kwargs) -> None:
         super().__init__(data_dir, dataset="fashion_mnist", **kwargs)
 
 
 class MNISTDataModule(IdxImageDataModule):
-    """MNIST (LeCun et al. 1998) from ``data_dir``."""
+    """MNIST (LeCun et al. 1998) from ``data_dir``; flips off by default."""
+
+    default_flip = False
 
     def __init__(self, data_dir: str, **kwargs) -> None:
         super().__init__(data_dir, dataset="mnist", **kwargs)
@@ -119,12 +126,13 @@ class CIFAR10DataModule(TensorDataModule):
     """CIFAR-10 from the python pickle batches (``cifar-10-batches-py/`` as distributed).
 
     ``data_dir`` may be the ``cifar-10-batches-py`` folder itself or its parent. ``data_batch_1..5``
-    are training data, ``test_batch`` the test set. Images are ``(3, 32, 32)`` floats standardized per
-    channel with the training statistics.
+    are training data, ``test_batch`` the test set. Images are ``(3, 32, 32)`` pixels in ``[0, 1]``
+    normalized per channel with the training split's statistics (``normalize``); flips on by default.
     """
 
     num_classes = 10
     input_shape = (3, 32, 32)
+    default_flip = True
 
     def __init__(
         self,
@@ -161,5 +169,4 @@ class CIFAR10DataModule(TensorDataModule):
         xt, yt = read_cifar_batches(d, ["test_batch"])
         train = _limit(torch.from_numpy(x).float() / 255.0, torch.from_numpy(y), self.limit_train)
         test = _limit(torch.from_numpy(xt).float() / 255.0, torch.from_numpy(yt), self.limit_test)
-        x_train, x_test = standardize(train[0], test[0])
-        return {"train": (x_train, train[1]), "test": (x_test, test[1])}
+        return {"train": train, "test": test}

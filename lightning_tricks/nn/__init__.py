@@ -2,7 +2,8 @@
 
 - :class:`ICBlock` (BatchNorm -> Dropout before a weight layer) and the block builders
   :func:`linear_block`, :func:`conv_block`, :func:`mlp_stack`, :func:`conv_stack` with the
-  ``norm="ic" | "classic" | "none"`` placement switch.
+  ``norm="batch" | "layer" | "weight" | "ic" | "none"`` switch (:mod:`lightning_tricks.nn.norm`:
+  :func:`check_norm`, :func:`norm_layer`; ``"classic"`` is an alias of ``"batch"``).
 - :class:`DropConnectLinear`, :class:`DropConnectConv2d`, :func:`dropconnect_weight`: drop weights.
 - :class:`DropPath`, :func:`drop_path`, :func:`drop_path_rates`: stochastic depth on residual branches.
 - :class:`FractionalMaxPool2d`: random pooling regions in training, fixed ones in eval.
@@ -17,6 +18,7 @@ from lightning_tricks.nn.dropconnect import (
     dropconnect_weight,
 )
 from lightning_tricks.nn.ic import ICBlock
+from lightning_tricks.nn.norm import NORMS, check_norm, norm_layer
 from lightning_tricks.nn.pool import FractionalMaxPool2d
 from lightning_tricks.nn.weight_norm import (
     apply_weight_norm,
@@ -26,6 +28,9 @@ from lightning_tricks.nn.weight_norm import (
 
 __all__ = [
     "ICBlock",
+    "NORMS",
+    "check_norm",
+    "norm_layer",
     "linear_block",
     "conv_block",
     "mlp_stack",

@@ -1,11 +1,14 @@
-"""Builders for weight-layer blocks with the IC or the classic placement of BatchNorm and Dropout.
+"""Builders for weight-layer blocks with a choice of normalization and of its placement.
 
-The placement switch ``norm`` (the same names as :mod:`lightning_tricks.models`):
+The switch ``norm`` (the same names as :mod:`lightning_tricks.models`, see :mod:`lightning_tricks.nn.norm`):
 
 - ``"ic"``: ``IC(BatchNorm -> Dropout) -> Linear/Conv -> activation`` (Chen et al. 2019,
   arXiv:1905.05928): the IC layer whitens and decorrelates the *inputs* of the weight layer.
-- ``"classic"``: ``Linear/Conv -> BatchNorm -> activation -> Dropout`` (Ioffe and Szegedy 2015,
-  arXiv:1502.03167); the weight layer has no bias since BatchNorm's shift replaces it.
+- ``"batch"`` (alias ``"classic"``): ``Linear/Conv -> BatchNorm -> activation -> Dropout`` (Ioffe and
+  Szegedy 2015, arXiv:1502.03167); the weight layer has no bias since BatchNorm's shift replaces it.
+- ``"layer"``: ``Linear/Conv -> LayerNorm -> activation -> Dropout`` (``GroupNorm(1, C)`` for convolutions),
+  no bias either.
+- ``"weight"``: ``WeightNorm(Linear/Conv) -> activation -> Dropout`` (Salimans and Kingma 2016).
 - ``"none"``: ``Linear/Conv -> activation -> Dropout``.
 
 Dropout ``p`` is element-wise inside the IC layer (as in the paper) and after the activation
@@ -19,25 +22,26 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from lightning_tricks.nn.ic import ICBlock
+from lightning_tricks.nn.norm import NORMS, check_norm, norm_has_shift, norm_layer
 from lightning_tricks.nn.pool import FractionalMaxPool2d
 
 __all__ = ["NORMS", "POOLS", "linear_block", "conv_block", "mlp_stack", "conv_stack"]
 
-NORMS = ("ic", "classic", "none")
 POOLS = (None, "max", "fractional")
 
 Activation = Callable[[], nn.Module] | None
 
 
-def _check(norm: str, p: float, pool: str | None = None) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+def _check(norm: str, p: float, pool: str | None = None) -> str:
+    norm = check_norm(norm)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p!r}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    return norm
 
 
 def _act(activation: Activation) -> list[nn.Module]:
@@ -56,7 +60,7 @@ def linear_block(
 
     Args:
         in_features, out_features: layer sizes.
-        norm: ``"ic"``, ``"classic"`` or ``"none"`` (see the module docstring).
+        norm: ``"ic"``, ``"batch"`` (``"classic"``), ``"layer"``, ``"weight"`` or ``"none"`` (module docstring).
         p: dropout probability in ``[0, 1)``.
         activation: a zero-argument factory (``nn.ReLU``, ``nn.GELU``, ...) or ``None`` for no activation.
         ic_input: with ``norm="ic"``, put the IC layer in front (``False`` for a block whose input is
@@ -68,13 +72,14 @@ def linear_block(
         >>> [type(m).__name__ for m in linear_block(4, 8, "classic", p=0.1)]
         ['Linear', 'BatchNorm1d', 'ReLU', 'Dropout']
     """
-    _check(norm, p)
+    norm = _check(norm, p)
     if norm == "ic":
         ic = [ICBlock(in_features, p, dims=1)] if ic_input else []
         return nn.Sequential(*ic, nn.Linear(in_features, out_features), *_act(activation))
-    layers: list[nn.Module] = [nn.Linear(in_features, out_features, bias=norm != "classic")]
-    if norm == "classic":
-        layers.append(nn.BatchNorm1d(out_features))
+    linear = nn.Linear(in_features, out_features, bias=not norm_has_shift(norm))
+    if norm == "weight":
+        weight_norm(linear)
+    layers: list[nn.Module] = [linear, *norm_layer(norm, out_features, dims=1)]
     layers += _act(activation)
     if p > 0:
         layers.append(nn.Dropout(p))
@@ -106,16 +111,18 @@ def conv_block(
         >>> conv_block(3, 8, norm="classic", pool="fractional")(torch.zeros(2, 3, 16, 16)).shape
         torch.Size([2, 8, 11, 11])
     """
-    _check(norm, p, pool)
+    norm = _check(norm, p, pool)
     padding = kernel_size // 2 if padding is None else padding
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=norm != "classic")
+    conv = nn.Conv2d(
+        in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=not norm_has_shift(norm)
+    )
     if norm == "ic":
         layers: list[nn.Module] = [ICBlock(in_channels, p, dims=2)] if ic_input else []
         layers += [conv, *_act(activation)]
     else:
-        layers = [conv]
-        if norm == "classic":
-            layers.append(nn.BatchNorm2d(out_channels))
+        if norm == "weight":
+            weight_norm(conv)
+        layers = [conv, *norm_layer(norm, out_channels, dims=2)]
         layers += _act(activation)
         if p > 0:
             layers.append(nn.Dropout2d(p))

@@ -1,0 +1,198 @@
+"""Batch-size search at fit start (Lightning's ``BatchSizeFinder``) that resumes, keeps the RNG and the LR right.
+
+Lightning's finder doubles the batch size (``mode="power"``; ``"binsearch"`` then bisects) over a few
+training steps per trial until one runs out of memory or ``max_trials`` is reached, sets the batch size it
+found on the module or the datamodule (``batch_arg_name``), and restores the weights, the optimizer and
+the loops from a temporary checkpoint. The LR follows through :class:`~lightning_tricks.callbacks.LinearScaling`
+(``lr = base_lr * found_batch / reference_batch``), whose ``on_fit_start`` runs after the finder's
+whatever the order of the callback list (Lightning moves tuner callbacks to the front).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_tricks._lightning import (
+    LightningModule,
+    MisconfigurationException,
+    Trainer,
+    isolate_rng,
+    pl,
+    rank_zero_info,
+)
+
+__all__ = ["BatchSizeFinder", "STAGES", "train_samples"]
+
+STAGES = ("fit", "validate", "test", "predict")
+
+
+def train_samples(trainer: Trainer) -> int | None:
+    """How many samples one pass over the training data has (the smallest over several loaders), or ``None``.
+
+    Read from each train loader's ``dataset`` (when it has a length) or its ``num_samples`` (this rank's
+    share, e.g. :class:`~lightning_tricks.data.loader.TensorBatchLoader`).
+    """
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # what Lightning's finder does first too
+    loaders: Any = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    counts = []
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        try:
+            count = len(dataset) if dataset is not None else getattr(loader, "num_samples", None)
+        except TypeError:  # an iterable-style dataset
+            count = getattr(loader, "num_samples", None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            counts.append(count)
+    return min(counts) if counts else None
+
+
+class BatchSizeFinder(pl.callbacks.BatchSizeFinder):
+    """Lightning's ``BatchSizeFinder``, plus exact resume, an untouched RNG and a cap at the training-set size.
+
+    Owns: the batch size (``batch_arg_name`` on the module, its hparams or the datamodule) and its record
+    of it. Shares: the LR, through :class:`~lightning_tricks.callbacks.LinearScaling` (which reads the found
+    batch size after this callback ran); the weights, which the search restores (Lightning's temporary
+    checkpoint).
+
+    Lightning's arguments, defaults, hooks and exceptions are kept (a bad ``mode`` is a ``ValueError``, a
+    bad ``margin`` an ``AssertionError``); the additions:
+
+    - **Resume**: the found batch size is this callback's checkpoint state. A fit resumed from a checkpoint
+      applies it and does not search (Lightning's search would load its own temporary checkpoint over the
+      optimizer state and the loop progress that Lightning restores after ``on_fit_start``, silently
+      restarting the run). Resuming from a checkpoint without a found batch size is refused.
+    - **The training set caps the search**: no size above the number of training samples
+      (:func:`train_samples`) is tried or chosen (in ``"power"`` mode the largest is ``init_val * 2**k`` below
+      it). Lightning stops only at loaders whose ``dataset`` has a length, and its power mode returns an
+      untried size beyond ``max_val``; above the data, a loader that drops the last incomplete batch (the
+      training loaders here) yields no batch, so every trial "succeeds" and the fit would run no step. On a
+      CPU with a small dataset this cap, not memory, ends the search: keep ``max_trials`` small there.
+    - **RNG**: the trial steps draw from isolated random states (``isolate_rng``), so the run after the
+      search is the run that a fit started with the found batch size makes (same dropout, shuffling, ...).
+    - The first trial runs ``init_val`` (Lightning's runs the loader already built with the configured batch
+      size under ``init_val``'s name), so a configured size that does not fit in memory is not tried first.
+    - ``trainer.ckpt_path`` is put back after the search (Lightning leaves its deleted temporary
+      checkpoint there, which reads as a resume to anything that looks).
+    - The result is printed once on rank zero; ``stages`` limits the search to some of
+      ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` (Lightning searches in all).
+
+    Args:
+        mode, steps_per_trial, init_val, max_trials, batch_arg_name, margin, max_val: Lightning's, with its
+            defaults (``steps_per_trial``, ``init_val``, ``max_trials`` and ``max_val`` must be ints >= 1).
+
+    Keyword-only args (ours):
+        stages: the stages whose start runs a search.
+
+    Example:
+        >>> finder = BatchSizeFinder(init_val=64, max_trials=3, stages=("fit",))  # tries 64, 128, 256
+    """
+
+    def __init__(
+        self,
+        mode: str = "power",
+        steps_per_trial: int = 3,
+        init_val: int = 2,
+        max_trials: int = 25,
+        batch_arg_name: str = "batch_size",
+        margin: float = 0.05,
+        max_val: int = 8192,
+        *,
+        stages: Sequence[str] = STAGES,
+    ) -> None:
+        if not isinstance(mode, str) or mode.lower() not in self.SUPPORTED_MODES:
+            raise ValueError(f"`mode` should be either of {self.SUPPORTED_MODES}, got {mode!r}")
+        for name, value in (
+            ("steps_per_trial", steps_per_trial),
+            ("init_val", init_val),
+            ("max_trials", max_trials),
+            ("max_val", max_val),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(batch_arg_name, str) or not batch_arg_name:
+            raise ValueError(f"batch_arg_name must be a non-empty attribute name, got {batch_arg_name!r}")
+        chosen = [stages] if isinstance(stages, str) else list(stages)
+        if not chosen or any(s not in STAGES for s in chosen):
+            raise ValueError(f"stages must be a non-empty list of {STAGES}, got {stages!r}")
+        super().__init__(mode, steps_per_trial, init_val, max_trials, batch_arg_name, margin, max_val)
+        self.stages = tuple(dict.fromkeys(chosen))
+        self.found: int | None = None  # the batch size of the fit (checkpoint state)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.found}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.found = state_dict.get("batch_size", self.found)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str | None = None) -> None:
+        if stage in self.stages:
+            super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "fit" not in self.stages:
+            return
+        if trainer.ckpt_path:  # resuming: Lightning loaded this callback's state before on_fit_start
+            if self.found is None:
+                raise MisconfigurationException(
+                    f"BatchSizeFinder: resuming from {trainer.ckpt_path}, which holds no batch size found by "
+                    "BatchSizeFinder; a search now would restart the run's optimizer state and progress. "
+                    "Resume without the finder (set the batch size the run used), or start a new run."
+                )
+            pl.utilities.parsing.lightning_setattr(pl_module, self._batch_arg_name, self.found)
+            self.optimal_batch_size = self.found
+            rank_zero_info(
+                f"BatchSizeFinder: resuming from {trainer.ckpt_path} with the batch size the run found, "
+                f"{self._batch_arg_name}={self.found} (no new search)"
+            )
+            return
+        self.scale_batch_size(trainer, pl_module)
+
+    def scale_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stage = trainer.state.fn.value if trainer.state.fn is not None else None
+        if stage not in self.stages:
+            return
+        cap = train_samples(trainer) if stage == "fit" else None
+        saved = (self._init_val, self._max_trials, self._max_val)
+        if cap is not None:
+            self._init_val = min(self._init_val, cap)
+            if self._mode == "power":  # its doubling ignores max_val: bound the number of doublings instead
+                self._max_trials = min(self._max_trials, _doublings(self._init_val, cap) + 1)
+            else:  # binsearch caps every size at max_val
+                self._max_val = min(self._max_val, cap)
+        bounded = (self._init_val, self._max_trials, self._max_val) != saved
+        # Lightning sets init_val but runs its first trial on the loader already built with the configured
+        # batch size; set it and rebuild the loaders first, so that the first size tried is init_val
+        pl.utilities.parsing.lightning_setattr(pl_module, self._batch_arg_name, self._init_val)
+        pl.tuner.batch_size_scaling._reset_dataloaders(trainer)  # type: ignore[attr-defined]  # loaded, not declared
+        connector = trainer._checkpoint_connector
+        before = (connector._ckpt_path, connector._user_managed)
+        try:
+            with isolate_rng():
+                super().scale_batch_size(trainer, pl_module)
+        finally:
+            self._init_val, self._max_trials, self._max_val = saved
+            connector._ckpt_path, connector._user_managed = before
+        if stage == "fit":
+            self.found = self.optimal_batch_size
+        if self.optimal_batch_size is not None:
+            note = f"; the {cap} training samples bounded the search" if bounded else ""
+            rank_zero_info(
+                f"BatchSizeFinder ({self._mode}, up to {self._max_trials} trial(s) from {self._init_val}{note}): "
+                f"{stage} runs with {self._batch_arg_name}={self.optimal_batch_size}"
+            )
+
+
+def _doublings(start: int, limit: int) -> int:
+    """How many times ``start`` can be doubled without exceeding ``limit``."""
+    count = 0
+    while start * 2 ** (count + 1) <= limit:
+        count += 1
+    return count

@@ -1,0 +1,182 @@
+"""AGC: adaptive, unit-wise gradient clipping (NFNets) before every optimizer step.
+
+The formula and the multi-tensor kernel are :mod:`lightning_tricks.clipping`; this class picks the
+parameters once (at ``setup``) and calls :meth:`~lightning_tricks.clipping.AdaptiveClipper.clip_` from
+``on_before_optimizer_step``.
+
+When it runs, from Lightning's source (2.6, ``plugins/precision``): ``on_before_optimizer_step`` is called
+once per optimizer step, after the closure has run every backward pass of the step (with
+``accumulate_grad_batches=k`` the gradient is that of the mean loss over the ``k`` micro-batches: AGC
+clips the accumulated gradient once), after ``MixedPrecision.optimizer_step`` has called
+``scaler.unscale_`` (``16-mixed``: the gradients AGC sees are the true ones), and before the Trainer's
+own clipping (``gradient_clip_val``, in ``_after_closure`` right after the callbacks' and the module's
+``on_before_optimizer_step``). Optimizers that unscale inside their own ``step``
+(``_step_supports_amp_scaling``, e.g. ``Adam(fused=True)``) still hold scaled gradients in the hook;
+the bound is then multiplied by the scaler's current scale (a device tensor, no sync), which gives the
+same clipping. A step the ``GradScaler`` skips (inf/nan) stays non-finite after AGC, so it is still skipped.
+
+Owns: nothing (stateless; nothing to restore on resume). Shares: the gradients. It makes itself the last
+non-checkpoint callback at ``setup`` so that every other callback's ``on_before_optimizer_step`` runs
+before it whatever the order of the callback list: ``L1Regularization``'s ``lam * sign(w)`` is clipped
+with the loss gradient (as if the penalty were in the loss), ``GradNormMonitor`` logs the gradient before
+clipping. Then the Trainer's ``gradient_clip_val`` clips what AGC left (both only shrink gradients, so
+both bounds hold at the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tricks._lightning import (
+    Callback,
+    LightningModule,
+    ModelCheckpoint,
+    Trainer,
+    rank_zero_info,
+    should_log_step,
+    trainer_callbacks,
+)
+from lightning_tricks.callbacks._common import check_bool
+from lightning_tricks.callbacks.sanity import log_to_loggers
+from lightning_tricks.clipping import AGC_EPS, AdaptiveClipper, check_clipping
+
+__all__ = ["AGC"]
+
+
+def _check_exclude(exclude: Any) -> list[str] | None:
+    if exclude is None:
+        return None
+    if isinstance(exclude, str):
+        return [exclude]
+    try:
+        names = list(exclude)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"exclude must be None (the last nn.Linear), a module name or a list of them, got {exclude!r}")
+    return names
+
+
+class AGC(Callback):
+    r"""Adaptive gradient clipping, unit-wise (Brock et al. 2021, arXiv:2102.06171), before every optimizer step.
+
+    For each unit ``i`` (an output row of a ``Linear``, an output filter of a ``Conv``; a bias or other
+    1-D tensor is one unit) of a clipped parameter ``W`` with gradient ``G``: if
+    ``||G_i|| / max(||W_i||, eps) > clipping`` then ``G_i <- clipping * max(||W_i||, eps) / ||G_i|| * G_i``.
+    The bound scales with the weights, so each layer gets a step proportional to its own size: it is what
+    let NFNets train without BatchNorm at large batch sizes and LRs. The paper leaves the final linear layer
+    unclipped, and so does this callback by default.
+
+    Cost per optimizer step: per (device, dtype, shape) group of parameters, two norms, a ``where`` and a
+    ``torch._foreach_mul_`` (see :mod:`lightning_tricks.clipping`); no host sync, except on the steps the
+    loggers write when ``log_clipped_fraction`` is on (one scalar read).
+
+    Where it runs (after unscaling under AMP, once per step under gradient accumulation, after every
+    other callback's ``on_before_optimizer_step``, before the Trainer's ``gradient_clip_val``) is
+    explained in the module doc. Sharded strategies (FSDP, DeepSpeed) hold flat shards instead of whole
+    tensors, so the units are not rows there: refused at ``setup``.
+
+    Args:
+        clipping: ``lambda`` > 0; NFNets use 0.01 at batch size 4096, and the paper finds that smaller
+            batches tolerate larger values.
+        eps: the floor on ``||W_i||`` (> 0; the paper's 1e-3).
+        exclude: module names (``pl_module.named_modules()``) whose parameters are not clipped; ``None``:
+            the last ``nn.Linear`` of the module (the classifier), ``[]``: none.
+        log_clipped_fraction: log ``agc/clipped_fraction``, the fraction of units clipped, on the steps
+            the loggers write.
+
+    Example:
+        >>> agc = AGC(clipping=0.02)   # Trainer(callbacks=[agc]); `+callbacks=agc` from the command line
+        >>> agc.state_key
+        "AGC{'clipping': 0.02, 'eps': 0.001, 'exclude': None}"
+    """
+
+    def __init__(
+        self,
+        clipping: float = 0.01,
+        eps: float = AGC_EPS,
+        exclude: str | Sequence[str] | None = None,
+        log_clipped_fraction: bool = True,
+    ) -> None:
+        self.clipping, self.eps = check_clipping(clipping, eps)
+        self.exclude = _check_exclude(exclude)
+        self.log_clipped_fraction = check_bool("log_clipped_fraction", log_clipped_fraction)
+        self.excluded: list[str] = []  # the excluded module names, resolved at setup
+        self.names: list[str] = []  # the clipped parameter names
+        self.last_clipped_fraction: float | None = None
+        self._params: list[nn.Parameter] = []
+        self._per_optimizer: dict[int, tuple[int, AdaptiveClipper]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(clipping=self.clipping, eps=self.eps, exclude=self.exclude)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_params"], state["_per_optimizer"] = [], {}  # rebuilt at setup
+        return state
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(f"AGC needs whole parameter tensors; the {strategy} shards them (use DDP or one device)")
+        modules = dict(pl_module.named_modules())
+        if self.exclude is None:
+            self.excluded = [n for n, m in modules.items() if isinstance(m, nn.Linear)][-1:]
+            if not self.excluded:
+                rank_zero_info(f"AGC: {type(pl_module).__name__} has no nn.Linear; every parameter is clipped")
+        else:
+            unknown = [n for n in self.exclude if n not in modules]
+            if unknown:
+                known = [n for n in modules if n][:8]
+                raise ValueError(f"AGC exclude={self.exclude!r}: no module named {unknown} (modules: {known} ...)")
+            self.excluded = list(self.exclude)
+        skip = {id(p) for n in self.excluded for p in modules[n].parameters()}
+        chosen = [(n, p) for n, p in pl_module.named_parameters() if id(p) not in skip]
+        self.names = [n for n, _ in chosen]
+        self._params = [p for _, p in chosen]
+        self._per_optimizer.clear()
+        self._run_last(trainer)
+
+    def _run_last(self, trainer: Trainer) -> None:
+        """Move this callback after every other one but the trailing checkpoint callbacks.
+
+        A new list is assigned: the hook loop that is calling ``setup`` keeps iterating the old one.
+        """
+        callbacks = trainer_callbacks(trainer)
+        others = [c for c in callbacks if c is not self]
+        end = len(others)
+        while end and isinstance(others[end - 1], ModelCheckpoint):
+            end -= 1
+        ordered = [*others[:end], self, *others[end:]]
+        if any(a is not b for a, b in zip(ordered, callbacks)):
+            trainer.callbacks = ordered  # type: ignore[attr-defined]
+
+    def _clipper_for(self, optimizer: torch.optim.Optimizer) -> AdaptiveClipper:
+        size = sum(len(g["params"]) for g in optimizer.param_groups)
+        cached = self._per_optimizer.get(id(optimizer))
+        if cached is None or cached[0] != size:  # new optimizer, or groups added (e.g. by FreezeUnfreeze)
+            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            cached = (size, AdaptiveClipper([p for p in self._params if id(p) in in_opt]))
+            self._per_optimizer[id(optimizer)] = cached
+        return cached[1]
+
+    @staticmethod
+    def _grad_scale(trainer: Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return None  # true gradients: no AMP, bf16, or already unscaled by MixedPrecision.optimizer_step
+        return scaler._scale  # type: ignore[no-any-return]  # still scaled: the optimizer unscales in step()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        clipper = self._clipper_for(optimizer)
+        clipped = clipper.clip_(self.clipping, self.eps, self._grad_scale(trainer, optimizer))
+        if self.log_clipped_fraction and clipper.num_units and trainer.loggers and should_log_step(trainer):
+            self.last_clipped_fraction = float(clipped) / clipper.num_units  # the one host read, logged steps only
+            log_to_loggers(trainer, {"agc/clipped_fraction": self.last_clipped_fraction})

@@ -170,7 +170,7 @@ def soft_threshold_(params: Sequence[Tensor], threshold: float) -> None:
     Example:
         >>> w = torch.tensor([1.0, -0.05, 0.3, -2.0])
         >>> soft_threshold_([w], 0.1)
-        >>> [round(v, 4) for v in w.tolist()]
+        >>> [round(v, 4) + 0.0 for v in w.tolist()]  # + 0.0: softshrink gives -0.0 for a negative input
         [0.9, 0.0, 0.2, -1.9]
     """
     if isinstance(threshold, bool) or not math.isfinite(threshold) or threshold < 0:

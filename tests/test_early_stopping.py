@@ -390,6 +390,13 @@ class _Dump(Callback):
         }
         Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
+    def teardown(self, trainer, pl_module, stage):
+        # end the gloo group before the spawned worker exits: left to process exit, gloo's threads can abort the
+        # worker ("terminate called without an active exception") after a run that finished correctly
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 @pytest.mark.ddp
 def test_ddp_ranks_stop_on_the_same_epoch(tmp_path):

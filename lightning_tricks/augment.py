@@ -47,6 +47,11 @@ __all__ = [
     "cutout_size",
     "cutout_boxes",
     "cutout_batch",
+    "cutout_windows",
+    "cutout_mask",
+    "fill_mask",
+    "mix_pair",
+    "paste_box",
     "MIX_MODES",
     "MixCutParams",
     "MixCutBatch",
@@ -189,11 +194,24 @@ def mixup_batch(
         _check_alpha(alpha)
         _check_lam(lam)
     idx = _partner_index(x.shape[0], index, generator, x.device)
-    q = soft_targets(y, num_classes, _target_dtype(x))
-    # index_select: the same values as x[idx], without advanced indexing's slower general path
-    return MixedBatch(
-        torch.lerp(x.index_select(0, idx), x, lam), torch.lerp(q.index_select(0, idx), q, lam), float(lam), idx, None
-    )
+    new_x, new_y = mix_pair(x, soft_targets(y, num_classes, _target_dtype(x)), float(lam), idx)
+    return MixedBatch(new_x, new_y, float(lam), idx, None)
+
+
+def mix_pair(x: Tensor, q: Tensor, lam: float, index: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lam x + (1 - lam) x[index], lam q + (1 - lam) q[index])``: mixup's arithmetic with every draw given.
+
+    Four kernels and two new tensors: ``index_select`` (the same values as ``x[index]`` without advanced
+    indexing's general path) then an in-place ``lerp_`` into the gathered copy, for ``x`` and for the
+    soft targets ``q`` ``(N, C)``. The values are ``torch.lerp(x[index], x, lam)``'s.
+
+    Example:
+        >>> x, q = torch.tensor([[0.0], [4.0]]), torch.eye(2)
+        >>> new_x, new_q = mix_pair(x, q, 0.75, torch.tensor([1, 0]))
+        >>> new_x.tolist(), new_q.tolist()
+        ([[1.0], [3.0]], [[0.75, 0.25], [0.25, 0.75]])
+    """
+    return x.index_select(0, index).lerp_(x, lam), q.index_select(0, index).lerp_(q, lam)
 
 
 def cutmix_box(
@@ -262,11 +280,18 @@ def cutmix_batch(
     h, w = x.shape[-2:]
     idx = _partner_index(x.shape[0], index, generator, x.device)
     top, left, bottom, right = box = cutmix_box(h, w, lam, generator, center)
-    out = x.clone()
-    out[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right].index_select(0, idx)
+    out = paste_box(x, idx, box)
     lam = 1.0 - (bottom - top) * (right - left) / (h * w)
     q = soft_targets(y, num_classes, _target_dtype(x))
-    return MixedBatch(out, torch.lerp(q.index_select(0, idx), q, lam), lam, idx, box)
+    return MixedBatch(out, q.index_select(0, idx).lerp_(q, lam), lam, idx, box)
+
+
+def paste_box(x: Tensor, index: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    """A copy of images ``x`` ``(N, C, H, W)`` whose ``box`` ``(top, left, bottom, right)`` holds ``x[index]``'s."""
+    top, left, bottom, right = box
+    out = x.clone()
+    out[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right].index_select(0, index)
+    return out
 
 
 # -- mixup or CutMix, timm semantics ------------------------------------------------------------
@@ -611,16 +636,48 @@ def cutout_batch(
         raise ValueError(f"count must be an int >= 1, got {count!r}")
     n, _, h, w = x.shape
     side = cutout_size(size, h, w)
-    boxes = cutout_boxes(n, count, side, h, w, generator, centers).to(x.device, non_blocking=True)
-    rows = torch.arange(h, device=x.device)
-    cols = torch.arange(w, device=x.device)
-    in_rows = (rows >= boxes[..., 0, None]) & (rows < boxes[..., 2, None])  # (N, count, H)
-    in_cols = (cols >= boxes[..., 1, None]) & (cols < boxes[..., 3, None])  # (N, count, W)
-    mask = in_rows[..., :, None] & in_cols[..., None, :]  # (N, count, H, W)
-    mask = mask[:, 0] if count == 1 else mask.any(dim=1)  # (N, H, W)
-    # where: the same values as masked_fill, faster for a mask broadcast over the channels
-    # (new_full: a fill on x's device, not a host-to-device copy of a Python scalar)
-    return torch.where(mask[:, None], x.new_full((), value), x), boxes
+    if centers is None:
+        cy = torch.randint(0, h, (n, count), generator=generator)
+        cx = torch.randint(0, w, (n, count), generator=generator)
+        centers = torch.stack([cy, cx], dim=-1)
+    boxes = cutout_boxes(n, count, side, h, w, centers=centers).to(x.device, non_blocking=True)
+    centers = centers.to(x.device, non_blocking=True).long()
+    mask = cutout_mask(
+        cutout_windows(side, h, x.device), cutout_windows(side, w, x.device), centers[..., 0], centers[..., 1]
+    )
+    return fill_mask(x, mask, value), boxes
+
+
+def cutout_windows(side: int, length: int, device: torch.device | str | None = None) -> Tensor:
+    """``(length, length)`` bool: row ``c`` marks ``[c - side // 2, c - side // 2 + side)`` clipped to ``[0, length)``,
+    the rows (or columns) a square of side ``side`` centered at ``c`` covers, as :func:`cutout_boxes` clips them.
+
+    Example:
+        >>> cutout_windows(2, 3).int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    pos = torch.arange(length, device=device)
+    start = pos[:, None] - side // 2
+    return (pos[None, :] >= start) & (pos[None, :] < start + side)
+
+
+def cutout_mask(rows: Tensor, cols: Tensor, cy: Tensor, cx: Tensor) -> Tensor:
+    """``(N, H, W)`` bool: the union of the squares centered at ``(cy, cx)`` (each ``(N, count)`` long).
+
+    ``rows`` and ``cols`` are :func:`cutout_windows` tables of the height and the width, on the device of
+    ``cy`` and ``cx``: two row gathers and one outer ``&`` (plus an ``any`` for ``count > 1``).
+    """
+    n, count = cy.shape
+    in_rows = rows.index_select(0, cy.reshape(-1)).view(n, count, -1, 1)
+    in_cols = cols.index_select(0, cx.reshape(-1)).view(n, count, 1, -1)
+    mask = in_rows & in_cols  # (N, count, H, W)
+    return mask[:, 0] if count == 1 else mask.any(dim=1)
+
+
+def fill_mask(x: Tensor, mask: Tensor, value: float) -> Tensor:
+    """``x`` ``(N, C, H, W)`` with ``value`` where ``mask`` ``(N, H, W)`` is set: ``masked_fill``'s values, in one
+    ``torch.where`` with the mask broadcast over the channels and the fill a scalar (no tensor made for it)."""
+    return torch.where(mask[:, None], value, x)
 
 
 def random_crop_flip(

@@ -618,8 +618,13 @@ class Diverged(RuntimeError):
         self.step, self.epoch, self.lrs = step, epoch, list(lrs)
 
 
-def divergence_message(what: str, value: float, step: int, epoch: int, lrs: Sequence[float]) -> str:
+def divergence_message(
+    what: str, value: float, step: int, epoch: int, lrs: Sequence[float], since: int | None = None
+) -> str:
     """The one line that reports a divergence: what was not finite, where, and at which LR.
+
+    ``since``: the first optimizer step of the window a deferred check covered (the loss read every few
+    steps); then updates from the first non-finite step on may have been applied.
 
     Example:
         >>> message = divergence_message("loss", float("nan"), 12, 0, [1e6])
@@ -627,10 +632,19 @@ def divergence_message(what: str, value: float, step: int, epoch: int, lrs: Sequ
         'diverged: the loss is nan at optimizer step 12 (epoch 0), lr 1e+06'
         >>> message.split("; ")[1]
         'no update was applied. Lower optimizer.lr (or add warmup / gradient clipping)'
+        >>> divergence_message("sum of the losses", float("inf"), 12, 0, [0.1], since=8).split(";")[0]
+        'diverged: the sum of the losses is inf over optimizer steps 8-12 (epoch 0), lr 0.1'
     """
     distinct = sorted(set(lrs))
     lr = "lr " + ", ".join(f"{v:.3g}" for v in distinct[:4]) + (" ..." if len(distinct) > 4 else "")
+    if since is not None and since < step:
+        return (
+            f"diverged: the {what} is {value} over optimizer steps {since}-{step} (epoch {epoch}), {lr}; checked "
+            "every few steps, so the updates from the first non-finite loss on were applied. Lower optimizer.lr "
+            "(or add warmup / gradient clipping)"
+        )
+    done = "the update was applied" if what.startswith("weight") else "no update was applied"
     return (
-        f"diverged: the {what} is {value} at optimizer step {step} (epoch {epoch}), {lr}; no update was "
-        "applied. Lower optimizer.lr (or add warmup / gradient clipping)"
+        f"diverged: the {what} is {value} at optimizer step {step} (epoch {epoch}), {lr}; {done}. Lower "
+        "optimizer.lr (or add warmup / gradient clipping)"
     )

@@ -487,3 +487,84 @@ def test_cutout_matches_masked_fill_reference():
             assert 0 <= top <= bottom <= 9 and 0 <= left <= right <= 7
             mask[i, top:bottom, left:right] = True
         assert torch.equal(out, x.masked_fill(mask[:, None], -1.5))
+
+
+# -- the block draws: each batch equals the pure function with the draws made from SeedSequence ----------
+
+
+def _block_generator(seed: int, rank: int, block: int) -> torch.Generator:
+    import numpy as np
+
+    state = int(np.random.SeedSequence([seed, rank, block]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(state)
+
+
+def _reference_draws(seed: int, rank: int, count: int, n: int, alpha: float, hw: tuple[int, int] | None):
+    """What the docstrings of Mixup/CutMix.draw promise for batch ``count``: u, lam, perm, (center)."""
+    from lightning_tricks.augment import sample_beta_n
+    from lightning_tricks.callbacks.augment import DRAW_BLOCK
+
+    block, i = divmod(count, DRAW_BLOCK)
+    g = _block_generator(seed, rank, block)
+    u = torch.rand(DRAW_BLOCK, generator=g, dtype=torch.float64)[i].item()
+    lam = sample_beta_n(alpha, DRAW_BLOCK, g)[i].item()
+    perm = torch.rand((DRAW_BLOCK, n), generator=g, dtype=torch.float64).argsort(dim=1)[i]
+    center = None
+    if hw is not None:
+        rows = torch.randint(0, hw[0], (DRAW_BLOCK,), generator=g)
+        cols = torch.randint(0, hw[1], (DRAW_BLOCK,), generator=g)
+        center = (int(rows[i]), int(cols[i]))
+    return u, lam, perm, center
+
+
+@pytest.mark.parametrize("count", [0, 5, 63, 64, 200])
+def test_mixup_and_cutmix_callbacks_equal_the_pure_functions_with_the_block_draws(count):
+    from lightning_tricks.augment import cutmix_batch, mixup_batch
+
+    x, y = torch.randn(9, 2, 6, 5), torch.randint(0, 4, (9,))
+    for cls, hw in ((Mixup, None), (CutMix, (6, 5))):
+        cb = cls(alpha=0.7, num_classes=4, seed=123, p=0.6)
+        cb.setup(_fake_trainer(rank=2), None, "fit")
+        cb.batches = count
+        batch = _run_hook(cb, [x, y])
+        u, lam, perm, center = _reference_draws(123, 2, count, 9, 0.7, hw)
+        if u >= 0.6:  # the p decision: the batch stays as it is
+            assert batch[0] is x and batch[1] is y
+            continue
+        if cls is Mixup:
+            want = mixup_batch(x, y, 4, lam=lam, index=perm)
+        else:
+            want = cutmix_batch(x, y, 4, lam=lam, index=perm, center=center)
+        assert torch.equal(batch[0], want.x) and torch.equal(batch[1], want.y)
+
+
+@pytest.mark.parametrize("count", [0, 7, 64, 130])
+def test_cutout_callback_equals_cutout_batch_with_the_block_draws(count):
+    from lightning_tricks.augment import cutout_batch
+    from lightning_tricks.callbacks.augment import DRAW_BLOCK
+
+    x = torch.randn(5, 3, 7, 9)
+    for squares in (1, 3):
+        cb = Cutout(size=4, count=squares, value=-0.5, seed=9)
+        cb.setup(_fake_trainer(rank=1), None, "fit")
+        cb.batches = count
+        out = _run_hook(cb, [x, torch.zeros(5)])[0]
+        block, i = divmod(count, DRAW_BLOCK)
+        g = _block_generator(9, 1, block)
+        torch.rand(DRAW_BLOCK, generator=g, dtype=torch.float64)  # the p decisions (p = 1: all act)
+        rows = torch.randint(0, 7, (DRAW_BLOCK, 5, squares), generator=g)[i]
+        cols = torch.randint(0, 9, (DRAW_BLOCK, 5, squares), generator=g)[i]
+        want, _ = cutout_batch(x, 4, squares, centers=torch.stack([rows, cols], dim=-1), value=-0.5)
+        assert torch.equal(out, want)
+
+
+def test_block_draws_are_kept_per_batch_shape():
+    """The smaller last batch of an epoch has its own block; the full batches' draws do not change."""
+    cb = Mixup(alpha=1.0, num_classes=4, seed=3)
+    cb.setup(_fake_trainer(), None, "fit")
+    x, y = torch.randn(8, 5), torch.randint(0, 4, (8,))
+    first = _run_hook(cb, [x, y])[0]
+    _run_hook(cb, [x[:3], y[:3]])  # batch 1, another shape
+    cb.batches = 0
+    again = _run_hook(cb, [x, y])[0]
+    assert torch.equal(first, again) and len(cb._blocks) == 2

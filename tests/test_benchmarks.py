@@ -94,18 +94,38 @@ def test_overhead_table(tmp_path: Path) -> None:
             str(tmp_path),
         ]
     )
+    hook_rows = [r for r in rows if "hook" in r]
+    rows = [r for r in rows if "hook" not in r]
+    floors = {f"floor_{k}" for k in overhead.FLOORS}
     configs = {r["config"] for r in rows}
-    assert configs == set(overhead.CONFIGS) | {"floor"}  # every callback ran (all modules exist now), and the floor
+    assert configs == set(overhead.CONFIGS) | floors  # every callback ran (all modules exist now), and the floors
     assert finite(rows, ["ms_per_step", "x_bare_lightning"])
     assert all(r["ms_per_step"] > 0 for r in rows)
     base = [r for r in rows if r["config"] == "lightning"]
     assert base and all(r["x_bare_lightning"] == pytest.approx(1.0) for r in base)
     assert all(r["added_ms"] == pytest.approx(0.0) for r in base)
-    cb_rows = [r for r in rows if r["config"] not in ("floor", "raw", "lightning")]
-    assert finite(cb_rows, ["added_ms", "x_floor", "hook_us"]) and all(r["hook_us"] > 0 for r in cb_rows)
+    cb_rows = [r for r in rows if r["config"] not in floors | {"raw", "lightning"}]
+    assert finite(cb_rows, ["added_ms", "hook_us", "floor_us"]) and all(r["hook_us"] > 0 for r in cb_rows)
+    # each configuration with tensor work is judged against its own floor, measured in the same repeat
+    by_config = {r["config"]: r for r in cb_rows}
+    floor_us = {r["config"][len("floor_") :]: 1e3 * r["ms_per_step"] for r in rows if r["config"] in floors}
+    for name, kind in overhead.FLOOR_OF.items():
+        assert by_config[name]["floor_kind"] == kind
+        assert by_config[name]["floor_us"] == pytest.approx(floor_us[kind])
+        assert by_config[name]["hook_minus_floor_us"] == pytest.approx(by_config[name]["hook_us"] - floor_us[kind])
+    assert by_config["lr_schedule"]["floor_us"] == 0.0
+    # the per-hook times of every configuration add up to its hooks' total
+    stack_hooks = [r for r in hook_rows if r["config"] == "stack"]
+    assert {"LRSchedule.on_train_batch_end", "EMA.on_train_batch_end", "Mixup.on_train_batch_start"} <= {
+        r["hook"] for r in stack_hooks
+    }
+    assert sum(r["hook_us"] for r in stack_hooks) == pytest.approx(by_config["stack"]["hook_us"])
     assert "| mlp | + whole bag-of-tricks stack |" in md and "floor: one `_foreach_lerp_` pass" in md
+    assert "Profile of the whole stack (mlp)" in md and "| `Mixup.on_train_batch_start` |" in md
     assert "≤ 1.2 floors" in md and "GPU target" not in md
-    assert finite(read_csv(tmp_path / "overhead_cpu_mlp_tiny.csv"), ["ms_per_step", "x_bare_lightning"])
+    csv_rows = read_csv(tmp_path / "overhead_cpu_mlp_tiny.csv")
+    assert finite([r for r in csv_rows if not r["hook"]], ["ms_per_step", "x_bare_lightning"])
+    assert finite([r for r in csv_rows if r["hook"]], ["hook_us"])
     assert (tmp_path / "overhead_cpu_mlp_tiny.md").read_text().startswith("Per-step cost")
 
 

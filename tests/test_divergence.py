@@ -111,3 +111,79 @@ def test_cli_run_records_status_and_ranks_last(make_cfg, tmp_path):
 def test_healthy_run_has_status_ok(make_cfg):
     metrics, _ = train(make_cfg())
     assert metrics["status"] == "ok"
+
+
+class _NanFrom(Classifier):
+    """A classifier whose training loss is NaN from optimizer step ``start`` on."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 0.01})
+        self.start = start
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step >= self.start else loss
+
+
+def test_every_n_steps_reads_the_summed_losses_once_per_window(tmp_path):
+    """The accelerator path (forced here on the CPU): the losses are summed on the device and read every
+    n steps, so a NaN at step 5 is reported at the read of step 8, naming the window 5-8."""
+    guard = DivergenceGuard(every_n_steps=4)
+    guard._read_cpu = False
+    reads = []
+    real = guard._read_losses
+
+    def counting(trainer, step):
+        reads.append(step)
+        return real(trainer, step)
+
+    guard._read_losses = counting
+    seed_everything(0)
+    with pytest.raises(Diverged, match=r"the sum of the losses is nan over optimizer steps 5-8 \(epoch 0\)") as info:
+        _fit(_NanFrom(5), tmp_path, [guard], max_steps=20, limit_train_batches=None, limit_val_batches=0)
+    assert info.value.step == 8 and reads == [0, 4, 8]
+    # every step (n = 1) the same run stops at the first NaN, before its update
+    seed_everything(0)
+    with pytest.raises(Diverged, match=r"the loss is nan at optimizer step 5 \(epoch 0\).*no update was applied"):
+        _fit(_NanFrom(5), tmp_path, [DivergenceGuard()], max_steps=20, limit_train_batches=None, limit_val_batches=0)
+
+
+def test_every_n_steps_checks_before_a_checkpoint_is_saved(tmp_path):
+    from lightning_tricks._lightning import ModelCheckpoint
+
+    guard = DivergenceGuard(every_n_steps=100)
+    guard._read_cpu = False
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=20,
+        limit_val_batches=0,
+        callbacks=[guard, ckpt],
+        default_root_dir=tmp_path,
+    )
+    seed_everything(0)
+    with pytest.raises(Diverged, match=r"the sum of the losses is nan over optimizer steps 1-2"):
+        trainer.fit(_NanFrom(2), DigitsDataModule(batch_size=32, loader="resident"))
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # the save at step 3 was refused
+
+
+def test_weight_check_every_n_steps(tmp_path):
+    class OverflowFrom(Classifier):
+        def __init__(self, start: int) -> None:
+            super().__init__(MLP((1, 8, 8), 10, hidden=(16,)), 10, {"name": "sgd", "lr": 10.0, "momentum": 0.0})
+            self.start = start
+
+        def on_after_backward(self) -> None:
+            if self.global_step >= self.start:
+                next(self.parameters()).grad.fill_(3e38)  # finite; lr * grad overflows float32
+
+    # an overflow at a checked step (2) is caught right after its update
+    with pytest.raises(Diverged, match="weight norm after the update is inf at optimizer step 2.*update was applied"):
+        _fit(OverflowFrom(2), tmp_path, [DivergenceGuard(every_n_steps=2)], max_steps=5, limit_train_batches=None)
+    # one at an unchecked step (1) is caught by the next step's loss, before that step's update
+    with pytest.raises(Diverged, match="the loss is nan at optimizer step 2"):
+        _fit(OverflowFrom(1), tmp_path, [DivergenceGuard(every_n_steps=2)], max_steps=5, limit_train_batches=None)
+    with pytest.raises(ValueError, match="every_n_steps must be an int >= 1, got 0"):
+        DivergenceGuard(every_n_steps=0)

@@ -20,15 +20,21 @@ They act in training only (the hook is not called in validation, test or predict
 ``p`` per batch, and can switch off for good at ``until_epoch`` or for the last ``off_last_epochs``
 epochs (Yun et al. and later recipes train the last epochs on clean data).
 
-Randomness: one CPU ``torch.Generator`` per callback, reseeded for every batch with
-``numpy.random.SeedSequence([seed, global_rank, batch count]).generate_state(1, uint64)``, so DDP ranks
-draw differently, runs are reproducible, and resuming from a checkpoint continues the same draws: the
-state is just ``seed`` and the batch count, which are equal on all ranks (a saved generator state would
-be rank zero's only, as Lightning saves the checkpoint on rank zero). They never draw from the global
-RNG, so they need nothing from :class:`~lightning_tricks.callbacks.RandomState`. The per-batch seeds are
-computed :data:`SEED_BLOCK` batches at a time by a vectorized copy of ``SeedSequence``'s hash
-(:func:`seed_states`, checked against ``SeedSequence`` itself at every block), so reseeding costs about
-a microsecond per batch instead of the 10-15 µs of a ``SeedSequence`` per batch, with the same seeds.
+Randomness: one CPU ``torch.Generator`` per callback, never the global RNG (so they need nothing from
+:class:`~lightning_tricks.callbacks.RandomState`). Mixup, CutMix and Cutout make their draws
+:data:`DRAW_BLOCK` batches at a time: the draws of batches ``64 b .. 64 b + 63`` come from the generator
+seeded with ``numpy.random.SeedSequence([seed, global_rank, b]).generate_state(1, uint64)``, in the order
+each ``draw`` method documents, so DDP ranks draw differently, runs are reproducible, and resuming from a
+checkpoint continues the same draws: the state is just ``seed`` and the batch count, which are equal on
+all ranks (a saved generator state would be rank zero's only, as Lightning saves the checkpoint on rank
+zero). A batch then costs no draw kernels and no host-to-device copy: what is left per batch is the tensor
+arithmetic (Mixup: two gathers and two ``lerp``; CutMix: the same with a 0/1 box weight; Cutout: one
+``lerp`` with 0/1 square weights, made a chunk of batches at a time), which ``benchmarks/overhead.py``
+measures against its floor. :class:`MixupCutmix` reseeds its generator per batch with
+``SeedSequence([seed, global_rank, batch count])`` (seeds computed :data:`SEED_BLOCK` batches at a time by
+a vectorized copy of ``SeedSequence``'s hash, :func:`seed_states`, checked against ``SeedSequence`` itself).
+Draws made before this scheme (per-batch seeds for every callback) differ, so a run resumed from an older
+checkpoint continues with other, equally distributed draws.
 
 Stacked (e.g. ``Cutout`` and ``Mixup`` in one Trainer), they act in one fixed order whatever the order
 of the callback list: Cutout, then the label-mixing one (same class: by ``state_key``). The first of them
@@ -41,7 +47,7 @@ batch, pair or sample (timm's ``Mixup``).
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,12 +63,14 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.augment import (
     check_mixup_cutmix,
-    cutmix_batch,
-    cutout_batch,
+    cutmix_box,
     cutout_size,
-    mixup_batch,
+    cutout_windows,
+    mix_pair,
     mixup_cutmix_batch,
     mixup_cutmix_params,
+    sample_beta_n,
+    soft_targets,
 )
 from lightning_tricks.callbacks._common import check_int
 
@@ -70,6 +78,8 @@ __all__ = ["Mixup", "CutMix", "MixupCutmix", "Cutout", "seed_states"]
 
 #: batches whose generator seeds are computed at once
 SEED_BLOCK = 256
+#: batches whose random draws (Mixup, CutMix, Cutout) are made at once, from one generator seeded per block
+DRAW_BLOCK = 64
 
 _M32 = 0xFFFFFFFF
 # numpy.random.SeedSequence's constants (numpy/random/bit_generator.pyx)
@@ -147,6 +157,46 @@ def _check_alpha(alpha: Any) -> None:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
 
 
+class _MixDraws(NamedTuple):
+    """The draws of a block of :data:`DRAW_BLOCK` batches for Mixup / CutMix (one entry per batch)."""
+
+    u: list[float]  # the p decisions
+    lam: list[float]  # Beta(alpha, alpha)
+    partners: list[Tensor]  # partner permutations (N,), on the batch's device
+    boxes: list[tuple[int, int, int, int]] | None  # CutMix boxes (top, left, bottom, right), clipped
+    masks: list[Tensor | None]  # CutMix: the box as 0/1 weights (1, 1, H, W), made a chunk at a time
+
+
+class _CutoutDraws(NamedTuple):
+    """The draws of a block of :data:`DRAW_BLOCK` batches for Cutout."""
+
+    u: list[float]  # the p decisions
+    rows: Tensor  # square center rows (DRAW_BLOCK, N, count), on the batch's device
+    cols: Tensor  # square center columns (DRAW_BLOCK, N, count)
+    row_windows: Tensor  # cutout_windows(side, H) as 0/1 weights of the batch's dtype
+    col_windows: Tensor  # cutout_windows(side, W)
+    fill: Tensor  # the fill value, 0-dim, in the batch's dtype and on its device
+    masks: list[Tensor | None]  # the squares as 0/1 weights (N, 1, H, W), made a chunk at a time
+
+
+#: bytes of 0/1 weight masks (CutMix boxes, Cutout squares) made at once, a chunk of a block's batches
+MASK_CHUNK_BYTES = 1 << 20
+
+
+def _mask(masks: list[Tensor | None], i: int, per_batch_bytes: int, make: Any) -> Tensor:
+    """``masks[i]``, making it first with the rest of its chunk: ``make(start, stop)`` returns the masks of
+    batches ``start .. stop - 1`` stacked, in one set of kernels for the whole chunk."""
+    mask = masks[i]
+    if mask is None:
+        chunk = max(1, min(DRAW_BLOCK, MASK_CHUNK_BYTES // max(1, per_batch_bytes)))
+        start = i - i % chunk
+        stop = min(start + chunk, DRAW_BLOCK)
+        masks[start:stop] = list(make(start, stop).unbind(0))
+        mask = masks[i]
+        assert mask is not None
+    return mask
+
+
 # the fixed order of stacked batch augmentations (by ``name``): occlusion first, then the label-mixing ones
 _ORDER = ("cutout", "mixup_cutmix", "cutmix", "mixup")
 
@@ -192,6 +242,7 @@ class _BatchAugment(Callback):
         self._fast_seeds = True  # False if seed_states ever disagreed with SeedSequence (then: SeedSequence)
         self._announced_off = False
         self._peers: list[_BatchAugment] | None = None  # set at setup: the stack this one applies (leader) or []
+        self._blocks: dict[tuple, tuple[int, Any]] = {}  # (batch shape, device) -> (block, its draws)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -271,17 +322,38 @@ class _BatchAugment(Callback):
                 rank_zero_info(f"{type(self).__name__} is off from epoch {trainer.current_epoch}")
                 self._announced_off = True
             return
-        g = self._seed_generator(count)
-        if self.p < 1.0 and torch.rand((), generator=g).item() >= self.p:
-            return
         x, y = self._read(batch)
-        new_x, new_y = self.apply(x, y, g, pl_module)
+        draws, i = self._block_draws(count, x)
+        if self.p < 1.0 and draws.u[i] >= self.p:
+            return
+        new_x, new_y = self.apply(x, y, draws, i)
         self._write(batch, new_x, new_y)
 
-    def apply(
-        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
-    ) -> tuple[Tensor, Tensor | None]:
-        """The augmented ``(x, y)``; ``y`` is ``None`` for augmentations that leave targets alone."""
+    def _block_draws(self, count: int, x: Tensor) -> tuple[Any, int]:
+        """The draws of batch ``count`` as ``(block draws, position in the block)``.
+
+        Batches ``DRAW_BLOCK * b .. DRAW_BLOCK * (b + 1) - 1`` take their draws from one block, made at once by
+        :meth:`draw` from the generator seeded for block ``b`` (``SeedSequence([seed, rank, b])``), so a
+        batch's draws depend only on ``(seed, rank, count)`` and the batch's shape: resume and every rank
+        reproduce them, and a batch costs no draw kernels. Blocks are kept per batch shape and device (the
+        last, smaller batch of an epoch has its own), the latest few.
+        """
+        block, i = divmod(count, DRAW_BLOCK)
+        key = (tuple(x.shape), x.device)
+        cached = self._blocks.get(key)
+        if cached is None or cached[0] != block:
+            if cached is None and len(self._blocks) >= 4:
+                self._blocks.pop(next(iter(self._blocks)))  # the oldest shape
+            cached = self._blocks[key] = (block, self.draw(self._seed_generator(block), x))
+        return cached[1], i
+
+    def draw(self, generator: torch.Generator, x: Tensor) -> Any:
+        """The draws of ``DRAW_BLOCK`` batches shaped like ``x`` (an object with ``u``: the ``p`` decisions)."""
+        raise NotImplementedError
+
+    def apply(self, x: Tensor, y: Tensor | None, draws: Any, i: int) -> tuple[Tensor, Tensor | None]:
+        """The augmented ``(x, y)`` of the ``i``-th batch of a block; ``y`` is ``None`` for augmentations that
+        leave targets alone."""
         raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------------
@@ -338,11 +410,27 @@ class _Labels(_BatchAugment):
     """A batch augmentation that mixes labels: finds ``num_classes`` at setup to make soft targets."""
 
     _classes: int | None = None
+    _eye: Tensor | None = None  # one-hot rows of the classes, in the batch's dtype and on its device
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._classes is None:
             found = getattr(pl_module, "num_classes", None) or getattr(trainer_datamodule(trainer), "num_classes", None)
             self._classes = int(found) if found is not None else None
+
+    def _soft_targets(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` as float ``(N, C)`` targets in ``x``'s dtype: class indices gather rows of a cached identity
+        (one kernel; the values of ``one_hot``), soft targets are checked and cast."""
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"x and y need the same batch size, got {x.shape[0]} and {y.shape[0]}")
+        dtype = x.dtype
+        if y.dtype.is_floating_point or y.ndim != 1:
+            return soft_targets(y, self._need_classes(y), dtype)
+        classes = self._need_classes(y)
+        assert classes is not None  # _need_classes raises for class indices without num_classes
+        eye = self._eye
+        if eye is None or eye.shape[0] != classes or eye.dtype != dtype or eye.device != y.device:
+            eye = self._eye = torch.eye(classes, dtype=dtype, device=y.device)
+        return eye.index_select(0, y if y.dtype in (torch.int64, torch.int32) else y.long())
 
     def _need_classes(self, y: Tensor) -> int | None:
         if self._classes is None and not y.dtype.is_floating_point:
@@ -376,6 +464,29 @@ class _Mix(_Labels):
     def _key_args(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "p": self.p}
 
+    _boxes = False  # CutMix: also draw a box center per batch
+
+    def draw(self, generator: torch.Generator, x: Tensor) -> _MixDraws:
+        """Per batch of the block, in this order: the ``p`` decision ``u ~ U(0, 1)``, ``lam ~ Beta(alpha,
+        alpha)`` (:func:`~lightning_tricks.augment.sample_beta_n`), a permutation (``argsort`` of ``N`` uniform
+        float64 draws), and for CutMix the box center row then column (uniform over the image), whose box
+        :func:`~lightning_tricks.augment.cutmix_box` makes from ``lam``."""
+        if x.ndim < 2:
+            raise ValueError(f"{type(self).__name__} needs a batch (N, ...), got input shape {tuple(x.shape)}")
+        if self._boxes and x.ndim != 4:
+            raise ValueError(f"{type(self).__name__} needs images (N, C, H, W), got shape {tuple(x.shape)}")
+        u = torch.rand(DRAW_BLOCK, generator=generator, dtype=torch.float64).tolist()
+        lam = sample_beta_n(self.alpha, DRAW_BLOCK, generator).tolist()
+        keys = torch.rand((DRAW_BLOCK, x.shape[0]), generator=generator, dtype=torch.float64)
+        index = list(keys.argsort(dim=1).to(x.device, non_blocking=True).unbind(0))
+        boxes = None
+        if self._boxes:
+            h, w = x.shape[-2:]
+            rows = torch.randint(0, h, (DRAW_BLOCK,), generator=generator).tolist()
+            cols = torch.randint(0, w, (DRAW_BLOCK,), generator=generator).tolist()
+            boxes = [cutmix_box(h, w, la, center=c) for la, c in zip(lam, zip(rows, cols))]
+        return _MixDraws(u, lam, index, boxes, [None] * DRAW_BLOCK)
+
 
 class Mixup(_Mix):
     """Mixup on training batches: ``x' = lam x + (1-lam) x[perm]``, ``y' = lam q + (1-lam) q[perm]``.
@@ -405,12 +516,11 @@ class Mixup(_Mix):
 
     name = "mixup"
 
-    def apply(
-        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
-    ) -> tuple[Tensor, Tensor | None]:
+    def apply(self, x: Tensor, y: Tensor | None, draws: Any, i: int) -> tuple[Tensor, Tensor | None]:
         assert y is not None  # changes_targets: _read gives the targets
-        out = mixup_batch(x, y, self._need_classes(y), self.alpha, generator=generator)
-        return out.x, out.y
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"Mixup needs floating point inputs, got dtype {x.dtype}")
+        return mix_pair(x, self._soft_targets(x, y), draws.lam[i], draws.partners[i])
 
 
 class CutMix(_Mix):
@@ -428,13 +538,27 @@ class CutMix(_Mix):
     """
 
     name = "cutmix"
+    _boxes = True
 
-    def apply(
-        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
-    ) -> tuple[Tensor, Tensor | None]:
+    def apply(self, x: Tensor, y: Tensor | None, draws: Any, i: int) -> tuple[Tensor, Tensor | None]:
         assert y is not None  # changes_targets: _read gives the targets
-        out = cutmix_batch(x, y, self._need_classes(y), self.alpha, generator=generator)
-        return out.x, out.y
+        h, w = x.shape[-2:]
+        top, left, bottom, right = draws.boxes[i]
+        lam = 1.0 - (bottom - top) * (right - left) / (h * w)  # the kept area, after clipping
+        q, index = self._soft_targets(x, y), draws.partners[i]
+        box = _mask(draws.masks, i, h * w * x.element_size(), lambda a, b: _box_masks(draws.boxes[a:b], x))
+        # weights exactly 0 or 1: x outside the box, x[index] inside (paste_box's values, in two kernels)
+        return torch.lerp(x, x.index_select(0, index), box), q.index_select(0, index).lerp_(q, lam)
+
+
+def _box_masks(boxes: list[tuple[int, int, int, int]], x: Tensor) -> Tensor:
+    """``(len(boxes), 1, 1, H, W)`` weights of ``x``'s dtype: 1 inside each box, else 0."""
+    h, w = x.shape[-2:]
+    t, le, b, r = torch.tensor(boxes, device=x.device).unbind(1)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_rows = (rows >= t[:, None]) & (rows < b[:, None])
+    in_cols = (cols >= le[:, None]) & (cols < r[:, None])
+    return (in_rows[:, :, None] & in_cols[:, None, :]).to(x.dtype)[:, None, None]
 
 
 class MixupCutmix(_Labels):
@@ -624,8 +748,39 @@ class Cutout(_BatchAugment):
         if shape is not None and len(shape) == 3:
             cutout_size(self.size, int(shape[1]), int(shape[2]))  # raises if it does not fit
 
-    def apply(
-        self, x: Tensor, y: Tensor | None, generator: torch.Generator, pl_module: LightningModule
-    ) -> tuple[Tensor, Tensor | None]:
-        out, _ = cutout_batch(x, self.size, self.count, generator=generator, value=self.value)
-        return out, y
+    def draw(self, generator: torch.Generator, x: Tensor) -> _CutoutDraws:
+        """Per batch of the block: the ``p`` decision ``u ~ U(0, 1)``; then the square centers' rows
+        ``(N, count)`` of every batch of the block, then their columns, uniform over the image."""
+        if x.ndim != 4:
+            raise ValueError(f"Cutout needs images (N, C, H, W), got shape {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        side = cutout_size(self.size, h, w)
+        u = torch.rand(DRAW_BLOCK, generator=generator, dtype=torch.float64).tolist()
+        rows = torch.randint(0, h, (DRAW_BLOCK, n, self.count), generator=generator)
+        cols = torch.randint(0, w, (DRAW_BLOCK, n, self.count), generator=generator)
+        device = x.device
+        return _CutoutDraws(
+            u,
+            rows.to(device, non_blocking=True),
+            cols.to(device, non_blocking=True),
+            cutout_windows(side, h, device).to(x.dtype),
+            cutout_windows(side, w, device).to(x.dtype),
+            torch.tensor(self.value, dtype=x.dtype, device=device),
+            [None] * DRAW_BLOCK,
+        )
+
+    def apply(self, x: Tensor, y: Tensor | None, draws: Any, i: int) -> tuple[Tensor, Tensor | None]:
+        n, _, h, w = x.shape
+
+        def make(start: int, stop: int) -> Tensor:  # the chunk's squares: cutout_mask's, as 0/1 weights
+            count = self.count
+            in_rows = draws.row_windows.index_select(0, draws.rows[start:stop].reshape(-1))
+            in_cols = draws.col_windows.index_select(0, draws.cols[start:stop].reshape(-1))
+            squares = in_rows[:, :, None] * in_cols[:, None, :]  # (batches * N * count, H, W), 0 or 1
+            if count > 1:
+                squares = squares.view(-1, count, h, w).amax(dim=1)
+            return squares.view(stop - start, n, 1, h, w)
+
+        weights = _mask(draws.masks, i, n * h * w * x.element_size(), make)
+        # weights exactly 0 or 1: x outside the squares, the fill inside (fill_mask's values for finite x)
+        return torch.lerp(x, draws.fill, weights), y

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tricks._lightning import Callback, LightningModule, Trainer
-from lightning_tricks.callbacks._common import check_bool
+from lightning_tricks._lightning import Callback, FitClock, LightningModule, Trainer, global_step_of
+from lightning_tricks.callbacks._common import check_bool, check_int
 from lightning_tricks.sanity import Diverged, divergence_message
 
 __all__ = ["DivergenceGuard", "Diverged"]
@@ -20,14 +20,24 @@ class DivergenceGuard(Callback):
 
     Two checks, both raising :class:`~lightning_tricks.sanity.Diverged`:
 
-    - the loss, in ``on_before_backward`` (one scalar read per step): a non-finite loss never reaches the
-      backward pass or the optimizer, so the weights stay as they were;
-    - the weights, right after each optimizer step (a ``torch.optim.Optimizer`` step post-hook, so before
+    - the loss, in ``on_before_backward``: a non-finite loss never reaches the backward pass or the
+      optimizer, so the weights stay as they were. On the CPU the loss is read every step (a read, not a
+      sync: the value is already there). On an accelerator reading it is a host sync, so with
+      ``every_n_steps=n > 1`` the losses are summed on the device (one in-place add per step, no sync)
+      and the sum is read every ``n`` optimizer steps: a non-finite loss is then caught at the next read,
+      and the updates since it were applied (the message names the window);
+    - the weights, right after an optimizer step (a ``torch.optim.Optimizer`` step post-hook, so before
       any callback's ``on_train_batch_end`` whatever the callback order; one multi-tensor norm over the
-      parameters and one scalar read per step; ``check_weights=False`` turns it off). An LR so large
-      that a finite gradient overflows the weights is caught here, before the EMA/SWA averages, early
-      stopping's best copy or a checkpoint can take the non-finite values (the module's own weights are
-      then the overflowed ones: no copy is kept to roll back).
+      parameters and one scalar read), every ``n`` optimizer steps; ``check_weights=False`` turns it
+      off. An LR so large that a finite gradient overflows the weights is caught here, before the
+      EMA/SWA averages, early stopping's best copy or a checkpoint can take the non-finite values when
+      ``n = 1`` (the module's own weights are then the overflowed ones: no copy is kept to roll back);
+      with ``n > 1`` an overflow may reach an average before the next check.
+
+    With ``n > 1`` both are also checked before a checkpoint is saved (``on_save_checkpoint``: a diverged
+    run never writes a checkpoint) and at the end of every training epoch. Cost per step on the CPU
+    (``benchmarks/overhead.py``): the loss read is a few µs; the weight check is about one pass over the
+    weights (the floor of ``overhead.py``), which ``n`` divides.
 
     ``python -m lightning_tricks.train`` has it on by default (``callbacks.divergence_guard``): the run
     ends with ``status: diverged`` in ``metrics.json``, no test is run, the sweep summary shows the status,
@@ -35,53 +45,118 @@ class DivergenceGuard(Callback):
     with ``~callbacks.divergence_guard``.
 
     Args:
-        check_weights: also check that the weights are finite after each optimizer step.
+        check_weights: also check that the weights are finite after optimizer steps.
+        every_n_steps: check the weights (and, on an accelerator, read the summed losses) every this many
+            optimizer steps, >= 1; 1 checks every step.
     """
 
-    def __init__(self, check_weights: bool = True) -> None:
+    #: read a CPU loss every step (no sync there); tests turn it off to run the accelerator's deferred path
+    _read_cpu = True
+
+    def __init__(self, check_weights: bool = True, every_n_steps: int = 1) -> None:
         self.check_weights = check_bool("check_weights", check_weights)
+        every = check_int("every_n_steps", every_n_steps, 1)
+        assert every is not None
+        self.every_n_steps: int = every
         self._handles: list[Any] = []
         self._trainer: Trainer | None = None
+        self._clock: FitClock | None = None
+        self._steps: dict[int, int] = {}  # id(optimizer) -> its next optimizer step (the weight check's count)
+        self._loss_sum: Tensor | None = None  # the losses since the last read, on the accelerator
+        self._window = 0  # first optimizer step whose loss is in _loss_sum
+        self._pending = False  # _loss_sum holds losses not read yet
 
     def __getstate__(self) -> dict[str, Any]:  # hooks and the trainer do not travel (pickling, ddp_spawn)
-        return {**self.__dict__, "_handles": [], "_trainer": None}
+        return {**self.__dict__, "_handles": [], "_trainer": None, "_clock": None, "_loss_sum": None}
 
-    def _stop(self, trainer: Trainer, what: str, value: float) -> None:
+    def _stop(
+        self, trainer: Trainer, what: str, value: float, since: int | None = None, step: int | None = None
+    ) -> None:
         lrs = [float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
-        step, epoch = trainer.global_step, trainer.current_epoch
-        raise Diverged(divergence_message(what, value, step, epoch, lrs), step, epoch, lrs)
+        step = trainer.global_step if step is None else step
+        epoch = trainer.current_epoch
+        raise Diverged(divergence_message(what, value, step, epoch, lrs, since), step, epoch, lrs)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        if trainer.sanity_checking or not pl_module.training:
+        if not pl_module.training or trainer.sanity_checking:
             return
-        value = float(loss.detach())
+        if self.every_n_steps == 1 or (loss.is_cpu and self._read_cpu):
+            value = loss.item()
+            if not math.isfinite(value):
+                self._stop(trainer, "loss", value)
+            return
+        loss = loss.detach()
+        total = self._loss_sum
+        if total is None or total.device != loss.device:
+            total = self._loss_sum = torch.zeros((), dtype=torch.float32, device=loss.device)
+        total.add_(loss)  # no sync: read every every_n_steps steps
+        self._pending = True
+        step = global_step_of(trainer, self._clock)
+        if step % self.every_n_steps == 0:
+            self._read_losses(trainer, step)
+
+    def _read_losses(self, trainer: Trainer, step: int) -> None:
+        """Read the summed losses of steps ``_window .. step`` (one host sync) and start a new window."""
+        if not self._pending or self._loss_sum is None:
+            return
+        value = float(self._loss_sum)
+        since = self._window
+        self._loss_sum.zero_()
+        self._pending, self._window = False, step + 1
         if not math.isfinite(value):
-            self._stop(trainer, "loss", value)
+            self._stop(trainer, "loss" if since >= step else "sum of the losses", value, since, step)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove()
+        self._clock = FitClock(trainer)
+        self._trainer = trainer
+        self._window, self._pending = trainer.global_step, False
+        if self._loss_sum is not None:
+            self._loss_sum.zero_()
         if not self.check_weights:
             return
-        self._trainer = trainer
         for optimizer in trainer.optimizers:
+            self._steps[id(optimizer)] = trainer.global_step
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
-    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        if not params or self._trainer is None:
+        step = self._steps.get(id(optimizer), 0)
+        self._steps[id(optimizer)] = step + 1
+        if step % self.every_n_steps == 0 and self._trainer is not None:
+            self._check_weights(self._trainer, [optimizer])
+
+    def _check_weights(self, trainer: Trainer, optimizers: list) -> None:
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        if not params:
             return
-        total = float(torch.stack(torch._foreach_norm(params)).sum())
+        with torch.no_grad():
+            total = float(torch.stack(torch._foreach_norm(params)).sum())
         if not math.isfinite(total):
-            self._stop(self._trainer, "weight norm after the update", total)
+            self._stop(trainer, "weight norm after the update", total)
+
+    def _flush(self, trainer: Trainer) -> None:
+        """With ``every_n_steps > 1``: read the losses not read yet and check the weights now."""
+        if self.every_n_steps == 1 or self._trainer is not trainer:
+            return
+        self._read_losses(trainer, max(self._window, trainer.global_step - 1))
+        if self.check_weights:
+            self._check_weights(trainer, list(trainer.optimizers))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._flush(trainer)  # raising here keeps a diverged run from writing the checkpoint
 
     def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._trainer = None
+        self._steps = {}
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)
         self._remove()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

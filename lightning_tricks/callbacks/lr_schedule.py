@@ -15,9 +15,12 @@ import torch
 
 from lightning_tricks._lightning import (
     Callback,
+    FitClock,
     LightningModule,
     MisconfigurationException,
     Trainer,
+    global_step_of,
+    publish_step_metrics,
     rank_zero_info,
     rank_zero_warn,
     should_log_step,
@@ -28,6 +31,10 @@ from lightning_tricks.schedules import Constant, Plateau, Warmup, plateau_of
 __all__ = ["LRSchedule", "lr_owner"]
 
 ScheduleFn = Callable[[int, "int | None"], float]
+
+
+#: steps of the schedule computed at once, ahead of the run (see LRSchedule._factor)
+FACTOR_TABLE_STEPS = 256
 
 
 def _plateau_in(schedule: object) -> Plateau | None:
@@ -207,6 +214,10 @@ class LRSchedule(Callback):
         self._momentum_keys: dict[int, list[str | None]] = {}
         self._written_step = -1  # global_step of the last write, -1: write at the next call
         self._written: dict[int, list[float]] = {}  # optimizer index -> the lr written in each group
+        # (schedule, T, first step, [schedule(t, T) for the next steps]): see _factor
+        self._factor_table: tuple[Any, int | None, int, list[float]] = (None, None, 0, [])
+        self._clock: FitClock | None = None  # global_step and the log test, cheaply (set at train start)
+        self._driven: dict[int, int] = {}  # id(optimizer) -> its index, for the driven optimizers
         # reduce on plateau (an event-driven schedule this callback steps at validation end)
         self._plateau: Plateau | None = _plateau_in(schedule)
         self._plateau_start = 0  # first optimizer step the plateau governs (after the warmups)
@@ -515,22 +526,50 @@ class LRSchedule(Callback):
         return int(estimate)
 
     # -- writing and checking the groups ----------------------------------------------------------
-    def _write(self, trainer: Trainer, step: int) -> None:
+    def _factor(self, step: int) -> float:
+        """``schedule(step, T)``, from a table of the next :data:`FACTOR_TABLE_STEPS` steps computed at once.
+
+        A schedule is a pure function of ``(step, T)``, so its values ahead can be computed in one warm
+        loop instead of one cold call per step (a ``Warmup(Cosine())`` call costs ~20 µs of host time right
+        after a training step, the table lookup ~1). A schedule with a :class:`Plateau` depends on the
+        validations so far and is called per step. The table is keyed by the schedule object and ``T``.
+        """
+        schedule, total = self.schedule, self._total
+        if self._plateau is not None:
+            return float(schedule(step, total))
+        table_schedule, table_total, start, table = self._factor_table
+        k = step - start
+        if table_schedule is schedule and table_total == total and 0 <= k < len(table):
+            return table[k]
+        stop = step + FACTOR_TABLE_STEPS if total is None or step >= total else min(step + FACTOR_TABLE_STEPS, total)
+        table = [float(schedule(t, total)) for t in range(step, stop)]
+        self._factor_table = (schedule, total, step, table)
+        return table[0]
+
+    def _write(self, trainer: Trainer, step: int, optimizers: list | None = None) -> None:
+        """Write the LRs of ``step`` into every driven group, first checking that each group still holds what
+        was written last (one pass over the groups)."""
         assert self._base is not None
-        phase = self._active_phase(step)
-        factor = float(self.schedule(step, self._total))
+        phase = self._active_phase(step) if self._phases else None
+        factor = self._factor(step)
+        plain = phase is None and self._plateau is None
         mom = None if self.momentum is None else float(self.momentum(step, self._total))
-        optimizers = trainer.optimizers
+        optimizers = trainer.optimizers if optimizers is None else optimizers
+        last = self._written_step
         for i, base in self._base.items():
             groups = optimizers[i].param_groups
             if len(groups) != len(base):
                 base = self._regroup(trainer, i)
             written = self._written.get(i)
-            if written is None or len(written) != len(base):
+            check = written is not None and len(written) == len(groups)
+            if not check:
                 written = self._written[i] = [0.0] * len(base)
-            for j, (group, lr) in enumerate(zip(groups, self._lrs(i, base, step, factor, phase))):
-                group["lr"] = lr
-                written[j] = lr
+            assert written is not None
+            lrs = [b * factor for b in base] if plain else self._lrs(i, base, step, factor, phase)
+            for j, group in enumerate(groups):
+                if check and group["lr"] != written[j]:
+                    self._foreign_write(optimizers[i], i, j, group["lr"], written[j], last)
+                group["lr"] = written[j] = lrs[j]
                 if mom is not None:
                     if "betas" in group:
                         group["betas"] = (mom, *tuple(group["betas"])[1:])
@@ -538,23 +577,25 @@ class LRSchedule(Callback):
                         group["momentum"] = mom
         self._written_step = step
 
-    def _sync(self, trainer: Trainer) -> None:
-        """Check that nobody else wrote the LR since the last write; write it if the step changed."""
+    def _sync(self, trainer: Trainer) -> int:
+        """Check that nobody else wrote the LR since the last write; write it if the step changed. Returns
+        ``trainer.global_step``."""
+        step = global_step_of(trainer, self._clock)
         if self._base is None:
-            return
-        step = trainer.global_step
+            return step
         optimizers = trainer.optimizers
-        regrouped = False
+        if step != self._written_step:
+            self._write(trainer, step, optimizers)
+            return step
         for i, written in self._written.items():
             groups = optimizers[i].param_groups
             if len(groups) != len(written):  # groups were added (e.g. an unfrozen backbone): they join now
-                regrouped = True
-                continue
+                self._write(trainer, step, optimizers)
+                return step
             for j, value in enumerate(written):
                 if groups[j]["lr"] != value:
-                    self._foreign_write(optimizers[i], i, j, groups[j]["lr"], value, self._written_step)
-        if regrouped or step != self._written_step:
-            self._write(trainer, step)
+                    self._foreign_write(optimizers[i], i, j, groups[j]["lr"], value, step)
+        return step
 
     def _foreign_write(
         self, optimizer: torch.optim.Optimizer, i: int, j: int, found: float, written: float, step: int
@@ -593,7 +634,7 @@ class LRSchedule(Callback):
             self._base, self._total, self._loaded, self._indices = None, None, None, []
             self._prepared, self._deferred, self._phase_factor = False, {}, {}
             self._phases, self._schedule_by, self._hints = {}, None, {}
-            self._written_step, self._written = -1, {}
+            self._written_step, self._written, self._clock = -1, {}, None
             if self._implicit:
                 self.schedule = self._initial_schedule
             self._plateau, self._plateau_cache, self._plateau_steps = _plateau_in(self.schedule), {}, 0
@@ -649,6 +690,8 @@ class LRSchedule(Callback):
         if self.momentum is not None:
             self._momentum_keys = self._keys(optimizers, {i: [0.0] * len(b) for i, b in base.items()}, "momentum")
         self._written_step, self._written = -1, {}
+        self._clock = FitClock(trainer)  # the loop state is restored by now
+        self._driven = {id(optimizers[i]): i for i in base}
         self._sync(trainer)
 
     def on_train_batch_end(
@@ -661,23 +704,34 @@ class LRSchedule(Callback):
     ) -> None:
         if self._base is None:
             return
-        self._sync(trainer)  # the guard: right before the update that uses the LR
-        if not self.log_lr or not should_log_step(trainer):
-            return
-        index = next((i for i in self._base if trainer.optimizers[i] is optimizer), None)
-        if index is None:
-            return  # an optimizer this callback does not drive
+        clock = self._clock
+        fast = clock is not None and clock.trainer is trainer
+        index = self._driven.get(id(optimizer))
+        written = None if index is None else self._written.get(index)
         groups = optimizer.param_groups
-        for j, key in enumerate(self._lr_keys[index]):
-            if key is not None:
-                pl_module.log(
-                    key, torch.tensor(groups[j]["lr"], dtype=torch.float64), on_step=True, on_epoch=False, batch_size=1
-                )
+        if (
+            clock is None
+            or not fast
+            or written is None
+            or len(groups) != len(written)
+            or clock.global_step != self._written_step
+        ):
+            self._sync(trainer)  # a write is due (or no fast path): the full check and write
+        else:  # the guard, right before the update that uses the LR: the groups still hold what was written
+            for j, value in enumerate(written):
+                if groups[j]["lr"] != value:
+                    self._foreign_write(optimizer, index, j, groups[j]["lr"], value, self._written_step)  # type: ignore[arg-type]
+        if index is None or not self.log_lr:
+            return  # an optimizer this callback does not drive, or no logging
+        if not (clock.should_log() if fast else should_log_step(trainer)):  # type: ignore[union-attr]
+            return
+        groups = optimizer.param_groups
+        metrics = {key: float(groups[j]["lr"]) for j, key in enumerate(self._lr_keys[index]) if key is not None}
         for j, key in enumerate(self._momentum_keys.get(index, [])):
             if key is not None:
                 g = groups[j]
-                value = g["betas"][0] if "betas" in g else g["momentum"]
-                pl_module.log(key, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False, batch_size=1)
+                metrics[key] = float(g["betas"][0] if "betas" in g else g["momentum"])
+        publish_step_metrics(trainer, metrics)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         plateau = self._plateau

@@ -23,9 +23,11 @@ from torch import Tensor, nn
 
 from lightning_tricks._lightning import (
     Callback,
+    FitClock,
     LightningModule,
     MisconfigurationException,
     Trainer,
+    global_step_of,
     rank_zero_info,
     rank_zero_warn,
 )
@@ -298,6 +300,7 @@ class UpdateRatioMonitor(Callback):
         self._layout: tuple[int, ...] = ()
         self._pending = False
         self._step = 0
+        self._clock: FitClock | None = None
 
     @property
     def state_key(self) -> str:
@@ -312,10 +315,13 @@ class UpdateRatioMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.optimizers:
             rank_zero_warn("UpdateRatioMonitor: no optimizer, nothing to monitor")
-        self._tracker, self._pending = None, False
+        self._tracker, self._pending, self._clock = None, False, None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._clock = FitClock(trainer)  # global_step in one attribute read (the loop state is restored now)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self._pending or trainer.global_step % self.every_n_steps:
+        if self._pending or global_step_of(trainer, self._clock) % self.every_n_steps:
             return
         layout = _layout(trainer)
         if self._tracker is None or layout != self._layout:

@@ -85,7 +85,7 @@ FULL: dict[str, Any] = {
 
 #: Goals of issue 15, judged on the MLP rows on every device (the CPU included): a light callback adds
 #: at most 2% to a bare Lightning step and spends at most 30 µs per step in its hooks; a batch
-#: augmentation likewise, with its floor (its image arithmetic alone, see ``time_floors``) + 30 µs in its
+#: augmentation likewise, with its floor (its arithmetic alone, see ``time_floors``) + 30 µs in its
 #: hooks; a callback that makes one pass over the weights per step (EMA, L1, the every-step weight check)
 #: at most 1.2 floors in its hooks, the floor being one ``torch._foreach_lerp_`` pass over the model's
 #: parameters measured in the same run; the whole stack at most 28%, each of its hooks within its floor
@@ -397,11 +397,11 @@ def time_hooks(callbacks: list, timer: Any) -> dict[str, float]:
 
 def time_raw(model: str, s: dict, device: torch.device, seed: int) -> float:
     """Seconds per step of a hand-written loop over the same resident batches."""
-    return _raw_loop(model, s, device, seed, floors=False)["step"]
+    return _raw_loop(model, s, device, seed)
 
 
 #: the floors measured by :func:`time_floors`: one pass over the weights, and each batch augmentation's
-#: image arithmetic alone (every draw and mask given)
+#: arithmetic alone (every draw and mask given)
 FLOORS = ("weights", "mixup", "cutmix", "cutout")
 #: which floor each configuration is judged against (the others: none, i.e. 0)
 FLOOR_OF = {
@@ -417,21 +417,75 @@ FLOOR_OF = {
 
 
 def time_floors(model: str, s: dict, device: torch.device, seed: int) -> dict[str, float]:
-    """Seconds of each floor, measured in the raw loop with the caches as a training step leaves them.
+    """Seconds of each floor, measured with the caches as a training step leaves them.
 
     ``weights``: one ``torch._foreach_lerp_`` pass over the model's parameters (into float32 copies of
-    them, as an EMA update does) right after the optimizer step: the floor of any per-step pass over the
-    weights. ``mixup`` / ``cutmix`` / ``cutout``: the image arithmetic of that augmentation on the batch,
-    right before the forward (where the callbacks' ``on_train_batch_start`` runs), one of them per step
-    in turn so that each runs first after a step, as a callback's does: ``lerp(x[perm], x, lam)``
-    (an ``index_select`` and a ``lerp``), ``lerp(x, x[perm], box)`` with a 0/1 box weight, and
-    ``lerp(x, fill, squares)`` with 0/1 square weights; what the callbacks' draws, targets and Python
-    add is on top of these. Each timed on its own, the device synchronized around it.
+    them, as an EMA update does) right after the optimizer step of the raw loop: the floor of any
+    per-step pass over the weights. ``mixup`` / ``cutmix`` / ``cutout``: that augmentation's arithmetic
+    on the batch with every draw given, in the ``on_train_batch_start`` of a bare Lightning fit (where
+    the callbacks act, after the same Lightning code), one of them per step in turn so that each runs
+    first after a step, as a callback's does (:func:`batch_floor_ops`). What the callbacks' draws, batch
+    handling and Python add is on top of these. Each timed on its own, the device synchronized around it.
     """
-    return _raw_loop(model, s, device, seed, floors=True)
+    return {"weights": _raw_loop(model, s, device, seed, floor=True), **_batch_floors(model, s, device, seed)}
 
 
-def _raw_loop(model: str, s: dict, device: torch.device, seed: int, floors: bool) -> dict[str, float]:
+def batch_floor_ops(n: int, shape: tuple[int, ...], device: torch.device) -> dict[str, Callable[[Any, Any], Any]]:
+    """The floor of each batch augmentation as ``op(x, y)``, every draw fixed in advance: Mixup's
+    ``lerp(x[perm], x, lam)`` and its mixed one-hot targets (rows of an identity gathered by ``y``, then
+    ``lerp(q[perm], q, lam)``); CutMix's ``lerp(x, x[perm], box)`` with a 0/1 box weight and the same
+    targets; Cutout's ``lerp(x, fill, squares)`` with 0/1 square weights."""
+    perm = torch.randperm(n).to(device)
+    h, w = shape[-2:]
+    box = torch.zeros((1, 1, h, w), device=device)
+    box[..., h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = 1.0  # a box of a quarter of the image
+    squares = (torch.rand((n, 1, h, w), device=device) < 0.25).float()  # 0/1 weights, a quarter set
+    fill = torch.zeros((), device=device)
+    eye = torch.eye(10, device=device)
+
+    def targets(y: torch.Tensor, lam: float) -> torch.Tensor:  # one-hot, mixed with the partners'
+        q = eye.index_select(0, y)
+        return q.index_select(0, perm).lerp_(q, lam)
+
+    return {
+        "mixup": lambda x, y: (x.index_select(0, perm).lerp_(x, 0.3), targets(y, 0.3)),
+        "cutmix": lambda x, y: (torch.lerp(x, x.index_select(0, perm), box), targets(y, 0.75)),
+        "cutout": lambda x, y: torch.lerp(x, fill, squares),
+    }
+
+
+def _batch_floors(model: str, s: dict, device: torch.device, seed: int) -> dict[str, float]:
+    import time
+
+    from lightning_tricks._lightning import Callback, seed_everything
+
+    ops = list(batch_floor_ops(s["batch_size"][model], s[model]["input_shape"], device).items())
+    start, steps = s["warmup_steps"], s["timed_steps"]
+    spent = {name: [0.0, 0] for name, _ in ops}
+
+    class Floors(Callback):
+        calls = 0
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            name, op = ops[self.calls % len(ops)]
+            C.sync(device)
+            t = time.perf_counter()
+            op(batch[0], batch[1])
+            C.sync(device)
+            if start <= self.calls < start + steps:
+                spent[name][0] += time.perf_counter() - t
+                spent[name][1] += 1
+            self.calls += 1
+
+    seed_everything(seed, verbose=False)
+    module = make_module(build_net(model, s), optimizer_cfg(s))
+    trainer = build_trainer([Floors()], s, device)
+    trainer.fit(module, train_dataloaders=make_loader(model, s, device))
+    return {name: total / max(1, count) for name, (total, count) in spent.items()}
+
+
+def _raw_loop(model: str, s: dict, device: torch.device, seed: int, floor: bool = False) -> float:
+    """Seconds per step of the raw loop, or (``floor``) of the weights pass timed after each of its steps."""
     import time
 
     from lightning_tricks.optim import OptimizerConfig, build_optimizer
@@ -442,26 +496,10 @@ def _raw_loop(model: str, s: dict, device: torch.device, seed: int, floors: bool
     opt = build_optimizer(net, OptimizerConfig.from_any(optimizer_cfg(s)))
     loader = make_loader(model, s, device)
     params = [p.detach() for p in net.parameters()]
-    shadow = [p.clone() for p in params] if floors else []
+    shadow = [p.clone() for p in params] if floor else []
     start, steps = s["warmup_steps"], s["timed_steps"]
     loss_sum = torch.zeros((), device=device)
-    calls, t0, t1 = 0, math.nan, math.nan
-    spent = dict.fromkeys(FLOORS, 0.0)
-    counts = dict.fromkeys(FLOORS, 0)
-    batch_ops: list[tuple[str, Callable[[torch.Tensor], Any]]] = []
-    if floors:
-        n, *shape = s["batch_size"][model], *s[model]["input_shape"]
-        perm = torch.randperm(n).to(device)
-        h, w = shape[-2:]
-        box = torch.zeros((1, 1, h, w), device=device)
-        box[..., h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = 1.0  # a box of a quarter of the image
-        squares = (torch.rand((n, 1, h, w), device=device) < 0.25).float()  # 0/1 weights, a quarter set
-        fill = torch.zeros((), device=device)
-        batch_ops = [
-            ("mixup", lambda x: torch.lerp(x.index_select(0, perm), x, 0.3)),
-            ("cutmix", lambda x: torch.lerp(x, x.index_select(0, perm), box)),
-            ("cutout", lambda x: torch.lerp(x, fill, squares)),
-        ]
+    calls, t0, t1, lerp_s = 0, math.nan, math.nan, 0.0
     while math.isnan(t1):
         for x, y in loader:
             if calls == start:
@@ -471,32 +509,20 @@ def _raw_loop(model: str, s: dict, device: torch.device, seed: int, floors: bool
                 C.sync(device)
                 t1 = time.perf_counter()
                 break
-            if batch_ops:
-                name, op = batch_ops[calls % len(batch_ops)]
-                C.sync(device)
-                t = time.perf_counter()
-                op(x)
-                C.sync(device)
-                if calls >= start:
-                    spent[name] += time.perf_counter() - t
-                    counts[name] += 1
             loss = torch.nn.functional.cross_entropy(net(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach()  # what Lightning's epoch-mean logging does, no host sync
-            if floors:
+            if floor:
                 C.sync(device)
                 t = time.perf_counter()
                 torch._foreach_lerp_(shadow, params, 1e-3)
                 C.sync(device)
                 if calls >= start:
-                    spent["weights"] += time.perf_counter() - t
-                    counts["weights"] += 1
+                    lerp_s += time.perf_counter() - t
             calls += 1
-    if not floors:
-        return {"step": (t1 - t0) / steps}
-    return {k: spent[k] / max(1, counts[k]) for k in FLOORS}
+    return lerp_s / steps if floor else (t1 - t0) / steps
 
 
 def build_trainer(callbacks: list, s: dict, device: torch.device, extra: dict | None = None):
@@ -710,8 +736,8 @@ def goal_of(model: str, name: str, floor_frac: float, device: torch.device) -> t
 #: the label of each floor's row
 FLOOR_LABEL = {
     "weights": "floor: one `_foreach_lerp_` pass over the weights",
-    "mixup": "floor of Mixup: `lerp(x[perm], x, lam)` on the batch",
-    "cutmix": "floor of CutMix: `lerp(x, x[perm], box)` on the batch",
+    "mixup": "floor of Mixup: `lerp(x[perm], x, lam)` and the mixed one-hot targets",
+    "cutmix": "floor of CutMix: `lerp(x, x[perm], box)` and the mixed one-hot targets",
     "cutout": "floor of Cutout: `lerp(x, fill, squares)` on the batch",
 }
 
@@ -886,10 +912,10 @@ def summarize(
             "repeat's); `added ms/step`: the difference to bare Lightning of the same repeat; `hooks µs/step`: "
             "time spent inside the configuration's callback hooks per step (on a CPU their kernels included, on a "
             "GPU host time only); `its floor`: what the configuration's tensor work cannot cost less than, measured "
-            "in the raw loop of the same repeat at the same point of a step (one `torch._foreach_lerp_` pass over "
-            "the weights after the optimizer step; for Mixup, CutMix and Cutout their image arithmetic alone on the "
-            "batch, before the forward); `hooks − floor`: what the callback adds on top of it (draws, targets, "
-            "Python). Goals (issue 15, MLP rows): a light callback ≤ 1.02x and ≤ 30 µs in its hooks; a batch "
+            "in the same repeat at the same point of a step (one `torch._foreach_lerp_` pass over the weights after "
+            "the optimizer step of the raw loop; for Mixup, CutMix and Cutout their arithmetic alone on the batch "
+            "and targets, every draw given, in the `on_train_batch_start` of a bare Lightning fit); `hooks − floor`: what the callback adds on "
+            "top of it (draws, batch handling, Python). Goals (issue 15, MLP rows): a light callback ≤ 1.02x and ≤ 30 µs in its hooks; a batch "
             "augmentation ≤ 1.02x and ≤ its floor + 30 µs; EMA, L1 and the every-step weight check ≤ 1.2 floors "
             "(judged on the hooks); the whole stack ≤ 1.28x with every hook ≤ its floor + 30 µs; Lightning's "
             "EMAWeightAveraging costs ≥ 3x what our EMA costs (CPU, judged on the hooks) or ≥ 5x (GPU, on the added "

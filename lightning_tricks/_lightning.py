@@ -89,8 +89,9 @@ class FitClock:
 
     def __init__(self, trainer: Trainer | None) -> None:
         self.trainer = trainer
-        self._steps: Any = None
-        self._loop: Any = None
+        #: the progress counter behind ``global_step`` (its ``completed``) and the epoch loop, or None (fallback)
+        self.steps: Any = None
+        self.loop: Any = None
         self.every = getattr(trainer, "log_every_n_steps", 0)
         try:
             loop = trainer.fit_loop.epoch_loop  # type: ignore[union-attr]
@@ -101,7 +102,7 @@ class FitClock:
                 steps = loop.manual_optimization.optim_step_progress.total
             if steps.completed != trainer.global_step or not isinstance(loop._batches_that_stepped, int):  # type: ignore[union-attr]
                 return
-            self._steps, self._loop = steps, loop
+            self.steps, self.loop = steps, loop
         except AttributeError:
             return
 
@@ -111,22 +112,22 @@ class FitClock:
     @property
     def fast(self) -> bool:
         """Whether the counters were found (else every read goes through the trainer's properties)."""
-        return self._steps is not None
+        return self.steps is not None
 
     @property
     def global_step(self) -> int:
         """``trainer.global_step``."""
-        if self._steps is None:
+        if self.steps is None:
             return int(self.trainer.global_step)  # type: ignore[union-attr]
-        return int(self._steps.completed)
+        return int(self.steps.completed)
 
     def should_log(self) -> bool:
         """:func:`should_log_step` in the training loop."""
-        if self._loop is None:
+        if self.loop is None:
             return should_log_step(self.trainer)  # type: ignore[arg-type]
         every = self.every
         return bool(every) and (
-            (self._loop._batches_that_stepped + 1) % every == 0 or bool(self.trainer.should_stop)  # type: ignore[union-attr]
+            (self.loop._batches_that_stepped + 1) % every == 0 or bool(self.trainer.should_stop)  # type: ignore[union-attr]
         )
 
 

@@ -438,7 +438,8 @@ def test_stacked_augmentations_act_in_a_fixed_order_whatever_the_list_order():
         if setup:
             for cb in stack:
                 cb.setup(trainer, None, "fit")
-        batch = [torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4) + 1, torch.tensor([0, 3])]
+        # 6 samples: the drawn permutation is not the identity (with 2 it is half the time, and no order shows)
+        batch = [torch.arange(6 * 16, dtype=torch.float32).reshape(6, 1, 4, 4) + 1, torch.tensor([0, 3, 1, 2, 0, 1])]
         for cb in stack:
             cb.on_train_batch_start(trainer, None, batch, 0)
         assert made["mixup"].batches == made["cutout"].batches == 1

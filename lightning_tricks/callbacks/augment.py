@@ -22,7 +22,7 @@ epochs (Yun et al. and later recipes train the last epochs on clean data).
 
 Randomness: one CPU ``torch.Generator`` per callback, never the global RNG (so they need nothing from
 :class:`~lightning_tricks.callbacks.RandomState`). Mixup, CutMix and Cutout make their draws
-:data:`DRAW_BLOCK` batches at a time: the draws of batches ``64 b .. 64 b + 63`` come from the generator
+:data:`DRAW_BLOCK` batches at a time: the draws of batches ``256 b .. 256 b + 255`` come from the generator
 seeded with ``numpy.random.SeedSequence([seed, global_rank, b]).generate_state(1, uint64)``, in the order
 each ``draw`` method documents, so DDP ranks draw differently, runs are reproducible, and resuming from a
 checkpoint continues the same draws: the state is just ``seed`` and the batch count, which are equal on
@@ -79,7 +79,7 @@ __all__ = ["Mixup", "CutMix", "MixupCutmix", "Cutout", "seed_states"]
 #: batches whose generator seeds are computed at once
 SEED_BLOCK = 256
 #: batches whose random draws (Mixup, CutMix, Cutout) are made at once, from one generator seeded per block
-DRAW_BLOCK = 64
+DRAW_BLOCK = 256
 
 _M32 = 0xFFFFFFFF
 # numpy.random.SeedSequence's constants (numpy/random/bit_generator.pyx)
@@ -180,7 +180,7 @@ class _CutoutDraws(NamedTuple):
 
 
 #: bytes of 0/1 weight masks (CutMix boxes, Cutout squares) made at once, a chunk of a block's batches
-MASK_CHUNK_BYTES = 1 << 20
+MASK_CHUNK_BYTES = 4 << 20
 
 
 def _mask(masks: list[Tensor | None], i: int, per_batch_bytes: int, make: Any) -> Tensor:
@@ -243,6 +243,7 @@ class _BatchAugment(Callback):
         self._announced_off = False
         self._peers: list[_BatchAugment] | None = None  # set at setup: the stack this one applies (leader) or []
         self._blocks: dict[tuple, tuple[int, Any]] = {}  # (batch shape, device) -> (block, its draws)
+        self._epoch_active: bool | None = None  # active() in this epoch (set at epoch start), None: ask
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -313,11 +314,18 @@ class _BatchAugment(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._peers = None  # drop the references to the other callbacks
+            self._epoch_active = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_active = self.active(trainer.current_epoch, trainer.max_epochs)  # read once per epoch
 
     def _augment(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         count = self.batches
         self.batches += 1
-        if not self.active(trainer.current_epoch, trainer.max_epochs):
+        on = self._epoch_active
+        if on is None:  # the hook called outside a Trainer's epoch (or before its start)
+            on = self.active(trainer.current_epoch, trainer.max_epochs)
+        if not on:
             if not self._announced_off:
                 rank_zero_info(f"{type(self).__name__} is off from epoch {trainer.current_epoch}")
                 self._announced_off = True
@@ -339,7 +347,7 @@ class _BatchAugment(Callback):
         last, smaller batch of an epoch has its own), the latest few.
         """
         block, i = divmod(count, DRAW_BLOCK)
-        key = (tuple(x.shape), x.device)
+        key = (x.shape, x.get_device())  # get_device: an int, cheaper than building a torch.device
         cached = self._blocks.get(key)
         if cached is None or cached[0] != block:
             if cached is None and len(self._blocks) >= 4:
@@ -411,6 +419,7 @@ class _Labels(_BatchAugment):
 
     _classes: int | None = None
     _eye: Tensor | None = None  # one-hot rows of the classes, in the batch's dtype and on its device
+    _eye_device = -2  # _eye.get_device() (-1: the CPU)
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._classes is None:
@@ -420,6 +429,16 @@ class _Labels(_BatchAugment):
     def _soft_targets(self, x: Tensor, y: Tensor) -> Tensor:
         """``y`` as float ``(N, C)`` targets in ``x``'s dtype: class indices gather rows of a cached identity
         (one kernel; the values of ``one_hot``), soft targets are checked and cast."""
+        eye = self._eye
+        if (  # the common case, checked in a few attribute reads: int64 class indices, the identity made
+            eye is not None
+            and y.dtype == torch.int64
+            and y.ndim == 1
+            and y.shape[0] == x.shape[0]
+            and eye.dtype == x.dtype
+            and self._eye_device == x.get_device()
+        ):
+            return eye.index_select(0, y)
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"x and y need the same batch size, got {x.shape[0]} and {y.shape[0]}")
         dtype = x.dtype
@@ -427,9 +446,9 @@ class _Labels(_BatchAugment):
             return soft_targets(y, self._need_classes(y), dtype)
         classes = self._need_classes(y)
         assert classes is not None  # _need_classes raises for class indices without num_classes
-        eye = self._eye
         if eye is None or eye.shape[0] != classes or eye.dtype != dtype or eye.device != y.device:
             eye = self._eye = torch.eye(classes, dtype=dtype, device=y.device)
+            self._eye_device = y.get_device()
         return eye.index_select(0, y if y.dtype in (torch.int64, torch.int32) else y.long())
 
     def _need_classes(self, y: Tensor) -> int | None:

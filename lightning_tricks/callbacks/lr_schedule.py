@@ -565,11 +565,12 @@ class LRSchedule(Callback):
             if not check:
                 written = self._written[i] = [0.0] * len(base)
             assert written is not None
-            lrs = [b * factor for b in base] if plain else self._lrs(i, base, step, factor, phase)
+            lrs = base if plain else self._lrs(i, base, step, factor, phase)
+            scale = factor if plain else 1.0  # plain: lr = base * schedule(step, T), computed in the loop
             for j, group in enumerate(groups):
                 if check and group["lr"] != written[j]:
                     self._foreign_write(optimizers[i], i, j, group["lr"], written[j], last)
-                group["lr"] = written[j] = lrs[j]
+                group["lr"] = written[j] = lrs[j] * scale
                 if mom is not None:
                     if "betas" in group:
                         group["betas"] = (mom, *tuple(group["betas"])[1:])
@@ -704,27 +705,28 @@ class LRSchedule(Callback):
     ) -> None:
         if self._base is None:
             return
-        clock = self._clock
-        fast = clock is not None and clock.trainer is trainer
         index = self._driven.get(id(optimizer))
-        written = None if index is None else self._written.get(index)
-        groups = optimizer.param_groups
-        if (
-            clock is None
-            or not fast
-            or written is None
-            or len(groups) != len(written)
-            or clock.global_step != self._written_step
-        ):
-            self._sync(trainer)  # a write is due (or no fast path): the full check and write
-        else:  # the guard, right before the update that uses the LR: the groups still hold what was written
-            for j, value in enumerate(written):
-                if groups[j]["lr"] != value:
-                    self._foreign_write(optimizer, index, j, groups[j]["lr"], value, self._written_step)  # type: ignore[arg-type]
-        if index is None or not self.log_lr:
-            return  # an optimizer this callback does not drive, or no logging
-        if not (clock.should_log() if fast else should_log_step(trainer)):  # type: ignore[union-attr]
-            return
+        clock = self._clock
+        if clock is None or clock.trainer is not trainer or not clock.fast or index is None:
+            self._sync(trainer)  # outside a fit's training loop, or an optimizer this callback does not drive
+            if index is None or not self.log_lr or not should_log_step(trainer):
+                return
+        else:
+            written = self._written.get(index)
+            groups = optimizer.param_groups
+            if written is None or len(groups) != len(written) or clock.steps.completed != self._written_step:
+                self._sync(trainer)  # a write is due: the full check and write
+            else:  # the guard, right before the update that uses the LR: the groups still hold what was written
+                for j, value in enumerate(written):
+                    if groups[j]["lr"] != value:
+                        self._foreign_write(optimizer, index, j, groups[j]["lr"], value, self._written_step)
+            every = clock.every
+            if (
+                not self.log_lr
+                or not every
+                or ((clock.loop._batches_that_stepped + 1) % every and not trainer.should_stop)
+            ):
+                return  # the loggers do not write this step (should_log_step's test, inlined)
         groups = optimizer.param_groups
         metrics = {key: float(groups[j]["lr"]) for j, key in enumerate(self._lr_keys[index]) if key is not None}
         for j, key in enumerate(self._momentum_keys.get(index, [])):

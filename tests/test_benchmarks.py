@@ -110,9 +110,10 @@ def test_overhead_table(tmp_path: Path) -> None:
     by_config = {r["config"]: r for r in cb_rows}
     floor_us = {r["config"][len("floor_") :]: 1e3 * r["ms_per_step"] for r in rows if r["config"] in floors}
     for name, kind in overhead.FLOOR_OF.items():
+        want = overhead.FLOOR_SCALE.get(name, (1.0, ""))[0] * floor_us[kind]
         assert by_config[name]["floor_kind"] == kind
-        assert by_config[name]["floor_us"] == pytest.approx(floor_us[kind])
-        assert by_config[name]["hook_minus_floor_us"] == pytest.approx(by_config[name]["hook_us"] - floor_us[kind])
+        assert by_config[name]["floor_us"] == pytest.approx(want)
+        assert by_config[name]["hook_minus_floor_us"] == pytest.approx(by_config[name]["hook_us"] - want)
     assert by_config["lr_schedule"]["floor_us"] == 0.0
     # the per-hook times of every configuration add up to its hooks' total
     stack_hooks = [r for r in hook_rows if r["config"] == "stack"]

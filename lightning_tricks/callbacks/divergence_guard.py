@@ -78,7 +78,7 @@ class DivergenceGuard(Callback):
         raise Diverged(divergence_message(what, value, step, epoch, lrs, since), step, epoch, lrs)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        if not pl_module.training or trainer.sanity_checking:
+        if not pl_module.training:  # (never in the sanity check: validation has no backward)
             return
         if self.every_n_steps == 1 or (loss.is_cpu and self._read_cpu):
             value = loss.item()
@@ -120,8 +120,9 @@ class DivergenceGuard(Callback):
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        step = self._steps.get(id(optimizer), 0)
-        self._steps[id(optimizer)] = step + 1
+        key = id(optimizer)
+        step = self._steps.get(key, 0)
+        self._steps[key] = step + 1
         if step % self.every_n_steps == 0 and self._trainer is not None:
             self._check_weights(self._trainer, [optimizer])
 

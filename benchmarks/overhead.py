@@ -414,13 +414,16 @@ FLOOR_OF = {
     "cutmix": "cutmix",
     "cutout": "cutout",
     "update_ratio": "weights",
+    "divergence_guard_50": "weights",
 }
 #: a configuration (or hook) whose tensor work is a fraction of its floor per step, as (fraction, why):
 #: UpdateRatioMonitor measures every 50 steps, copying the weights before the step (2 streams of their
 #: size: read, write) and taking the difference (3) and two norms (1 each) after it, 7 streams where the
-#: floor's lerp moves 3: 7/3 floors every 50 steps
+#: floor's lerp moves 3: 7/3 floors every 50 steps; DivergenceGuard(every_n_steps=50) reads the weights once
+#: (a norm) every 50 steps: 1/3 floor
 FLOOR_SCALE = {
     "update_ratio": (7 / 3 / 50, "7/3 floor per 50 steps"),
+    "divergence_guard_50": (1 / 3 / 50, "1/3 floor per 50 steps"),
     "UpdateRatioMonitor.on_before_optimizer_step": (2 / 3 / 50, "2/3 floor per 50 steps"),
     "UpdateRatioMonitor.on_train_batch_end": (5 / 3 / 50, "5/3 floor per 50 steps"),
 }
@@ -932,7 +935,7 @@ def summarize(
             + ", ".join(f"{m} ({params[m]:,} params, batch {s['batch_size'][m]})" for m in s["models"])
             + ". "
             "`x bare Lightning`: the ratio to bare Lightning of the same repeat (mean ± std over repeats, and each "
-            "repeat's); `added ms/step`: the difference to bare Lightning of the same repeat; `added x floor`: that "
+            "repeat's; bare Lightning runs first and last in every repeat, and its mean is the reference); `added ms/step`: the difference to bare Lightning of the same repeat; `added x floor`: that "
             "over the floor of one pass over the weights, per repeat (it includes what a callback costs the rest "
             "of the step, e.g. evicted caches, and the step-to-step noise); `hooks µs/step`: time spent inside the "
             "configuration's callback hooks per step (on a CPU their kernels included, on a GPU host time only); "
@@ -1115,6 +1118,12 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
                         file=sys.stderr,
                         flush=True,
                     )
+                # bare Lightning again at the end of the repeat: the reference is the mean of its first and last
+                # run, so a drift of the machine during the repeat does not favour the configurations run late
+                again, _, _ = time_config(model, "lightning", s, device, s["seed"] + rep)
+                first, hooks0 = times[(model, "lightning")][-1]
+                times[(model, "lightning")][-1] = ((first + again) / 2, hooks0)
+                print(f"{model:6s} repeat {rep} lightning (again)  {1e3 * again:8.3f} ms/step", file=sys.stderr)
 
         rows, md = summarize(times, s, device, skipped, params, floors, hook_times)
         print(md)

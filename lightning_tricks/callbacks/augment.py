@@ -164,6 +164,7 @@ class _MixDraws(NamedTuple):
     lam: list[float]  # Beta(alpha, alpha)
     partners: list[Tensor]  # partner permutations (N,), on the batch's device
     boxes: list[tuple[int, int, int, int]] | None  # CutMix boxes (top, left, bottom, right), clipped
+    kept: list[float] | None  # CutMix: the area outside the box, the label weight of the batch's own targets
     masks: list[Tensor | None]  # CutMix: the box as 0/1 weights (1, 1, H, W), made a chunk at a time
 
 
@@ -498,13 +499,14 @@ class _Mix(_Labels):
         lam = sample_beta_n(self.alpha, DRAW_BLOCK, generator).tolist()
         keys = torch.rand((DRAW_BLOCK, x.shape[0]), generator=generator, dtype=torch.float64)
         index = list(keys.argsort(dim=1).to(x.device, non_blocking=True).unbind(0))
-        boxes = None
+        boxes = kept = None
         if self._boxes:
             h, w = x.shape[-2:]
             rows = torch.randint(0, h, (DRAW_BLOCK,), generator=generator).tolist()
             cols = torch.randint(0, w, (DRAW_BLOCK,), generator=generator).tolist()
             boxes = [cutmix_box(h, w, la, center=c) for la, c in zip(lam, zip(rows, cols))]
-        return _MixDraws(u, lam, index, boxes, [None] * DRAW_BLOCK)
+            kept = [1.0 - (b - t) * (r - le) / (h * w) for t, le, b, r in boxes]  # the label weight, after clipping
+        return _MixDraws(u, lam, index, boxes, kept, [None] * DRAW_BLOCK)
 
 
 class Mixup(_Mix):
@@ -561,11 +563,11 @@ class CutMix(_Mix):
 
     def apply(self, x: Tensor, y: Tensor | None, draws: Any, i: int) -> tuple[Tensor, Tensor | None]:
         assert y is not None  # changes_targets: _read gives the targets
-        h, w = x.shape[-2:]
-        top, left, bottom, right = draws.boxes[i]
-        lam = 1.0 - (bottom - top) * (right - left) / (h * w)  # the kept area, after clipping
-        q, index = self._soft_targets(x, y), draws.partners[i]
-        box = _mask(draws.masks, i, h * w * x.element_size(), lambda a, b: _box_masks(draws.boxes[a:b], x))
+        q, index, lam = self._soft_targets(x, y), draws.partners[i], draws.kept[i]
+        box = draws.masks[i]
+        if box is None:
+            size = x.shape[-2] * x.shape[-1] * x.element_size()
+            box = _mask(draws.masks, i, size, lambda a, b: _box_masks(draws.boxes[a:b], x))
         # weights exactly 0 or 1: x outside the box, x[index] inside (paste_box's values, in two kernels)
         return torch.lerp(x, x.index_select(0, index), box), q.index_select(0, index).lerp_(q, lam)
 
@@ -789,10 +791,18 @@ class Cutout(_BatchAugment):
         )
 
     def apply(self, x: Tensor, y: Tensor | None, draws: Any, i: int) -> tuple[Tensor, Tensor | None]:
-        n, _, h, w = x.shape
+        weights = draws.masks[i]
+        if weights is None:
+            weights = _mask(draws.masks, i, x[0, 0].numel() * x.shape[0] * x.element_size(), self._squares(draws, x))
+        # weights exactly 0 or 1: x outside the squares, the fill inside (fill_mask's values for finite x)
+        return torch.lerp(x, draws.fill, weights), y
 
-        def make(start: int, stop: int) -> Tensor:  # the chunk's squares: cutout_mask's, as 0/1 weights
-            count = self.count
+    def _squares(self, draws: _CutoutDraws, x: Tensor) -> Any:
+        """``make(start, stop)``: the squares of batches ``start .. stop - 1`` as 0/1 weights, cutout_mask's."""
+        n, _, h, w = x.shape
+        count = self.count
+
+        def make(start: int, stop: int) -> Tensor:
             in_rows = draws.row_windows.index_select(0, draws.rows[start:stop].reshape(-1))
             in_cols = draws.col_windows.index_select(0, draws.cols[start:stop].reshape(-1))
             squares = in_rows[:, :, None] * in_cols[:, None, :]  # (batches * N * count, H, W), 0 or 1
@@ -800,6 +810,4 @@ class Cutout(_BatchAugment):
                 squares = squares.view(-1, count, h, w).amax(dim=1)
             return squares.view(stop - start, n, 1, h, w)
 
-        weights = _mask(draws.masks, i, n * h * w * x.element_size(), make)
-        # weights exactly 0 or 1: x outside the squares, the fill inside (fill_mask's values for finite x)
-        return torch.lerp(x, draws.fill, weights), y
+        return make

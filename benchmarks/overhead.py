@@ -935,7 +935,8 @@ def summarize(
             + ", ".join(f"{m} ({params[m]:,} params, batch {s['batch_size'][m]})" for m in s["models"])
             + ". "
             "`x bare Lightning`: the ratio to bare Lightning of the same repeat (mean ± std over repeats, and each "
-            "repeat's; bare Lightning runs first and last in every repeat, and its mean is the reference); `added ms/step`: the difference to bare Lightning of the same repeat; `added x floor`: that "
+            "repeat's; bare Lightning runs first and last in every repeat, and its mean is the reference); "
+            "`added ms/step`: the difference to bare Lightning of the same repeat; `added x floor`: that "
             "over the floor of one pass over the weights, per repeat (it includes what a callback costs the rest "
             "of the step, e.g. evicted caches, and the step-to-step noise); `hooks µs/step`: time spent inside the "
             "configuration's callback hooks per step (on a CPU their kernels included, on a GPU host time only); "

@@ -324,3 +324,27 @@ def test_the_entry_point_leaves_the_statistics_in_the_run_directory(make_cfg, tm
     assert sorted(p.name for p in (tmp_path / "layer_stats").glob("*.png")) == ["step0000000.png", "step0000004.png"]
     agc = next(c for c in objects["callbacks"] if type(c).__name__ == "AGC")
     assert agc.excluded == ["net.head.0"]
+
+
+def test_curve_plot_asks_for_the_log_dir_on_every_rank(tmp_path):
+    """``Trainer.log_dir`` broadcasts rank zero's value: a rank that skipped it would leave rank zero
+    waiting in the broadcast (a hang under DDP). Every rank asks; only rank zero writes the PNG."""
+    from types import SimpleNamespace
+
+    from lightning_tricks.callbacks import CurvePlot
+
+    asked = []
+
+    class FakeTrainer(SimpleNamespace):
+        @property
+        def log_dir(self):
+            asked.append(self.is_global_zero)
+            return str(tmp_path)
+
+    plot = CurvePlot()
+    plot.epoch_metrics = {"val/acc": [(1, 0.5), (2, 0.7)]}
+    for zero in (False, True):
+        trainer = FakeTrainer(is_global_zero=zero, default_root_dir=str(tmp_path), current_epoch=2, global_step=8)
+        plot.on_fit_end(trainer, nn.Linear(2, 2))
+    assert asked == [False, True]
+    assert (tmp_path / plot.filename).exists()

@@ -73,9 +73,10 @@ class CurvePlot(Callback):
         self._record(trainer, ("train/",))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # on every rank: Trainer.log_dir broadcasts rank zero's value, so asked on rank zero alone it would hang
+        directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
         net = type(getattr(pl_module, "net", pl_module)).__name__
         self.path = plot_curves(
             self.epoch_metrics,

@@ -337,9 +337,10 @@ def summarize(rows: list[dict], s: dict, machine: str, n_train: str, recipe_note
             ]
         )
         prev = name
-    remove_rows = [
-        [
-            f"full − {label(name[1:])}",
+
+    def vs_full(title: str, name: str) -> list[str]:  # a row of the remove / extra tables
+        return [
+            title,
             C.pm(acc(name, "val_acc")),
             C.pm(acc(name)),
             delta(name, "full", "val_acc"),
@@ -347,19 +348,14 @@ def summarize(rows: list[dict], s: dict, machine: str, n_train: str, recipe_note
             delta(name, "baseline"),
             *timing(name),
         ]
+
+    remove_rows = [
+        vs_full(f"full − {label(name[1:])}", name)
         for name, (group, _tricks) in VARIANTS.items()
         if group == "remove" and name in by
     ]
     extra_rows = [
-        [
-            f"full + {EXTRAS[name.split('+', 1)[1]][0]}",
-            C.pm(acc(name, "val_acc")),
-            C.pm(acc(name)),
-            delta(name, "full", "val_acc"),
-            delta(name, "full"),
-            delta(name, "baseline"),
-            *timing(name),
-        ]
+        vs_full(f"full + {EXTRAS[name.split('+', 1)[1]][0]}", name)
         for name, (group, _tricks) in VARIANTS.items()
         if group == "extra" and name in by
     ]

@@ -345,3 +345,48 @@ def test_log_switch_and_log_every_n_steps(log, tmp_path):
         DigitsDataModule(batch_size=32, loader="resident"),
     )
     assert seen.steps == ([4, 8, 12] if log else [])
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
+def test_fit_clock_equals_the_trainers_counters_through_accumulation_and_resume(tmp_path: Path) -> None:
+    """FitClock reads the counters behind ``trainer.global_step`` and ``should_update_logs`` directly;
+    through gradient accumulation and a resumed run it must give the same values at every hook."""
+    from lightning_tricks._lightning import Callback, FitClock, ModelCheckpoint
+
+    class Compare(Callback):
+        def __init__(self) -> None:
+            self.checked = 0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.clock = FitClock(trainer)
+            assert self.clock.fast
+
+        def _check(self, trainer) -> None:
+            assert self.clock.global_step == trainer.global_step
+            assert self.clock.should_log() == trainer._logger_connector.should_update_logs
+            self.checked += 1
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._check(trainer)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self._check(trainer)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._check(trainer)
+
+    def run(epochs: int, ckpt: str | None = None) -> Compare:
+        compare = Compare()
+        trainer = tiny_trainer(
+            tmp_path,
+            [compare, ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)],
+            max_epochs=epochs,
+            accumulate_grad_batches=3,
+            log_every_n_steps=2,
+            enable_checkpointing=True,
+        )
+        trainer.fit(Tiny(lr=0.1), ckpt_path=ckpt)
+        return compare
+
+    assert run(1).checked > 0
+    assert run(3, ckpt=str(tmp_path / "last.ckpt")).checked > 0

@@ -382,46 +382,22 @@ def summarize(rows: list[dict], s: dict, machine: str, n_train: str, recipe_note
             right=(1, 2, 3, 4, 5, 6),
         ),
     ]
-    if remove_rows:
-        parts += [
-            "",
-            "**Removing one trick from the full recipe:**",
-            "",
-            C.markdown_table(
-                [
-                    "recipe",
-                    "val acc %",
-                    "test acc %",
-                    "Δ val vs full",
-                    "Δ vs full",
-                    "Δ vs baseline",
-                    "fit s",
-                    "time / baseline",
-                ],
-                remove_rows,
-                right=(1, 2, 3, 4, 5, 6, 7),
-            ),
-        ]
-    if extra_rows:
-        parts += [
-            "",
-            "**Tricks left out of the recipe, added to it:**",
-            "",
-            C.markdown_table(
-                [
-                    "recipe",
-                    "val acc %",
-                    "test acc %",
-                    "Δ val vs full",
-                    "Δ vs full",
-                    "Δ vs baseline",
-                    "fit s",
-                    "time / baseline",
-                ],
-                extra_rows,
-                right=(1, 2, 3, 4, 5, 6, 7),
-            ),
-        ]
+    vs_full_header = [
+        "recipe",
+        "val acc %",
+        "test acc %",
+        "Δ val vs full",
+        "Δ vs full",
+        "Δ vs baseline",
+        "fit s",
+        "time / baseline",
+    ]
+    for title, table_rows in (
+        ("**Removing one trick from the full recipe:**", remove_rows),
+        ("**Tricks left out of the recipe, added to it:**", extra_rows),
+    ):
+        if table_rows:
+            parts += ["", title, "", C.markdown_table(vs_full_header, table_rows, right=(1, 2, 3, 4, 5, 6, 7))]
     if "baseline" in by and "full" in by:
         gain = C.mean_std(acc("full"))[0] - C.mean_std(acc("baseline"))[0]
         verdict = "met" if gain >= 1.0 else f"missed by {1.0 - gain:.2f} points"

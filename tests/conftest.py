@@ -56,6 +56,23 @@ def needs_extra(extra: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def write_fashion_like(directory: Path, n_train: int, n_test: int) -> Path:
+    """Four Fashion-MNIST idx files in ``directory``: ``n_train`` training and ``n_test`` test 28x28 images
+    whose class is their brightness band (so a model can learn it in a few steps)."""
+    import numpy as np
+
+    from lightning_tricks.data.files import write_idx
+
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = (rng.integers(0, 40, (n, 28, 28)) + 20 * y[:, None, None]).astype(np.uint8)
+        write_idx(directory / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", y)
+    return directory
+
+
 def compose_train(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None) -> DictConfig:
     """The training config as ``python -m lightning_tricks.train OVERRIDES`` would see it."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -14,10 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from lightning_tricks.data.files import write_idx
+from conftest import write_fashion_like
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -41,15 +39,7 @@ A = _load()
 @pytest.fixture
 def synthetic_fashion(tmp_path: Path) -> Path:
     """Four idx files: 300 training and 80 test 28x28 images whose class is their brightness band."""
-    rng = np.random.default_rng(0)
-    d = tmp_path / "fashion"
-    d.mkdir()
-    for split, n in (("train", 300), ("t10k", 80)):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = (rng.integers(0, 40, (n, 28, 28)) + 20 * y[:, None, None]).astype(np.uint8)
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", x)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", y)
-    return d
+    return write_fashion_like(tmp_path / "fashion", 300, 80)
 
 
 def _cfg(name: str, s: dict | None = None):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, compose_train
+from conftest import SHARED_DATA, compose_train, write_fashion_like
 
-from lightning_tricks.data.files import write_cifar_batch, write_idx
+from lightning_tricks.data.files import write_cifar_batch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -46,15 +46,7 @@ def finite(rows: list[dict], keys: list[str]) -> bool:
 @pytest.fixture
 def fashion_dir(tmp_path: Path) -> Path:
     """Four idx files with 200 training and 60 test 28x28 images whose class is the brightness band."""
-    rng = np.random.default_rng(0)
-    d = tmp_path / "fashion"
-    d.mkdir()
-    for split, n in (("train", 200), ("t10k", 60)):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = (rng.integers(0, 40, (n, 28, 28)) + 20 * y[:, None, None]).astype(np.uint8)
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", x)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", y)
-    return d
+    return write_fashion_like(tmp_path / "fashion", 200, 60)
 
 
 @pytest.fixture

@@ -291,10 +291,12 @@ CONFIGS: dict[str, Config] = {
         "+ L1Regularization (subgradient)", lambda s, bs: _l1(s, bs, mode="subgradient"), needs="regularize"
     ),
     "divergence_guard": Config(
-        "+ DivergenceGuard (loss and weights every step)", _divergence_guard, needs="divergence_guard"
+        "+ DivergenceGuard (loss and weights every step, the train.py default)",
+        _divergence_guard,
+        needs="divergence_guard",
     ),
     "divergence_guard_50": Config(
-        "+ DivergenceGuard (weights every 50 steps, the train.py default)",
+        "+ DivergenceGuard (every_n_steps=50: the weights every 50 steps)",
         lambda s, bs: _divergence_guard(s, bs, every=50),
         needs="divergence_guard",
     ),

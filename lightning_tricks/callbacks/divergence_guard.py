@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,7 +62,6 @@ class DivergenceGuard(Callback):
         self._handles: list[Any] = []
         self._trainer: Trainer | None = None
         self._clock: FitClock | None = None
-        self._steps: dict[int, int] = {}  # id(optimizer) -> its next optimizer step (the weight check's count)
         self._loss_sum: Tensor | None = None  # the losses since the last read, on the accelerator
         self._window = 0  # first optimizer step whose loss is in _loss_sum
         self._pending = False  # _loss_sum holds losses not read yet
@@ -116,13 +116,13 @@ class DivergenceGuard(Callback):
         if not self.check_weights:
             return
         for optimizer in trainer.optimizers:
-            self._steps[id(optimizer)] = trainer.global_step
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+            # each optimizer's step count in a one-element list: the weight check's counter, cheap to bump
+            hook = functools.partial(self._after_step, [trainer.global_step])
+            self._handles.append(optimizer.register_step_post_hook(hook))
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        key = id(optimizer)
-        step = self._steps.get(key, 0)
-        self._steps[key] = step + 1
+    def _after_step(self, count: list[int], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        step = count[0]
+        count[0] = step + 1
         if step % self.every_n_steps == 0 and self._trainer is not None:
             self._check_weights(self._trainer, [optimizer])
 
@@ -154,7 +154,6 @@ class DivergenceGuard(Callback):
             handle.remove()
         self._handles = []
         self._trainer = None
-        self._steps = {}
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)

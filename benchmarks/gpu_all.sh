@@ -55,7 +55,8 @@ step() {
   say "END $name rc=$rc in $((SECONDS - t0))s"
 }
 
-step overhead_mlp 120 170 python3 benchmarks/overhead.py --full --device cuda --models mlp --repeats 3 --timed-steps 300
+step overhead_mlp 140 190 python3 benchmarks/overhead.py --full --device cuda --models mlp --repeats 3 --timed-steps 300 \
+  --configs lightning,raw,lr_schedule,ema,early_stopping,update_ratio,l1,divergence_guard,mixup,cutmix,cutout,stack,lightning_ema
 step ema_update 40 80 python3 benchmarks/ema_update.py --device cuda
 step overhead_resnet 130 170 python3 benchmarks/overhead.py --full --device cuda --models resnet --repeats 3 \
   --timed-steps 200 --configs lightning,raw,lr_schedule,ema,l1,mixup,cutout,early_stopping,stack,lightning_ema

@@ -556,7 +556,12 @@ class LRSchedule(Callback):
         was written last (one pass over the groups)."""
         assert self._base is not None
         phase = self._active_phase(step) if self._phases else None
-        factor = self._factor(step)
+        table_schedule, table_total, start, table = self._factor_table
+        k = step - start
+        if table_schedule is self.schedule and table_total == self._total and 0 <= k < len(table):
+            factor = table[k]  # _factor's lookup, inlined on the per-step path
+        else:
+            factor = self._factor(step)
         plain = phase is None and self._plateau is None
         mom = None if self.momentum is None else float(self.momentum(step, self._total))
         optimizers = trainer.optimizers if optimizers is None else optimizers
@@ -586,7 +591,11 @@ class LRSchedule(Callback):
     def _sync(self, trainer: Trainer) -> int:
         """Check that nobody else wrote the LR since the last write; write it if the step changed. Returns
         ``trainer.global_step``."""
-        step = global_step_of(trainer, self._clock)
+        clock = self._clock
+        if clock is not None and clock.steps is not None and clock.trainer is trainer:
+            step = clock.steps.completed  # trainer.global_step, read from its counter
+        else:
+            step = global_step_of(trainer, clock)
         if self._base is None:
             return step
         optimizers = trainer.optimizers

@@ -44,6 +44,7 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
 )
 from lightning_tricks.averaging import AVERAGE_STATE_KEY, WeightAverage
+from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.callbacks._weights import AVERAGE, RAW, weights_of
 
 __all__ = ["evaluate_raw_pass"]
@@ -129,7 +130,7 @@ def evaluate_raw_pass(trainer: Trainer, pl_module: LightningModule, suffix: str)
 # ------------------------------------------------------------------------------------------------
 # the shared wiring
 # ------------------------------------------------------------------------------------------------
-class _Averaging(Callback):
+class _Averaging(MemoStateKey, Callback):
     """Evaluation swaps, the end-of-fit offer and checkpointing shared by :class:`EMA` and :class:`SWA`.
 
     Owns: the average (:class:`~lightning_tricks.averaging.WeightAverage`) and its state. Shares: the

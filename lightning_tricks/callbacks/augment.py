@@ -72,7 +72,7 @@ from lightning_tricks.augment import (
     sample_beta_n,
     soft_targets,
 )
-from lightning_tricks.callbacks._common import check_int
+from lightning_tricks.callbacks._common import MemoStateKey, check_int
 
 __all__ = ["Mixup", "CutMix", "MixupCutmix", "Cutout", "seed_states"]
 
@@ -202,7 +202,7 @@ def _mask(masks: list[Tensor | None], i: int, per_batch_bytes: int, make: Any) -
 _ORDER = ("cutout", "mixup_cutmix", "cutmix", "mixup")
 
 
-class _BatchAugment(Callback):
+class _BatchAugment(MemoStateKey, Callback):
     """Shared wiring: when to act, the per-batch generator, putting tensors back into the batch."""
 
     name = "augment"

@@ -40,7 +40,7 @@ from lightning_tricks._lightning import (
     should_log_step,
     trainer_callbacks,
 )
-from lightning_tricks.callbacks._common import check_bool
+from lightning_tricks.callbacks._common import MemoStateKey, check_bool
 from lightning_tricks.callbacks.sanity import log_to_loggers
 from lightning_tricks.clipping import AGC_EPS, AdaptiveClipper, check_clipping
 
@@ -61,7 +61,7 @@ def _check_exclude(exclude: Any) -> list[str] | None:
     return names
 
 
-class AGC(Callback):
+class AGC(MemoStateKey, Callback):
     r"""Adaptive gradient clipping, unit-wise (Brock et al. 2021, arXiv:2102.06171), before every optimizer step.
 
     For each unit ``i`` (an output row of a ``Linear``, an output filter of a ``Conv``; a bias or other

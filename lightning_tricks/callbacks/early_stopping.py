@@ -112,6 +112,7 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
 )
 from lightning_tricks.averaging import averaged_state_dict
+from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.callbacks._weights import BEST, RAW, weights_of
 from lightning_tricks.stopping import StopRule, best_index, to_score
 
@@ -143,7 +144,7 @@ def _floats(values: Any) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
-class EarlyStopping(PLEarlyStopping):
+class EarlyStopping(MemoStateKey, PLEarlyStopping):
     """Lightning's ``EarlyStopping``, plus Prechelt's GL / PQ / UP criteria and restore-best, opt-in.
 
     Owns: the curve, the decision and its copy of the best measured weights. Shares: which weights

@@ -15,6 +15,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
+from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.finetune import (
     backbone_param_groups,
     classifier_parameters,
@@ -26,7 +27,7 @@ from lightning_tricks.finetune import (
 )
 
 
-class FreezeUnfreeze(Callback):
+class FreezeUnfreeze(MemoStateKey, Callback):
     """Freeze the backbone, train the head, then unfreeze the backbone at discriminative LRs.
 
     Until epoch ``unfreeze_at_epoch`` the backbone's parameters have ``requires_grad=False`` (they

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from lightning_tricks._lightning import Callback, LightningModule, TensorBoardLogger, Trainer, rank_zero_info
-from lightning_tricks.callbacks._common import check_bool, check_choice, check_int
+from lightning_tricks.callbacks._common import MemoStateKey, check_bool, check_choice, check_int
 from lightning_tricks.callbacks.sanity import log_to_loggers
 from lightning_tricks.layer_stats import ActivationRecorder, LayerMeasurement, measure, plot_histograms, select_layers
 from lightning_tricks.layer_stats import write_csv as _write_csv
@@ -24,7 +24,7 @@ __all__ = ["LayerStats"]
 HISTOGRAMS = ("auto", "tensorboard", "png", "both", "none")
 
 
-class LayerStats(Callback):
+class LayerStats(MemoStateKey, Callback):
     """Every ``every_n_steps`` optimizer steps, measure each layer's activations and gradients on one batch.
 
     At the steps ``0, n, 2n, ...`` (optimizer steps, so gradient accumulation is respected; with

@@ -26,6 +26,7 @@ from lightning_tricks._lightning import (
     should_log_step,
     trainer_callbacks,
 )
+from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.schedules import Constant, Plateau, Warmup, plateau_of
 
 __all__ = ["LRSchedule", "lr_owner"]
@@ -73,7 +74,7 @@ def lr_owner(trainer: Trainer, by: str) -> LRSchedule:
     return owner
 
 
-class LRSchedule(Callback):
+class LRSchedule(MemoStateKey, Callback):
     """Set every parameter group's LR to ``base_lr * schedule(t, T)`` before each optimizer step; the LR owner.
 
     ``t`` is ``trainer.global_step``, the number of optimizer steps done so far, so gradient

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer
-from lightning_tricks.callbacks._common import check_choice
+from lightning_tricks.callbacks._common import MemoStateKey, check_choice
 from lightning_tricks.nn.naming import compile_patterns
 from lightning_tricks.regularize import add_l1_grad_, select_parameters, soft_threshold_
 
@@ -46,7 +46,7 @@ __all__ = ["L1Regularization"]
 MODES = ("proximal", "subgradient")
 
 
-class L1Regularization(Callback):
+class L1Regularization(MemoStateKey, Callback):
     """L1 regularization of the chosen weights, ``lam * sum |w|`` (seed note 003; Tibshirani 1996).
 
     ``mode="proximal"`` (default) soft-thresholds the weights by ``lr * lam`` after each optimizer step

@@ -31,6 +31,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
+from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.sanity import (
     InitialLossReport,
     LossFn,
@@ -253,7 +254,7 @@ def _layout(trainer: Trainer) -> tuple[int, ...]:
     return tuple(len(g["params"]) for opt in trainer.optimizers for g in opt.param_groups)
 
 
-class UpdateRatioMonitor(Callback):
+class UpdateRatioMonitor(MemoStateKey, Callback):
     """Log the update/weight ratio ``||w_after - w_before|| / ||w_before||`` of each parameter tensor.
 
     CS231n: "the ratio of the update magnitudes to the value magnitudes ... should be somewhere
@@ -354,7 +355,7 @@ class UpdateRatioMonitor(Callback):
                 rank_zero_warn(f"UpdateRatioMonitor (step {step}): {reason}")
 
 
-class GradNormMonitor(Callback):
+class GradNormMonitor(MemoStateKey, Callback):
     """Log per-tensor gradient norms and the total norm every ``every_n_steps`` optimizer steps.
 
     Measured in ``on_before_optimizer_step``: after the backward pass and AMP unscaling, before
@@ -404,7 +405,7 @@ class GradNormMonitor(Callback):
         log_to_loggers(trainer, metrics, step=step)
 
 
-class DeadUnitMonitor(Callback):
+class DeadUnitMonitor(MemoStateKey, Callback):
     """Log the fraction of dead ReLU units every ``every_n_steps`` optimizer steps.
 
     On measured steps only, forward hooks are put on every ``nn.ReLU`` module for one training batch

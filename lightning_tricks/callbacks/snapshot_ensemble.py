@@ -30,7 +30,7 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.augment import check_tta
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
-from lightning_tricks.callbacks._common import StepWatch, check_int
+from lightning_tricks.callbacks._common import MemoStateKey, StepWatch, check_int
 from lightning_tricks.callbacks._weights import weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
 from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
@@ -63,7 +63,7 @@ def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
     return steps
 
 
-class SnapshotEnsemble(Callback):
+class SnapshotEnsemble(MemoStateKey, Callback):
     """Train ``M`` cosine LR cycles, keep a snapshot at each cycle end, evaluate the snapshots' ensemble.
 
     With ``schedule=True`` the cycles are the LR schedule of every parameter group:

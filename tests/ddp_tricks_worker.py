@@ -105,6 +105,10 @@ def main(out):
         },
         f"{out}/rank{trainer.global_rank}.pt",
     )
+    # end the gloo group before the interpreter exits: left to exit, its threads sometimes abort the process
+    # ("terminate called without an active exception", return code -6) after a correct run
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from lightning_tricks._lightning import Callback
 from lightning_tricks.train import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,17 @@ def needs_extra(extra: str) -> Callable[[Callable], Callable]:
         return test
 
     return decorate
+
+
+class EndProcessGroup(Callback):
+    """Ends the gloo group when a DDP worker's fit ends; put it last in the callbacks. Left to process exit,
+    gloo's threads sometimes abort the worker ("terminate called without an active exception", return code
+    -6) after a run that finished correctly."""
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def write_fashion_like(directory: Path, n_train: int, n_test: int) -> Path:

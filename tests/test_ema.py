@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import EndProcessGroup
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -334,7 +335,7 @@ def test_ema_and_swa_under_ddp_are_identical_on_all_ranks(tmp_path: Path) -> Non
     ema = EMA(decay=0.9, warmup=False, average_at_end=False)
     swa = SWA(start=0, update_every="step")  # ends with the SWA weights and BatchNorm statistics in the module
     trainer = _trainer(
-        [ema, swa, _SaveAverage(str(tmp_path))],
+        [ema, swa, _SaveAverage(str(tmp_path)), EndProcessGroup()],
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",

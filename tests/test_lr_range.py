@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EndProcessGroup
 from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -390,7 +391,7 @@ def test_ddp_ranks_share_one_curve_and_restore_their_weights(tmp_path: Path) -> 
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[LinearScaling(reference_batch_size=64), finder],
+        callbacks=[LinearScaling(reference_batch_size=64), finder, EndProcessGroup()],
         default_root_dir=tmp_path,
     )
     trainer.fit(Tiny())

@@ -1,15 +1,14 @@
-"""Plumbing every callback shares: argument checks with one wording, and "did an optimizer step happen?".
-
-Argument checks raise ``ValueError`` naming the argument, what is allowed and the bad value
-(``"every_n_steps must be an int >= 1, got 0"``), the house style of STYLE.md, written once here.
+"""Plumbing every callback shares: "did an optimizer step happen?", and the argument checks of
+:mod:`lightning_tricks.checks` (re-exported).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_int", "check_choice", "check_bool", "StepWatch", "MemoStateKey"]
+from lightning_tricks.checks import check_bool, check_choice, check_float, check_int
+
+__all__ = ["check_int", "check_float", "check_choice", "check_bool", "StepWatch", "MemoStateKey"]
 
 
 class MemoStateKey:
@@ -46,46 +45,6 @@ class MemoStateKey:
         key = super()._generate_state_key(**kwargs)  # type: ignore[misc]
         self.__dict__["_state_key_memo"] = (inputs, key)
         return key  # type: ignore[no-any-return]
-
-
-def check_int(name: str, value: Any, minimum: int = 0, *, allow_none: bool = False) -> int | None:
-    """``value`` as an int ``>= minimum`` (``None`` too with ``allow_none``); booleans are not ints here.
-
-    Example:
-        >>> check_int("cycles", 3, 1)
-        3
-        >>> check_int("cycles", 0, 1)
-        Traceback (most recent call last):
-        ...
-        ValueError: cycles must be an int >= 1, got 0
-    """
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an int >= {minimum}{extra}, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """``value`` if it is one of ``choices``.
-
-    Example:
-        >>> check_choice("keep", "tape", ("memory", "disk"))
-        Traceback (most recent call last):
-        ...
-        ValueError: keep must be one of ('memory', 'disk'), got 'tape'
-    """
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (a YAML ``yes``/``1`` typo is refused rather than read as true)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
 
 
 class StepWatch:

@@ -23,7 +23,7 @@ from lightning_tricks._lightning import (
     trainer_callbacks,
 )
 from lightning_tricks.callbacks._common import MemoStateKey
-from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
+from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
 from lightning_tricks.lr_range_test import (
     LossSmoother,
     RangeTestResult,
@@ -56,8 +56,9 @@ class LRRangeTest(MemoStateKey, Callback):
       default as the minimum-loss LR / 10 (Smith 2018's "largest LR that still trains").
     - ``apply_to=None``: only report (:attr:`result`, the plot, the log line).
 
-    The hand-off is a base-LR change through :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner
-    (:meth:`LRSchedule.set_base_lrs`; one is added when there is none): the test never writes the LR of
+    The hand-off is a base-LR change before training
+    (:func:`~lightning_tricks.callbacks.lr_schedule.change_base_lrs`, which an LRSchedule captures at train
+    start; no LRSchedule is needed): the test never writes the LR of
     the training run itself. Where the module's own torch LR scheduler owns the LR, the applied LR also
     becomes that scheduler's ``base_lrs``. The one exception is the sweep, which runs before training with the other
     callbacks set aside and writes ``group["lr"]`` at each of its steps; the optimizer is restored after it.
@@ -138,7 +139,6 @@ class LRRangeTest(MemoStateKey, Callback):
         self.result: RangeTestResult | None = None
         self.applied_lr: float | None = None
         self.plot_file: str | None = None
-        self._lr_owner: LRSchedule | None = None
 
     @property
     def state_key(self) -> str:
@@ -169,8 +169,6 @@ class LRRangeTest(MemoStateKey, Callback):
                 "LRRangeTest(apply_to='one_cycle') needs an LRSchedule callback with a OneCycle schedule "
                 "(e.g. schedule=one_cycle); found none. Use apply_to='lr' to set the base LR instead"
             )
-        # before Lightning restores callback states: an added owner gets its own back
-        self._lr_owner = lr_owner(trainer, f"LRRangeTest(apply_to={self.apply_to!r})")
 
     # -- Lightning hook ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -313,8 +311,8 @@ class LRRangeTest(MemoStateKey, Callback):
             return None
         groups = trainer.optimizers[0].param_groups
         first = groups[0]["lr"]
-        owner = self._lr_owner or lr_owner(trainer, f"LRRangeTest(apply_to={self.apply_to!r})")
-        owner.set_base_lrs(trainer, {0: [lr * (g["lr"] / first if first else 1.0) for g in groups]}, by="LRRangeTest")
+        new = [lr * (g["lr"] / first if first else 1.0) for g in groups]
+        change_base_lrs(trainer, lambda i, j, x: new[j] if i == 0 else x)
         where = self._update_attr(pl_module, lr)
         self.applied_lr = lr
         target = "OneCycle peak LR" if self.apply_to == "one_cycle" else "base LR"

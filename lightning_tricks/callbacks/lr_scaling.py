@@ -15,7 +15,7 @@ from lightning_tricks._lightning import (
     trainer_callbacks,
 )
 from lightning_tricks.callbacks._common import MemoStateKey
-from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
+from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
 from lightning_tricks.schedules import SCALING_RULES as RULES
 from lightning_tricks.schedules import global_batch_size, scaling_factor
 
@@ -61,9 +61,9 @@ class LinearScaling(MemoStateKey, Callback):
     Krizhevsky 2014 arXiv:1404.5997 for ``rule="sqrt"``, ``lr * sqrt(B / reference)``, often better for
     Adam). The optimizer's configured LR is the LR for ``reference_batch_size`` samples per step.
 
-    Applied once at fit start (``on_fit_start``, when the optimizers exist) as a base-LR change through
-    :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (:meth:`LRSchedule.scale_base_lrs`; one
-    is added when there is none): before training starts it scales ``group["lr"]`` and, if present,
+    Applied once at fit start (``on_fit_start``, when the optimizers exist) as a base-LR change
+    (:func:`~lightning_tricks.callbacks.lr_schedule.change_base_lrs`, no LRSchedule needed): before
+    training starts it scales ``group["lr"]`` and, if present,
     ``group["initial_lr"]``, which LRSchedule captures as base LRs at train start, so the two compose in
     either order. When the module configures its own torch LR scheduler, that scheduler owns the LR of its
     optimizer: its ``base_lrs`` are scaled too (with a warning: bounds it keeps elsewhere are not).
@@ -108,7 +108,6 @@ class LinearScaling(MemoStateKey, Callback):
         self.batch_size = batch_size
         self.factor: float | None = None
         self.global_batch_size: int | None = None
-        self._lr_owner: LRSchedule | None = None
         self._resuming_from: Any = None
 
     @property
@@ -116,8 +115,7 @@ class LinearScaling(MemoStateKey, Callback):
         return self._generate_state_key(reference_batch_size=self.reference_batch_size, rule=self.rule)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":  # before Lightning restores callback states: an added owner gets its own back
-            self._lr_owner = lr_owner(trainer, "LinearScaling")
+        if stage == "fit":
             # the user's checkpoint: a batch-size finder's temporary one shows in trainer.ckpt_path later
             self._resuming_from = trainer.ckpt_path
 
@@ -143,11 +141,8 @@ class LinearScaling(MemoStateKey, Callback):
         if not trainer.optimizers:
             rank_zero_warn("LinearScaling found no optimizer to scale")
             return
-        owner = self._lr_owner if self._lr_owner is not None else lr_owner(trainer, "LinearScaling")
-        changes = [
-            f"{old:.4g} -> {new:.4g}"
-            for _, _, old, new in owner.scale_base_lrs(trainer, self.factor, by="LinearScaling")
-        ]
+        factor = self.factor
+        changes = [f"{old:.4g} -> {new:.4g}" for _, _, old, new in change_base_lrs(trainer, lambda i, j, x: x * factor)]
         for config in trainer.lr_scheduler_configs:
             rank_zero_warn(
                 f"LinearScaling scaled the base LRs of the module's {type(config.scheduler).__name__}; "

@@ -32,7 +32,7 @@ from lightning_tricks.augment import check_tta
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
 from lightning_tricks.callbacks._common import MemoStateKey, StepWatch, check_int
 from lightning_tricks.callbacks._weights import weights_of
-from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
+from lightning_tricks.callbacks.lr_schedule import LRSchedule
 from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
 from lightning_tricks.schedules import CosineRestarts
 
@@ -69,9 +69,10 @@ class SnapshotEnsemble(MemoStateKey, Callback):
     With ``schedule=True`` the cycles are the LR schedule of every parameter group:
     ``lr(t) = base_lr * CosineRestarts(T_0=ceil(T/M))(t, T)`` (``t`` = ``trainer.global_step``, so
     gradient accumulation is respected). The callback does not write the LR itself: it contributes this
-    schedule to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (one is added when there is
-    none; it keeps the base LRs for resume). A user's LRSchedule with another schedule, or the module's
-    own torch LR scheduler, is refused at fit start. With ``schedule=False`` the LR is yours (e.g.
+    schedule to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner, which must be in the
+    callbacks without a schedule of its own (``LRSchedule()``; refused at setup when there is none). A
+    user's LRSchedule with another schedule, or the module's own torch LR scheduler, is refused at fit start.
+    With ``schedule=False`` the LR is yours (e.g.
     ``LRSchedule(CosineRestarts(T_0=...))``, whose cycle ends must then match); snapshots are still taken
     at the ends of the ``M`` equal cycles.
 
@@ -186,13 +187,15 @@ class SnapshotEnsemble(MemoStateKey, Callback):
                 f"SnapshotEnsemble cycles={self.cycles} is larger than the number of epochs "
                 f"(max_epochs={trainer.max_epochs}); use at most one cycle per epoch"
             )
-        if stage == "fit" and self.schedule:  # before Lightning restores callback states: an added owner gets its own
-            self._lr_owner = lr_owner(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
+        if stage == "fit" and self.schedule:
+            self._lr_owner = LRSchedule.of(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
 
     def _lr_callbacks(self, trainer: Trainer) -> list[LRSchedule]:
-        return [c for c in trainer_callbacks(trainer) if isinstance(c, LRSchedule) and not c.added]
+        return [c for c in trainer_callbacks(trainer) if isinstance(c, LRSchedule)]
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # not at fit start: reading the run length there sets up the train data before a checkpoint's RNG
+        # state is back, and a resumed run's first epoch would be shuffled differently
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("SnapshotEnsemble needs a finite run (max_epochs or max_steps) to place its cycles")
@@ -206,12 +209,8 @@ class SnapshotEnsemble(MemoStateKey, Callback):
         others = self._lr_callbacks(trainer)
         if self.schedule:
             if self._lr_owner is None:  # setup did not run (the hook called by hand)
-                self._lr_owner = lr_owner(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
-            self._lr_owner.set_schedule(
-                f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)",
-                self._cosine,
-                hint="Or use SnapshotEnsemble(schedule=False) with your schedule (its cycle ends must match).",
-            )
+                self._lr_owner = LRSchedule.of(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
+            self._lr_owner.set_schedule(f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)", self._cosine)
         else:
             ours = [e + 1 for e in self._cosine.cycle_ends(self.total_steps)]
             for cb in others:

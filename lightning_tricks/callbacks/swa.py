@@ -30,7 +30,7 @@ from lightning_tricks.averaging import (
 )
 from lightning_tricks.callbacks._averaging import _as_list, _Averaging, _untouched
 from lightning_tricks.callbacks._common import StepWatch, check_int
-from lightning_tricks.callbacks.lr_schedule import LRSchedule, lr_owner
+from lightning_tricks.callbacks.lr_schedule import LRSchedule
 from lightning_tricks.schedules import SWALRPhase
 
 __all__ = ["SWA"]
@@ -50,7 +50,7 @@ class SWA(_Averaging):
     linear and ``lr = swa_lr * alpha + lr_0 * (1 - alpha)``; with neither given the SWA LR is constant.
     SWA does not write the LR itself: it contributes this phase
     (:class:`~lightning_tricks.schedules.SWALRPhase`, from the first optimizer step of the start epoch)
-    to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (one is added when there is none),
+    to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (refused at setup when the callbacks have none),
     so ``lr_0 = base_lr * schedule(start_step, T)`` and the result does not depend on the callback order.
     ``swa_lr`` beside the module's own torch LR scheduler is refused at fit start.
     BatchNorm running statistics do not match averaged weights, so before the average is evaluated
@@ -164,23 +164,23 @@ class SWA(_Averaging):
         super().setup(trainer, pl_module, stage)  # evaluate='both' needs the module's evaluation_outputs
         if stage == "fit":
             self.start_epoch = self.resolve_start_epoch(trainer.max_epochs)
-            if self.swa_lr is not None:  # before Lightning restores callback states: an added owner gets its own
-                self._lr_owner = lr_owner(trainer, self._lr_name())
+            if self.swa_lr is not None:
+                self._lr_owner = LRSchedule.of(trainer, self._lr_name())
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.start_epoch is None:
             self.start_epoch = self.resolve_start_epoch(trainer.max_epochs)
-        if self.swa_lr is not None:
-            if self._lr_owner is None:  # setup did not run (the hook called by hand)
-                self._lr_owner = lr_owner(trainer, self._lr_name())
-            self._lr_owner.add_phase(
-                self._lr_name(), self.lr_phase(trainer), hint="(SWA(swa_lr=None) averages without touching the LR.)"
-            )
         self._steps.start(trainer.global_step)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # the number of batches per epoch is known from here on (before the first step)
+        # the number of batches per epoch is known from here on (before the first step); the phase is made
+        # here, not at fit start, where reading it would set up the train data before a checkpoint's RNG state
+        # is back (a resumed run's first epoch would be shuffled differently)
+        if self.swa_lr is not None:
+            if self._lr_owner is None:  # setup did not run (the hook called by hand)
+                self._lr_owner = LRSchedule.of(trainer, self._lr_name())
+            self._lr_owner.add_phase(self._lr_name(), self.lr_phase(trainer))
         total = trainer.estimated_stepping_batches
         per_epoch = trainer.num_training_batches
         if math.isfinite(total) and math.isfinite(per_epoch) and per_epoch > 0:
@@ -210,7 +210,6 @@ class SWA(_Averaging):
         """SWA's LR phase for this fit: from the first optimizer step of the start epoch, with
         ``steps_per_epoch = ceil(num_training_batches / accumulate_grad_batches)``."""
         assert self.swa_lr is not None and self.start_epoch is not None
-        trainer.estimated_stepping_batches  # noqa: B018 - sets up the train data, so the batch count is known
         batches = trainer.num_training_batches
         per_epoch = None
         if math.isfinite(batches) and batches > 0:

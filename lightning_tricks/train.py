@@ -41,10 +41,13 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
     seed_everything,
 )
+from lightning_tricks.callbacks.preemption import PreemptionCheckpoint
 from lightning_tricks.callbacks.progress import EpochLines
 from lightning_tricks.data import DataFileError
 from lightning_tricks.launch import child_argv, ddp_job, global_rank, slurm_dir_overrides, spawns_ranks
 from lightning_tricks.mixins import Classifier
+from lightning_tricks.nn import fit_patch_whitening
+from lightning_tricks.resume import resume_differences, saved_config_path
 from lightning_tricks.sanity import Diverged
 
 
@@ -148,6 +151,68 @@ def _check_trainer_kwargs(kwargs: Mapping[str, Any]) -> None:
         )
 
 
+def _check_run_length(kwargs: Mapping[str, Any]) -> None:
+    """A run with no training step, or one with no end, said before anything else blames its length."""
+    limit = kwargs.get("limit_train_batches")
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        raise ConfigError("trainer.limit_train_batches=0 runs no training step; use a positive number or fraction")
+    max_steps = kwargs.get("max_steps")
+    if kwargs.get("max_epochs") == -1 and (max_steps is None or max_steps < 1):
+        raise ConfigError(
+            "trainer.max_epochs=-1 makes a run without an end unless trainer.max_steps is set; "
+            f"give trainer.max_steps > 0 (got {max_steps}) or a number of epochs"
+        )
+
+
+def _monitors(cfg: DictConfig, callbacks: list[Callback]) -> list[tuple[str, str]]:
+    """``(who, metric)`` for the run's monitor and every callback's ``monitor``."""
+    found = [("monitor", str(cfg.monitor))] if cfg.get("monitor") else []
+    for callback in callbacks:
+        metric = getattr(callback, "monitor", None)
+        if isinstance(metric, str) and metric:
+            found.append((f"{type(callback).__name__}(monitor={metric!r})", metric))
+    return found
+
+
+def _check_validation(
+    cfg: DictConfig, datamodule: Any, callbacks: list[Callback], trainer_kwargs: Mapping[str, Any]
+) -> None:
+    """A monitor on validation metrics needs a validation split and validation batches."""
+    val_monitors = [(who, m) for who, m in _monitors(cfg, callbacks) if m.startswith("val")]
+    if not val_monitors:
+        return
+    who, metric = val_monitors[0]
+    splits = getattr(datamodule, "splits", None)
+    if isinstance(splits, Mapping) and "val" in splits and len(splits["val"][1]) == 0:
+        raise ConfigError(
+            f"the validation split is empty (data.val_fraction={cfg.data.get('val_fraction')}), but {who} needs "
+            f"{metric!r}; give data.val_fraction > 0, or monitor a training metric (monitor=train/loss_epoch "
+            "monitor_mode=min)"
+        )
+    limit = trainer_kwargs.get("limit_val_batches")
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        raise ConfigError(f"trainer.limit_val_batches=0 runs no validation, but {who} needs {metric!r}")
+
+
+class MonitorsLogged(Callback):
+    """After the sanity check (a validation before training), every monitor on ``val*`` must have been logged.
+
+    Lightning's early stopping and checkpointing find a missing monitor only after the first epoch; here it
+    is refused before the first step, in one line with the metrics that were logged.
+    """
+
+    def __init__(self, monitors: list[tuple[str, str]]) -> None:
+        self.monitors = [(who, metric) for who, metric in monitors if metric.startswith("val")]
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: Any) -> None:
+        logged = sorted(k for k in trainer.callback_metrics if k.startswith("val"))
+        if not logged:  # the module logs nothing in validation (or the sanity check ran no batch)
+            return
+        for who, metric in self.monitors:
+            if metric not in logged:
+                raise ConfigError(f"{who} is never logged; validation logs {logged}")
+
+
 def _on_cpu(kwargs: Mapping[str, Any]) -> bool:
     accelerator = str(kwargs.get("accelerator", "auto"))
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -175,7 +240,9 @@ def _job_config(cfg: DictConfig) -> Path | None:
 TEST_WEIGHTS = ("final", "best")
 
 
-def _check_run_options(cfg: DictConfig, callbacks: list[Callback], trainer_kwargs: Mapping[str, Any]) -> None:
+def _check_run_options(
+    cfg: DictConfig, callbacks: list[Callback], trainer_kwargs: Mapping[str, Any], module: Any = None
+) -> None:
     """``test_weights`` and ``ckpt_path`` checked before training, each with one line naming the value."""
     test_weights = cfg.get("test_weights", "final")
     if test_weights not in TEST_WEIGHTS:
@@ -189,10 +256,10 @@ def _check_run_options(cfg: DictConfig, callbacks: list[Callback], trainer_kwarg
             )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
-        _check_checkpoint(Path(str(ckpt_path)), cfg, trainer_kwargs)
+        _check_checkpoint(Path(str(ckpt_path)), cfg, trainer_kwargs, module)
 
 
-def _check_checkpoint(path: Path, cfg: DictConfig, trainer_kwargs: Mapping[str, Any]) -> None:
+def _check_checkpoint(path: Path, cfg: DictConfig, trainer_kwargs: Mapping[str, Any], module: Any = None) -> None:
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path}: no such file")
     try:
@@ -222,6 +289,55 @@ def _check_checkpoint(path: Path, cfg: DictConfig, trainer_kwargs: Mapping[str, 
             f"steps; this run stops at trainer.max_epochs={max_epochs}, trainer.max_steps={max_steps}): "
             "nothing to resume; raise trainer.max_epochs to train further"
         )
+    if module is not None:
+        _check_shapes(path, ckpt["state_dict"], module.state_dict())
+    _check_config_changes(path, cfg, ckpt)
+
+
+def _check_shapes(path: Path, saved: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """The checkpoint's weights fit the model: the first parameter that does not, in one line."""
+    for name, tensor in expected.items():
+        if name not in saved:
+            raise ConfigError(f"ckpt_path={path} is of another model: it has no parameter {name} {tuple(tensor.shape)}")
+        shape = tuple(getattr(saved[name], "shape", ()))
+        if shape != tuple(tensor.shape):
+            raise ConfigError(
+                f"ckpt_path={path} is of another model: {name} is {shape} in the checkpoint, "
+                f"{tuple(tensor.shape)} in this model"
+            )
+    extra = next((name for name in saved if name not in expected), None)
+    if extra is not None:
+        raise ConfigError(
+            f"ckpt_path={path} is of another model: it has {extra} {tuple(getattr(saved[extra], 'shape', ()))}, "
+            "which this model does not"
+        )
+
+
+def _mid_epoch(ckpt: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint was written inside an epoch (its loop had run batches of an unfinished epoch)."""
+    fit_loop = ckpt.get("loops", {}).get("fit_loop", {})
+    batches = fit_loop.get("epoch_loop.batch_progress", {}).get("current", {}).get("completed", 0)
+    epochs = fit_loop.get("epoch_progress", {}).get("current", {})
+    return bool(batches) and epochs.get("completed", 0) == epochs.get("processed", 0)
+
+
+def _check_config_changes(path: Path, cfg: DictConfig, ckpt: Mapping[str, Any]) -> None:
+    """One line per difference from the checkpoint's config: what is kept, what is taken; refuse what cannot be."""
+    saved_path = saved_config_path(path)
+    if saved_path is None:
+        return
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
+    except Exception:  # noqa: BLE001 - a damaged saved config only costs the comparison
+        rank_zero_warn(f"resume: {saved_path} could not be read; the config changes since the checkpoint are not shown")
+        return
+    new = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(saved, dict) and isinstance(new, dict)
+    notes, refusals = resume_differences(saved, new, mid_epoch=_mid_epoch(ckpt))
+    if refusals:
+        raise ConfigError(f"ckpt_path={path}: {refusals[0]}")
+    for line in notes:
+        rank_zero_info(f"resume: {line}")
 
 
 def build_data_and_module(cfg: DictConfig) -> tuple[Any, Classifier]:
@@ -233,6 +349,7 @@ def build_data_and_module(cfg: DictConfig) -> tuple[Any, Classifier]:
     except ValueError as e:
         raise ConfigError(f"data: {e}") from e
     net = _instantiate(cfg.model, "model", input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    fit_patch_whitening(net, datamodule.splits["train"][0])  # model.whiten: from training images only
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     try:
         module = Classifier(
@@ -291,7 +408,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks.append(EpochLines())
     _resolve_auto(trainer_kwargs)
     _check_trainer_kwargs(trainer_kwargs)
-    _check_run_options(cfg, callbacks, trainer_kwargs)
+    _check_run_length(trainer_kwargs)
+    _check_validation(cfg, datamodule, callbacks, trainer_kwargs)
+    _check_run_options(cfg, callbacks, trainer_kwargs, module)
+    if trainer_kwargs.get("enable_checkpointing", True) is not False:
+        checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+        dirpath = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else out / "checkpoints"
+        callbacks.append(PreemptionCheckpoint(dirpath))  # last: after the callbacks that update at a batch's end
+    callbacks.append(MonitorsLogged(_monitors(cfg, callbacks)))
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
     spawning = spawns_ranks(trainer) and global_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
     with ddp_job(trainer, _job_config(cfg) if spawning else None):
@@ -310,24 +434,51 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-def _fit_and_test(
-    cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule: Any, callbacks: list[Callback]
-) -> dict[str, Any]:
-    """Fit, then test unless the run diverged; the metrics of :func:`train` (one job, all its ranks)."""
-    t0 = time.perf_counter()
-    diverged: Diverged | None = None
+def _refusal(e: BaseException) -> ConfigError:
+    """A callback's refusal of its configuration (raised at setup, before any step) as one line."""
+    lines = str(e).strip().splitlines()
+    return ConfigError(lines[0] if lines else type(e).__name__)
+
+
+def _fit(cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule: Any) -> Diverged | None:
+    """``trainer.fit``; a divergence is returned, a callback's refusal before the first step is a ConfigError."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except Diverged as e:  # DivergenceGuard stopped it: averages and checkpoints are still finite
-        diverged = e
         rank_zero_warn(str(e))
+        return e
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        if isinstance(e, ConfigError) or trainer.global_step == 0:  # setup-time checks of the callbacks
+            raise _refusal(e) from e
+        raise
+    return None
+
+
+def _fit_and_test(
+    cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule: Any, callbacks: list[Callback]
+) -> dict[str, Any]:
+    """Fit, then test unless the run diverged or was stopped by SIGTERM; the metrics of :func:`train`."""
+    t0 = time.perf_counter()
+    diverged: Diverged | None = None
+    preempted = False
+    try:
+        diverged = _fit(cfg, trainer, module, datamodule)
+    except SystemExit:  # Lightning's SIGTERMException: the loops stopped after a SIGTERM
+        if not trainer.received_sigterm:
+            raise
+        preempted = True
     fit_s = time.perf_counter() - t0
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["time/fit_s"] = fit_s
     monitor = cfg.get("monitor")
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
-    if diverged is not None:
-        metrics.update({"status": "diverged", "diverged/step": diverged.step, "diverged/epoch": diverged.epoch})
+    if diverged is not None or preempted:
+        if diverged is not None:
+            metrics.update({"status": "diverged", "diverged/step": diverged.step, "diverged/epoch": diverged.epoch})
+        else:
+            saved = next((c.saved_path for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+            metrics.update({"status": "preempted", "preempted/step": trainer.global_step})
+            metrics["preempted/checkpoint"] = str(saved) if saved is not None else ""
         if monitor:
             metrics[f"best/{monitor}"] = worst_value(cfg.get("monitor_mode", "max"))
     else:
@@ -339,7 +490,14 @@ def _fit_and_test(
             metrics[f"best/{monitor}"] = float(best) if best is not None else metrics[monitor]
         if cfg.get("test", True):
             ckpt = "best" if cfg.get("test_weights", "final") == "best" else None
-            for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+            try:
+                results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+            except SystemExit:
+                if not trainer.received_sigterm:
+                    raise
+                results = []
+                metrics.update({"status": "preempted", "preempted/step": trainer.global_step})
+            for result in results:
                 metrics.update({k: float(v) for k, v in result.items()})
     metrics["world_size"] = trainer.world_size
     return metrics
@@ -365,6 +523,12 @@ def summary(metrics: Mapping[str, Any], monitor: str | None, out: Path, trainer:
             f"DIVERGED at optimizer step {metrics['diverged/step']} (epoch {metrics['diverged/epoch']}): "
             "no test, the job ranks last in sweeps"
         )
+    elif metrics.get("status") == "preempted":
+        saved = metrics.get("preempted/checkpoint")
+        lines.append(
+            f"PRE-EMPTED by SIGTERM at optimizer step {metrics.get('preempted/step')}: "
+            + (f"resume with ckpt_path={saved}" if saved else "no checkpoint was written")
+        )
     elif monitor and f"best/{monitor}" in metrics:
         lines.append(f"best {monitor:<24} {metrics[f'best/{monitor}']:.4f}")
     for key in sorted(metrics):
@@ -384,15 +548,97 @@ def summary(metrics: Mapping[str, Any], monitor: str | None, out: Path, trainer:
     return "\n".join(lines)
 
 
+#: exit codes of ``python -m lightning_tricks.train`` (one run): the run ended ``ok`` (0), it failed (1: a
+#: traceback, or a checkpoint that could not be written), its config or data was refused before training (2),
+#: it diverged (3), or a SIGTERM stopped it after saving a checkpoint (143 = 128 + SIGTERM, what a shell
+#: reports for a process the signal ended). A ``--multirun`` runs every job whatever the others did, and exits
+#: 1 when a job failed or was refused, 143 when one was pre-empted (see :mod:`lightning_tricks.sweep`).
+EXIT_FAILED, EXIT_REFUSED, EXIT_DIVERGED, EXIT_PREEMPTED = 1, 2, 3, 143
+
+#: a SIGTERM stopped a job of this process's sweep: the jobs after it are not started (the machine is going)
+_sweep_preempted = False
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its first line of text, or its type's name."""
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else type(e).__name__
+
+
+def _checkpoint_write_error() -> type[BaseException]:
+    try:
+        from lightning_tricks.checkpoint_io import CheckpointWriteError
+    except ImportError:  # pragma: no cover - the atomic writer is part of the package
+        return type("CheckpointWriteError", (OSError,), {})
+    return CheckpointWriteError
+
+
+def _record_job(cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` for a sweep job that ended without one (refused, failed, not started)."""
+    try:
+        out = _output_dir(cfg)
+    except Exception:  # noqa: BLE001 - no directory to write into: the summary lists the job as unreported
+        return
+    if not (out / "metrics.json").exists():
+        _write_metrics(out, metrics)
+
+
+def _multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    """Run :func:`train`; return the monitored metric for sweepers. Config errors end in one line."""
+    """Run :func:`train`; return the monitored metric for sweepers. Config errors end in one line.
+
+    One run exits with :data:`EXIT_REFUSED`, :data:`EXIT_FAILED`, :data:`EXIT_DIVERGED` or
+    :data:`EXIT_PREEMPTED` when it did not end ``ok``. A job of a sweep never ends the sweep: its status goes
+    to its ``metrics.json`` (read by the sweep summary) and it returns the worst value of the monitor.
+    """
+    global _sweep_preempted
+    multirun = _multirun()
+    monitor = cfg.get("monitor")
+    worst = worst_value(cfg.get("monitor_mode", "max")) if monitor else None
+    failed = {f"best/{monitor}": worst} if monitor else {}
+    if multirun and _sweep_preempted:
+        _record_job(cfg, {"status": "preempted", **failed, "preempted/step": 0})
+        return worst
+    write_error = _checkpoint_write_error()
     try:
         metrics, _ = train(cfg)
     except (ConfigError, DataFileError, FileNotFoundError, MisconfigurationException) as e:
         print(f"lightning-tricks: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
-    monitor = cfg.get("monitor")
+        if not multirun:
+            sys.exit(EXIT_REFUSED)
+        _record_job(cfg, {"status": f"refused: {one_line(e)}", **failed})
+        return worst
+    except write_error as e:
+        print(f"lightning-tricks: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(EXIT_FAILED)
+        _record_job(cfg, {"status": f"failed: {one_line(e)}", **failed})
+        return worst
+    except Exception as e:
+        if not multirun:
+            raise
+        logging.getLogger(__name__).exception("job failed")  # the traceback, in the job's log file
+        _record_job(cfg, {"status": f"failed: {type(e).__name__}: {one_line(e)}", **failed})
+        return worst
+    status = metrics.get("status")
+    if status == "preempted":
+        saved = metrics.get("preempted/checkpoint")
+        where = f"; resume with ckpt_path={saved}" if saved else ""
+        print(
+            f"lightning-tricks: pre-empted by SIGTERM at step {metrics.get('preempted/step')}{where}", file=sys.stderr
+        )
+        if multirun:
+            _sweep_preempted = True
+            return worst
+        sys.exit(EXIT_PREEMPTED)
+    if status == "diverged" and not multirun:
+        sys.exit(EXIT_DIVERGED)
     return metrics.get(f"best/{monitor}") if monitor else None
 
 

@@ -35,7 +35,11 @@ class DivergenceGuard(Callback):
       ``n = 1`` (the module's own weights are then the overflowed ones: no copy is kept to roll back);
       with ``n > 1`` an overflow may reach an average before the next check.
 
-    With ``n > 1`` both are also checked before a checkpoint is saved (``on_save_checkpoint``: a diverged
+    A third check reads every validation loss (a logged metric whose name starts with ``val`` and holds
+    ``loss``) at the end of each validation during fit: a non-finite one stops the run before
+    ``ModelCheckpoint`` can save it as best or early stopping can end the run as if it had plateaued.
+
+    With ``n > 1`` the first two are also checked before a checkpoint is saved (``on_save_checkpoint``: a diverged
     run never writes a checkpoint) and at the end of every training epoch. Cost per step on the CPU
     (``benchmarks/overhead.py``): the loss read is a few µs; the weight check is about one pass over the
     weights (the floor of ``overhead.py``), which ``n`` divides.
@@ -47,6 +51,7 @@ class DivergenceGuard(Callback):
 
     Args:
         check_weights: also check that the weights are finite after optimizer steps.
+        check_val_loss: also stop at a non-finite validation loss.
         every_n_steps: check the weights (and, on an accelerator, read the summed losses) every this many
             optimizer steps, >= 1; 1 checks every step.
     """
@@ -54,8 +59,9 @@ class DivergenceGuard(Callback):
     #: read a CPU loss every step (no sync there); tests turn it off to run the accelerator's deferred path
     _read_cpu = True
 
-    def __init__(self, check_weights: bool = True, every_n_steps: int = 1) -> None:
+    def __init__(self, check_weights: bool = True, every_n_steps: int = 1, check_val_loss: bool = True) -> None:
         self.check_weights = check_bool("check_weights", check_weights)
+        self.check_val_loss = check_bool("check_val_loss", check_val_loss)
         every = check_int("every_n_steps", every_n_steps, 1)
         assert every is not None
         self.every_n_steps: int = every
@@ -145,6 +151,24 @@ class DivergenceGuard(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A non-finite validation loss ends the run too, before a checkpoint or early stopping acts on it
+        (Lightning runs checkpoint callbacks' hooks after every other callback's)."""
+        if not self.check_val_loss or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("val") and "loss" in name and value.numel() == 1:
+                number = float(value)
+                if not math.isfinite(number):
+                    lrs = [float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
+                    step, epoch = trainer.global_step, trainer.current_epoch
+                    where = divergence_message(f"validation loss {name}", number, step, epoch, lrs).split(";")[0]
+                    message = (
+                        f"{where}; the weights give non-finite outputs on the validation data, so this validation "
+                        "is not checkpointed. Lower optimizer.lr (or add warmup / gradient clipping)"
+                    )
+                    raise Diverged(message, step, epoch, lrs)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._flush(trainer)  # raising here keeps a diverged run from writing the checkpoint

@@ -1,0 +1,62 @@
+"""PreemptionCheckpoint: a SIGTERM (SLURM pre-emption, time limit) saves the run where it stands.
+
+Lightning's signal handler only records a SIGTERM (``trainer.received_sigterm``); its loops then raise
+``SIGTERMException`` (a ``SystemExit``) after the current batch, and nothing is saved. This callback
+writes a checkpoint at that point: right after the batch in progress ends (``on_train_batch_end``, the
+point where step checkpoints are taken, so the loops' mid-epoch progress and the resumable loader's
+position in the epoch are in it and a resume continues with the next batch exactly), or, if the signal
+came outside a training batch (validation, sanity check), when Lightning reports the exception.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
+
+__all__ = ["PreemptionCheckpoint"]
+
+
+class PreemptionCheckpoint(Callback):
+    """Save ``dirpath/filename`` when the run receives SIGTERM, then let Lightning stop it.
+
+    Put it after the callbacks whose state changes at a batch's end (averages, schedules), so the
+    checkpoint holds the state after the whole batch; ``python -m lightning_tricks.train`` appends it
+    last. The file is written with ``trainer.save_checkpoint`` (the Trainer's checkpoint I/O plugin:
+    atomic beside the target under ``lightning_tricks.train``).
+
+    Args:
+        dirpath: folder of the checkpoint.
+        filename: its file name; ``last.ckpt`` by default, so the usual resume command picks it up.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+        if not filename or "/" in filename:
+            raise ValueError(f"filename must be a plain file name, got {filename!r}")
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        #: the checkpoint written at the signal (None while none was)
+        self.saved_path: Path | None = None
+        self._saved_step: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / self.filename
+
+    def _save(self, trainer: Trainer) -> None:
+        if self._saved_step == trainer.global_step and self.saved_path is not None:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_path, self._saved_step = self.path, trainer.global_step
+        rank_zero_info(f"SIGTERM: checkpoint of step {trainer.global_step} saved to {self.path}")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.received_sigterm:
+            self._save(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SystemExit) and trainer.received_sigterm and trainer.state.fn == "fit":
+            self._save(trainer)

@@ -1,0 +1,127 @@
+"""Cluster faults on ``python -m lightning_tricks.train``: SIGTERM (pre-emption), failing sweep jobs, divergence.
+
+Each fault is a real one where CI can make it: a SIGTERM sent by this test to a real training subprocess,
+jobs of a real ``--multirun`` that raise or are refused, a real non-finite loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_tricks._lightning import Callback, Trainer
+
+TESTS = Path(__file__).resolve().parent
+
+
+class WaitForSigterm(Callback):
+    """At the end of optimizer step ``step``: write ``ready`` and wait (at most a minute) for a SIGTERM."""
+
+    def __init__(self, step: int, ready: str) -> None:
+        self.step, self.ready = step, Path(ready)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != self.step:
+            return
+        self.ready.write_text(str(batch_idx))
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class FinalWeights(Callback):
+    """Save the module's ``state_dict`` at the end of fit (what the two runs are compared on)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        torch.save(pl_module.state_dict(), self.path)
+
+
+class RaiseAtStep(Callback):
+    """Raise ``RuntimeError`` at optimizer step ``step`` (a job that crashes mid-training)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}\nsecond line of the message")
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+    }
+
+
+def _train_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_tricks.train", "logger=none", *overrides]
+
+
+def _metrics(run: Path) -> dict[str, Any]:
+    return json.loads((run / "metrics.json").read_text())["metrics"]
+
+
+# -- SIGTERM: save at the signal, status preempted, non-zero exit, exact resume -------------------------------
+RUN = ("trainer.max_epochs=3", "trainer.enable_progress_bar=false", "test=false")
+STOP_STEP = 27  # epoch 1 (20 batches per epoch on digits), mid-epoch
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    env = _env()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    done = subprocess.run(
+        _train_cmd(*RUN, f"hydra.run.dir={full}", f"+callbacks.final._target_={__name__}.FinalWeights",
+                   f"+callbacks.final.path={full}/final.pt"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        _train_cmd(*RUN, f"hydra.run.dir={cut}", f"+callbacks.wait._target_={__name__}.WaitForSigterm",
+                   f"+callbacks.wait.step={STOP_STEP}", f"+callbacks.wait.ready={ready}"),
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    last = cut / "checkpoints" / "last.ckpt"
+    assert f"pre-empted by SIGTERM at step {STOP_STEP}; resume with ckpt_path={last}" in err
+    metrics = _metrics(cut)
+    assert metrics["status"] == "preempted" and metrics["preempted/step"] == STOP_STEP
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == STOP_STEP and state["epoch"] == 1  # inside epoch 1: a mid-epoch checkpoint
+
+    resumed = subprocess.run(
+        _train_cmd(*RUN, f"hydra.run.dir={cut}", f"ckpt_path={last}",
+                   f"+callbacks.final._target_={__name__}.FinalWeights", f"+callbacks.final.path={cut}/final.pt"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = torch.load(full / "final.pt"), torch.load(cut / "final.pt")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert _metrics(cut)["status"] == "ok"
+    assert _metrics(cut)["val/loss"] == _metrics(full)["val/loss"]

@@ -1,43 +1,242 @@
 """The one place that imports Lightning.
 
-Everything in ``lightning_tricks`` imports Lightning names from here, so supporting the unified
-``lightning`` package (``lightning.pytorch``) as well is a change to this file only.
+Lightning ships under two names: ``pytorch_lightning`` (the standalone package, our declared dependency)
+and ``lightning.pytorch`` (inside the unified ``lightning`` package, the name Lightning's docs use). They
+hold the same code as distinct classes, so an object is a ``lightning.pytorch.Callback`` only if its class
+derives from that very class. This module imports whichever of the two are installed; where both are,
+each Lightning class that ``lightning_tricks`` derives from is joined (:func:`_join`): one class whose
+bases are both namespaces' classes, so our callbacks, ``Classifier`` and DataModules are accepted by either
+``Trainer`` and either ``LightningCLI``, and ``trainer.early_stopping_callback`` /
+``trainer.checkpoint_callback`` find ours with either Trainer. ``isinstance(x, Callback)`` (or
+``ModelCheckpoint``, ``EarlyStopping``, ``LightningDataModule``, ...) against these names is true for an
+instance of either namespace's class, so a user's own Lightning objects are recognised whichever name they
+imported Lightning under; the ``*_TYPES`` tuples say the same for plain ``isinstance`` calls.
+
+Everything in ``lightning_tricks`` imports Lightning names from here, and Lightning's private attributes
+(``trainer._x``, ``loop._x``) are read only here, each with a fallback to a public route.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import inspect
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning import (
-    Callback,
-    LightningDataModule,
-    LightningModule,
-    Trainer,
-    seed_everything,
-)
-from pytorch_lightning.callbacks import (
-    EarlyStopping as PLEarlyStopping,
-)
-from pytorch_lightning.callbacks import (
-    LearningRateMonitor,
-    ModelCheckpoint,
-    StochasticWeightAveraging,  # benchmarks compare with Lightning's SWA
-)
-from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
-from pytorch_lightning.loggers.logger import (
-    DummyLogger,  # LRRangeTest mutes loggers during its sweep
-)
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.seed import isolate_rng
 
-try:  # Lightning >= 2.5; benchmarks compare our EMA with it
-    from pytorch_lightning.callbacks import EMAWeightAveraging
-except ImportError:  # pragma: no cover - older Lightning
-    EMAWeightAveraging = None  # type: ignore[assignment,misc]
+
+def _import(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+#: the installed Lightning namespaces, ``pytorch_lightning`` first where both are
+_MODULES: tuple[ModuleType, ...] = tuple(
+    m for m in (_import("pytorch_lightning"), _import("lightning.pytorch")) if m is not None
+)
+if not _MODULES:
+    raise ImportError("lightning-tricks needs PyTorch Lightning: pip install pytorch-lightning (or lightning)")
+#: their import names, e.g. ``("pytorch_lightning", "lightning.pytorch")``
+NAMESPACES: tuple[str, ...] = tuple(m.__name__ for m in _MODULES)
+
+
+def _each(path: str) -> tuple[Any, ...]:
+    """The object at ``path`` (``"callbacks.ModelCheckpoint"``) in each installed namespace, in order."""
+    module, _, name = path.rpartition(".")
+    return tuple(getattr(importlib.import_module(f"{m.__name__}.{module}") if module else m, name) for m in _MODULES)
+
+
+class _EitherNamespace(type):
+    """The metaclass of a joined class (:func:`_join`): ``isinstance``/``issubclass`` against the joined class
+    itself accept either namespace's class; against a subclass of it (``EMA``) they are the usual tests."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        either = cls.__dict__.get("_lightning_classes")
+        return isinstance(obj, either) if either is not None else type.__instancecheck__(cls, obj)
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        either = cls.__dict__.get("_lightning_classes")
+        return issubclass(sub, either) if either is not None else type.__subclasscheck__(cls, sub)
+
+
+class _SecondInitSkipped:
+    """Between the two namespaces' classes in a joined callback's MRO. The first namespace's ``__init__`` ends
+    its ``super().__init__()`` chain here: the second's ``__init__`` is the same code, already run in effect,
+    and would be called with no arguments (``EarlyStopping`` requires ``monitor``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _ByTrainer:
+    """A method of a joined ``LightningModule``/``LightningDataModule`` whose code differs between the two
+    namespaces (their docstrings name their own package), looked up in the namespace of the Trainer the object
+    is attached to (the first namespace before it is attached).
+
+    Lightning decides whether a hook is the user's own by comparing the code of the object's method with that
+    of its own namespace's base class (``is_overridden``): ``configure_model``, ``val_dataloader``,
+    ``optimizer_step``, ... The first namespace's definition would look overridden to the other's Trainer,
+    which would then call a ``val_dataloader`` that raises, or refuse ``configure_model`` beside
+    ``configure_sharded_model``.
+    """
+
+    __slots__ = ("attrs",)
+
+    def __init__(self, name: str, classes: tuple[type, ...]) -> None:
+        self.attrs = tuple(inspect.getattr_static(c, name) for c in classes)
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        attr = self.attrs[0]
+        if obj is not None:
+            state = obj.__dict__
+            trainer = state.get("_trainer") or state.get("trainer")  # LightningModule / LightningDataModule
+            if trainer is not None and not isinstance(trainer, _TRAINERS[0]):
+                attr = self.attrs[1]
+        return attr.__get__(obj, owner)
+
+
+def _code(attr: Any) -> Any:
+    func = getattr(attr, "__func__", attr)  # classmethod, staticmethod, Lightning's restricted classmethod
+    return getattr(func, "__code__", None)
+
+
+def _differing(first: type, second: type) -> list[str]:
+    """Names of the methods (dunders aside) whose code differs between ``first`` and ``second``."""
+    names = []
+    for name in dir(first):
+        if name.startswith("__"):
+            continue
+        a, b = _code(inspect.getattr_static(first, name, None)), _code(inspect.getattr_static(second, name, None))
+        if a is not None and b is not None and a != b:
+            names.append(name)
+    return names
+
+
+def _join(classes: tuple[type, ...], *, by_trainer: bool = False) -> Any:
+    """One class deriving from each namespace's class in ``classes`` (the class itself with one namespace).
+
+    Its methods are the first namespace's (the same code as the second's, but for the package names in
+    docstrings and in imports made inside functions, which hold the same objects under either name), except,
+    with ``by_trainer`` (modules, which know their Trainer), those whose code differs, which are looked up by the
+    namespace of the object's Trainer (:class:`_ByTrainer`). A callback's own ``__init__`` runs once
+    (:class:`_SecondInitSkipped`); a module's runs through both namespaces' chains to ``torch.nn.Module``'s.
+    """
+    if len(classes) == 1:
+        return classes[0]
+    first, second = classes
+    namespace: dict[str, Any] = {
+        "__module__": __name__,
+        "__qualname__": first.__name__,
+        "__doc__": first.__doc__,
+        "_lightning_classes": classes,
+    }
+    if by_trainer:
+        namespace.update({name: _ByTrainer(name, classes) for name in _differing(first, second)})
+        bases: tuple[type, ...] = (first, second)
+    elif "__init__" in vars(second):
+        bases = (first, _SecondInitSkipped, second)
+    else:
+        bases = (first, second)
+    return _EitherNamespace(first.__name__, bases, namespace)
+
+
+_TRAINERS: tuple[type, ...] = _each("Trainer")
+
+if TYPE_CHECKING:  # a type checker sees the standalone package's classes
+    import pytorch_lightning as pl
+    from pytorch_lightning import Callback, LightningDataModule, LightningModule
+    from pytorch_lightning.callbacks import BatchSizeFinder, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+else:
+    #: the first installed namespace (``pytorch_lightning`` where it is installed), for what is not joined
+    pl = _MODULES[0]
+    Callback = _join(_each("Callback"))
+    LightningModule = _join(_each("LightningModule"), by_trainer=True)
+    LightningDataModule = _join(_each("LightningDataModule"), by_trainer=True)
+    ModelCheckpoint = _join(_each("callbacks.ModelCheckpoint"))
+    EarlyStopping = _join(_each("callbacks.EarlyStopping"))
+    LearningRateMonitor = _join(_each("callbacks.LearningRateMonitor"))
+    BatchSizeFinder = _join(_each("callbacks.BatchSizeFinder"))
+    # raised by our code: caught by ``except MisconfigurationException`` of either namespace
+    MisconfigurationException = _join(_each("utilities.exceptions.MisconfigurationException"))
+
+#: Lightning's ``EarlyStopping`` (joined), the base of ours
+PLEarlyStopping = EarlyStopping
+
+# ``isinstance(x, T)`` with T one of these tuples: an instance of either namespace's class
+CALLBACK_TYPES: tuple[type, ...] = _each("Callback")
+LIGHTNING_MODULE_TYPES: tuple[type, ...] = _each("LightningModule")
+DATA_MODULE_TYPES: tuple[type, ...] = _each("LightningDataModule")
+TRAINER_TYPES: tuple[type, ...] = _TRAINERS
+MODEL_CHECKPOINT_TYPES: tuple[type, ...] = _each("callbacks.ModelCheckpoint")
+EARLY_STOPPING_TYPES: tuple[type, ...] = _each("callbacks.EarlyStopping")
+BATCH_SIZE_FINDER_TYPES: tuple[type, ...] = _each("callbacks.BatchSizeFinder")
+TENSORBOARD_LOGGER_TYPES: tuple[type, ...] = _each("loggers.TensorBoardLogger")
+
+# Not joined: the first namespace's. Instances made by our own code (``train.py``'s Trainer and loggers), or
+# functions and values that act the same whichever namespace's Trainer is running (``rank_zero_*`` are
+# ``lightning_utilities``' own, shared by both).
+Trainer = pl.Trainer
+seed_everything = pl.seed_everything
+StochasticWeightAveraging = pl.callbacks.StochasticWeightAveraging  # benchmarks compare with Lightning's SWA
+EarlyStoppingReason = importlib.import_module(f"{pl.__name__}.callbacks.early_stopping").EarlyStoppingReason
+CSVLogger = pl.loggers.CSVLogger
+Logger = pl.loggers.Logger
+TensorBoardLogger = pl.loggers.TensorBoardLogger
+DummyLogger = importlib.import_module(f"{pl.__name__}.loggers.logger").DummyLogger  # LRRangeTest mutes loggers
+rank_zero_info = pl.utilities.rank_zero_info
+rank_zero_only = pl.utilities.rank_zero_only
+rank_zero_warn = pl.utilities.rank_zero_warn
+isolate_rng = importlib.import_module(f"{pl.__name__}.utilities.seed").isolate_rng
+lightning_setattr = importlib.import_module(f"{pl.__name__}.utilities.parsing").lightning_setattr
+#: Lightning's EMA callback (Lightning >= 2.5; benchmarks compare our EMA with it), else None
+EMAWeightAveraging: Any = getattr(pl.callbacks, "EMAWeightAveraging", None)
+
+
+def namespace_of(obj: Any) -> str:
+    """The Lightning namespace (``"pytorch_lightning"`` or ``"lightning.pytorch"``) of a Trainer or a Lightning
+    object, by its class; the first installed one for a joined class (ours) or anything else."""
+    for name in NAMESPACES:
+        if type(obj).__module__.startswith(name + "."):
+            return name
+    return NAMESPACES[0]
+
+
+def trainer_class_for(module: Any) -> type:
+    """The ``Trainer`` that accepts ``module``: of the namespace of its ``LightningModule`` (a user's own
+    ``lightning.pytorch`` module needs ``lightning.pytorch.Trainer``); the first namespace's for ours."""
+    for trainer_cls, module_cls in zip(_TRAINERS, LIGHTNING_MODULE_TYPES):
+        if isinstance(module, module_cls):
+            return trainer_cls
+    return Trainer
+
+
+def batches_that_stepped(trainer: Trainer) -> int:
+    """The training batches of this fit that ended in an optimizer step: the step Lightning's loggers write
+    training metrics at (``fit_loop.epoch_loop._batches_that_stepped``, private); where Lightning has no such
+    counter, ``trainer.global_step`` (the same count under automatic optimization)."""
+    count = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return count if isinstance(count, int) else int(trainer.global_step)
+
+
+def reset_dataloaders(trainer: Trainer) -> None:
+    """Rebuild the running loop's dataloaders (and the validation loop's, in fitting), e.g. after the batch size
+    changed: the tuner's ``_reset_dataloaders`` of the Trainer's namespace (private); where it is gone, the same
+    steps by hand (drop the combined loader, ``setup_data()``)."""
+    module = importlib.import_module(f"{namespace_of(trainer)}.tuner.batch_size_scaling")
+    reset = getattr(module, "_reset_dataloaders", None)
+    if reset is not None:
+        reset(trainer)
+        return
+    loops = [getattr(trainer, "_active_loop", None) or trainer.fit_loop]
+    if loops[0] is trainer.fit_loop:
+        loops.append(trainer.fit_loop.epoch_loop.val_loop)
+    for loop in loops:
+        loop._combined_loader = None
+        loop.setup_data()
 
 
 def trainer_callbacks(trainer: Trainer) -> list[Callback]:
@@ -66,7 +265,7 @@ def should_log_step(trainer: Trainer) -> bool:
     if not every:
         return False
     if trainer.state.stage == "train":
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0 or trainer.should_stop
+        return (batches_that_stepped(trainer) + 1) % every == 0 or trainer.should_stop
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
 
@@ -151,13 +350,18 @@ def publish_step_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:
     if not metrics:
         return
     if trainer.is_global_zero:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
     trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
 
 
 __all__ = [
+    "NAMESPACES",
+    "namespace_of",
+    "trainer_class_for",
+    "batches_that_stepped",
+    "reset_dataloaders",
     "FitClock",
     "global_step_of",
     "publish_step_metrics",
@@ -170,8 +374,10 @@ __all__ = [
     "LightningModule",
     "Trainer",
     "seed_everything",
+    "EarlyStopping",
     "PLEarlyStopping",
     "EarlyStoppingReason",
+    "BatchSizeFinder",
     "LearningRateMonitor",
     "ModelCheckpoint",
     "StochasticWeightAveraging",
@@ -183,6 +389,15 @@ __all__ = [
     "rank_zero_info",
     "rank_zero_only",
     "rank_zero_warn",
+    "lightning_setattr",
     "MisconfigurationException",
     "isolate_rng",
+    "CALLBACK_TYPES",
+    "LIGHTNING_MODULE_TYPES",
+    "DATA_MODULE_TYPES",
+    "TRAINER_TYPES",
+    "MODEL_CHECKPOINT_TYPES",
+    "EARLY_STOPPING_TYPES",
+    "BATCH_SIZE_FINDER_TYPES",
+    "TENSORBOARD_LOGGER_TYPES",
 ]

@@ -21,8 +21,9 @@ Policies (``POLICIES``):
   probability 1/2 when ``flip`` (:func:`lightning_tricks.augment.random_crop_flip`).
 - ``random_resized_crop``: a box of area ``s * H * W``, ``s ~ U(scale)``, aspect ``w / h = r`` with
   ``log r ~ U(log ratio)``, at a uniform position, resized to ``H x W`` (bilinear), and flipped with
-  probability 1/2 when ``flip`` (Szegedy et al. 2015, arXiv:1409.4842). Sub-pixel boxes; a box larger
-  than the image is clipped to it (torchvision retries 10 times, then takes a center crop).
+  probability 1/2 when ``flip`` (Szegedy et al. 2015, arXiv:1409.4842). Boxes are drawn as torchvision's
+  ``RandomResizedCrop.get_params`` draws them: whole pixels, a box that does not fit redrawn up to 10
+  times, then the central crop with the aspect clamped to the range (:func:`resized_crop_boxes`).
 - ``color_jitter``: brightness, contrast and saturation factors ``U(max(0, 1 - a), 1 + a)`` per sample,
   applied in that fixed order (torchvision shuffles the order per call). Saturation on 1-channel images
   is the identity, so there it is refused when asked for and off by default.
@@ -106,7 +107,7 @@ POLICIES = (
     "trivialaugment",
     "random_erasing",
 )
-NORMALIZATIONS = ("zscore", "minmax", "none")
+NORMALIZATIONS = ("zscore", "minmax", "zca", "none")
 #: the RandAugment / TrivialAugment ops, in the order of their indices in :func:`apply_ops`
 OPS = (
     "identity",
@@ -333,19 +334,51 @@ def resized_crop_boxes(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
+    tries: int = 10,
 ) -> Tensor:
-    """``(N, 4)`` float64 boxes ``(top, left, box_height, box_width)`` in pixels for :func:`resized_crop`.
+    """``(N, 4)`` float64 boxes ``(top, left, box_height, box_width)`` in whole pixels for :func:`resized_crop`,
+    drawn as torchvision's ``RandomResizedCrop.get_params``.
 
-    Area ``s * H * W`` with ``s ~ U(scale)``, aspect ``w / h = r`` with ``log r ~ U(log ratio)``, each side
-    clipped to the image, then a uniform position inside the image. Draws: ``s``, ``r``, top, left.
+    Each of ``tries`` attempts draws an area ``s * H * W`` with ``s ~ U(scale)`` and an aspect ``w / h = r``
+    with ``log r ~ U(log ratio)``, and rounds the sides to whole pixels, ``w = round(sqrt(area * r))``,
+    ``h = round(sqrt(area / r))``; the first attempt with ``0 < w <= W`` and ``0 < h <= H`` is taken, at a
+    uniform whole-pixel position (``top ~ U{0, ..., H - h}``). When no attempt fits, the fallback is the
+    central crop of the whole image with its aspect clamped to ``ratio`` (``w = W, h = round(W / max ratio)``
+    if ``W / H`` is below the range; ``h = H, w = round(H * max ratio)`` if above; the whole image inside).
+    A box that does not fit is thus redrawn, never clipped, so the crop's area follows the distribution a
+    torchvision user expects. All ``tries`` attempts are drawn for every sample (``s``, then ``r``, each
+    ``(N, tries)``, then top and left): the same distribution as torchvision's draw-until-accepted loop.
     """
-    area = height * width * _uniform(n, scale[0], scale[1], generator)
-    r = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator))
-    box_w = torch.sqrt(area * r).clamp(max=width)
-    box_h = torch.sqrt(area / r).clamp(max=height)
-    top = torch.rand(n, generator=generator, dtype=torch.float64) * (height - box_h)
-    left = torch.rand(n, generator=generator, dtype=torch.float64) * (width - box_w)
+    tries = int(tries)
+    area = (
+        height
+        * width
+        * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=generator, dtype=torch.float64))
+    )
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, tries, generator=generator, dtype=torch.float64))
+    box_w, box_h = torch.round(torch.sqrt(area * r)), torch.round(torch.sqrt(area / r))
+    fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none)
+    box_w, box_h = box_w.gather(1, first).squeeze(1), box_h.gather(1, first).squeeze(1)
+    fell_back = ~fits.any(dim=1)
+    fallback_h, fallback_w = _central_crop_size(height, width, ratio)
+    box_w = torch.where(fell_back, float(fallback_w), box_w)
+    box_h = torch.where(fell_back, float(fallback_h), box_h)
+    top = torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * (height - box_h + 1))
+    left = torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * (width - box_w + 1))
+    top = torch.where(fell_back, torch.div(height - box_h, 2, rounding_mode="floor"), top)
+    left = torch.where(fell_back, torch.div(width - box_w, 2, rounding_mode="floor"), left)
     return torch.stack([top, left, box_h, box_w], dim=1)
+
+
+def _central_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """``(h, w)`` of torchvision's fallback: the whole image with its aspect ``w / h`` clamped to ``ratio``."""
+    if width / height < min(ratio):
+        return round(width / min(ratio)), width
+    if width / height > max(ratio):
+        return height, round(height * max(ratio))
+    return height, width
 
 
 def resized_crop(x: Tensor, boxes: Tensor, flips: Tensor | None = None, interpolation: str = "bilinear") -> Tensor:

@@ -27,8 +27,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import LightningDataModule
+from lightning_tricks.checks import check_float
 from lightning_tricks.data.loader import TensorBatchLoader
 from lightning_tricks.policies import NORMALIZATIONS, AugmentPolicy, batch_seed
+from lightning_tricks.whitening import ZCA
 
 LOADERS = ("dataloader", "resident")
 
@@ -60,7 +62,10 @@ class TensorDataModule(LightningDataModule):
             :attr:`default_flip` (on for CIFAR-10 and Fashion-MNIST, off for digits and MNIST, where a
             mirror image can change the class). Test-time augmentation reads ``datamodule.flip``.
         normalize: ``"zscore"`` (per-channel mean and std of the training split), ``"minmax"`` (per-channel
-            min and max of the training split, to ``[0, 1]``) or ``"none"`` (pixels in ``[0, 1]``).
+            min and max of the training split, to ``[0, 1]``), ``"zca"`` (ZCA whitening of whole images,
+            :class:`lightning_tricks.whitening.ZCA`, fitted on the training split's pixels) or ``"none"``
+            (pixels in ``[0, 1]``).
+        zca_eps: ``normalize="zca"``: added to every eigenvalue of the training pixels' covariance, > 0.
         augment_seed: base seed of the policy's draws; ``None``: ``torch.initial_seed()`` at the first batch.
     """
 
@@ -82,6 +87,7 @@ class TensorDataModule(LightningDataModule):
         flip: bool | None = None,
         normalize: str = "zscore",
         augment_seed: int | None = None,
+        zca_eps: float = 1e-2,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -101,6 +107,9 @@ class TensorDataModule(LightningDataModule):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.normalize = normalize
+        check_float("zca_eps", zca_eps, 0.0, low_open=True)
+        self.zca_eps = float(zca_eps)
+        self.zca: ZCA | None = None  # normalize="zca": fitted in setup on the training split
         if flip is None:
             flip = type(self).default_flip
         if not isinstance(flip, bool):
@@ -145,6 +154,10 @@ class TensorDataModule(LightningDataModule):
     def _normalized(self, splits: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
         """Every split mapped by ``(x - shift) / scale``, per channel, from the training split's statistics."""
         x = splits["train"][0]
+        if self.normalize == "zca":  # the training split's pixels only; val and test are mapped, never seen
+            self.norm_shift = self.norm_scale = None
+            self.zca = ZCA.fit(x, self.zca_eps)
+            return {name: (self.zca(xs), ys) for name, (xs, ys) in splits.items()}
         if self.normalize == "none" or not x.dtype.is_floating_point or x.ndim < 2 or len(x) == 0:
             self.norm_shift = self.norm_scale = None
             return splits
@@ -245,7 +258,10 @@ class TensorDataModule(LightningDataModule):
         return self.apply_policy(x, generator)
 
     def apply_policy(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The policy applied in pixel space: ``x * scale + shift``, the policy, then ``(x - shift) / scale``."""
+        """The policy applied in pixel space: ``x * scale + shift``, the policy, then ``(x - shift) / scale``
+        (with ZCA: its inverse, the policy, ZCA)."""
+        if self.zca is not None:
+            return self.zca(self.augment_policy(self.zca.inverse(x), generator))
         if self.norm_shift is None or self.norm_scale is None:
             return self.augment_policy(x, generator)
         key = (x.device, x.dtype)

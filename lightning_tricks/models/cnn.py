@@ -7,8 +7,16 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lightning_tricks.models._common import check_common, check_head, classifier
-from lightning_tricks.nn import DropPath, FractionalMaxPool2d, ICBlock, apply_weight_norm, drop_path_rates, norm_layer
+from lightning_tricks.init import init_weights, zero_last_norm_scale
+from lightning_tricks.models._common import check_common, check_head, check_init, classifier, whitening_layer
+from lightning_tricks.nn import (
+    DropPath,
+    FractionalMaxPool2d,
+    ICBlock,
+    apply_weight_norm,
+    drop_path_rates,
+    norm_layer,
+)
 from lightning_tricks.nn.norm import norm_has_shift
 
 POOLS = ("stride", "max", "fractional")
@@ -85,6 +93,14 @@ class ResNet(nn.Module):
       regular 2x2 windows again (no randomness left), so ratios in ``(0.5, 1)`` are the useful ones.
       Pooled sizes must stay >= 1: a too-small input for the number of stages is refused at construction.
     - ``head``: ``"linear"`` or ``"dropconnect"`` (DropConnect on the classifier weights, ``dropconnect_p``).
+    - ``init``: the convolution and linear weights' initialization (:func:`lightning_tricks.init.init_weights`,
+      ReLU's gain, 0.1 for the classifier; ``"default"``: PyTorch's); ``zero_init_residual``: the last
+      normalization scale of every block's branch starts at 0, so each block starts as its shortcut
+      (needs ``norm="batch"`` or ``"layer"``).
+    - ``whiten``: a frozen :class:`~lightning_tricks.nn.PatchWhitening` layer (``whiten_kernel`` x
+      ``whiten_kernel`` patches, ``whiten_eps``) and a ReLU before the stem, fitted on training images with
+      :func:`~lightning_tricks.nn.fit_patch_whitening` (the training entry point does it); the stem then sees
+      ``2 C k^2`` channels of ``(H - k + 1) x (W - k + 1)``.
 
     Example:
         >>> import torch
@@ -107,12 +123,24 @@ class ResNet(nn.Module):
         pool_ratio: float = 2**-0.5,
         head: str = "linear",
         dropconnect_p: float = 0.5,
+        init: str = "default",
+        zero_init_residual: bool = False,
+        whiten: bool = False,
+        whiten_kernel: int = 2,
+        whiten_eps: float = 5e-4,
     ) -> None:
         super().__init__()
         shape, norm = check_common(input_shape, num_classes, norm, dropout)
         check_head(head, dropconnect_p)
+        check_init(init, zero_init_residual, whiten)
         if len(shape) != 3:
             raise ValueError(f"ResNet needs input_shape (C, H, W), got {shape!r}")
+        if zero_init_residual and norm not in ("batch", "layer"):
+            raise ValueError(
+                f"zero_init_residual=true needs a normalization at the end of each block (norm=batch or layer), "
+                f"got norm={norm!r}"
+            )
+        whitening, shape = whitening_layer(shape, whiten, whiten_kernel, whiten_eps, "ResNet")
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if isinstance(pool_ratio, bool) or not isinstance(pool_ratio, (int, float)) or not 0 < pool_ratio < 1:
@@ -130,6 +158,8 @@ class ResNet(nn.Module):
         stem += norm_layer(norm, widths[0], dims=2)
         stem.append(nn.ReLU(inplace=True))
         layers: list[nn.Module] = [nn.Sequential(*stem)]
+        if whitening is not None:
+            layers[:0] = [whitening, nn.ReLU(inplace=True)]  # both signs of each filter: the ReLU loses nothing
         cin = widths[0]
         for s, w in enumerate(widths):
             if s > 0 and pool == "max":
@@ -145,6 +175,9 @@ class ResNet(nn.Module):
         heads: list[nn.Module] = [ICBlock(cin, dropout, dims=1)] if norm == "ic" else []
         heads.append(classifier(cin, num_classes, head, dropconnect_p))
         self.head = nn.Sequential(*heads)
+        init_weights(self, init)
+        if zero_init_residual:
+            zero_last_norm_scale(m.branch for m in self.modules() if isinstance(m, BasicBlock))
         if norm == "weight":
             apply_weight_norm(self)
 

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lightning_tricks.models._common import check_common, check_head, classifier, numel
+from lightning_tricks.init import init_weights
+from lightning_tricks.models._common import check_common, check_head, check_init, classifier, numel
 from lightning_tricks.nn import ICBlock, apply_weight_norm, norm_layer
 from lightning_tricks.nn.norm import norm_has_shift
 
@@ -30,6 +31,9 @@ class MLP(nn.Module):
     :class:`~lightning_tricks.nn.DropConnectLinear` whose weights are dropped with probability
     ``dropconnect_p`` in training, the plain layer in eval; Wan et al. 2013).
 
+    ``init`` picks the linear weights' initialization (:func:`lightning_tricks.init.init_weights`: ReLU's gain
+    for the hidden layers, 0.1 for the classifier, biases 0; ``"default"``: PyTorch's own).
+
     ``self.backbone`` holds the hidden layers and ``self.head`` the classifier, so fine-tuning tools
     can address them by name.
 
@@ -50,10 +54,12 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         head: str = "linear",
         dropconnect_p: float = 0.5,
+        init: str = "default",
     ) -> None:
         super().__init__()
         shape, norm = check_common(input_shape, num_classes, norm, dropout)
         check_head(head, dropconnect_p)
+        check_init(init, False)
         hidden = [int(h) for h in hidden]
         if any(h < 1 for h in hidden):
             raise ValueError(f"hidden sizes must be positive, got {hidden}")
@@ -78,6 +84,7 @@ class MLP(nn.Module):
             heads.append(ICBlock(width, p=dropout, dims=1))
         heads.append(classifier(width, num_classes, head, dropconnect_p))
         self.head = nn.Sequential(*heads)
+        init_weights(self, init)
         if norm == "weight":
             apply_weight_norm(self)
 

@@ -45,7 +45,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks.models._common import check_common
+from lightning_tricks.init import init_weights, zero_last_norm_scale
+from lightning_tricks.models._common import check_common, check_init, whitening_layer
 
 __all__ = ["HEADS", "SpeedNet"]
 
@@ -89,6 +90,14 @@ class SpeedNet(nn.Module):
         hidden: units of the hidden layer of ``head="flatten"``, >= 0 (must be 0 with ``head="max"``).
         head_scale: the logits are multiplied by this (ResNet-9's head uses 0.125); 1 is a plain linear head.
         channels_last: store the weights and compute in the channels-last memory format.
+        init: the convolution and linear weights' initialization (:func:`lightning_tricks.init.init_weights`,
+            ReLU's gain, 0.1 for the last linear layer; ``"default"``: PyTorch's).
+        zero_init_residual: the BatchNorm scale of each residual branch starts at 0 (needs ``residual`` and
+            ``convs_per_stage > 1``).
+        whiten: a frozen :class:`~lightning_tricks.nn.PatchWhitening` layer (``whiten_kernel``,
+            ``whiten_eps``) and a ReLU before the first stage, fitted on training images with
+            :func:`~lightning_tricks.nn.fit_patch_whitening`; the first stage sees ``2 C k^2`` channels of
+            ``(H - k + 1) x (W - k + 1)`` (airbench's first layer).
 
     ``self.backbone`` (images -> features) and ``self.head`` (features -> logits) are named for fine-tuning
     tools, as in :class:`~lightning_tricks.models.ResNet`.
@@ -105,11 +114,23 @@ class SpeedNet(nn.Module):
         hidden: int = 0,
         head_scale: float = 1.0,
         channels_last: bool = True,
+        init: str = "default",
+        zero_init_residual: bool = False,
+        whiten: bool = False,
+        whiten_kernel: int = 2,
+        whiten_eps: float = 5e-4,
     ) -> None:
         super().__init__()
         shape, _ = check_common(input_shape, num_classes, "batch", 0.0)
+        check_init(init, zero_init_residual, whiten)
         if len(shape) != 3:
             raise ValueError(f"SpeedNet needs input_shape (C, H, W), got {shape!r}")
+        if zero_init_residual and not (residual and convs_per_stage > 1):
+            raise ValueError(
+                "zero_init_residual=true needs residual blocks: set residual: true and convs_per_stage >= 2, "
+                f"got residual={residual!r}, convs_per_stage={convs_per_stage!r}"
+            )
+        whitening, shape = whitening_layer(shape, whiten, whiten_kernel, whiten_eps, "SpeedNet")
         widths = [int(w) for w in widths] if not isinstance(widths, (str, bytes)) else []
         if not widths or any(w < 1 for w in widths):
             raise ValueError(f"widths must be a non-empty list of positive ints, got {widths!r}")
@@ -146,6 +167,8 @@ class SpeedNet(nn.Module):
                 layers.append(_Residual(block) if residual else block)
             stages.append(nn.Sequential(*layers))
             cin = w
+        if whitening is not None:
+            stages[:0] = [whitening, nn.ReLU(inplace=True)]
         h, w = self.feature_sizes[-1]
         if head == "max":
             self.backbone = nn.Sequential(*stages, nn.AdaptiveMaxPool2d(1), nn.Flatten())
@@ -155,6 +178,9 @@ class SpeedNet(nn.Module):
             features = cin * h * w
         layers = [nn.Linear(features, hidden), nn.ReLU(inplace=True)] if hidden else []
         self.head = nn.Sequential(*layers, nn.Linear(hidden or features, num_classes))
+        init_weights(self, init)
+        if zero_init_residual:
+            zero_last_norm_scale(m.f for m in self.modules() if isinstance(m, _Residual))
         if channels_last:
             self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks.models._common import check_head
+from lightning_tricks.init import init_weights
+from lightning_tricks.models._common import check_head, check_init
 from lightning_tricks.nn import DropConnectLinear
 
 __all__ = [
@@ -263,6 +264,12 @@ class TimmModel(nn.Module):
         drop_rate: timm's dropout before the classifier.
         drop_path_rate: timm's stochastic depth rate (``None``: the model's default).
         model_kwargs: more keyword arguments for ``timm.create_model`` (e.g. ``{"global_pool": "max"}``).
+        init: re-draw every convolution and linear weight (:func:`lightning_tricks.init.init_weights`, ReLU's
+            gain, 0.1 for the classifier); ``"default"`` keeps timm's own initialization. Refused with
+            pretrained weights, which it would overwrite.
+        zero_init_residual: call timm's ``zero_init_last()`` on every block that has it (the last norm scale
+            of each residual branch set to 0). ``false`` keeps timm's default, which for its ResNets is
+            already zero (``model_kwargs: {zero_init_last: false}`` turns that off).
 
     Raises:
         MissingExtraError: timm is not installed (the message names ``pip install -e ".[timm]"``).
@@ -282,6 +289,8 @@ class TimmModel(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
+        init: str = "default",
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
@@ -299,6 +308,9 @@ class TimmModel(nn.Module):
                 "choose one"
             )
         check_head(head, dropconnect_p)
+        check_init(init, zero_init_residual)
+        if init != "default" and (pretrained or pretrained_path is not None):
+            raise ValueError(f"init={init!r} would overwrite the pretrained weights; use init: default with them")
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
         if drop_path_rate is not None and (
@@ -351,6 +363,13 @@ class TimmModel(nn.Module):
         net.reset_classifier(0, **pool)
         self.backbone = net
         self.head = classifier
+        init_weights(self, init, output=classifier)
+        if zero_init_residual:
+            blocks = [m for m in net.modules() if callable(getattr(m, "zero_init_last", None))]
+            if not blocks:
+                raise ValueError(f"zero_init_residual=true: {name} has no residual blocks with timm's zero_init_last")
+            for block in blocks:
+                block.zero_init_last()
         self.name = name
         self.num_features = int(getattr(net, "num_features", 0)) or None
 

@@ -8,6 +8,7 @@
 - :class:`DropPath`, :func:`drop_path`, :func:`drop_path_rates`: stochastic depth on residual branches.
 - :class:`FractionalMaxPool2d`: random pooling regions in training, fixed ones in eval.
 - :func:`apply_weight_norm`, :func:`remove_weight_norm`: weight normalization on chosen layers.
+- :class:`PatchWhitening`, :func:`fit_patch_whitening`: a frozen first layer whitening image patches.
 """
 
 from lightning_tricks.nn.builders import conv_block, conv_stack, linear_block, mlp_stack
@@ -25,6 +26,7 @@ from lightning_tricks.nn.weight_norm import (
     remove_weight_norm,
     weight_normed_layers,
 )
+from lightning_tricks.nn.whitening import PatchWhitening, fit_patch_whitening
 
 __all__ = [
     "ICBlock",
@@ -45,4 +47,6 @@ __all__ = [
     "apply_weight_norm",
     "remove_weight_norm",
     "weight_normed_layers",
+    "PatchWhitening",
+    "fit_patch_whitening",
 ]

@@ -37,7 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_tricks.checks import check_choice, check_float, check_int
+
 __all__ = [
+    "MixedTargets",
+    "labels_of",
     "MixedBatch",
     "sample_beta",
     "soft_targets",
@@ -47,9 +51,7 @@ __all__ = [
     "cutout_size",
     "cutout_boxes",
     "cutout_batch",
-    "cutout_windows",
-    "cutout_mask",
-    "fill_mask",
+    "box_mask",
     "mix_pair",
     "paste_box",
     "MIX_MODES",
@@ -66,6 +68,106 @@ __all__ = [
     "tta_views",
     "tta_predict",
 ]
+
+
+class MixedTargets(Tensor):
+    """Soft targets ``(N, C)`` that a batch augmentation put where the loader's class labels were.
+
+    For losses and arithmetic it is the plain tensor of the mixed label distributions (every result is a
+    plain ``Tensor``; ``F.cross_entropy(logits, y)`` takes it as probabilities). ``labels`` holds the
+    labels the loader gave, for metrics (see :func:`labels_of`). An operation that reads the soft
+    targets as class labels raises a ``ValueError`` naming the augmentation instead of giving a wrong
+    number: comparing them (``logits.argmax(1) == y``), casting them to an integer dtype, reshaping or
+    viewing them (what ``torchmetrics`` does to a target shaped like the predictions: its multiclass
+    ``Accuracy`` would read every soft row as C labels and log 0), ``one_hot``, ``bincount``, ``nll_loss``.
+    ``to``, ``clone``, ``detach`` and float casts keep the protection.
+
+    Example:
+        >>> y = MixedTargets.wrap(torch.tensor([[0.7, 0.3]]), torch.tensor([0]), "Mixup")
+        >>> y.labels.tolist(), round(F.cross_entropy(torch.zeros(1, 2), y).item(), 4)   # log 2
+        ([0], 0.6931)
+        >>> torch.tensor([0]) == y  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Mixup replaced the class labels of this training batch by soft targets of shape (1, 2), ...
+    """
+
+    labels: Tensor
+    made_by: str
+
+    @staticmethod
+    def wrap(soft: Tensor, labels: Tensor, made_by: str) -> MixedTargets:
+        """``soft`` (no copy) as :class:`MixedTargets` with the loader's ``labels``; ``made_by`` names the
+        augmentation in the error messages."""
+        out = soft.as_subclass(MixedTargets)
+        out.labels = labels.labels if isinstance(labels, MixedTargets) else labels
+        out.made_by = made_by
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def,override]
+        kwargs = kwargs or {}
+        mine = next(a for a in (*args, *kwargs.values()) if isinstance(a, MixedTargets))
+        if func in _READS_AS_LABELS:
+            raise ValueError(  # not TypeError: Tensor.__eq__ turns that into NotImplemented, then False
+                f"{mine.made_by} replaced the class labels of this training batch by soft targets of shape "
+                f"{tuple(mine.shape)}, and {getattr(func, '__name__', func)} reads them as labels, which would "
+                "give a wrong number; losses take them as they are (F.cross_entropy accepts probabilities); "
+                "for a metric use lightning_tricks.augment.labels_of(y) (the loader's labels) or y.argmax(1) "
+                "(the heavier label)"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func in _KEEPS_TARGETS and isinstance(out, Tensor) and not isinstance(out, MixedTargets):
+            if not out.dtype.is_floating_point:  # to(torch.long), type(torch.LongTensor): a cast to labels
+                raise ValueError(f"{mine.made_by}: casting the soft targets to {out.dtype} reads them as labels")
+            out = MixedTargets.wrap(out, mine.labels.to(out.device), mine.made_by)
+        return out
+
+
+def labels_of(y: Tensor) -> Tensor:
+    """The class labels of a training batch's targets: ``y.labels`` for :class:`MixedTargets`, else ``y``.
+
+    For metrics in a ``training_step`` that runs with Mixup, CutMix or MixupCutmix: those replace ``y``
+    by soft targets on the batches they mix; ``labels_of(y)`` is the loader's labels on every batch.
+
+    Example:
+        >>> labels_of(torch.tensor([2, 0])).tolist()
+        [2, 0]
+    """
+    return y.labels if isinstance(y, MixedTargets) else y
+
+
+_READS_AS_LABELS = frozenset(
+    {
+        Tensor.__eq__,
+        Tensor.__ne__,
+        Tensor.eq,
+        Tensor.ne,
+        torch.eq,
+        torch.ne,
+        Tensor.long,
+        Tensor.int,
+        Tensor.short,
+        Tensor.byte,
+        Tensor.char,
+        Tensor.reshape,
+        Tensor.view,
+        Tensor.flatten,
+        Tensor.view_as,
+        Tensor.reshape_as,
+        torch.reshape,
+        torch.flatten,
+        F.one_hot,
+        F.nll_loss,
+        torch.bincount,
+        Tensor.bincount,
+    }
+)
+_KEEPS_TARGETS = frozenset(
+    {Tensor.to, Tensor.type, Tensor.cpu, Tensor.cuda, Tensor.clone, Tensor.detach, Tensor.float, Tensor.double}
+    | {Tensor.half, Tensor.bfloat16, Tensor.contiguous}
+)
 
 
 class MixedBatch(NamedTuple):
@@ -87,13 +189,11 @@ class MixedBatch(NamedTuple):
 
 
 def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    check_float("alpha", alpha, 0.0, math.inf, low_open=True, high_open=True)
 
 
 def _check_lam(lam: float) -> None:
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+    check_float("lam", lam, 0.0, 1.0)
 
 
 def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float:
@@ -338,30 +438,18 @@ class MixCutBatch(NamedTuple):
     params: MixCutParams
 
 
-def _check_prob(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-
-
 def check_mixup_cutmix(
     mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float, mode: str, label_smoothing: float
 ) -> None:
     """Raise a one-line ``ValueError`` naming the first bad argument of :func:`mixup_cutmix_batch`."""
-    for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"{name} must be a finite number >= 0 (0 turns it off), got {alpha!r}")
+    check_float("mixup_alpha", mixup_alpha, 0.0, math.inf, high_open=True)  # 0 turns mixup off
+    check_float("cutmix_alpha", cutmix_alpha, 0.0, math.inf, high_open=True)
     if mixup_alpha == 0 and cutmix_alpha == 0:
         raise ValueError("mixup_alpha and cutmix_alpha are both 0, so nothing is mixed; set one of them > 0")
-    _check_prob("prob", prob)
-    _check_prob("switch_prob", switch_prob)
-    if mode not in MIX_MODES:
-        raise ValueError(f"mode must be one of {MIX_MODES}, got {mode!r}")
-    if (
-        isinstance(label_smoothing, bool)
-        or not isinstance(label_smoothing, (int, float))
-        or not 0.0 <= label_smoothing < 1.0
-    ):
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    check_float("prob", prob, 0.0, 1.0)
+    check_float("switch_prob", switch_prob, 0.0, 1.0)
+    check_choice("mode", mode, MIX_MODES)
+    check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
 
 
 def sample_beta_n(alpha: float, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -536,12 +624,7 @@ def mixup_cutmix_batch(
         x_out = x.clone()
         x_out[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right].index_select(0, idx)
     elif bool(params.use_cutmix.any()):
-        h, w = x.shape[-2:]
-        boxes = params.boxes.to(device, non_blocking=True)
-        rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
-        in_rows = (rows >= boxes[:, 0, None]) & (rows < boxes[:, 2, None])  # (N, H)
-        in_cols = (cols >= boxes[:, 1, None]) & (cols < boxes[:, 3, None])  # (N, W)
-        in_box = in_rows[:, :, None] & in_cols[:, None, :]  # (N, H, W)
+        in_box = box_mask(params.boxes.to(device, non_blocking=True), x.shape[-2], x.shape[-1])  # (N, H, W)
         own = torch.where(params.use_cutmix.to(device, non_blocking=True), torch.ones_like(lam), lam)
         # CutMix samples: weight 1 outside the box, 0 inside; mixup samples: lam everywhere
         weight = torch.where(in_box, torch.zeros((), dtype=x.dtype, device=device), own.to(x.dtype)[:, None, None])
@@ -632,52 +715,29 @@ def cutout_batch(
     """
     if x.ndim != 4:
         raise ValueError(f"cutout needs images (N, C, H, W), got shape {tuple(x.shape)}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    check_int("count", count, 1)
     n, _, h, w = x.shape
     side = cutout_size(size, h, w)
     if centers is None:
         cy = torch.randint(0, h, (n, count), generator=generator)
         cx = torch.randint(0, w, (n, count), generator=generator)
         centers = torch.stack([cy, cx], dim=-1)
-    boxes = cutout_boxes(n, count, side, h, w, centers=centers).to(x.device, non_blocking=True)
-    centers = centers.to(x.device, non_blocking=True).long()
-    mask = cutout_mask(
-        cutout_windows(side, h, x.device), cutout_windows(side, w, x.device), centers[..., 0], centers[..., 1]
-    )
-    return fill_mask(x, mask, value), boxes
+    boxes = cutout_boxes(n, count, side, h, w, centers=centers.to(x.device, non_blocking=True))
+    return torch.where(box_mask(boxes, h, w).any(dim=1)[:, None], value, x), boxes
 
 
-def cutout_windows(side: int, length: int, device: torch.device | str | None = None) -> Tensor:
-    """``(length, length)`` bool: row ``c`` marks ``[c - side // 2, c - side // 2 + side)`` clipped to ``[0, length)``,
-    the rows (or columns) a square of side ``side`` centered at ``c`` covers, as :func:`cutout_boxes` clips them.
+def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``(..., H, W)`` bool: set inside each box ``(top, left, bottom, right)`` (end-exclusive) of ``(..., 4)``.
 
     Example:
-        >>> cutout_windows(2, 3).int().tolist()
-        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+        >>> box_mask(torch.tensor([[0, 1, 2, 3]]), 3, 4).int().tolist()
+        [[[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]]
     """
-    pos = torch.arange(length, device=device)
-    start = pos[:, None] - side // 2
-    return (pos[None, :] >= start) & (pos[None, :] < start + side)
-
-
-def cutout_mask(rows: Tensor, cols: Tensor, cy: Tensor, cx: Tensor) -> Tensor:
-    """``(N, H, W)`` bool: the union of the squares centered at ``(cy, cx)`` (each ``(N, count)`` long).
-
-    ``rows`` and ``cols`` are :func:`cutout_windows` tables of the height and the width, on the device of
-    ``cy`` and ``cx``: two row gathers and one outer ``&`` (plus an ``any`` for ``count > 1``).
-    """
-    n, count = cy.shape
-    in_rows = rows.index_select(0, cy.reshape(-1)).view(n, count, -1, 1)
-    in_cols = cols.index_select(0, cx.reshape(-1)).view(n, count, 1, -1)
-    mask = in_rows & in_cols  # (N, count, H, W)
-    return mask[:, 0] if count == 1 else mask.any(dim=1)
-
-
-def fill_mask(x: Tensor, mask: Tensor, value: float) -> Tensor:
-    """``x`` ``(N, C, H, W)`` with ``value`` where ``mask`` ``(N, H, W)`` is set: ``masked_fill``'s values, in one
-    ``torch.where`` with the mask broadcast over the channels and the fill a scalar (no tensor made for it)."""
-    return torch.where(mask[:, None], value, x)
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows = (rows >= boxes[..., 0, None]) & (rows < boxes[..., 2, None])  # (..., H)
+    in_cols = (cols >= boxes[..., 1, None]) & (cols < boxes[..., 3, None])  # (..., W)
+    return in_rows[..., :, None] & in_cols[..., None, :]
 
 
 def random_crop_flip(

@@ -18,6 +18,7 @@ _WHERE: dict[str, str] = {
     "BatchSizeFinder": "batch_size",
     # early stopping
     "EarlyStopping": "early_stopping",
+    "RestoreBest": "restore_best",
     # weight averaging and ensembles
     "EMA": "ema",
     "SWA": "swa",
@@ -42,8 +43,9 @@ _WHERE: dict[str, str] = {
     "CurvePlot": "plots",
     "EpochLines": "progress",
     "RandomState": "random_state",
+    "ModelCheckpoint": "checkpoint",
+    "AtomicCheckpointIO": "checkpoint",
     # Lightning's own, re-exported for configs
-    "ModelCheckpoint": "lightning",
     "LearningRateMonitor": "lightning",
 }
 

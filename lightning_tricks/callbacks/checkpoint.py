@@ -54,7 +54,7 @@ def use_atomic_checkpoint_io(trainer: Trainer) -> bool:
         return True
     if type(io).__name__ != "TorchCheckpointIO":
         return False
-    strategy.checkpoint_io = AtomicCheckpointIO(io)
+    strategy.checkpoint_io = AtomicCheckpointIO(io)  # type: ignore[assignment]  # duck-typed: either namespace
     return True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,9 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_tricks._lightning import Callback, Trainer
+from lightning_tricks._lightning import Callback, Trainer, pl
+from lightning_tricks.callbacks.divergence_guard import DivergenceGuard
+from lightning_tricks.sanity import Diverged
 
 TESTS = Path(__file__).resolve().parent
 
@@ -125,3 +128,83 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
         assert torch.equal(want[name], got[name]), name
     assert _metrics(cut)["status"] == "ok"
     assert _metrics(cut)["val/loss"] == _metrics(full)["val/loss"]
+
+
+# -- sweeps: every job runs, summary.csv lists each with its status, the exit code says a job failed ----------
+def test_sweep_runs_every_job_whatever_the_others_did(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(
+        _train_cmd("trainer=debug", "test=false", f"+callbacks.probe._target_={__name__}.RaiseAtStep",
+                   "+callbacks.probe.step=2,1000", "data.batch_size=64,5000", f"hydra.sweep.dir={sweep}", "--multirun"),
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    status = {(row["callbacks.probe.step"], row["data.batch_size"]): row["status"] for row in rows}
+    refused = "refused: data: DigitsDataModule: the training split has 1294 sample(s), fewer than batch_size=5000"
+    assert status == {
+        ("1000", "64"): "ok",
+        ("2", "64"): "failed: RuntimeError: injected failure at step 2",
+        ("2", "5000"): refused + status[("2", "5000")][len(refused) :],
+        ("1000", "5000"): refused + status[("1000", "5000")][len(refused) :],
+    }
+    assert rows[0]["status"] == "ok" and float(rows[0]["best/val/acc"]) > 0.1
+    assert all("\n" not in row["status"] for row in rows)
+
+
+# -- divergence: non-zero exit; a non-finite validation loss is a divergence, never a best checkpoint --------
+def test_a_diverged_run_exits_non_zero(tmp_path):
+    r = subprocess.run(
+        _train_cmd("trainer=debug", "optimizer.lr=1e30", f"hydra.run.dir={tmp_path / 'run'}"),
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert _metrics(tmp_path / "run")["status"] == "diverged"
+
+
+class _NanValidation(pl.LightningModule):
+    """Finite training losses; the validation loss is nan from epoch ``bad_epoch`` on."""
+
+    def __init__(self, bad_epoch: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.bad_epoch = bad_epoch
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.current_epoch >= self.bad_epoch:
+            loss = loss * float("nan")
+        self.log("val/loss", loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _loader():
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+@pytest.mark.parametrize("bad_epoch", [0, 2])
+def test_a_nan_validation_loss_stops_before_checkpoint_and_early_stopping(tmp_path, bad_epoch):
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, monitor="val/loss", mode="min", filename="e{epoch}", auto_insert_metric_name=False
+    )
+    stopping = pl.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=10)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        callbacks=[stopping, DivergenceGuard(), checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(Diverged, match=rf"validation loss val/loss is nan .* \(epoch {bad_epoch}\)"):
+        trainer.fit(_NanValidation(bad_epoch), _loader(), _loader())
+    saved = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert saved == [f"e{e}.ckpt" for e in range(bad_epoch)][-1:]  # the best finite one, never a nan one
+    if saved:
+        assert math.isfinite(float(checkpoint.best_model_score))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import needs_extra
 
-from lightning_tricks.sweep import collect, summarize
+from lightning_tricks.sweep import collect, exit_code, summarize
 
 
 def _run(*args, cwd, timeout=600):
@@ -35,8 +35,50 @@ def test_summarize_sorts_by_monitor(tmp_path):
     path, table = summarize(tmp_path, "val/acc", "max")
     rows = list(csv.DictReader(open(path)))
     assert [r["optimizer.lr"] for r in rows] == ["0.2", "0.1", "0.3"]
-    assert table.splitlines()[0].split() == ["job", "optimizer.lr", "best/val/acc", "test/acc"]
+    assert table.splitlines()[0].split() == ["job", "optimizer.lr", "status", "best/val/acc", "test/acc"]
     assert [r["job"] for r in collect(tmp_path)] == ["0", "1", "2"]
+
+
+def test_summary_lists_every_job_with_its_status(tmp_path):
+    jobs = [
+        ("ok", 0.7),
+        ("diverged", float("-inf")),
+        ("failed: RuntimeError: boom", float("-inf")),
+        ("ok", 0.9),
+    ]
+    for i, (status, acc) in enumerate(jobs):
+        d = tmp_path / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={i}\n")
+        (d / "metrics.json").write_text(
+            json.dumps({"overrides": [f"optimizer.lr={i}"], "metrics": {"status": status, "best/val/acc": acc}})
+        )
+    killed = tmp_path / "4" / ".hydra"  # a job killed before it reported: Hydra's files only
+    killed.mkdir(parents=True)
+    (killed / "overrides.yaml").write_text("- optimizer.lr=4\n")
+    path, _ = summarize(tmp_path, "val/acc", "max")
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["optimizer.lr"], r["status"]) for r in rows] == [
+        ("3", "ok"),
+        ("0", "ok"),
+        ("1", "diverged"),
+        ("2", "failed: RuntimeError: boom"),
+        ("4", "failed: no metrics.json (the job ended before it could report)"),
+    ]
+    assert exit_code(collect(tmp_path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("statuses", "code"),
+    [
+        (["ok", "diverged"], 0),
+        (["ok", "refused: data.batch_size=0"], 1),
+        (["preempted", "ok"], 143),
+        (["preempted", "failed: x"], 1),
+    ],
+)
+def test_sweep_exit_code(statuses, code):
+    assert exit_code([{"status": s} for s in statuses]) == code
 
 
 @pytest.mark.slow

@@ -208,3 +208,25 @@ def test_a_nan_validation_loss_stops_before_checkpoint_and_early_stopping(tmp_pa
     assert saved == [f"e{e}.ckpt" for e in range(bad_epoch)][-1:]  # the best finite one, never a nan one
     if saved:
         assert math.isfinite(float(checkpoint.best_model_score))
+
+
+# -- a checkpoint that cannot be written: one line naming the path and the cause, exit 1 ----------------------
+def _limit_file_size() -> None:
+    """In the child: files larger than 64 kB cannot be written (EFBIG, even for root; SIGXFSZ ignored)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_checkpoint_write_failure_ends_the_run_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run(
+        _train_cmd("trainer=debug", f"hydra.run.dir={run}"),
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr[-3000:]
+    last_line = r.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"lightning-tricks: could not write checkpoint {run / 'checkpoints'}/"), last_line
+    assert "File too large" in last_line and "Traceback" not in r.stderr
+    assert not list((run / "checkpoints").glob(".*partial"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
+from lightning_tricks.callbacks.checkpoint import use_atomic_checkpoint_io
 
 __all__ = ["PreemptionCheckpoint"]
 
@@ -23,8 +24,8 @@ class PreemptionCheckpoint(Callback):
 
     Put it after the callbacks whose state changes at a batch's end (averages, schedules), so the
     checkpoint holds the state after the whole batch; ``python -m lightning_tricks.train`` appends it
-    last. The file is written with ``trainer.save_checkpoint`` (the Trainer's checkpoint I/O plugin:
-    atomic beside the target under ``lightning_tricks.train``).
+    last. The file is written with ``trainer.save_checkpoint``, atomically beside its target where the
+    Trainer uses Lightning's default checkpoint I/O (made atomic at ``setup``, as our ``ModelCheckpoint`` does).
 
     Args:
         dirpath: folder of the checkpoint.
@@ -43,6 +44,9 @@ class PreemptionCheckpoint(Callback):
     @property
     def path(self) -> Path:
         return self.dirpath / self.filename
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        use_atomic_checkpoint_io(trainer)
 
     def _save(self, trainer: Trainer) -> None:
         if self._saved_step == trainer.global_step and self.saved_path is not None:

@@ -589,8 +589,7 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def run_job(cfg: DictConfig) -> float | None:
     """Run :func:`train`; return the monitored metric for sweepers. Config errors end in one line.
 
     One run exits with :data:`EXIT_REFUSED`, :data:`EXIT_FAILED`, :data:`EXIT_DIVERGED` or
@@ -640,6 +639,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if status == "diverged" and not multirun:
         sys.exit(EXIT_DIVERGED)
     return metrics.get(f"best/{monitor}") if monitor else None
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return run_job(cfg)
 
 
 def null_groups_removed(args: list[str]) -> list[str]:

@@ -89,7 +89,7 @@ class MixedTargets(Tensor):
         >>> torch.tensor([0]) == y  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: Mixup replaced the class labels of this training batch by soft targets of shape (1, 2), ...
+        ValueError: Mixup replaced the class labels of this training batch by soft targets of shape (1, 2); ...
     """
 
     labels: Tensor
@@ -111,10 +111,10 @@ class MixedTargets(Tensor):
         if func in _READS_AS_LABELS:
             raise ValueError(  # not TypeError: Tensor.__eq__ turns that into NotImplemented, then False
                 f"{mine.made_by} replaced the class labels of this training batch by soft targets of shape "
-                f"{tuple(mine.shape)}, and {getattr(func, '__name__', func)} reads them as labels, which would "
-                "give a wrong number; losses take them as they are (F.cross_entropy accepts probabilities); "
-                "for a metric use lightning_tricks.augment.labels_of(y) (the loader's labels) or y.argmax(1) "
-                "(the heavier label)"
+                f"{tuple(mine.shape)}; {getattr(func, '__name__', func)} on them reads them as labels (as a metric "
+                "or `preds == y` does), which would give a wrong number. Losses take them as they are "
+                "(F.cross_entropy accepts probabilities); for a metric use lightning_tricks.augment.labels_of(y) "
+                "(the loader's labels) or y.argmax(1) (the heavier label)"
             )
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)

@@ -108,6 +108,11 @@ class LRPlan:
         self._resolve()
         if self.plateau is not None:
             self.plateau.reset()  # a new fit; a resumed one gets its state back from load_state_dict
+            for i, bs in self.base.items():
+                try:
+                    self.plateau.min_lrs(len(bs))
+                except ValueError as e:
+                    raise ValueError(f"optimizer {i}: {e}") from e
 
     def _resolve(self) -> None:
         for name, fn in (("schedule", self.schedule), ("momentum", self.momentum)):
@@ -116,7 +121,9 @@ class LRPlan:
             check = getattr(fn, "check", None)
             check(self.total) if check is not None else fn(0, self.total)  # raises ValueError
             if name == "momentum" and ends_in_plateau(fn):
-                raise ValueError(f"momentum={fn!r}: a Plateau reduces the LR; it cannot be a momentum schedule")
+                raise ValueError(
+                    f"momentum={fn!r}: a Plateau reduces the learning rate; it cannot be a momentum schedule"
+                )
         found = plateau_of(self.schedule, self.total)
         self.plateau, self.plateau_start = (None, 0) if found is None else found
 

@@ -1,5 +1,6 @@
 """One LR owner: LRSchedule is the only writer of the LR; SWA, SnapshotEnsemble, LinearScaling, the range
-test and FreezeUnfreeze contribute through it, in any callback order (issue 13, part 1).
+test and FreezeUnfreeze contribute through its plan (:class:`lightning_tricks.lr_plan.LRPlan`), in any
+callback order. The plan's rules are tested first, without a Trainer.
 
 Every LR here is read inside ``optimizer.step()``, after the closure (so after every hook that runs
 before the update): the value the update uses.
@@ -35,7 +36,7 @@ from lightning_tricks.callbacks import (
     LRSchedule,
     SnapshotEnsemble,
 )
-from lightning_tricks.callbacks.lr_schedule import lr_owner
+from lightning_tricks.lr_plan import LRPlan
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
 from lightning_tricks.schedules import (
@@ -144,6 +145,114 @@ def owners(t: Trainer) -> list[LRSchedule]:
     return [c for c in t.callbacks if isinstance(c, LRSchedule)]
 
 
+# -- the plan, without a Trainer -------------------------------------------------------------------
+def _torch_lrs(make, base_lrs: list[float], steps: int) -> list[list[float]]:
+    """The LR of each group at steps 0..steps-1 under a torch scheduler (stepped once per step)."""
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": b} for b in base_lrs])
+    sched = make(opt)
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_plan_equals_torch_schedulers_for_every_group() -> None:
+    from torch.optim import lr_scheduler as tl
+
+    cases = [
+        (Step(step_size=3, gamma=0.5), lambda o: tl.StepLR(o, step_size=3, gamma=0.5)),
+        (Cosine(), lambda o: tl.CosineAnnealingLR(o, T_max=T)),
+        (
+            Warmup(steps=4, start_factor=0.1, then=Cosine()),
+            lambda o: tl.SequentialLR(
+                o,
+                [tl.LinearLR(o, start_factor=0.1, total_iters=4), tl.CosineAnnealingLR(o, T_max=T - 4)],
+                milestones=[4],
+            ),
+        ),
+    ]
+    for schedule, make in cases:
+        plan = LRPlan(schedule)
+        plan.start({0: [0.3, 0.03]}, T)
+        want = _torch_lrs(make, [0.3, 0.03], T)
+        for t in range(T):
+            assert plan.lrs(t)[0] == pytest.approx(want[t], rel=1e-9, abs=1e-15), (schedule, t)
+
+
+def test_plan_plateau_equals_reduce_lr_on_plateau_and_waits_for_the_warmup() -> None:
+    from lightning_tricks.schedules import Plateau
+
+    metrics = [1.0, 0.9, 0.95, 0.95, 0.97, 0.8, 0.85, 0.9, 0.99]
+    plan = LRPlan(Warmup(steps=2, then=Plateau(factor=0.5, patience=1, min_lr=0.02)))
+    plan.start({0: [0.1, 0.05]}, 100)
+    assert plan.step_plateau(1, 0.1) is None  # in the warmup: not counted
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": b} for b in (0.1, 0.05)])
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1, min_lr=0.02)
+    for k, m in enumerate(metrics):
+        plan.step_plateau(2 + k, m)
+        ref.step(m)
+        assert plan.lrs(2 + k)[0] == [g["lr"] for g in opt.param_groups], k
+    assert plan.plateau is not None and plan.plateau.reductions == 2  # after 0.95, 0.95 and 0.85, 0.9
+
+
+def test_plan_phase_starts_from_the_scheduled_lr_and_stops_the_plateau() -> None:
+    from lightning_tricks.schedules import Plateau
+
+    sched = Cosine()
+    plan = LRPlan(sched)
+    plan.start({0: [0.1], 1: [0.2]}, 20)
+    plan.add_phase("SWA", SWALRPhase(swa_lr=0.01, start_step=10, anneal="linear", anneal_steps=2))
+    assert plan.lrs(9) == {0: [0.1 * sched(9, 20)], 1: [0.2 * sched(9, 20)]}
+    assert plan.lrs(10)[1] == [pytest.approx(0.5 * 0.2 * sched(10, 20) + 0.5 * 0.01)]
+    assert plan.lrs(15) == {0: [0.01], 1: [0.01]}
+    with pytest.raises(ValueError, match="EMA and SWA both put an LR phase"):
+        plan.add_phase("EMA", SWALRPhase(swa_lr=0.02, start_step=3))
+    plateau = LRPlan(Plateau(patience=0, factor=0.5))
+    plateau.start({0: [0.1]}, 20)
+    plateau.add_phase("SWA", SWALRPhase(swa_lr=0.01, start_step=5))
+    assert plateau.step_plateau(3, 1.0) is False and plateau.step_plateau(4, 2.0) is True
+    assert plateau.step_plateau(5, 3.0) is None and plateau.plateau.reductions == 1  # the phase owns the tail
+
+
+def test_plan_contribution_rules_and_base_changes() -> None:
+    open_plan = LRPlan()  # no schedule of its own: a trick may set one, once
+    open_plan.start({0: [0.1]}, 8)
+    assert open_plan.lrs(5) == {0: [0.1]}
+    cycles = CosineRestarts(T_0=4)
+    open_plan.set_schedule("SnapshotEnsemble", cycles)
+    assert open_plan.lrs(5) == {0: [0.1 * cycles(5, 8)]}
+    with pytest.raises(ValueError, match="Other and SnapshotEnsemble both set the LR schedule"):
+        open_plan.set_schedule("Other", Cosine())
+    user = LRPlan(Cosine())
+    with pytest.raises(ValueError, match="sets the LR schedule to .* but LRSchedule has its own schedule"):
+        user.set_schedule("SnapshotEnsemble", cycles)
+    user.set_schedule("SnapshotEnsemble", Cosine())  # exactly the user's: accepted
+    user.start({0: [0.1, 0.01]}, 8)
+    assert user.change_base(lambda i, j, x: x * 2) == [(0, 0, 0.1, 0.2), (0, 1, 0.01, 0.02)]
+    user.add_groups(0, [0.005])
+    assert user.lrs(0) == {0: [0.2, 0.02, 0.005]}
+    assert not user.past_end(7) and user.past_end(8)
+    with pytest.raises(ValueError, match="needs total_steps"):
+        LRPlan(Warmup(steps=0.1)).start({0: [0.1]}, None)
+
+
+def test_plan_state_round_trips_with_the_plateau() -> None:
+    from lightning_tricks.schedules import Plateau
+
+    plan = LRPlan(Plateau(patience=0, factor=0.5))
+    plan.start({0: [0.1]}, 10)
+    plan.change_base(lambda i, j, x: 0.4)
+    for m in (1.0, 2.0, 3.0):
+        plan.step_plateau(1, m)
+    fresh = LRPlan(Plateau(patience=0, factor=0.5))
+    fresh.start({0: [0.1]}, 10)
+    assert fresh.load_state_dict(plan.state_dict()) == []
+    assert fresh.lrs(3) == plan.lrs(3) == {0: [0.1]}
+    assert fresh.load_state_dict({"base_lrs": {0: [1.0, 2.0]}, "total_steps": 12})[0].startswith("the checkpoint has 2")
+
+
 # -- the pure phase against torch's SWALR -----------------------------------------------------------
 @pytest.mark.parametrize("anneal", ["cos", "linear"])
 @pytest.mark.parametrize("per", ["steps", "epochs", "constant"])
@@ -221,16 +330,16 @@ def test_swa_lr_beside_lr_schedule_is_the_same_in_both_orders(tmp_path: Path, sc
     assert want[-1] == pytest.approx(0.01)
 
 
-def test_swa_alone_adds_one_owner_and_a_subclass_counts_as_the_owner(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    module = Tiny(lr=0.1)
+def test_swa_lr_needs_an_lr_schedule_and_a_subclass_counts_as_the_owner(tmp_path: Path) -> None:
     t = trainer(tmp_path / "alone", [SWA(start=2, swa_lr=0.01)])
-    with caplog.at_level("INFO"):
-        t.fit(module)
-    added = owners(t)
-    assert len(added) == 1 and added[0].added and not added[0].log_lr
-    assert "added LRSchedule(Constant()) to own the LR" in caplog.text
+    with pytest.raises(
+        MisconfigurationException, match=r"SWA\(swa_lr=0\.01\) changes the learning rate .*LRSchedule\(\)"
+    ):
+        t.fit(Tiny(lr=0.1))
+    assert t.global_step == 0 and not owners(t)  # refused, and no LRSchedule was added
+    module = Tiny(lr=0.1)
+    t = trainer(tmp_path / "owner", [SWA(start=2, swa_lr=0.01), LRSchedule()])
+    t.fit(module)
     assert [lrs[0] for lrs in module.seen] == [0.1] * 8 + [0.01] * 8
 
     class MySchedule(LRSchedule):  # found with isinstance, not by class name
@@ -242,7 +351,7 @@ def test_swa_alone_adds_one_owner_and_a_subclass_counts_as_the_owner(
     t.fit(module)
     assert owners(t) == [mine]
     assert [lrs[0] for lrs in module.seen] == [0.1 * Cosine()(s, T) for s in range(8)] + [0.01] * 8
-    assert lr_owner(t, "test") is mine
+    assert LRSchedule.of(t, "test") is mine
 
 
 def test_swa_phase_applies_to_every_group_from_its_lr_at_the_start(tmp_path: Path) -> None:
@@ -277,12 +386,12 @@ class ForeignWriter(Callback):
 
 
 @pytest.mark.parametrize("order", ["writer-first", "writer-last"])
-@pytest.mark.parametrize("owner", ["user", "added"])
+@pytest.mark.parametrize("owner", ["constant", "swa"])
 @pytest.mark.parametrize("hook", ["batch_start", "before_step"])
 def test_a_foreign_lr_writer_fails_fit_with_the_values(tmp_path: Path, order: str, owner: str, hook: str) -> None:
-    ours = LRSchedule(Constant()) if owner == "user" else SWA(start=3, swa_lr=0.01)
+    ours = [LRSchedule(Constant())] if owner == "constant" else [LRSchedule(), SWA(start=3, swa_lr=0.01)]
     writer = ForeignWriter(hook)
-    callbacks = [writer, ours] if order == "writer-first" else [ours, writer]
+    callbacks = [writer, *ours] if order == "writer-first" else [*ours, writer]
     module = Tiny(lr=0.1)
     t = trainer(tmp_path, callbacks)
     with pytest.raises(
@@ -291,8 +400,7 @@ def test_a_foreign_lr_writer_fails_fit_with_the_values(tmp_path: Path, order: st
         r"something else set param_group\['lr'\]",
     ):
         t.fit(module)
-    # (an added owner is appended to the callback list: it always runs after the writer)
-    if hook == "before_step" and order == "writer-last" and owner == "user":  # caught right after that update
+    if hook == "before_step" and order == "writer-last":  # caught right after that update
         assert module.seen == [[0.1], [0.1], [0.5]] and t.global_step == 3
     else:  # caught before the update that would use it
         assert module.seen == [[0.1], [0.1]] and t.global_step == 2
@@ -311,12 +419,13 @@ def test_refusals_name_both_and_come_before_the_first_step(tmp_path: Path) -> No
             Tiny(),
             ["LRSchedule(Constant(factor=1.0))", "LRSchedule(Cosine(", "both drive optimizer 0"],
         ),
-        ([SWA(start=2, swa_lr=0.01)], Tiny(scheduler=True), ["SWA(swa_lr=0.01)", "StepLR", "SWA(swa_lr=None)"]),
+        ([SWA(start=2, swa_lr=0.01)], Tiny(), ["SWA(swa_lr=0.01)", "LRSchedule()"]),
         (
             [SnapshotEnsemble(cycles=2, evaluate=False)],
-            Tiny(scheduler=True),
-            ["SnapshotEnsemble(cycles=2, schedule=True)", "StepLR"],
+            Tiny(),
+            ["SnapshotEnsemble(cycles=2, schedule=True)", "LRSchedule()"],
         ),
+        ([LRSchedule(), SWA(start=2, swa_lr=0.01)], Tiny(scheduler=True), ["LRSchedule()", "StepLR"]),
         ([LRSchedule(Constant())], Tiny(scheduler=True), ["LRSchedule(Constant(factor=1.0))", "StepLR"]),
     ]
     for callbacks, module, names in cases:
@@ -347,7 +456,7 @@ def test_snapshot_cycles_compose_with_an_lr_schedule_of_exactly_those_cycles(tmp
 def test_snapshot_cycles_through_the_owner_give_huang_lrs(tmp_path: Path, accumulate: int) -> None:
     module = Tiny(lr=0.1, two_groups=True)
     snap = SnapshotEnsemble(cycles=2, evaluate=False)
-    t = trainer(tmp_path, [snap], accumulate_grad_batches=accumulate)
+    t = trainer(tmp_path, [snap, LRSchedule()], accumulate_grad_batches=accumulate)
     t.fit(module)
     total = T // accumulate
     cosine = CosineRestarts(T_0=math.ceil(total / 2), T_mult=1, min_factor=0.0)
@@ -367,12 +476,12 @@ def test_linear_scaling_scales_the_owner_base_lrs(tmp_path: Path, order: str) ->
     t.fit(module)
     factor = 4 / 2
     assert module.seen == [[0.1 * factor * sched(s, T), 0.01 * factor * sched(s, T)] for s in range(T)]
-    # alone: an owner is added and the scaled LR holds; with the module's own scheduler that scheduler owns
-    # the LR and its base_lrs are scaled (as before)
+    # alone: the scaled LR is the optimizer's starting LR and holds (no LRSchedule needed); with the module's
+    # own scheduler that scheduler owns the LR and its base_lrs are scaled
     module = Tiny(lr=0.1)
     t = trainer(tmp_path, [LinearScaling(reference_batch_size=2)])
     t.fit(module)
-    assert [lrs[0] for lrs in module.seen] == [0.1 * factor] * T and len(owners(t)) == 1
+    assert [lrs[0] for lrs in module.seen] == [0.1 * factor] * T and not owners(t)
     module = Tiny(lr=0.1, scheduler=True)
     t = trainer(tmp_path, [LinearScaling(reference_batch_size=2)])
     with pytest.warns(UserWarning, match="scaled the base LRs of the module's StepLR"):
@@ -393,12 +502,12 @@ def test_range_test_hands_off_base_lrs_through_the_owner(tmp_path: Path) -> None
     ratio = 0.01 / 0.1  # the groups keep their ratio to the first
     # (the sweep's own steps, run and undone before training, come first in module.seen)
     assert module.seen[-T:] == [[lr * sched(s, T), lr * ratio * sched(s, T)] for s in range(T)]
-    # alone: the added owner holds the applied LR
+    # alone: the applied LR is the optimizer's starting LR and holds
     finder = LRRangeTest(min_lr=1e-4, max_lr=1.0, num_steps=6, skip_begin=0, skip_end=0, plot_path=None)
     module = Tiny(lr=0.1)
     t = trainer(tmp_path, [finder])
     t.fit(module)
-    assert len(owners(t)) == 1 and [lrs[0] for lrs in module.seen][-T:] == [finder.applied_lr] * T
+    assert not owners(t) and [lrs[0] for lrs in module.seen][-T:] == [finder.applied_lr] * T
 
 
 def test_unfrozen_groups_join_the_schedule_at_their_base_lr(tmp_path: Path) -> None:
@@ -415,14 +524,15 @@ def test_unfrozen_groups_join_the_schedule_at_their_base_lr(tmp_path: Path) -> N
     assert all("initial_lr" in g for g in t.optimizers[0].param_groups)
 
 
-# -- resume: an added owner gets its state back ------------------------------------------------------
+# -- resume: the SWA phase continues exactly ----------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:.*dirpath has changed.*")
-def test_an_added_owner_resumes_exactly(tmp_path: Path) -> None:
+def test_the_swa_phase_resumes_exactly(tmp_path: Path) -> None:
     def run(ckpt_path: Any, lr: float, where: Path) -> tuple[Trainer, Tiny]:
         seed_everything(0)
         module = Tiny(lr=lr)
         ckpt = ModelCheckpoint(dirpath=where, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-        t = trainer(where, [SWA(start=2, swa_lr=0.01, anneal_steps=3), ckpt], enable_checkpointing=True)
+        callbacks = [SWA(start=2, swa_lr=0.01, anneal_steps=3), LRSchedule(), ckpt]
+        t = trainer(where, callbacks, enable_checkpointing=True)
         t.fit(module, ckpt_path=ckpt_path)
         return t, module
 

@@ -431,4 +431,4 @@ def test_range_test_from_a_diverging_start_leaves_the_lr(tmp_path):
         trainer.fit(module, DigitsDataModule(batch_size=32, loader="resident"))
     assert finder.result is not None and not finder.result.fell
     assert finder.applied_lr is None
-    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 0.05  # the configured base LR stays
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # the configured LR stays

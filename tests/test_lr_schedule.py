@@ -114,7 +114,7 @@ def test_lr_follows_optimizer_steps_with_gradient_accumulation(tmp_path: Path) -
     callback = LRSchedule(sched)
     tiny_trainer(tmp_path, [callback], accumulate_grad_batches=3).fit(module)
     total = 8  # 2 epochs x ceil(10 batches / 3)
-    assert callback.run_length == total and callback.lr_at(3) == {0: [pytest.approx(0.1 * sched(3, total))]}
+    assert callback.plan.total == total and callback.plan.lrs(3) == {0: [pytest.approx(0.1 * sched(3, total))]}
     expected = [0.1 * sched(t, total) for t in range(total)]
     assert [s for s, _, _ in module.at_step] == list(range(total))
     assert [lr for _, lr, _ in module.at_step] == pytest.approx(expected, abs=1e-12)
@@ -183,8 +183,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_the_same_lr_curve(tmp_path: 
     tiny_trainer(tmp_path, [cb, ckpt], enable_checkpointing=True).fit(full)
     assert len(full.at_step) == 20
     state = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=False)["callbacks"][cb.state_key]
-    # phases: what SWA contributes; plateau: the state of a Plateau schedule (tests/test_plateau.py)
-    assert state == {"base_lrs": {0: [0.3]}, "total_steps": 20, "phases": {}, "plateau": None}
+    # plateau: the state of a Plateau schedule (tests/test_plateau.py); steps: per-optimizer counts (manual)
+    assert state == {"base_lrs": {0: [0.3]}, "total_steps": 20, "plateau": None, "steps": None}
 
     # a fresh module whose optimizer starts at another LR: the checkpoint decides
     resumed = Tiny(lr=0.9)
@@ -236,9 +236,9 @@ def test_trainer_dependent_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_fail_at_construction() -> None:
-    with pytest.raises(ValueError, match="schedule must be callable"):
+    with pytest.raises(ValueError, match="schedule must be None or callable"):
         LRSchedule("cosine")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="total_steps must be None or an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1 or None, got 0"):
         LRSchedule(Cosine(), total_steps=0)
     with pytest.raises(ValueError, match=r"optimizers must be .* got -1"):
         LRSchedule(Cosine(), optimizers=-1)
@@ -299,7 +299,7 @@ def test_warmup_cosine_recipe_runs_through_train(make_cfg) -> None:
     metrics, objects = train(make_cfg("schedule=warmup_cosine", "trainer.max_epochs=2", "test=false"))
     callback = next(c for c in objects["callbacks"] if isinstance(c, LRSchedule))
     trainer = objects["trainer"]
-    assert callback.run_length == trainer.global_step == 6
+    assert callback.plan.total == trainer.global_step == 6
     group = trainer.optimizers[0].param_groups[0]
     assert group["lr"] == pytest.approx(group["initial_lr"] * callback.schedule(6, 6))  # the next step's LR
 
@@ -324,7 +324,7 @@ def test_log_switch_and_log_every_n_steps(log, tmp_path):
                 self.steps.append(trainer.global_step)
 
     def pl_module_lr(trainer):  # the LR the step just taken used: the schedule at global_step - 1
-        return schedule.lr_at(trainer.global_step - 1)[0][0]
+        return schedule.plan.lrs(trainer.global_step - 1)[0][0]
 
     seed_everything(0)
     schedule = LRSchedule(Cosine(), log=log)

@@ -542,7 +542,7 @@ def test_schedule_configs_run_through_train(make_cfg, name: str) -> None:
     OmegaConf.update(cfg, f"{key}.threshold", 0.9)  # only a fall of val/loss by 90% counts as an improvement
     metrics, objects = train(cfg)
     callback = next(c for c in objects["callbacks"] if isinstance(c, LRSchedule))
-    found = plateau_of(callback.schedule, callback.run_length)
+    found = plateau_of(callback.schedule, callback.plan.total)
     assert found is not None
     plateau, start = found
     assert start == (0 if name == "plateau" else 1)  # 5% of 12 steps, rounded

@@ -90,7 +90,9 @@ class LRSchedule(Callback):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be None or callable as {name}(step, total_steps), got {fn!r}")
         if momentum is not None and ends_in_plateau(momentum):
-            raise ValueError(f"momentum={momentum!r}: a Plateau reduces the LR; it cannot be a momentum schedule")
+            raise ValueError(
+                f"momentum={momentum!r}: a Plateau reduces the learning rate; it cannot be a momentum schedule"
+            )
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True)
         if optimizers is not None:
             idx = [optimizers] if isinstance(optimizers, int) else list(optimizers)
@@ -338,7 +340,7 @@ class LRSchedule(Callback):
         if ends_in_plateau(self.plan.schedule) and trainer.limit_val_batches == 0:
             raise MisconfigurationException(
                 f"{self!r} reduces the LR when its Plateau's metric stops improving, at each validation, but "
-                "validation is off (limit_val_batches=0): it would never act. Turn validation on, or use a "
+                "validation is off (trainer limit_val_batches=0): it would never act. Turn validation on, or use a "
                 "schedule that is a function of the step"
             )
         return indices

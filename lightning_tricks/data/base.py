@@ -174,10 +174,12 @@ class TensorDataModule(LightningDataModule):
         return {name: ((xs - shift) / scale, ys) for name, (xs, ys) in splits.items()}
 
     def _check(self, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """Labels in ``[0, num_classes)`` and a training split of at least one batch, said before training."""
+        """Labels in ``[0, num_classes)``, finite inputs, one input shape, a non-empty test split and a training
+        split of at least one batch, said before training."""
         name = type(self).__name__
+        _check_values(name, splits)
         for split, (_, y) in splits.items():
-            if len(y) and not y.dtype.is_floating_point:
+            if len(y):
                 low, high = int(y.min()), int(y.max())
                 if low < 0 or high >= self.num_classes:
                     bad = low if low < 0 else high
@@ -291,6 +293,31 @@ class TensorDataModule(LightningDataModule):
         saved = state_dict.get("batch_augment_generator")
         if isinstance(generator, torch.Generator) and isinstance(saved, Tensor):
             generator.set_state(saved)
+
+
+def _check_values(name: str, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Inputs finite and of the training split's shape, labels whole numbers, a test split that is not empty."""
+    shape = tuple(splits["train"][0].shape[1:])
+    for split, (x, y) in splits.items():
+        if split == "test" and len(y) == 0:
+            raise ValueError(f"{name}: the test split is empty; check the test files")
+        if tuple(x.shape[1:]) != shape and len(x):
+            raise ValueError(
+                f"{name}: the {split} split's inputs are {tuple(x.shape[1:])}, the training split's {shape}; "
+                "every split must have one input shape"
+            )
+        if x.dtype.is_floating_point and len(x):
+            bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{name}: the {split} split has {int(bad.sum())} sample(s) with NaN or Inf inputs, the first "
+                    f"is sample {int(bad.int().argmax())}; inputs must be finite"
+                )
+        if y.dtype.is_floating_point and len(y):
+            whole = torch.isfinite(y) & (y == y.round())
+            if not bool(whole.all()):
+                i = int((~whole).int().argmax())
+                raise ValueError(f"{name}: the {split} split has label {float(y[i])} at index {i}, not a class index")
 
 
 def standardize(train_x: Tensor, *others: Tensor) -> tuple[Tensor, ...]:

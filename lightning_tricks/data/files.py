@@ -62,6 +62,35 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def check_idx_split(
+    images_path: Path, images: np.ndarray, labels_path: Path, labels: np.ndarray, train: tuple[Path, tuple] | None
+) -> None:
+    """What an idx split must be before training, each fault said in one line naming its file: images (no
+    empty split, finite pixels, the training images' size when ``train`` = ``(path, image shape)``) and labels
+    (whole numbers: a float label file is read as class indices, and 3.5 is none)."""
+    if len(images) == 0:
+        raise DataFileError(f"data file {images_path} holds no images: the split is empty")
+    if images.dtype.kind == "f":
+        bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+        if bad.any():
+            raise DataFileError(
+                f"data file {images_path}: {int(bad.sum())} image(s) with NaN or Inf pixels, the first is image "
+                f"{int(np.argmax(bad))}; pixels must be finite"
+            )
+    if train is not None and tuple(images.shape[1:]) != tuple(train[1]):
+        shape, like = "x".join(map(str, images.shape[1:])), "x".join(map(str, train[1]))
+        raise DataFileError(
+            f"data file {images_path}: images are {shape}, but the training images ({train[0]}) are {like}"
+        )
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise DataFileError(
+                f"data file {labels_path}: label {labels[i]} at index {i} is not a class index (a whole number)"
+            )
+
+
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` (uint8) as a gzipped idx file: the inverse of :func:`read_idx`, for tests."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_tricks.data.base import TensorDataModule
 from lightning_tricks.data.files import (
     CHECKSUMS,
+    check_idx_split,
     download,
     extract_tar,
     read_cifar_batches,
@@ -89,6 +90,7 @@ class IdxImageDataModule(TensorDataModule):
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
         self.prepare_data()
         out = {}
+        train: tuple[Path, tuple] | None = None
         for split, (images, labels) in IDX_FILES.items():
             x = read_idx(self.data_dir / images)
             y = read_idx(self.data_dir / labels)
@@ -97,6 +99,8 @@ class IdxImageDataModule(TensorDataModule):
                     f"{self.data_dir}: {images} has shape {x.shape} and {labels} {y.shape}; "
                     "expected (N, H, W) images and N labels"
                 )
+            check_idx_split(self.data_dir / images, x, self.data_dir / labels, y, train)
+            train = train or (self.data_dir / images, x.shape[1:])
             out[split] = (torch.from_numpy(x.copy()).float().unsqueeze(1) / 255.0, torch.from_numpy(y.astype(np.int64)))
         out["train"] = _limit(*out["train"], self.limit_train)
         out["test"] = _limit(*out["test"], self.limit_test)

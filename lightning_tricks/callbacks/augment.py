@@ -1,14 +1,10 @@
 """Mixup, CutMix, MixupCutmix and Cutout as callbacks: adapters over :mod:`lightning_tricks.augment`.
 
-Each class holds its arguments and its state and calls one core function (``mixup_batch``,
-``cutmix_batch``, ``mixup_cutmix_batch``, ``cutout_batch``); :class:`BatchAugment` is the one place that
-decides when to act, seeds the generator and reads and writes the batch. They act in
-``on_train_batch_start``, after the batch is on the device, and replace tensors inside the batch object
-Lightning then passes to ``training_step``, so the batch must be a ``list`` or a ``dict``
-(``input_key`` / ``target_key``). Mixup and CutMix put :class:`~lightning_tricks.augment.MixedTargets`
-(soft targets ``(N, C)``) in place of the labels: losses take them, metrics read
-:func:`~lightning_tricks.augment.labels_of` (a label use of the soft targets raises an error naming the
-callback). How they draw, stack and resume: ``docs/method_cards.md``, "Batch augmentation".
+Each class holds its arguments and state and calls one core function; :class:`BatchAugment` is the one
+place that decides when to act, seeds the generator and reads and writes the batch (a ``list`` or a
+``dict``, replaced in ``on_train_batch_start``). Mixup and CutMix put
+:class:`~lightning_tricks.augment.MixedTargets` in place of the labels: losses take them, metrics read
+``labels_of(y)``. How they draw, stack and resume: ``docs/method_cards.md``, "Batch augmentation".
 """
 
 from __future__ import annotations
@@ -46,16 +42,13 @@ __all__ = ["BatchAugment", "Mixup", "CutMix", "MixupCutmix", "Cutout", "ORDER", 
 ORDER = ("Cutout", "Mixup", "CutMix", "MixupCutmix")
 
 
-def _place(augment: BatchAugment) -> int:
-    """The position of ``augment``'s class (or the first of its bases) in :data:`ORDER`; others go last."""
+def _place(augment: BatchAugment) -> int:  # the position of its class (or first listed base) in ORDER
     return next((ORDER.index(k.__name__) for k in type(augment).__mro__ if k.__name__ in ORDER), len(ORDER))
 
 
 def batch_seed(seed: int, rank: int, count: int) -> int:
-    """The generator seed of training batch ``count`` on DDP rank ``rank``: ``SeedSequence([seed, rank, count])``.
-
-    A function of numbers every rank knows, so a checkpoint (written by rank zero) resumes every rank's
-    draws, and ranks draw differently.
+    """The generator seed of training batch ``count`` on DDP rank ``rank``: ``SeedSequence([seed, rank, count])``;
+    numbers every rank knows, so a checkpoint (written by rank zero) resumes every rank's draws.
 
     Example:
         >>> batch_seed(0, 0, 5) == batch_seed(0, 0, 5) != batch_seed(0, 1, 5)
@@ -65,11 +58,8 @@ def batch_seed(seed: int, rank: int, count: int) -> int:
 
 
 class BatchAugment(MemoStateKey, Callback):
-    """The wiring shared by the batch augmentations: when to act, the per-batch generator, the batch.
-
-    Subclasses give :meth:`transform`, which calls the core with the generator; they set
-    ``mixes_labels`` when they replace the targets.
-    """
+    """The wiring shared by the batch augmentations: when to act, the per-batch generator, the batch;
+    a subclass gives :meth:`transform` (one call of the core) and ``mixes_labels`` (it replaces the targets)."""
 
     mixes_labels = True
 
@@ -105,7 +95,6 @@ class BatchAugment(MemoStateKey, Callback):
         self._stack: list[BatchAugment] | None = None  # set at setup: what this callback's hook applies
         self._announced_off = False
 
-    # -- state ---------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
         return self._generate_state_key(**self._key_args())
@@ -121,7 +110,6 @@ class BatchAugment(MemoStateKey, Callback):
         if state_dict.get("seed") is not None:
             self._seed = int(state_dict["seed"])
 
-    # -- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -142,18 +130,13 @@ class BatchAugment(MemoStateKey, Callback):
         if self._classes is None:
             found = getattr(pl_module, "num_classes", None) or getattr(trainer_datamodule(trainer), "num_classes", None)
             self._classes = int(found) if found is not None else None
-        if self.off_last_epochs:
-            max_epochs = trainer.max_epochs
-            if max_epochs is None or max_epochs < 0:
-                raise ValueError(
-                    f"{type(self).__name__}(off_last_epochs={self.off_last_epochs}) needs "
-                    f"Trainer(max_epochs=...), got max_epochs={max_epochs!r}"
-                )
-            if self.off_last_epochs >= max_epochs:
-                rank_zero_warn(
-                    f"{type(self).__name__}: off_last_epochs={self.off_last_epochs} >= "
-                    f"max_epochs={max_epochs}, so it never acts"
-                )
+        name, last, max_epochs = type(self).__name__, self.off_last_epochs, trainer.max_epochs
+        if last and (max_epochs is None or max_epochs < 0):
+            raise ValueError(
+                f"{name}(off_last_epochs={last}) needs Trainer(max_epochs=...), got max_epochs={max_epochs!r}"
+            )
+        if last and max_epochs is not None and last >= max_epochs:
+            rank_zero_warn(f"{name}: off_last_epochs={last} >= max_epochs={max_epochs}, so it never acts")
         self._setup(trainer, pl_module)
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -195,8 +178,7 @@ class BatchAugment(MemoStateKey, Callback):
             batch[self.target_key] = MixedTargets.wrap(new_y, y, type(self).__name__)
 
     def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        """The augmented ``(x, y)``, every draw from ``generator``; ``on`` is False only when
-        :meth:`_acts_when_off` (an epoch off the augmentation, where MixupCutmix still smooths)."""
+        """The augmented ``(x, y)``, every draw from ``generator``; ``on``: False in an epoch off (MixupCutmix)."""
         raise NotImplementedError
 
     def _acts_when_off(self) -> bool:
@@ -204,14 +186,12 @@ class BatchAugment(MemoStateKey, Callback):
 
     def _read(self, batch: Any) -> tuple[Tensor, Tensor]:
         name = type(self).__name__
-        if isinstance(batch, tuple):
-            raise TypeError(
-                f"{name} replaces tensors inside the batch, so the batch must be a list or a dict; got a tuple. "
-                "Make the train loader (or on_after_batch_transfer) return a list (DataLoader's default collate "
-                "already does for (x, y) samples), or call lightning_tricks.augment's functions in training_step"
-            )
         if not isinstance(batch, (list, MutableMapping)):
-            raise TypeError(f"{name} needs a list or dict batch, got {type(batch).__name__}")
+            raise TypeError(
+                f"{name} replaces tensors inside the batch, so the batch must be a list or a dict; got a "
+                f"{type(batch).__name__}. Make the train loader (or on_after_batch_transfer) return a list, or "
+                "call lightning_tricks.augment's functions in training_step"
+            )
         try:
             x, y = batch[self.input_key], batch[self.target_key]  # type: ignore[index]
         except (IndexError, KeyError) as err:
@@ -260,9 +240,8 @@ class Mixup(_Mix):
     """Mixup on training batches: ``x' = lam x + (1-lam) x[perm]``, ``y' = lam q + (1-lam) q[perm]``.
 
     ``lam ~ Beta(alpha, alpha)`` per batch, ``perm`` a random permutation, ``q`` one-hot targets
-    (:func:`~lightning_tricks.augment.mixup_batch`). Zhang, Cisse, Dauphin, Lopez-Paz, "mixup: Beyond
-    Empirical Risk Minimization", 2018, arXiv:1710.09412. The targets become
-    :class:`~lightning_tricks.augment.MixedTargets` ``(N, C)``: the loss must accept soft targets
+    (:func:`~lightning_tricks.augment.mixup_batch`; Zhang et al. 2018, arXiv:1710.09412). The targets
+    become :class:`~lightning_tricks.augment.MixedTargets` ``(N, C)``: the loss must accept soft targets
     (``F.cross_entropy`` does), metrics read ``labels_of(y)``.
 
     Args:
@@ -274,8 +253,6 @@ class Mixup(_Mix):
             DataModule.
         seed: base seed of the draws; ``None`` takes ``torch.initial_seed()`` (set by ``seed_everything``).
         input_key, target_key: where ``x`` and ``y`` are in the batch (list positions or dict keys).
-
-    Not together with :class:`CutMix` (refused at ``setup``): :class:`MixupCutmix` switches between them.
 
     Example:
         >>> cb = Mixup(alpha=0.2, off_last_epochs=2)   # Trainer(callbacks=[cb], max_epochs=10)
@@ -293,19 +270,11 @@ class CutMix(_Mix):
 
     ``lam ~ Beta(alpha, alpha)`` sets the box (sides ``sqrt(1 - lam) * (H, W)``, uniform center,
     clipped), then ``lam = 1 - box_area / (H W)`` and ``y' = lam q + (1 - lam) q[perm]``
-    (:func:`~lightning_tricks.augment.cutmix_batch`). Yun, Han, Oh, Chun, Choe, Yoo, "CutMix:
-    Regularization Strategy to Train Strong Classifiers with Localizable Features", 2019,
-    arXiv:1905.04899. Images ``(N, C, H, W)`` only. Arguments as :class:`Mixup` (the paper uses
-    ``alpha=1``). Not together with :class:`Mixup` (refused at ``setup``): :class:`MixupCutmix` switches
-    between them.
-
-    Example:
-        >>> cb = CutMix(alpha=1.0, p=0.5)
+    (:func:`~lightning_tricks.augment.cutmix_batch`; Yun et al. 2019, arXiv:1905.04899). Images
+    ``(N, C, H, W)`` only. Arguments as :class:`Mixup` (the paper uses ``alpha=1``).
     """
 
     def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        if x.ndim != 4:
-            raise ValueError(f"CutMix needs images (N, C, H, W), got shape {tuple(x.shape)}")
         out = cutmix_batch(x, y, self._num_classes(y), self.alpha, generator=generator)
         return out.x, out.y
 
@@ -313,17 +282,11 @@ class CutMix(_Mix):
 class MixupCutmix(BatchAugment):
     """Mixup or CutMix on training batches, chosen per batch, pair or sample: timm's ``Mixup`` as a callback.
 
-    For each slot (the batch with ``mode="batch"``, the pair ``(i, N-1-i)`` with ``"pair"``, the sample
-    with ``"elem"``): with probability ``prob`` it is mixed, by CutMix with probability ``switch_prob``
-    (when both alphas are > 0) else by mixup, with ``lam ~ Beta(alpha, alpha)`` of that method; sample
-    ``i``'s partner is ``N-1-i`` (the loader shuffles). Label smoothing ``eps`` is folded into the
-    targets, ``y'_i = lam_i s(q_i) + (1 - lam_i) s(q_{N-1-i})`` with ``s(q) = (1 - eps) q + eps / C``, on
-    every training batch, mixed or not (timm does the same), so ``setup`` refuses a module with its own
-    ``label_smoothing > 0``. The math is :func:`~lightning_tricks.augment.mixup_cutmix_batch`.
-
-    Zhang et al. 2018 (arXiv:1710.09412); Yun et al. 2019 (arXiv:1905.04899); the batch/pair/elem
-    switch is Wightman's ``timm.data.Mixup`` (DeiT, Touvron et al. 2021, arXiv:2012.12877, uses
-    ``mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1``).
+    Each slot (the batch, the pair ``(i, N-1-i)`` or the sample) is mixed with probability ``prob``, by
+    CutMix with probability ``switch_prob`` else by mixup; label smoothing is folded into the targets of
+    every training batch, so ``setup`` refuses a module with its own ``label_smoothing > 0``. The math
+    is :func:`~lightning_tricks.augment.mixup_cutmix_batch` (timm's ``Mixup``; DeiT, arXiv:2012.12877,
+    uses ``mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1``).
 
     Args:
         mixup_alpha: mixup's Beta concentration, >= 0 (0 turns mixup off).
@@ -332,9 +295,8 @@ class MixupCutmix(BatchAugment):
         prob: probability that a slot is mixed, in [0, 1].
         switch_prob: probability of CutMix instead of mixup when both are on, in [0, 1].
         mode: ``"batch"`` (one ``lam`` and box for the batch), ``"pair"`` or ``"elem"`` (per sample).
-        label_smoothing: ``eps`` in [0, 1) folded into the soft targets.
-        until_epoch: mix only in epochs ``< until_epoch`` (0-based; timm's ``mixup_off_epoch``);
-            ``None`` = always. Label smoothing goes on after it.
+        label_smoothing: ``eps`` in [0, 1) folded into the soft targets (it goes on after ``until_epoch``).
+        until_epoch: mix only in epochs ``< until_epoch`` (0-based; timm's ``mixup_off_epoch``).
         off_last_epochs, num_classes, seed, input_key, target_key: as :class:`Mixup`.
 
     Example:
@@ -361,53 +323,28 @@ class MixupCutmix(BatchAugment):
         super().__init__(1.0, until_epoch, off_last_epochs, seed, input_key, target_key)
         check_mixup_cutmix(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, label_smoothing)
         check_int("num_classes", num_classes, 2, allow_none=True)
-        self.mixup_alpha = float(mixup_alpha)
-        self.cutmix_alpha = float(cutmix_alpha)
-        self.prob = float(prob)
-        self.switch_prob = float(switch_prob)
-        self.mode = mode
+        self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
+        self.prob, self.switch_prob, self.mode = float(prob), float(switch_prob), mode
         self.label_smoothing = float(label_smoothing)
         self.num_classes = self._classes = num_classes
 
     def _key_args(self) -> dict[str, Any]:
-        return {
-            "mixup_alpha": self.mixup_alpha,
-            "cutmix_alpha": self.cutmix_alpha,
-            "prob": self.prob,
-            "switch_prob": self.switch_prob,
-            "mode": self.mode,
-        }
+        return {k: getattr(self, k) for k in ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "mode")}
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         smoothing = getattr(pl_module, "label_smoothing", 0.0)
         if self.label_smoothing and isinstance(smoothing, (int, float)) and smoothing > 0:
             raise ValueError(
-                f"MixupCutmix(label_smoothing={self.label_smoothing}) and the module's "
-                f"label_smoothing={smoothing} would smooth the targets twice; set one of them to 0 "
-                "(they give the same targets)"
+                f"MixupCutmix(label_smoothing={self.label_smoothing}) and the module's label_smoothing={smoothing} "
+                "would smooth the targets twice; set one of them to 0 (they give the same targets)"
             )
 
     def _acts_when_off(self) -> bool:
         return self.label_smoothing > 0  # the smoothing stays after the mixing stops
 
     def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        if self.cutmix_alpha > 0 and x.ndim != 4:
-            raise ValueError(
-                f"MixupCutmix(cutmix_alpha={self.cutmix_alpha}) needs images (N, C, H, W), got shape "
-                f"{tuple(x.shape)}; set cutmix_alpha=0 for other inputs"
-            )
-        out = mixup_cutmix_batch(
-            x,
-            y,
-            self._num_classes(y),
-            self.mixup_alpha,
-            self.cutmix_alpha,
-            self.prob if on else 0.0,
-            self.switch_prob,
-            self.mode,
-            self.label_smoothing,
-            generator,
-        )
+        mixing = (self.mixup_alpha, self.cutmix_alpha, self.prob if on else 0.0, self.switch_prob, self.mode)
+        out = mixup_cutmix_batch(x, y, self._num_classes(y), *mixing, self.label_smoothing, generator)
         if not self.label_smoothing and not out.params.mixed:
             return x, y  # nothing mixed: the batch stays exactly as it is
         return out.x, out.y
@@ -417,19 +354,14 @@ class Cutout(BatchAugment):
     """Cutout on training batches: ``count`` squares of side ``size`` per image set to ``value``.
 
     Each square is centered uniformly over the image and clipped at the border; labels are unchanged
-    (:func:`~lightning_tricks.augment.cutout_batch`). DeVries and Taylor, "Improved Regularization of
-    Convolutional Neural Networks with Cutout", 2017, arXiv:1708.04552 (16x16 on CIFAR-10).
+    (:func:`~lightning_tricks.augment.cutout_batch`; DeVries and Taylor 2017, arXiv:1708.04552).
 
     Args:
-        size: side in pixels (int >= 1) or as a fraction of ``min(H, W)`` (float in (0, 1]); a square
-            larger than the image raises ``ValueError`` (at ``setup`` when the DataModule has
-            ``input_shape``, else at the first batch).
+        size: side in pixels (int >= 1) or as a fraction of ``min(H, W)`` (float in (0, 1]); a square larger
+            than the image is refused (at ``setup`` if the DataModule has ``input_shape``, else at the first batch).
         count: squares per image, >= 1.
         value: fill value (0 is the mean of standardized data).
         p, until_epoch, off_last_epochs, seed, input_key: as :class:`Mixup`.
-
-    Example:
-        >>> cb = Cutout(size=16, count=1)
     """
 
     mixes_labels = False
@@ -447,10 +379,7 @@ class Cutout(BatchAugment):
         target_key: int | str = 1,
     ) -> None:
         super().__init__(p, until_epoch, off_last_epochs, seed, input_key, target_key)
-        if isinstance(size, int):
-            check_int("size", size, 1)
-        else:
-            check_float("size", size, 0.0, 1.0, low_open=True)
+        check_int("size", size, 1) if isinstance(size, int) else check_float("size", size, 0.0, 1.0, low_open=True)
         check_int("count", count, 1)
         self.size = size
         self.count = count
@@ -466,6 +395,4 @@ class Cutout(BatchAugment):
             cutout_size(self.size, int(shape[1]), int(shape[2]))  # raises if it does not fit
 
     def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        if x.ndim != 4:
-            raise ValueError(f"Cutout needs images (N, C, H, W), got shape {tuple(x.shape)}")
         return cutout_batch(x, self.size, self.count, generator, value=self.value)[0], y

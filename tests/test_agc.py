@@ -167,10 +167,7 @@ def test_unknown_module_name_in_exclude_fails_at_setup(tmp_path):
 # the callback in a Trainer
 # ------------------------------------------------------------------------------------------------
 class _Recorder(Classifier):
-    """Records the gradients after every backward pass and in its own ``on_before_optimizer_step``.
-
-    Lightning calls the module's hook after every callback's, so ``post`` is what the optimizer gets.
-    """
+    """Records the gradients after every backward pass and, in a step post-hook, the ones the update used."""
 
     def __init__(self, *args, fused: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -189,12 +186,13 @@ class _Recorder(Classifier):
     def on_after_backward(self) -> None:
         self.after_backward.append(self._grads())
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.post.append(self._grads())
+    def on_train_start(self) -> None:
+        for opt in self.trainer.optimizers:
+            opt.register_step_post_hook(lambda *args: self.post.append(self._grads()))
 
 
 class _Pre(Callback):
-    """Records the gradients in ``on_before_optimizer_step`` (AGC moves itself after every other callback)."""
+    """Records the gradients in ``on_before_optimizer_step`` (AGC clips later, inside ``optimizer.step()``)."""
 
     def __init__(self) -> None:
         self.pre: list[dict[str, torch.Tensor]] = []
@@ -311,8 +309,9 @@ def test_under_16_mixed_with_a_fused_optimizer_the_scale_is_used(tmp_path):
     assert pre.scales[0] == 1024.0
     # the fused optimizer unscales inside step(): the hooks see scaled gradients
     torch.testing.assert_close(pre.pre[0]["net.backbone.1.weight"], module.after_backward[0]["net.backbone.1.weight"])
-    for k in range(len(pre.pre)):
-        _check_clipped(pre.pre[k], module.post[k], weights.weights[k], 0.01, scale=pre.scales[k])
+    for k in range(len(pre.pre)):  # the fused step unscales the gradients in place: post holds the true ones
+        used = {n: g * pre.scales[k] for n, g in module.post[k].items()}
+        _check_clipped(pre.pre[k], used, weights.weights[k], 0.01, scale=pre.scales[k])
 
 
 def test_l1_is_clipped_with_the_loss_gradient_in_either_callback_order(tmp_path):
@@ -333,19 +332,26 @@ def test_l1_is_clipped_with_the_loss_gradient_in_either_callback_order(tmp_path)
         assert torch.equal(ends[0][name], ends[1][name]), f"{name} depends on the callback order"
 
 
-def test_trainer_gradient_clipping_runs_after_agc(tmp_path):
-    """``gradient_clip_val`` (Lightning's norm clipping) sees AGC's output: the final norm is min(AGC's, 0.05)."""
+def test_agc_clips_what_the_trainer_gradient_clipping_left(tmp_path):
+    """AGC runs inside ``optimizer.step()``, after ``gradient_clip_val`` (Lightning's norm clipping): the
+    update gets AGC of the norm-clipped gradient, so both bounds hold."""
 
     class _Clipped(_Recorder):
         def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
             self.before_trainer_clip = self._grads()
             super().configure_gradient_clipping(optimizer, 0.05, "norm")
+            self.after_trainer_clip = self._grads()
 
     seed_everything(0)
     module = _Clipped(MLP((1, 8, 8), 10, hidden=(16,), norm="none", dropout=0.0), 10, {"name": "sgd", "lr": 0.05})
     pre, weights = _Pre(), _Weights()
     _fit([AGC(clipping=0.01), pre, weights], tmp_path, steps=1, module=module)
-    _check_clipped(pre.pre[0], module.before_trainer_clip, weights.weights[0], 0.01)
+    assert all(torch.equal(pre.pre[0][n], g) for n, g in module.before_trainer_clip.items())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in pre.pre[0].values()]))
+    assert norm > 0.05  # the Trainer's clipping acts
+    _check_clipped(module.after_trainer_clip, module.post[0], weights.weights[0], 0.01)
+    final = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in module.post[0].values()]))
+    assert final <= 0.05 + 1e-6
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")

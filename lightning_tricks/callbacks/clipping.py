@@ -4,23 +4,20 @@ The formula and the multi-tensor kernel are :mod:`lightning_tricks.clipping`; th
 parameters once (at ``setup``) and calls :meth:`~lightning_tricks.clipping.AdaptiveClipper.clip_` from
 ``on_before_optimizer_step``.
 
-When it runs, from Lightning's source (2.6, ``plugins/precision``): ``on_before_optimizer_step`` is called
-once per optimizer step, after the closure has run every backward pass of the step (with
-``accumulate_grad_batches=k`` the gradient is that of the mean loss over the ``k`` micro-batches: AGC
-clips the accumulated gradient once), after ``MixedPrecision.optimizer_step`` has called
-``scaler.unscale_`` (``16-mixed``: the gradients AGC sees are the true ones), and before the Trainer's
-own clipping (``gradient_clip_val``, in ``_after_closure`` right after the callbacks' and the module's
-``on_before_optimizer_step``). Optimizers that unscale inside their own ``step``
-(``_step_supports_amp_scaling``, e.g. ``Adam(fused=True)``) still hold scaled gradients in the hook;
-the bound is then multiplied by the scaler's current scale (a device tensor, no sync), which gives the
-same clipping. A step the ``GradScaler`` skips (inf/nan) stays non-finite after AGC, so it is still skipped.
+When it runs: in a step pre-hook of each optimizer (``Optimizer.register_step_pre_hook``, registered at
+train start and removed at train end) that clips after the step's closure (Lightning passes one that runs
+the backward and the hooks), so inside ``optimizer.step()``, after everything Lightning runs before the
+update: the closure with every backward pass of the step (with ``accumulate_grad_batches=k``
+the gradient of the mean loss over the ``k`` micro-batches, clipped once), every callback's and the
+module's ``on_before_optimizer_step`` whatever the order of the callback list (``L1Regularization``'s
+``lam * sign(w)`` is clipped with the loss gradient, as if the penalty were in the loss; ``GradNormMonitor``
+logs the gradient before clipping), and the Trainer's ``gradient_clip_val`` (both only shrink gradients,
+so both bounds hold at the step). Under ``16-mixed`` the ``GradScaler`` has unscaled the gradients by then;
+a step it skips (inf/nan) never calls ``step()``. Optimizers that unscale inside their own ``step``
+(``_step_supports_amp_scaling``, e.g. ``Adam(fused=True)``) still hold scaled gradients; the bound is then
+multiplied by the scaler's current scale (a device tensor, no sync), which gives the same clipping.
 
-Owns: nothing (stateless; nothing to restore on resume). Shares: the gradients. It makes itself the last
-non-checkpoint callback at ``setup`` so that every other callback's ``on_before_optimizer_step`` runs
-before it whatever the order of the callback list: ``L1Regularization``'s ``lam * sign(w)`` is clipped
-with the loss gradient (as if the penalty were in the loss), ``GradNormMonitor`` logs the gradient before
-clipping. Then the Trainer's ``gradient_clip_val`` clips what AGC left (both only shrink gradients, so
-both bounds hold at the step).
+Owns: nothing (stateless; nothing to restore on resume). Shares: the gradients.
 """
 
 from __future__ import annotations
@@ -34,11 +31,9 @@ from torch import Tensor, nn
 from lightning_tricks._lightning import (
     Callback,
     LightningModule,
-    ModelCheckpoint,
     Trainer,
     rank_zero_info,
     should_log_step,
-    trainer_callbacks,
 )
 from lightning_tricks.callbacks._common import MemoStateKey, check_bool
 from lightning_tricks.callbacks.sanity import log_to_loggers
@@ -75,9 +70,9 @@ class AGC(MemoStateKey, Callback):
     ``torch._foreach_mul_`` (see :mod:`lightning_tricks.clipping`); no host sync, except on the steps the
     loggers write when ``log_clipped_fraction`` is on (one scalar read).
 
-    Where it runs (after unscaling under AMP, once per step under gradient accumulation, after every
-    other callback's ``on_before_optimizer_step``, before the Trainer's ``gradient_clip_val``) is
-    explained in the module doc. Sharded strategies (FSDP, DeepSpeed) hold flat shards instead of whole
+    Where it runs (inside ``optimizer.step()``: after unscaling under AMP, once per step under gradient
+    accumulation, after every callback's ``on_before_optimizer_step`` and the Trainer's ``gradient_clip_val``)
+    is explained in the module doc. Sharded strategies (FSDP, DeepSpeed) hold flat shards instead of whole
     tensors, so the units are not rows there: refused at ``setup``.
 
     Args:
@@ -110,6 +105,7 @@ class AGC(MemoStateKey, Callback):
         self.last_clipped_fraction: float | None = None
         self._params: list[nn.Parameter] = []
         self._per_optimizer: dict[int, tuple[int, AdaptiveClipper]] = {}
+        self._hooks: list[Any] = []  # the optimizers' step pre-hook handles, during training
 
     @property
     def state_key(self) -> str:
@@ -117,7 +113,7 @@ class AGC(MemoStateKey, Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_params"], state["_per_optimizer"] = [], {}  # rebuilt at setup
+        state["_params"], state["_per_optimizer"], state["_hooks"] = [], {}, []  # rebuilt at setup / train start
         return state
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -142,21 +138,6 @@ class AGC(MemoStateKey, Callback):
         self.names = [n for n, _ in chosen]
         self._params = [p for _, p in chosen]
         self._per_optimizer.clear()
-        self._run_last(trainer)
-
-    def _run_last(self, trainer: Trainer) -> None:
-        """Move this callback after every other one but the trailing checkpoint callbacks.
-
-        A new list is assigned: the hook loop that is calling ``setup`` keeps iterating the old one.
-        """
-        callbacks = trainer_callbacks(trainer)
-        others = [c for c in callbacks if c is not self]
-        end = len(others)
-        while end and isinstance(others[end - 1], ModelCheckpoint):
-            end -= 1
-        ordered = [*others[:end], self, *others[end:]]
-        if any(a is not b for a, b in zip(ordered, callbacks)):
-            trainer.callbacks = ordered  # type: ignore[attr-defined]
 
     def _clipper_for(self, optimizer: torch.optim.Optimizer) -> AdaptiveClipper:
         size = sum(len(g["params"]) for g in optimizer.param_groups)
@@ -174,7 +155,38 @@ class AGC(MemoStateKey, Callback):
             return None  # true gradients: no AMP, bf16, or already unscaled by MixedPrecision.optimizer_step
         return scaler._scale  # type: ignore[no-any-return]  # still scaled: the optimizer unscales in step()
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+        def clip_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+            if closure is None:  # the gradients are final (e.g. GradScaler.step after the closure ran)
+                self._clip(trainer, optimizer)
+                return None
+
+            def closure_then_clip() -> Any:  # Lightning's closure runs the backward and the hooks before it
+                loss = closure()
+                self._clip(trainer, optimizer)
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_then_clip}
+            return (args[0], closure_then_clip, *args[2:]), kwargs
+
+        self._hooks = [opt.register_step_pre_hook(clip_before_step) for opt in trainer.optimizers]
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _clip(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         clipper = self._clipper_for(optimizer)
         clipped = clipper.clip_(self.clipping, self.eps, self._grad_scale(trainer, optimizer))
         if self.log_clipped_fraction and clipper.num_units and trainer.loggers and should_log_step(trainer):

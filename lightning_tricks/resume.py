@@ -92,11 +92,7 @@ def _note(key: str, old: Any, new: Any, mid_epoch: bool) -> tuple[str | None, st
                 f"{change}: the checkpoint stopped mid-epoch, and its position in the epoch is counted in "
                 f"batches of the old size; resume with {key}={old}, or from a checkpoint at an epoch end"
             )
-        return (
-            f"{change}: taken from the new config for the remaining epochs; the LR schedule keeps the "
-            "checkpoint's run length",
-            None,
-        )
+        return f"{change}: taken from the new config for the remaining epochs", None
     if key.startswith("data."):
         return f"{change}: taken from the new config: training goes on with the new data settings", None
     if key.startswith("schedule."):

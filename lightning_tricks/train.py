@@ -314,11 +314,9 @@ def _check_shapes(path: Path, saved: Mapping[str, Any], expected: Mapping[str, A
 
 
 def _mid_epoch(ckpt: Mapping[str, Any]) -> bool:
-    """Whether the checkpoint was written inside an epoch (its loop had run batches of an unfinished epoch)."""
-    fit_loop = ckpt.get("loops", {}).get("fit_loop", {})
-    batches = fit_loop.get("epoch_loop.batch_progress", {}).get("current", {}).get("completed", 0)
-    epochs = fit_loop.get("epoch_progress", {}).get("current", {})
-    return bool(batches) and epochs.get("completed", 0) == epochs.get("processed", 0)
+    """Whether the checkpoint was written inside an epoch: batches of it ran and the last one had not."""
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return bool(progress.get("current", {}).get("ready", 0)) and not progress.get("is_last_batch", True)
 
 
 def _check_config_changes(path: Path, cfg: DictConfig, ckpt: Mapping[str, Any]) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,10 +21,12 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lightning_tricks._lightning import Callback, Trainer, pl
 from lightning_tricks.callbacks.divergence_guard import DivergenceGuard
 from lightning_tricks.sanity import Diverged
+from lightning_tricks.train import ConfigError, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -230,3 +234,79 @@ def test_a_checkpoint_write_failure_ends_the_run_in_one_line(tmp_path):
     assert last_line.startswith(f"lightning-tricks: could not write checkpoint {run / 'checkpoints'}/"), last_line
     assert "File too large" in last_line and "Traceback" not in r.stderr
     assert not list((run / "checkpoints").glob(".*partial"))
+
+
+# -- resume: a checkpoint of another model, a changed config ------------------------------------------------
+class SaveAtStep(Callback):
+    """``trainer.save_checkpoint(path)`` at the end of optimizer step ``step`` (a mid-epoch checkpoint)."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_of_another_model_is_named_before_training(make_cfg, tmp_path):
+    train(make_cfg("logger=none", "test=false"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError) as info:
+        train(make_cfg("logger=none", "model.hidden=[128,128]", f"ckpt_path={last}", "trainer.max_epochs=3"))
+    message = str(info.value)
+    assert re.fullmatch(
+        rf"ckpt_path={re.escape(str(last))} is of another model: net\.\S+\.weight is \(256, 64\) in the "
+        r"checkpoint, \(128, 64\) in this model",
+        message,
+    ), message
+
+
+def _saved_like_hydra(cfg, run_dir: Path) -> None:
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+
+
+def test_resume_with_a_changed_config_says_what_is_kept_and_what_is_taken(make_cfg, tmp_path, caplog):
+    first = make_cfg("logger=none", "test=false", "+callbacks=ema")
+    _saved_like_hydra(first, tmp_path)
+    train(first)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    resumed = make_cfg(
+        "logger=none", "test=false", "optimizer.lr=0.5", "seed=1", "trainer.max_epochs=3", "+callbacks=swa",
+        "~callbacks.random_state", f"ckpt_path={last}",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        _, objects = train(resumed)
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume: ")]
+    assert notes == [
+        "resume: callbacks.ema removed: the checkpoint's EMA state (its average) is discarded",
+        "resume: callbacks.random_state removed: the checkpoint's RNG states are not restored, so the resumed run "
+        "draws other random numbers than the uninterrupted one would",
+        "resume: callbacks.swa added: SWA starts at the resumed step with no state of its own (as if the run had "
+        "started there)",
+        "resume: optimizer.lr=0.5 (checkpoint: 0.05): kept from the checkpoint (0.05): the optimizer state is "
+        "resumed with its own values; start a new run to train with 0.5",
+        "resume: seed=1 (checkpoint: 0): the weights, optimizer state and (with callbacks.random_state) the RNG "
+        "states come from the checkpoint; seed 1 only seeds what the checkpoint does not hold",
+        "resume: trainer.max_epochs=3 (checkpoint: 2): taken from the new config: the run now ends at max_epochs=3",
+    ]
+    # "kept" is what happens: the resumed optimizer's base learning rate is the checkpoint's
+    assert objects["trainer"].optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.05)
+
+
+def test_resume_refuses_a_batch_size_change_inside_an_epoch(make_cfg, tmp_path):
+    mid = tmp_path / "mid.ckpt"
+    first = make_cfg("logger=none", "test=false", f"+callbacks.save._target_={__name__}.SaveAtStep",
+                     "+callbacks.save.step=4", f"+callbacks.save.path={mid}")  # fmt: skip
+    _saved_like_hydra(first, tmp_path)
+    train(first)
+    with pytest.raises(ConfigError, match=r"data.batch_size=32 \(checkpoint: 64\): the checkpoint stopped mid-epoch"):
+        train(make_cfg("logger=none", "test=false", "data.batch_size=32", f"ckpt_path={mid}", "trainer.max_epochs=3",
+                       f"+callbacks.save._target_={__name__}.SaveAtStep", "+callbacks.save.step=4",
+                       f"+callbacks.save.path={mid}"))  # fmt: skip
+    # at an epoch end the same change is taken, and said
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    _, objects = train(make_cfg("logger=none", "test=false", "data.batch_size=32", f"ckpt_path={last}",
+                                "trainer.max_epochs=3", f"+callbacks.save._target_={__name__}.SaveAtStep",
+                                "+callbacks.save.step=4", f"+callbacks.save.path={mid}"))  # fmt: skip
+    assert objects["datamodule"].batch_size == 32

@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_tricks._lightning import BatchSizeFinder as _LightningBatchSizeFinder
 from lightning_tricks._lightning import (
     LightningModule,
     MisconfigurationException,
     Trainer,
     isolate_rng,
-    pl,
+    lightning_setattr,
     rank_zero_info,
+    reset_dataloaders,
 )
 
 __all__ = ["BatchSizeFinder", "STAGES", "train_samples"]
@@ -52,7 +54,7 @@ def train_samples(trainer: Trainer) -> int | None:
     return min(counts) if counts else None
 
 
-class BatchSizeFinder(pl.callbacks.BatchSizeFinder):
+class BatchSizeFinder(_LightningBatchSizeFinder):
     """Lightning's ``BatchSizeFinder``, plus exact resume, an untouched RNG and a cap at the training-set size.
 
     Owns: the batch size (``batch_arg_name`` on the module, its hparams or the datamodule) and its record
@@ -146,7 +148,7 @@ class BatchSizeFinder(pl.callbacks.BatchSizeFinder):
                     "BatchSizeFinder; a search now would restart the run's optimizer state and progress. "
                     "Resume without the finder (set the batch size the run used), or start a new run."
                 )
-            pl.utilities.parsing.lightning_setattr(pl_module, self._batch_arg_name, self.found)
+            lightning_setattr(pl_module, self._batch_arg_name, self.found)
             self.optimal_batch_size = self.found
             rank_zero_info(
                 f"BatchSizeFinder: resuming from {trainer.ckpt_path} with the batch size the run found, "
@@ -170,8 +172,8 @@ class BatchSizeFinder(pl.callbacks.BatchSizeFinder):
         bounded = (self._init_val, self._max_trials, self._max_val) != saved
         # Lightning sets init_val but runs its first trial on the loader already built with the configured
         # batch size; set it and rebuild the loaders first, so that the first size tried is init_val
-        pl.utilities.parsing.lightning_setattr(pl_module, self._batch_arg_name, self._init_val)
-        pl.tuner.batch_size_scaling._reset_dataloaders(trainer)  # type: ignore[attr-defined]  # loaded, not declared
+        lightning_setattr(pl_module, self._batch_arg_name, self._init_val)
+        reset_dataloaders(trainer)
         connector = trainer._checkpoint_connector
         before = (connector._ckpt_path, connector._user_managed)
         try:

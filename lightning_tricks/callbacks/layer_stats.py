@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lightning_tricks._lightning import Callback, LightningModule, TensorBoardLogger, Trainer, rank_zero_info
+from lightning_tricks._lightning import TENSORBOARD_LOGGER_TYPES, Callback, LightningModule, Trainer, rank_zero_info
 from lightning_tricks.callbacks._common import MemoStateKey, check_bool, check_choice, check_int
 from lightning_tricks.callbacks.sanity import log_to_loggers
 from lightning_tricks.layer_stats import ActivationRecorder, LayerMeasurement, measure, plot_histograms, select_layers
@@ -111,7 +111,7 @@ class LayerStats(MemoStateKey, Callback):
         # on every rank: log_dir broadcasts from rank zero
         self.directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
         self.path = os.path.join(self.directory, self.filename)
-        has_tb = any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers)
+        has_tb = any(isinstance(logger, TENSORBOARD_LOGGER_TYPES) for logger in trainer.loggers)
         if self.histograms == "tensorboard" and not has_tb:
             raise ValueError(
                 "LayerStats histograms='tensorboard' needs a TensorBoardLogger among the Trainer's loggers"
@@ -190,7 +190,7 @@ class LayerStats(MemoStateKey, Callback):
     @staticmethod
     def _tensorboard(trainer: Trainer, result: LayerMeasurement, step: int) -> None:
         for logger in trainer.loggers:
-            if not isinstance(logger, TensorBoardLogger):
+            if not isinstance(logger, TENSORBOARD_LOGGER_TYPES):
                 continue
             writer = logger.experiment
             for kind, samples in (("act", result.activations), ("grad", result.gradients)):

@@ -21,6 +21,7 @@ from lightning_tricks._lightning import (
     rank_zero_only,
     rank_zero_warn,
     trainer_callbacks,
+    trainer_class_for,
 )
 from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
@@ -490,7 +491,7 @@ def lr_range_test(
     }
     kwargs.update(trainer_kwargs or {})
     extra = list(kwargs.pop("callbacks", None) or [])
-    trainer = Trainer(callbacks=[callback, *extra], **kwargs)
+    trainer = trainer_class_for(module)(callbacks=[callback, *extra], **kwargs)
     if isinstance(data, LightningDataModule):
         trainer.fit(module, datamodule=data)
     else:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_tricks._lightning import (
+    BATCH_SIZE_FINDER_TYPES,
     Callback,
     LightningModule,
     MisconfigurationException,
     Trainer,
-    pl,
     rank_zero_info,
     rank_zero_warn,
     trainer_callbacks,
@@ -169,7 +169,7 @@ class LinearScaling(MemoStateKey, Callback):
     def _check_finders(self, trainer: Trainer) -> Any:
         """The batch-size finder of this fit (``None``: none); refuse one this callback cannot follow."""
         callbacks = trainer_callbacks(trainer)
-        finders = [i for i, cb in enumerate(callbacks) if isinstance(cb, pl.callbacks.BatchSizeFinder)]
+        finders = [i for i, cb in enumerate(callbacks) if isinstance(cb, BATCH_SIZE_FINDER_TYPES)]
         if not finders:
             return None
         finder = callbacks[finders[0]]

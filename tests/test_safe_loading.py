@@ -12,12 +12,13 @@ from conftest import SHARED_DATA
 from torch import nn
 
 from lightning_tricks._lightning import ModelCheckpoint, Trainer, seed_everything
-from lightning_tricks.callbacks import EMA, SWA, EarlyStopping
+from lightning_tricks.callbacks import EMA, SWA, EarlyStopping, LRSchedule
 from lightning_tricks.data import DataFileError, DigitsDataModule, read_cifar_batches
 from lightning_tricks.data.files import CHECKSUMS, download, md5sum, write_cifar_batch
 from lightning_tricks.ensemble import CheckpointEnsemble, load_checkpoint
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
+from lightning_tricks.stopping import GL
 
 
 class _Marker:
@@ -80,7 +81,8 @@ def test_our_checkpoints_load_weights_only_and_resume(tmp_path):
         callbacks = [
             EMA(decay=0.9),
             SWA(start=1, swa_lr=0.02, bn_update_batches=2),
-            EarlyStopping(monitor="val/loss", criterion="gl", alpha=50.0),
+            LRSchedule(),
+            EarlyStopping(monitor="val/loss", criterion=GL(alpha=50.0)),
             saver,
         ]
         trainer = Trainer(

@@ -17,6 +17,7 @@ from lightning_tricks._lightning import (
     Trainer,
     seed_everything,
 )
+from lightning_tricks.averaging import raw_state_dict
 from lightning_tricks.callbacks import EMA, LRSchedule, SnapshotEnsemble
 from lightning_tricks.callbacks.snapshot_ensemble import snapshot_steps
 from lightning_tricks.data import DigitsDataModule
@@ -93,7 +94,7 @@ def test_snapshot_lr_follows_huang_cosine_cycles_and_snapshots_end_them(accumula
     seed_everything(0)
     module = Recorder()
     snap = SnapshotEnsemble(cycles=2)
-    _trainer([snap], accumulate_grad_batches=accumulate).fit(module, _loader())
+    _trainer([snap, LRSchedule()], accumulate_grad_batches=accumulate).fit(module, _loader())
     total = 24 // accumulate
     c = math.ceil(total / 2)
     # Huang et al. 2017, eq. (2): alpha(t) = alpha0 / 2 * (cos(pi * mod(t, ceil(T/M)) / ceil(T/M)) + 1)
@@ -110,7 +111,7 @@ def test_snapshot_ensemble_on_digits_logs_members_and_ensemble() -> None:
     module = Classifier(MLP((1, 8, 8), 10, hidden=(64,)), 10, {"name": "sgd", "lr": 0.2})
     data = DigitsDataModule(batch_size=64, loader="resident")
     snap = SnapshotEnsemble(cycles=4)
-    trainer = _trainer([snap], max_epochs=8)
+    trainer = _trainer([snap, LRSchedule()], max_epochs=8)
     trainer.fit(module, data)
     got = trainer.test(module, data, verbose=False)[0]
     members = [got[f"test/snapshot_{k}/acc"] for k in range(1, 5)]
@@ -136,7 +137,8 @@ def test_snapshot_keep_on_disk_and_resume_match_uninterrupted(tmp_path: Path) ->
         module = Recorder()
         snap = SnapshotEnsemble(cycles=3, keep="disk", dirpath=tmp_path / name / "snaps")
         ckpt = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, every_n_epochs=1)
-        _trainer([snap, ckpt], max_epochs=3, enable_checkpointing=True).fit(module, _loader(), ckpt_path=ckpt_path)
+        callbacks = [snap, LRSchedule(), ckpt]
+        _trainer(callbacks, max_epochs=3, enable_checkpointing=True).fit(module, _loader(), ckpt_path=ckpt_path)
         return snap, module
 
     full_snap, full = run(None, "a")
@@ -228,7 +230,8 @@ def test_checkpoint_ensemble_uses_the_ema_average_unless_told_not_to(checkpoints
     raw = CheckpointEnsemble(_make, [path], use_average=False).states[0]
     name = "net.head.0.weight"
     assert torch.equal(averaged[name], ema_state["average"][name])
-    assert torch.equal(raw[name], ckpt["state_dict"][name])
+    assert torch.equal(averaged[name], ckpt["state_dict"][name])  # the weights its validation ran on
+    assert torch.equal(raw[name], raw_state_dict(ckpt)[name])
     assert not torch.equal(averaged[name], raw[name])
 
 
@@ -273,3 +276,45 @@ def test_checkpoint_ensemble_refuses_a_diverged_member(tmp_path):
     with pytest.raises(ValueError, match=r"member .*diverged.ckpt has non-finite weights \(bias\)"):
         CheckpointEnsemble(nn.Linear(4, 3), [good, str(tmp_path / "diverged.ckpt")])
     assert len(CheckpointEnsemble(nn.Linear(4, 3), [good, good])) == 2
+
+
+def test_checkpoint_ensemble_refuses_a_checkpoint_of_another_shape_when_built(
+    checkpoints: ModelCheckpoint, tmp_path: Path
+) -> None:
+    good = model_checkpoint_paths(checkpoints, k=1, which="last")[0]
+    seed_everything(0)
+    wider = Classifier(MLP((8,), 3, hidden=(32,)), 3, {"name": "sgd", "lr": 0.2})
+    trainer = _trainer([], max_epochs=1, limit_train_batches=2)
+    trainer.fit(wider, _loader())
+    other = tmp_path / "wider.ckpt"
+    trainer.save_checkpoint(other)
+    with pytest.raises(ValueError) as refused:
+        CheckpointEnsemble(_make, [good, str(other)])
+    message = str(refused.value)
+    assert message == (
+        f"CheckpointEnsemble member {other} does not fit the template: 'net.backbone.0.weight' has shape "
+        "(32, 8) in the file, (16, 8) in the template"
+    )
+    # a file of another architecture: the first tensor the template has and the file lacks
+    torch.save({"state_dict": {"net.backbone.0.weight": torch.zeros(16, 8)}}, tmp_path / "partial.ckpt")
+    with pytest.raises(
+        ValueError, match=r"member .*partial.ckpt has no 'net.backbone.0.bias', which the template has$"
+    ):
+        CheckpointEnsemble(_make(), [str(tmp_path / "partial.ckpt")])
+    assert len(CheckpointEnsemble(_make, [good, good])) == 2
+
+
+def test_checkpoint_ensemble_refuses_a_real_checkpoint_with_nan_weights(
+    checkpoints: ModelCheckpoint, tmp_path: Path
+) -> None:
+    good = model_checkpoint_paths(checkpoints, k=1, which="last")[0]
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["state_dict"]["net.head.0.weight"][0, 0] = float("nan")
+    diverged = tmp_path / "diverged.ckpt"
+    torch.save(checkpoint, diverged)
+    with pytest.raises(ValueError) as refused:
+        CheckpointEnsemble(_make, [good, str(diverged)])
+    assert "\n" not in str(refused.value)
+    assert str(refused.value).startswith(
+        f"CheckpointEnsemble member {diverged} has non-finite weights (net.head.0.weight)"
+    )

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import ModelCheckpoint, Trainer, seed_everything
 from lightning_tricks.averaging import bn_buffers, swa_lr
-from lightning_tricks.callbacks import SWA
+from lightning_tricks.callbacks import SWA, LRSchedule
 from lightning_tricks.data import DigitsDataModule
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP, ResNet
@@ -98,7 +98,7 @@ def test_swa_lr_is_annealed_from_the_current_lr(anneal: str, kwargs: dict) -> No
     seed_everything(0)
     module = SwaRef(start_epoch=1)
     swa = SWA(start=1, swa_lr=0.05, anneal=anneal, **kwargs)
-    _trainer([swa], limit_val_batches=0).fit(module, _loader())
+    _trainer([swa, LRSchedule()], limit_val_batches=0).fit(module, _loader())
     per_epoch = 6
     want = [0.2] * per_epoch
     for j in range(1, 3 * per_epoch + 1):  # SWA steps 1..18 in epochs 1..3
@@ -114,7 +114,7 @@ def test_swa_bn_statistics_are_recomputed_like_torch_update_bn() -> None:
     seed_everything(0)
     module = SwaRef(start_epoch=2)
     swa = SWA(start=2)
-    _trainer([swa], limit_val_batches=0).fit(module, _loader())
+    _trainer([swa, LRSchedule()], limit_val_batches=0).fit(module, _loader())
     assert swa.holds_average
     ref = copy.deepcopy(module.ref.module)
     torch_update_bn(_loader(), ref)
@@ -132,7 +132,7 @@ def test_swa_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         module = SwaRef(start_epoch=1)
         swa = SWA(start=1, swa_lr=0.05, anneal_steps=8)
         ckpt = ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1)
-        trainer = _trainer([swa, ckpt], enable_checkpointing=True)
+        trainer = _trainer([swa, LRSchedule(), ckpt], enable_checkpointing=True)
         trainer.fit(module, _loader(), _loader(32), ckpt_path=ckpt_path)
         return swa, module
 
@@ -155,7 +155,7 @@ def test_swa_on_digits_without_bn_update_is_measurably_worse() -> None:
     module = Classifier(ResNet((1, 8, 8), 10, widths=(16, 32)), 10, {"name": "sgd", "lr": 0.05})
     data = DigitsDataModule(batch_size=64, loader="resident")
     swa = SWA(start=0.5, swa_lr=0.2)
-    _trainer([swa], max_epochs=6, limit_val_batches=0).fit(module, data)
+    _trainer([swa, LRSchedule()], max_epochs=6, limit_val_batches=0).fit(module, data)
 
     x, y = data.splits["test"]
 

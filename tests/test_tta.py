@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import Trainer, seed_everything
 from lightning_tricks.augment import TTA_MODES, check_tta, tta_predict, tta_views
-from lightning_tricks.callbacks import SnapshotEnsemble
+from lightning_tricks.callbacks import LRSchedule, SnapshotEnsemble
 from lightning_tricks.data import DigitsDataModule
 from lightning_tricks.ensemble import CheckpointEnsemble, EnsembleModule, evaluate_members
 from lightning_tricks.losses import classification_loss
@@ -246,7 +246,7 @@ def test_snapshot_ensemble_evaluates_with_the_modules_tta():
     seed_everything(0)
     module = Classifier(_net(), 3, {"name": "sgd", "lr": 0.2, "momentum": 0.9}, tta="flip")
     snap = SnapshotEnsemble(cycles=2)
-    trainer = _trainer(max_epochs=2, callbacks=[snap], limit_val_batches=0)
+    trainer = _trainer(max_epochs=2, callbacks=[snap, LRSchedule()], limit_val_batches=0)
     trainer.fit(module, _loader())
     (result,) = trainer.test(module, _loader(), verbose=False)
     xs, ys = _loader().dataset.tensors

@@ -41,7 +41,7 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
     seed_everything,
 )
-from lightning_tricks.callbacks.preemption import PreemptionCheckpoint
+from lightning_tricks.callbacks.preemption import PreemptionCheckpoint, is_sigterm_stop
 from lightning_tricks.callbacks.progress import EpochLines
 from lightning_tricks.data import DataFileError
 from lightning_tricks.launch import child_argv, ddp_job, global_rank, slurm_dir_overrides, spawns_ranks
@@ -461,8 +461,8 @@ def _fit_and_test(
     preempted = False
     try:
         diverged = _fit(cfg, trainer, module, datamodule)
-    except SystemExit:  # Lightning's SIGTERMException: the loops stopped after a SIGTERM
-        if not trainer.received_sigterm:
+    except SystemExit as e:  # Lightning's SIGTERMException: the loops stopped after a SIGTERM
+        if not is_sigterm_stop(e, trainer):
             raise
         preempted = True
     fit_s = time.perf_counter() - t0
@@ -490,8 +490,8 @@ def _fit_and_test(
             ckpt = "best" if cfg.get("test_weights", "final") == "best" else None
             try:
                 results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
-            except SystemExit:
-                if not trainer.received_sigterm:
+            except SystemExit as e:
+                if not is_sigterm_stop(e, trainer):
                     raise
                 results = []
                 metrics.update({"status": "preempted", "preempted/step": trainer.global_step})

@@ -310,3 +310,29 @@ def test_resume_refuses_a_batch_size_change_inside_an_epoch(make_cfg, tmp_path):
                                 "trainer.max_epochs=3", f"+callbacks.save._target_={__name__}.SaveAtStep",
                                 "+callbacks.save.step=4", f"+callbacks.save.path={mid}"))  # fmt: skip
     assert objects["datamodule"].batch_size == 32
+
+
+def test_a_sigterm_during_a_sweep_saves_the_job_and_starts_no_other(tmp_path):
+    sweep, ready = tmp_path / "sweep", tmp_path / "ready"
+    proc = subprocess.Popen(
+        _train_cmd("trainer=debug", "test=false", f"+callbacks.wait._target_={__name__}.WaitForSigterm",
+                   "+callbacks.wait.step=2", f"+callbacks.wait.ready={ready}", "optimizer.lr=0.01,0.02,0.03",
+                   f"hydra.sweep.dir={sweep}", "--multirun"),
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    rows = {row["optimizer.lr"]: row for row in csv.DictReader(open(sweep / "summary.csv"))}
+    assert {lr: row["status"] for lr, row in rows.items()} == {
+        "0.01": "preempted",
+        "0.02": "preempted",
+        "0.03": "preempted",
+    }
+    assert rows["0.01"]["preempted/step"] == "2" and rows["0.02"]["preempted/step"] == "0"
+    assert torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not (sweep / "1" / "checkpoints").exists()  # the next jobs were not started

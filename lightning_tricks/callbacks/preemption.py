@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, pl, rank_zero_info
 from lightning_tricks.callbacks.checkpoint import use_atomic_checkpoint_io
 
-__all__ = ["PreemptionCheckpoint"]
+__all__ = ["PreemptionCheckpoint", "is_sigterm_stop"]
 
 
 class PreemptionCheckpoint(Callback):
@@ -58,9 +58,19 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.received_sigterm:
+        # Under DDP the ranks may see the signal at different batches; Lightning makes them agree (rank 0's
+        # flag, broadcast before each batch) and raises on all of them together: they save in on_exception.
+        if trainer.received_sigterm and trainer.world_size == 1:
             self._save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SystemExit) and trainer.received_sigterm and trainer.state.fn == "fit":
+        if is_sigterm_stop(exception, trainer) and trainer.state.fn == "fit":
             self._save(trainer)
+
+
+def is_sigterm_stop(exception: BaseException, trainer: Trainer) -> bool:
+    """Whether ``exception`` is Lightning stopping the loops after a SIGTERM (on this rank or, broadcast, rank 0)."""
+    sigterm = getattr(pl.utilities.exceptions, "SIGTERMException", None)
+    return isinstance(exception, SystemExit) and (
+        (sigterm is not None and isinstance(exception, sigterm)) or trainer.received_sigterm
+    )

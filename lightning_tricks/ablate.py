@@ -276,9 +276,9 @@ def plot(rows: Sequence[Mapping[str, Any]], monitor: str, path: Path) -> None:
         ax.barh(ys, [0 if m != m else m for m in means], xerr=[0 if s != s else s for s in stds], color=colors)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(ys, names)
-        ax.invert_yaxis()
         ax.set_title(f"Δ best {monitor} vs {ref} (paired by seed)")
         ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()  # the axes share y: inverting one inverts both, rows top to bottom
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

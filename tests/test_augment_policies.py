@@ -1,9 +1,10 @@
 """Augmentation policies (lightning_tricks/policies.py) and their wiring in the data modules.
 
 The pixel ops are checked against PIL (8-bit, so within rounding) or their formula; the geometric ops
-against exact permutations (rot90, shifts, pixel repetition); the random policies against a replay of
-their documented draws; the data modules for normalization, flip defaults, eval batches left alone,
-exact resume, and one-line errors; and a tiny training run per policy with both loaders.
+against exact permutations (rot90, shifts, pixel repetition) at both signs of their magnitude; the random
+policies against their documented draws applied by each op's definition written out in this file; the
+data modules for normalization, flip defaults, eval batches left alone, exact resume, and one-line errors;
+and a tiny training run per policy with both loaders.
 """
 
 from __future__ import annotations
@@ -163,18 +164,21 @@ def test_resized_crop_identity_zoom_and_flip():
 
 def test_resized_crop_boxes_follow_scale_ratio_and_fit():
     g = torch.Generator().manual_seed(0)
-    boxes = P.resized_crop_boxes(4000, 30, 30, (0.1, 0.3), (0.5, 2.0), g)  # sides <= 23: never clipped
+    boxes = P.resized_crop_boxes(4000, 30, 30, (0.1, 0.3), (0.5, 2.0), g)  # sides <= 23: the first try fits
+    assert torch.equal(boxes, boxes.round())  # whole pixels, as torchvision's get_params
     top, left, bh, bw = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + bh <= 30).all() and (left + bw <= 30).all()
     area, ratio = bh * bw / 900, bw / bh
-    assert area.min() >= 0.1 - 1e-9 and area.max() <= 0.3 + 1e-9
-    assert ratio.min() >= 0.5 - 1e-9 and ratio.max() <= 2.0 + 1e-9
-    assert abs(area.mean().item() - 0.2) < 0.005  # uniform over the scale range
-    assert abs(torch.log(ratio).mean().item()) < 0.02  # log-uniform around 1
-    assert abs((top / (30 - bh)).mean().item() - 0.5) < 0.02  # uniform position
-    # a box larger than the image is clipped to it
+    # each side is rounded to a whole pixel: the area within (side + 0.5)^2 of its range, the ratio near its own
+    assert area.min() >= 0.1 - 24 / 900 and area.max() <= 0.3 + 24 / 900
+    assert ratio.min() >= 0.5 * 6 / 7 and ratio.max() <= 2.0 * 7 / 6  # the shortest side is about 6.7 px
+    assert abs(area.mean().item() - 0.2) < 0.01  # uniform over the scale range
+    assert abs(torch.log(ratio).mean().item()) < 0.03  # log-uniform around 1
+    assert abs((top / (30 - bh)).mean().item() - 0.5) < 0.03  # uniform position
+    # no try fits (every box wider than the image): the central crop, aspect clamped to the ratio range,
+    # w = W and h = round(W / 4) = round(2.5) = 2 (torchvision's fallback)
     big = P.resized_crop_boxes(100, 10, 10, (1.0, 1.0), (4.0, 4.0), g)
-    assert (big[:, 3] == 10).all() and (big[:, 2] == 5).all() and (big[:, 1] == 0).all()
+    assert (big[:, 3] == 10).all() and (big[:, 2] == 2).all() and (big[:, 1] == 0).all() and (big[:, 0] == 4).all()
 
 
 def test_erasing_boxes_and_erase():
@@ -197,57 +201,182 @@ def test_erasing_boxes_and_erase():
 # -- RandAugment / TrivialAugment ops ------------------------------------------------------------------------
 
 
-def test_apply_ops_uses_each_op_with_its_magnitude():
-    x = _images(n=len(P.OPS), c=3, h=8, w=8, seed=3)
-    ops = torch.arange(len(P.OPS))
-    mag = torch.full((len(P.OPS),), 0.5)
+def _nearest_affine(img: torch.Tensor, a: list[list[float]], t: tuple[float, float]) -> torch.Tensor:
+    """Nearest-neighbour resampling written out pixel by pixel: output pixel ``p = (col - cx, row - cy)``
+    takes input pixel ``a p + t`` (rounded; black outside the image)."""
+    c, h, w = img.shape
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    out = torch.zeros_like(img)
+    for row in range(h):
+        for col in range(w):
+            px, py = col - cx, row - cy
+            src_col = round(a[0][0] * px + a[0][1] * py + t[0] + cx)
+            src_row = round(a[1][0] * px + a[1][1] * py + t[1] + cy)
+            if 0 <= src_row < h and 0 <= src_col < w:
+                out[:, row, col] = img[:, src_row, src_col]
+    return out
+
+
+def _luma(img: torch.Tensor) -> torch.Tensor:
+    if img.shape[0] == 3:
+        return 0.299 * img[0:1] + 0.587 * img[1:2] + 0.114 * img[2:3]
+    return img.mean(0, keepdim=True)
+
+
+def _reference_op(img: torch.Tensor, name: str, m: float, r: P.OpRanges) -> torch.Tensor:
+    """One op on one image ``(C, H, W)`` at signed magnitude ``m``, from its definition (the paper's ops on
+    torchvision's ranges): geometric ops by :func:`_nearest_affine`, pixel ops by their formulas or PIL."""
+    _, h, w = img.shape
+    f = 1.0 + m * r.enhance
+    if name == "identity":
+        return img.clone()
+    if name in ("shear_x", "shear_y"):  # x_in = x + s y (shear_x), y_in = y + s x (shear_y), about the center
+        s = m * r.shear
+        return _nearest_affine(img, [[1, s], [0, 1]] if name == "shear_x" else [[1, 0], [s, 1]], (0.0, 0.0))
+    if name == "translate_x":  # the content moves right by m * translate * W pixels
+        return _nearest_affine(img, [[1, 0], [0, 1]], (-m * r.translate * w, 0.0))
+    if name == "translate_y":  # ... down by m * translate * H pixels
+        return _nearest_affine(img, [[1, 0], [0, 1]], (0.0, -m * r.translate * h))
+    if name == "rotate":  # counter-clockwise on screen (y down) by m * rotate degrees
+        a = math.radians(m * r.rotate)
+        return _nearest_affine(img, [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], (0.0, 0.0))
+    if name == "brightness":
+        return (f * img).clamp(0, 1)
+    if name == "color":
+        return img.clone() if img.shape[0] == 1 else (_luma(img) + f * (img - _luma(img))).clamp(0, 1)
+    if name == "contrast":
+        mean = _luma(img).mean()
+        return (mean + f * (img - mean)).clamp(0, 1)
+    if name == "sharpness":
+        k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+        blurred = img.clone()
+        for row in range(1, h - 1):
+            for col in range(1, w - 1):
+                blurred[:, row, col] = (img[:, row - 1 : row + 2, col - 1 : col + 2] * k).sum(dim=(1, 2))
+        return (blurred + f * (img - blurred)).clamp(0, 1)
+    if name == "posterize":
+        bits = 8 - round(abs(m) * r.posterize_drop)
+        return _from_pil(ImageOps.posterize(_to_pil(img), bits))
+    if name == "solarize":
+        return torch.where(img >= 1 - abs(m) * r.solarize, 1 - img, img)
+    if name == "autocontrast":
+        low, high = img.amin(dim=(1, 2), keepdim=True), img.amax(dim=(1, 2), keepdim=True)
+        return torch.where(high > low, (img - low) / (high - low).clamp_min(1e-12), img)
+    assert name == "equalize"  # PIL's; a channel it leaves as it is (one or two levels) keeps its exact values
+    levels, equalized = _from_pil(_to_pil(img)), _from_pil(ImageOps.equalize(_to_pil(img)))
+    kept = (levels == equalized).all(dim=(1, 2), keepdim=True)
+    return torch.where(kept, img, equalized)
+
+
+def _one_bright_pixel(h: int, w: int, row: int, col: int) -> torch.Tensor:
+    img = torch.zeros(1, 1, h, w)
+    img[0, 0, row, col] = 1.0
+    return img
+
+
+def _bright_at(img: torch.Tensor) -> tuple[int, int]:
+    assert img.sum() == 1.0, "the bright pixel must survive the op exactly once"
+    row, col = (img[0, 0] == 1).nonzero()[0].tolist()
+    return row, col
+
+
+SIGN_RANGES = P.OpRanges(shear=1.0, translate=0.25, rotate=90.0, enhance=0.5, posterize_drop=4)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_geometric_ops_keep_the_sign_of_their_magnitude(sign):
+    """Each geometric op at magnitude +1 and -1 (so shear +-1, translate +-2 px on 8 px, rotate +-90 deg)
+    against expectations built here: a bright pixel where the formula puts it, rolls with a black fill,
+    torch.rot90."""
+
+    def op(x, name, m=sign):
+        return P.apply_ops(x, torch.tensor([P.OPS.index(name)]), torch.tensor([m]), SIGN_RANGES, "nearest")
+
+    s = int(sign)
+    # translate: the content moves 2 pixels right (down) for +1, left (up) for -1, black enters
+    x = _images(n=1, c=2, h=8, w=8, seed=11) + 0.01  # no black pixel in the image: only the fill is black
+    for name, dim in (("translate_x", 3), ("translate_y", 2)):
+        expected = torch.roll(x, 2 * s, dims=dim)
+        index = torch.arange(8)
+        entered = (index < 2) if s > 0 else (index >= 6)
+        expected = expected.masked_fill(entered.view(1, 1, -1, 1) if dim == 2 else entered.view(1, 1, 1, -1), 0.0)
+        assert torch.equal(op(x, name), expected), name
+    # half the magnitude: one pixel
+    shifted = op(x, "translate_x", 0.5 * sign)
+    assert torch.equal(shifted[..., 1:-1], torch.roll(x, s, dims=3)[..., 1:-1])
+    # rotate: +90 degrees is a quarter turn counter-clockwise (torch.rot90 with k = 1), -90 clockwise
+    square = _images(n=1, c=1, h=7, w=7, seed=12)
+    assert torch.equal(op(square, "rotate"), torch.rot90(square, s, dims=(2, 3)))
+    # a bright pixel in the top-right corner region goes to the top-left (+90) or bottom-right (-90)
+    assert _bright_at(op(_one_bright_pixel(7, 7, 1, 5), "rotate")) == ((1, 1) if s > 0 else (5, 5))
+    # shear_x (x_in = x + s y about the center): a pixel 2 rows above the center moves 2 columns right
+    # for s = +1 (left for -1); one 2 rows below moves the other way; the center row stays
+    assert _bright_at(op(_one_bright_pixel(7, 7, 1, 3), "shear_x")) == (1, 3 + 2 * s)
+    assert _bright_at(op(_one_bright_pixel(7, 7, 5, 3), "shear_x")) == (5, 3 - 2 * s)
+    assert _bright_at(op(_one_bright_pixel(7, 7, 3, 3), "shear_x")) == (3, 3)
+    # shear_y (y_in = y + s x): a pixel 2 columns left of the center moves 2 rows down for s = +1
+    assert _bright_at(op(_one_bright_pixel(7, 7, 3, 1), "shear_y")) == (3 + 2 * s, 1)
+    assert _bright_at(op(_one_bright_pixel(7, 7, 3, 5), "shear_y")) == (3 - 2 * s, 5)
+
+
+def test_randaugment_geometric_ops_go_both_ways():
+    """Through the policy: over many samples, a one-pixel image is translated, rotated and sheared both ways
+    (the policy draws a sign per sample and op)."""
+    x = _one_bright_pixel(7, 7, 1, 3).expand(400, -1, -1, -1).contiguous()
+    out = P.randaugment(x, torch.Generator().manual_seed(0), num_ops=1, magnitude=30)
+    g = torch.Generator().manual_seed(0)
+    ops = torch.randint(0, len(P.OPS), (400,), generator=g)
+    cols = {name: set() for name in ("shear_x", "translate_x")}
+    for i in range(400):
+        name = P.OPS[int(ops[i])]
+        if name in cols and out[i].sum() == 1:
+            cols[name].add(_bright_at(out[i : i + 1])[1])
+    assert min(cols["shear_x"]) < 3 < max(cols["shear_x"]), cols  # left and right of where it was
+    assert min(cols["translate_x"]) < 3 < max(cols["translate_x"]), cols
+
+
+def test_apply_ops_matches_each_ops_definition_at_both_signs():
+    x = _images(n=2 * len(P.OPS), c=3, h=8, w=8, seed=3)
+    ops = torch.arange(len(P.OPS)).repeat(2)
+    mag = torch.tensor([0.5] * len(P.OPS) + [-0.5] * len(P.OPS), dtype=torch.float64)
     ranges = P.OpRanges(shear=0.4, translate=0.25, rotate=180.0, enhance=0.8, posterize_drop=4)
     out = P.apply_ops(x, ops, mag, ranges, "nearest")
-    one = torch.ones(1, dtype=torch.float64)
-    expected = {
-        "identity": x[0:1],
-        "shear_x": P.affine(x[1:2], P.shear_matrix(0.2 * one, "x"), "nearest"),
-        "shear_y": P.affine(x[2:3], P.shear_matrix(0.2 * one, "y"), "nearest"),
-        "translate_x": P.affine(x[3:4], P.translate_matrix(one, 0 * one), "nearest"),
-        "translate_y": P.affine(x[4:5], P.translate_matrix(0 * one, one), "nearest"),
-        "rotate": torch.rot90(x[5:6], 1, (2, 3)),  # 0.5 * 90 degrees = a quarter turn
-        "brightness": P.adjust_brightness(x[6:7], 1.4),
-        "color": P.adjust_saturation(x[7:8], 1.4),
-        "contrast": P.adjust_contrast(x[8:9], 1.4),
-        "sharpness": P.adjust_sharpness(x[9:10], 1.4),
-        "posterize": P.posterize(x[10:11], 6),
-        "solarize": P.solarize(x[11:12], 0.5),
-        "autocontrast": P.autocontrast(x[12:13]),
-        "equalize": P.equalize(x[13:14]),
-    }
-    for i, name in enumerate(P.OPS):
-        torch.testing.assert_close(out[i : i + 1], expected[name], msg=name)
+    for i in range(len(ops)):
+        name = P.OPS[int(ops[i])]
+        expected = _reference_op(x[i], name, float(mag[i]), ranges)
+        torch.testing.assert_close(out[i], expected, atol=1e-6, rtol=0, msg=f"{name} at {float(mag[i])}")
+    # the quarter turns, by torch.rot90: +0.5 of 180 degrees counter-clockwise, -0.5 clockwise
+    rot = P.OPS.index("rotate")
+    torch.testing.assert_close(out[rot], torch.rot90(x[rot], 1, (1, 2)))
+    torch.testing.assert_close(out[rot + len(P.OPS)], torch.rot90(x[rot + len(P.OPS)], -1, (1, 2)))
 
 
-def test_randaugment_is_its_draws_replayed():
-    x = _images(n=12, c=3, h=8, w=8, seed=4)
+def _replay(x: torch.Tensor, ops: torch.Tensor, magnitudes: torch.Tensor, ranges: P.OpRanges) -> torch.Tensor:
+    """The policy's documented draws applied one sample at a time by :func:`_reference_op`."""
+    return torch.stack([_reference_op(x[i], P.OPS[int(ops[i])], float(magnitudes[i]), ranges) for i in range(len(x))])
+
+
+def test_randaugment_is_its_draws_applied_by_each_ops_definition():
+    x = _images(n=24, c=3, h=8, w=8, seed=4)
     out = P.randaugment(x, torch.Generator().manual_seed(5), num_ops=2, magnitude=12)
     g = torch.Generator().manual_seed(5)
     expected = x
     for _ in range(2):
-        ops = torch.randint(0, len(P.OPS), (12,), generator=g)
-        signs = torch.randint(0, 2, (12,), generator=g, dtype=torch.float64) * 2 - 1
-        expected = P.apply_ops(expected, ops, signs * 12 / 30, P.RANDAUGMENT_RANGES, "nearest")
-    assert torch.equal(out, expected)
+        ops = torch.randint(0, len(P.OPS), (24,), generator=g)
+        signs = torch.randint(0, 2, (24,), generator=g, dtype=torch.float64) * 2 - 1
+        expected = _replay(expected, ops, signs * 12 / 30, P.RANDAUGMENT_RANGES)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
-def test_trivialaugment_is_its_draws_replayed_one_sample_at_a_time():
-    x = _images(n=12, c=1, h=8, w=8, seed=6)
+def test_trivialaugment_is_its_draws_applied_by_each_ops_definition():
+    x = _images(n=24, c=1, h=8, w=8, seed=6)
     out = P.trivialaugment(x, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
-    ops = torch.randint(0, len(P.OPS), (12,), generator=g)
-    signs = torch.randint(0, 2, (12,), generator=g, dtype=torch.float64) * 2 - 1
-    bins = torch.randint(0, 31, (12,), generator=g, dtype=torch.float64)
-    for i in range(12):  # each sample alone gives what it got inside the batch
-        alone = P.apply_ops(
-            x[i : i + 1], ops[i : i + 1], signs[i : i + 1] * bins[i : i + 1] / 30, P.TRIVIALAUGMENT_RANGES
-        )
-        torch.testing.assert_close(out[i : i + 1], alone, atol=1e-6, rtol=0)
+    ops = torch.randint(0, len(P.OPS), (24,), generator=g)
+    signs = torch.randint(0, 2, (24,), generator=g, dtype=torch.float64) * 2 - 1
+    bins = torch.randint(0, 31, (24,), generator=g, dtype=torch.float64)
+    assert (signs > 0).any() and (signs < 0).any()
+    torch.testing.assert_close(out, _replay(x, ops, signs * bins / 30, P.TRIVIALAUGMENT_RANGES), atol=1e-5, rtol=0)
 
 
 def test_randaugment_magnitude_std_draws_per_sample_magnitudes():
@@ -259,9 +388,11 @@ def test_randaugment_magnitude_std_draws_per_sample_magnitudes():
     ops = torch.randint(0, len(P.OPS), (64,), generator=g)
     signs = torch.randint(0, 2, (64,), generator=g, dtype=torch.float64) * 2 - 1
     m = (15 + 5 * torch.randn(64, generator=g, dtype=torch.float64)).clamp(0, 30)
-    assert torch.equal(out, P.apply_ops(x, ops, signs * m / 30, P.RANDAUGMENT_RANGES))
+    torch.testing.assert_close(out, _replay(x, ops, signs * m / 30, P.RANDAUGMENT_RANGES), atol=1e-6, rtol=0)
     bright = out[ops == 6][:, 0, 0, 0]
     assert len(torch.unique(bright)) == len(bright) > 1
+    # brightness factor 1 + 0.9 m / 30 per sample: the flat 0.5 image becomes 0.5 times it
+    torch.testing.assert_close(bright.double(), (0.5 * (1 + 0.9 * signs * m / 30))[ops == 6].clamp(0, 1))
 
 
 # -- every policy: shape, dtype, range, per-sample draws, reproducible -------------------------------------
@@ -371,7 +502,7 @@ def test_saturation_on_grey_images_is_refused_and_off_by_default():
     assert P.AugmentPolicy("color_jitter", channels=3).saturation == 0.4
     with pytest.raises(ValueError, match="crop_flip with padding=0 and flip=false does nothing"):
         DigitsDataModule(augment="crop_flip", augment_options={"padding": 0})
-    with pytest.raises(ValueError, match="normalize must be one of \\('zscore', 'minmax', 'none'\\), got 'l2'"):
+    with pytest.raises(ValueError, match="normalize must be one of \\('zscore', 'minmax', 'zca', 'none'\\), got 'l2'"):
         DigitsDataModule(normalize="l2")
     with pytest.raises(ValueError, match="flip must be a bool .* got 'yes'"):
         DigitsDataModule(flip="yes")
@@ -382,7 +513,7 @@ def test_bad_value_from_the_config_fails_before_training(make_cfg):
         (["data.augment=cutmixx"], "data: augment must be one of"),
         (["data.augment=randaugment", "data.augment_options.magnitude=40"], r"data: magnitude .* \[0.0, 30\], got 40"),
         (["data.augment_options.crop_scale=[0.9,0.2]"], r"data: crop_scale must be \[low, high\]"),
-        (["data.normalize=unit"], r"data: normalize must be one of \('zscore', 'minmax', 'none'\), got 'unit'"),
+        (["data.normalize=unit"], r"data: normalize must be one of \('zscore', 'minmax', 'zca', 'none'\), got 'unit'"),
     ]:
         cfg = make_cfg(*overrides)
         with pytest.raises(ConfigError, match=match):

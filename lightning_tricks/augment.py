@@ -28,7 +28,6 @@ every draw and DDP ranks can differ on purpose. The Lightning wiring lives in
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -199,26 +198,14 @@ def _check_lam(lam: float) -> None:
 def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float:
     """One draw of ``Beta(alpha, alpha)`` from ``generator``, as ``G1 / (G1 + G2)`` with ``Gi ~ Gamma(alpha)``.
 
-    Drawn on the CPU in float64 (no device sync). For a tiny ``alpha`` both gamma draws can underflow
-    to zero; then the limit distribution (0 or 1 with probability 1/2) is used.
+    Drawn on the CPU in float64 (no device sync); :func:`sample_beta_n` with ``n = 1``.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> 0.0 <= sample_beta(0.4, g) <= 1.0
         True
     """
-    _check_alpha(alpha)
-    gammas = torch._standard_gamma(_alpha_pair(float(alpha)), generator=generator)
-    g1, g2 = gammas.tolist()
-    if g1 + g2 == 0.0:
-        return float(torch.randint(0, 2, (1,), generator=generator).item())
-    return g1 / (g1 + g2)
-
-
-@functools.lru_cache(maxsize=16)
-def _alpha_pair(alpha: float) -> Tensor:
-    """``[alpha, alpha]`` in float64, made once per alpha (read only: ``_standard_gamma`` does not write it)."""
-    return torch.full((2,), alpha, dtype=torch.float64)
+    return float(sample_beta_n(alpha, 1, generator)[0])
 
 
 def soft_targets(y: Tensor, num_classes: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -453,7 +440,10 @@ def check_mixup_cutmix(
 
 
 def sample_beta_n(alpha: float, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """``n`` draws of ``Beta(alpha, alpha)`` (float64, CPU), each as in :func:`sample_beta`.
+    """``n`` draws of ``Beta(alpha, alpha)`` (float64, CPU), each as ``G1 / (G1 + G2)`` with ``Gi ~ Gamma(alpha)``.
+
+    For a tiny ``alpha`` both gamma draws can underflow to zero; then the limit distribution (0 or 1 with
+    probability 1/2) is used.
 
     Example:
         >>> lam = sample_beta_n(1.0, 3, torch.Generator().manual_seed(0))
@@ -619,10 +609,8 @@ def mixup_cutmix_batch(
     lam = params.lam.to(device, non_blocking=True)
     view = (n,) + (1,) * (x.ndim - 1)
     if bool(params.use_cutmix.all()) and bool((params.boxes == params.boxes[0]).all()):
-        # one box for every sample (batch mode): paste the partners' box, as cutmix_batch does
-        top, left, bottom, right = params.boxes[0].tolist()
-        x_out = x.clone()
-        x_out[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right].index_select(0, idx)
+        top, left, bottom, right = params.boxes[0].tolist()  # one box for every sample (batch mode)
+        x_out = paste_box(x, idx, (top, left, bottom, right))
     elif bool(params.use_cutmix.any()):
         in_box = box_mask(params.boxes.to(device, non_blocking=True), x.shape[-2], x.shape[-1])  # (N, H, W)
         own = torch.where(params.use_cutmix.to(device, non_blocking=True), torch.ones_like(lam), lam)

@@ -13,8 +13,9 @@ Pure functions and one small class, no Trainer. The callbacks in
   ``torch._foreach_*`` calls: ``avg <- avg + w * (x - avg)`` (``torch._foreach_lerp_``).
 - :func:`update_bn` recomputes BatchNorm running statistics as a cumulative average over one pass of
   data (``torch.optim.swa_utils.update_bn`` semantics) with a caller-given forward function.
-- :func:`averaged_state_dict` reads the averaged weights an :class:`~lightning_tricks.callbacks.EMA`
-  or :class:`~lightning_tricks.callbacks.SWA` callback stored in a Lightning checkpoint.
+- A checkpoint written with these callbacks holds in ``checkpoint["state_dict"]`` the weights its
+  evaluation ran on (the average) and keeps the raw (training) values it replaced in a callback's state
+  (:data:`RAW_WEIGHTS_KEY`); :func:`raw_state_dict` and :func:`averaged_state_dict` read either back.
 
 References:
     Polyak, B. T. and Juditsky, A. B. (1992). Acceleration of stochastic approximation by averaging.
@@ -43,11 +44,18 @@ __all__ = [
     "update_bn",
     "bn_modules",
     "averaged_state_dict",
+    "raw_state_dict",
+    "raw_weights_record",
     "AVERAGE_STATE_KEY",
+    "RAW_WEIGHTS_KEY",
 ]
 
 #: Key under which the averaging callbacks store ``{state_dict name: averaged tensor}`` in their state.
 AVERAGE_STATE_KEY = "average"
+
+#: Key, in one callback's checkpoint state, of ``{"label": what checkpoint["state_dict"] holds, "rank": int,
+#: "tensors": {state_dict name: raw value it replaced}}`` (written by ``ModuleWeights.save_into``).
+RAW_WEIGHTS_KEY = "raw_weights"
 
 
 def ema_decay(num_updates: int, decay: float, warmup: bool = True, every_n_steps: int = 1) -> float:
@@ -346,16 +354,46 @@ def update_bn(
     return seen
 
 
+def raw_weights_record(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The record of what ``checkpoint["state_dict"]`` holds (see :data:`RAW_WEIGHTS_KEY`), ``None`` if absent.
+
+    Absent in checkpoints written without the averaging callbacks, and in those written before the
+    state dict held the evaluated weights (their ``state_dict`` is the raw weights).
+    """
+    for state in (checkpoint.get("callbacks") or {}).values():
+        record = state.get(RAW_WEIGHTS_KEY) if isinstance(state, Mapping) else None
+        if isinstance(record, Mapping):
+            return record
+    return None
+
+
+def raw_state_dict(checkpoint: Mapping[str, Any], state_dict_key: str = "state_dict") -> dict[str, Tensor]:
+    """The raw (training) weights of a Lightning checkpoint: its ``state_dict`` with the replaced values put back.
+
+    Example:
+        >>> record = {"label": "ema", "rank": 1, "tensors": {"w": torch.zeros(1)}}
+        >>> ckpt = {"state_dict": {"w": torch.ones(1)}, "callbacks": {"EMA": {RAW_WEIGHTS_KEY: record}}}
+        >>> raw_state_dict(ckpt)["w"], ckpt["state_dict"]["w"]
+        (tensor([0.]), tensor([1.]))
+    """
+    state = dict(checkpoint[state_dict_key])
+    record = raw_weights_record(checkpoint)
+    if record is not None:
+        state.update({n: t for n, t in (record.get("tensors") or {}).items() if n in state})
+    return state
+
+
 def averaged_state_dict(
     checkpoint: Mapping[str, Any],
     which: str | None = None,
     state_dict_key: str = "state_dict",
 ) -> dict[str, Tensor]:
-    """The module state dict of a Lightning checkpoint with the averaged weights put in.
+    """The module state dict of a Lightning checkpoint with one callback's averaged weights put in.
 
-    The averaging callbacks keep the raw (training) weights in ``checkpoint["state_dict"]`` (so a
-    resumed run continues exactly) and the averages in their own callback state. This merges them:
-    each averaged tensor replaces its raw counterpart, cast to the raw tensor's dtype.
+    The averaging callbacks keep their averages in their own callback state (and, when evaluation ran
+    on one, in ``checkpoint["state_dict"]`` too, with the raw values kept for resume: see
+    :func:`raw_state_dict`). This puts the chosen average over the raw weights: each averaged tensor
+    replaces its raw counterpart, cast to the raw tensor's dtype.
 
     Args:
         checkpoint: a loaded Lightning checkpoint (``torch.load(path)``).
@@ -366,7 +404,7 @@ def averaged_state_dict(
     Raises:
         KeyError: no averaging state (or several and ``which`` is None, or none matching ``which``).
     """
-    raw = dict(checkpoint[state_dict_key])
+    raw = raw_state_dict(checkpoint, state_dict_key)
     states = {
         k: v
         for k, v in (checkpoint.get("callbacks") or {}).items()

@@ -47,13 +47,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_tricks.augment import check_tta, tta_predict
-from lightning_tricks.averaging import averaged_state_dict
+from lightning_tricks.averaging import averaged_state_dict, raw_state_dict, raw_weights_record
 from lightning_tricks.losses import probability_nll
 
 __all__ = [
     "mean_softmax",
     "MeanNLL",
     "load_weights",
+    "check_member",
     "evaluate_members",
     "EnsembleModule",
     "CheckpointEnsemble",
@@ -108,9 +109,9 @@ def load_weights(
         source: a path to a ``.ckpt``/``.pt`` file, a Lightning checkpoint dict (with ``"state_dict"``),
             or a plain state dict.
         use_average: for a checkpoint written with :class:`~lightning_tricks.callbacks.EMA` or
-            :class:`~lightning_tricks.callbacks.SWA`: ``None`` takes the averaged weights when the
-            checkpoint has exactly one started average (the weights validation ran on), ``True``
-            requires them, ``False`` takes the raw training weights.
+            :class:`~lightning_tricks.callbacks.SWA`: ``None`` takes the weights its evaluation ran on
+            (its ``state_dict``; in a checkpoint from before the state dict held them, the only started
+            average), ``True`` requires the average, ``False`` takes the raw training weights.
         map_location: passed to ``torch.load``.
         trusted: load a file with full unpickling (see :func:`load_checkpoint`; default: weights only).
     """
@@ -123,6 +124,8 @@ def load_weights(
             raise KeyError("use_average=True needs a Lightning checkpoint with an EMA/SWA state, got a state dict")
         return dict(source)
     if use_average is False:
+        return raw_state_dict(source)
+    if use_average is None and raw_weights_record(source) is not None:
         return dict(source["state_dict"])
     try:
         return averaged_state_dict(source)
@@ -130,6 +133,27 @@ def load_weights(
         if use_average:
             raise
         return dict(source["state_dict"])
+
+
+def check_member(source: str, state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Refuse a member whose tensors do not fit the template, naming the file and the first difference.
+
+    Raises:
+        ValueError: one line: a tensor of the template the member lacks, one it has that the template
+            has not, or the first one whose shape differs (both shapes given).
+    """
+    for name, ref in expected.items():
+        got = state.get(name)
+        if got is None:
+            raise ValueError(f"CheckpointEnsemble member {source} has no {name!r}, which the template has")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"CheckpointEnsemble member {source} does not fit the template: {name!r} has shape "
+                f"{tuple(got.shape)} in the file, {tuple(ref.shape)} in the template"
+            )
+    extra = next((n for n in state if n not in expected), None)
+    if extra is not None:
+        raise ValueError(f"CheckpointEnsemble member {source} has {extra!r}, which the template has not")
 
 
 def _default_forward(module: nn.Module, batch: Any) -> Tensor:
@@ -314,8 +338,10 @@ class CheckpointEnsemble:
     Args:
         template: a module of the right architecture (its weights are not used) or a zero-argument
             factory returning one, e.g. ``lambda: Classifier(MLP((1, 8, 8), 10), 10)``.
-        members: paths, Lightning checkpoint dicts or state dicts.
-        use_average: see :func:`load_weights` (default: a checkpoint's EMA/SWA average when it has one).
+        members: paths, Lightning checkpoint dicts or state dicts; each is checked against the template
+            when the ensemble is built (every tensor present, same shapes, finite values), and refused
+            with one line naming it and the first difference.
+        use_average: see :func:`load_weights` (default: the weights each checkpoint's evaluation ran on).
         device: where :meth:`module`, :meth:`predict_proba` and :meth:`evaluate` run (default: CPU).
         trusted: load member files with full unpickling; by default they load with ``weights_only=True``
             and a file that needs more is refused (:func:`load_checkpoint`).
@@ -351,7 +377,10 @@ class CheckpointEnsemble:
         self.states = [
             {k: v.detach().cpu() for k, v in load_weights(m, use_average, trusted=trusted).items()} for m in members
         ]
+        template_model = template if isinstance(template, nn.Module) else self._new_model()
+        expected = template_model.state_dict()
         for source, state in zip(self.sources, self.states):
+            check_member(source, state, expected)
             bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
             if bad is not None:
                 raise ValueError(

@@ -17,7 +17,7 @@ from lightning_tricks._lightning import (
     Trainer,
     seed_everything,
 )
-from lightning_tricks.averaging import averaged_state_dict
+from lightning_tricks.averaging import averaged_state_dict, raw_state_dict
 from lightning_tricks.callbacks import EMA, SWA
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
@@ -155,7 +155,7 @@ def test_ema_average_at_end_and_float32_buffers_average() -> None:
     assert not torch.equal(raw["net.head.0.weight"], module.net.head[0].weight)
 
 
-def test_ema_checkpoint_saved_while_module_holds_the_average_keeps_raw_weights(tmp_path: Path) -> None:
+def test_ema_checkpoint_saved_while_module_holds_the_average_keeps_raw_weights_beside_it(tmp_path: Path) -> None:
     seed_everything(0)
     module = RefClassifier()
     ema = EMA(decay=0.9)
@@ -163,13 +163,41 @@ def test_ema_checkpoint_saved_while_module_holds_the_average_keeps_raw_weights(t
     trainer.fit(module, _loader())
     assert ema.holds_average
     trainer.save_checkpoint(tmp_path / "end.ckpt")
-    ckpt = torch.load(tmp_path / "end.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "end.ckpt", weights_only=True)
     raw = ema.raw_tensors(module)
-    for name, t in ckpt["state_dict"].items():
+    held = module.state_dict()
+    assert not torch.equal(raw["net.head.0.weight"], held["net.head.0.weight"])
+    for name, t in ckpt["state_dict"].items():  # what a test runs on: the average
+        assert torch.equal(t, held[name]), name
+    for name, t in raw_state_dict(ckpt).items():  # what training goes on from
         assert torch.equal(t, raw[name]), name
     for name, t in ckpt["callbacks"][ema.state_key]["average"].items():
         assert torch.equal(t, ema.average_tensors()[name]), name
     assert torch.equal(averaged_state_dict(ckpt)["net.head.0.weight"], module.net.head[0].weight.detach())
+
+
+def test_ema_checkpoint_during_fit_holds_the_average_that_was_validated(tmp_path: Path) -> None:
+    class Record(Callback):
+        def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+            self.validated = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    seed_everything(0)
+    module = RefClassifier(0.9)
+    ema = EMA(decay=0.9, warmup=False)
+    record = Record()
+    # the averaging callback after the one recording: the recorder sees the average still held
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer = _trainer([record, ema, ckpt], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(module, _loader(), _loader(32))
+    saved = torch.load(tmp_path / "epoch=1-step=12.ckpt", weights_only=True)
+    for name, t in saved["state_dict"].items():
+        assert torch.equal(t, record.validated[name]), name
+    for name, p in module.ref.module.named_parameters():  # torch's AveragedModel, updated by the module itself
+        torch.testing.assert_close(saved["state_dict"][f"net.{name}"], p, rtol=0, atol=1e-6)
+    raw = raw_state_dict(saved)
+    assert not torch.equal(raw["net.head.0.weight"], saved["state_dict"]["net.head.0.weight"])
+    for name, t in ema.raw_tensors(module).items():  # the last checkpoint: raw weights = the final raw weights
+        assert torch.equal(raw[name], t), name
 
 
 def test_ema_without_an_average_evaluates_raw_weights_and_says_so() -> None:
@@ -239,8 +267,9 @@ def test_ema_test_from_checkpoint_uses_that_checkpoints_average(tmp_path: Path) 
     plain.load_state_dict(averaged_state_dict(checkpoint))
     want = _trainer([]).test(plain, _loader(32), verbose=False)[0]
     assert got == pytest.approx(want, abs=1e-6)
+    assert got == pytest.approx(_trainer([]).test(RefClassifier(), _loader(32), ckpt_path=str(path), verbose=False)[0])
     raw = RefClassifier()
-    raw.load_state_dict(checkpoint["state_dict"])
+    raw.load_state_dict(raw_state_dict(checkpoint))
     raw_loss = _trainer([]).test(raw, _loader(32), verbose=False)[0]["test/loss"]
     assert raw_loss != pytest.approx(want["test/loss"], abs=1e-4)
 

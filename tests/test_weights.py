@@ -15,6 +15,7 @@ from lightning_tricks._lightning import (
     Trainer,
     seed_everything,
 )
+from lightning_tricks.averaging import RAW_WEIGHTS_KEY, raw_state_dict
 from lightning_tricks.callbacks import EMA, SWA, EarlyStopping
 from lightning_tricks.callbacks._weights import AVERAGE, BEST, RAW, weights_of
 from lightning_tricks.data import DigitsDataModule
@@ -66,16 +67,11 @@ def test_hold_swaps_in_and_hold_raw_puts_the_exact_raw_weights_back() -> None:
     _assert_state(net, raw)
 
 
-def test_checkpoint_state_gets_the_raw_weights_and_unknown_names_fail() -> None:
+def test_unknown_names_and_the_raw_label_are_refused() -> None:
     net = _net()
     w = weights_of(net)
     raw = _state(net)
     w.hold("swa", {"0.weight": torch.ones(4, 3)})
-    saved = dict(net.state_dict())
-    assert torch.equal(saved["0.weight"], torch.ones(4, 3))
-    w.raw_into(saved)
-    for k, v in raw.items():
-        assert torch.equal(saved[k], v), k
     with pytest.raises(KeyError, match=r"'ema': the module Sequential has no tensor\(s\) \['nope'\]"):
         w.hold("ema", {"nope": torch.ones(1)})
     assert w.held == "swa" or w.held == RAW
@@ -83,6 +79,76 @@ def test_checkpoint_state_gets_the_raw_weights_and_unknown_names_fail() -> None:
     _assert_state(net, raw)
     with pytest.raises(ValueError, match="label must be a non-empty name other than 'raw', got 'raw'"):
         w.hold("raw", {})
+
+
+def _checkpoint(net: nn.Module, *keys: str) -> dict[str, Any]:
+    """What Lightning hands ``on_save_checkpoint``: the module's state dict and each callback's state."""
+    return {"state_dict": dict(net.state_dict()), "callbacks": {k: {"average": {}} for k in keys}}
+
+
+def test_checkpoint_holds_what_the_module_holds_and_keeps_the_raw_values_aside() -> None:
+    net = _net()
+    w = weights_of(net)
+    raw = _state(net)
+    w.hold("best", {"0.weight": torch.ones(4, 3)}, rank=BEST)  # e.g. restore-best after fit
+    ckpt = _checkpoint(net, "EarlyStopping", "EMA")
+    w.save_into(ckpt, "EarlyStopping")
+    w.save_into(ckpt, "EMA", "ema", {"0.weight": torch.zeros(4, 3)}, AVERAGE)  # held weights are not replaced
+    assert torch.equal(ckpt["state_dict"]["0.weight"], torch.ones(4, 3))
+    record = ckpt["callbacks"]["EarlyStopping"][RAW_WEIGHTS_KEY]
+    assert record["label"] == "best" and set(record["tensors"]) == {"0.weight"}
+    for k, v in raw_state_dict(ckpt).items():
+        assert torch.equal(v, raw[k]), k
+    # loading it: Lightning puts the state dict in, the service puts the raw weights back
+    other = _net()
+    with torch.no_grad():
+        other[0].weight.fill_(5.0)
+    other.load_state_dict(ckpt["state_dict"])
+    weights_of(other).load_raw(ckpt)
+    assert weights_of(other).held == RAW
+    _assert_state(other, raw)
+
+
+@pytest.mark.parametrize("order", [("EMA", "SWA"), ("SWA", "EMA")])
+def test_the_outranking_offer_goes_into_the_checkpoint_whatever_the_order(order: tuple[str, str]) -> None:
+    net = _net()
+    w = weights_of(net)
+    raw = _state(net)
+    ema = {"0.weight": torch.full((4, 3), 2.0), "1.running_mean": torch.full((4,), 2.0)}  # buffers averaged
+    swa = {"0.weight": torch.full((4, 3), 3.0), "0.bias": torch.full((4,), 3.0)}
+    offers = {"EMA": ("ema", ema), "SWA": ("swa", swa)}
+    ckpt = _checkpoint(net, *order)
+    for key in order:
+        w.save_into(ckpt, key, *offers[key], AVERAGE)
+    sd = ckpt["state_dict"]
+    assert sd["0.weight"] is swa["0.weight"]  # same dtype and device: stored once in the file
+    assert torch.equal(sd["0.bias"], swa["0.bias"])
+    assert torch.equal(sd["1.running_mean"], raw["1.running_mean"])  # EMA's buffer average is not SWA's model
+    assert RAW_WEIGHTS_KEY not in ckpt["callbacks"]["EMA"]
+    record = ckpt["callbacks"]["SWA"][RAW_WEIGHTS_KEY]
+    assert (record["label"], record["rank"]) == ("swa", AVERAGE)
+    assert set(record["tensors"]) == {"0.weight", "0.bias"}
+    for k, v in raw_state_dict(ckpt).items():
+        assert torch.equal(v, raw[k]), k
+    # a float64 state dict gets the offer cast to its dtype
+    ckpt = _checkpoint(net.double(), "EMA")
+    w.save_into(ckpt, "EMA", *offers["EMA"], AVERAGE)
+    assert ckpt["state_dict"]["0.weight"].dtype == torch.float64
+    assert torch.equal(ckpt["state_dict"]["0.weight"], ema["0.weight"].double())
+
+
+def test_no_offer_leaves_the_raw_weights_and_says_so() -> None:
+    net = _net()
+    raw = _state(net)
+    ckpt = _checkpoint(net, "EMA")
+    weights_of(net).save_into(ckpt, "EMA")  # e.g. EMA(evaluate="raw"), or before its start
+    assert ckpt["callbacks"]["EMA"][RAW_WEIGHTS_KEY] == {"label": RAW, "rank": 0, "tensors": {}}
+    _assert_state(net, raw)
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(v, raw[k]), k
+    weights_only = {"state_dict": dict(net.state_dict())}  # Lightning's save_weights_only: no callback states
+    weights_of(net).save_into(weights_only, "EMA", "ema", {"0.weight": torch.ones(4, 3)})
+    assert torch.equal(weights_only["state_dict"]["0.weight"], raw["0.weight"])
 
 
 def test_after_load_writes_are_backed_up_and_keep_and_raw_restore_exactly() -> None:
@@ -217,12 +283,15 @@ def test_restore_best_beside_an_average_revalidates_to_the_best_logged_value(
     got = trainer.validate(module, dm, verbose=False)[0]["val/loss"]
     assert got == pytest.approx(es.best_value, abs=1e-6)
     assert got != pytest.approx(es.history[-1], abs=1e-4)
-    # checkpoints still hold the raw (last training) weights, not the restored best
+    # a checkpoint saved now holds the restored best (what a test runs on), and the raw (last training)
+    # weights for resume beside it
     raw = {k: v.clone() for k, v in weights_of(module).raw_tensors().items()}
     trainer.save_checkpoint(tmp_path / "after.ckpt")
-    saved = torch.load(tmp_path / "after.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(tmp_path / "after.ckpt", weights_only=True)
     assert not torch.equal(raw["net.head.0.weight"], module.net.head[0].weight)
-    for name, t in saved.items():
+    for name, t in saved["state_dict"].items():
+        assert torch.equal(t, seen.at_check[best][name]), name
+    for name, t in raw_state_dict(saved).items():
         assert torch.equal(t, raw[name]), name
     # a second fit trains from the raw weights
     again = Trainer(

@@ -8,10 +8,13 @@ How the weights move (the same for both callbacks). The module's weights belong 
 :mod:`lightning_tricks.callbacks._weights` (one service per module); these callbacks own their
 average and ask the service to hold it, never write the module themselves:
 
-- ``checkpoint["state_dict"]`` always holds the *raw* (training) weights (``ModuleWeights.raw_into``)
-  and the callback state holds the average (``state["average"] = {state_dict name: tensor}``), so a
-  resumed run continues exactly. :func:`lightning_tricks.averaging.averaged_state_dict` merges them
-  for inference, and :class:`lightning_tricks.ensemble.CheckpointEnsemble` does it by default.
+- ``checkpoint["state_dict"]`` holds the weights an evaluation runs on: the average once it started
+  (unless ``evaluate="raw"``), so ``ModelCheckpoint(monitor=...)``'s best file loads (with
+  ``load_from_checkpoint``, ``ckpt_path=``, or without this library) the model that scored best. The
+  callback state holds the average (``state["average"] = {state_dict name: tensor}``) and one state
+  holds the raw values the state dict does not (``ModuleWeights.save_into``), which a resumed fit puts
+  back (``ModuleWeights.load_raw``), so it continues exactly.
+  :func:`lightning_tricks.averaging.raw_state_dict` reads the raw weights of a checkpoint.
 - Evaluation (validation, test, predict) holds the average (label ``"ema"`` / ``"swa"``) from its
   start to its end (``torch._foreach_copy_``; no ``state_dict`` round trip) and tells the service
   what it ran on, so ``EarlyStopping(restore_best=True)`` keeps exactly the measured weights. If the
@@ -354,13 +357,15 @@ class _Averaging(MemoStateKey, Callback):
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint.get("state_dict")
-        if isinstance(sd, dict):  # whatever the module holds now, the checkpoint keeps the raw weights
-            weights_of(pl_module).raw_into(sd)
+        # the state dict gets what an evaluation runs on now: this average (as saved in this callback's
+        # state, with SWA's BatchNorm statistics when they were recomputed for it) unless another outranks it
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        offer = state.get(AVERAGE_STATE_KEY) if self._started and self.evaluate != "raw" else None
+        weights_of(pl_module).save_into(checkpoint, self.state_key, self.label, offer, AVERAGE)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # Lightning has just loaded the checkpoint's (raw) weights into the module
-        weights_of(pl_module).reloaded()
+        # Lightning has just loaded the checkpoint's state dict (the evaluated weights) into the module
+        weights_of(pl_module).load_raw(checkpoint)
         self._eval_return_to = None
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,12 @@ at the end of fit, ``SnapshotEnsemble`` loads each snapshot to evaluate it. They
 nothing is stored on the module), so that:
 
 - there is ONE backup of the raw weights, whoever swapped last; :meth:`ModuleWeights.raw_tensors`
-  gives the raw weights wherever they are (checkpoints always store them: :meth:`~ModuleWeights.raw_into`);
+  gives the raw weights wherever they are;
+- a checkpoint's ``state_dict`` holds the weights an evaluation runs on (the average EMA/SWA evaluate,
+  the weights handed over after fit), as Lightning's ``WeightAveraging`` does, and the raw values it
+  replaced go into a callback's state for resume (:meth:`~ModuleWeights.save_into`,
+  :meth:`~ModuleWeights.load_raw`; :func:`lightning_tricks.averaging.raw_state_dict` reads them), so
+  "the best checkpoint" loads the model that scored best;
 - the module always says what it holds (:attr:`~ModuleWeights.held`: ``"raw"``, ``"ema"``, ``"swa"``,
   ``"best"``, ``"snapshot_<k>"``), and what the last evaluation was measured on
   (:attr:`~ModuleWeights.measured`, :meth:`~ModuleWeights.measured_tensors`);
@@ -26,13 +31,14 @@ caller                    asks
 EMA / SWA                 :meth:`hold` the average for an evaluation (:meth:`hold_raw` after it),
                           :meth:`evaluation_start`/:meth:`evaluation_end` around it, :meth:`raw`
                           for the ``evaluate="both"`` pass, :meth:`hand_over` (``AVERAGE``) at the
-                          end of fit, :meth:`raw_into` when a checkpoint is saved
+                          end of fit, :meth:`save_into` with the average it would evaluate
+                          when a checkpoint is saved, :meth:`load_raw` when one is loaded
 EarlyStopping             :meth:`track_measured`, :meth:`measured_tensors` at each new best (the
-                          weights whose metric was logged), :meth:`hand_over` (``BEST``) at the end
+                          weights whose metric was logged), :meth:`hand_over` (``BEST``) at the end,
+                          :meth:`save_into` / :meth:`load_raw` (no offer)
 SnapshotEnsemble          :meth:`raw_tensors` for a snapshot, :meth:`keep` + :meth:`hold`
                           (``"snapshot_<k>"``) to evaluate the members and put back what was held
-all of them               :meth:`fit_start` (a new fit trains the raw weights), :meth:`reloaded`
-                          (a checkpoint was just loaded into the module: it holds raw weights)
+all of them               :meth:`fit_start` (a new fit trains the raw weights)
 ========================  ======================================================================
 
 Swaps cost one ``torch._foreach_copy_`` each way and happen at evaluation boundaries only; the
@@ -45,11 +51,12 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks.averaging import restore_, snapshot
+from lightning_tricks.averaging import RAW_WEIGHTS_KEY, raw_weights_record, restore_, snapshot
 
 __all__ = ["AVERAGE", "BEST", "RAW", "ModuleWeights", "weights_of"]
 
@@ -136,12 +143,6 @@ class ModuleWeights:
             out.update(self._backup)
         return out
 
-    def raw_into(self, state_dict: dict[str, Tensor]) -> None:
-        """Put the raw values into a ``state_dict`` being saved (e.g. ``checkpoint["state_dict"]``)."""
-        for name, saved in (self._backup or {}).items():
-            if name in state_dict:
-                state_dict[name] = saved.detach().clone()
-
     # -- swapping ----------------------------------------------------------------------------------
     @torch.no_grad()
     def hold(
@@ -220,6 +221,78 @@ class ModuleWeights:
         self._backup = None
         self._held = RAW
         self._held_rank = 0
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_into(
+        self,
+        checkpoint: dict[str, Any],
+        state_key: str,
+        label: str | None = None,
+        tensors: Mapping[str, Tensor] | None = None,
+        rank: int = AVERAGE,
+    ) -> None:
+        """Make ``checkpoint["state_dict"]`` hold the weights an evaluation runs on; keep the raw ones for resume.
+
+        Every participant calls this from ``on_save_checkpoint`` (``state_key``: its own state in
+        ``checkpoint["callbacks"]``); an averaging callback offers the ``tensors`` it would evaluate
+        now, as ``label`` with ``rank``. The result does not depend on the order of the calls:
+
+        - the module holds a label (after fit: the average, or the restored best): the state dict,
+          taken from the module, holds it already; only the raw values are recorded;
+        - it holds the raw weights (during training): the offer that outranks the others goes in
+          (the one an evaluation's swaps end on, as :meth:`outranks` orders them), raw if none.
+
+        The raw values replaced are kept in one callback's state under
+        :data:`~lightning_tricks.averaging.RAW_WEIGHTS_KEY`, with the label and rank of what the state
+        dict holds (the state of the winning offer). An offered tensor of the state dict's dtype and
+        device goes in as is, not copied, so a float32 average also kept in the callback state is
+        stored once in the file.
+        """
+        sd = checkpoint.get("state_dict")
+        states = checkpoint.get("callbacks")
+        if not isinstance(sd, dict) or not isinstance(states, dict):
+            return  # a weights-only checkpoint: Lightning calls no callback hook for it
+        holder = next((k for k, v in states.items() if isinstance(v, dict) and RAW_WEIGHTS_KEY in v), None)
+        if holder is None:
+            if self._held != RAW:
+                tensors_raw = {n: v.detach().clone() for n, v in (self._backup or {}).items() if n in sd}
+                record: dict[str, Any] = {"label": self._held, "rank": self._held_rank, "tensors": tensors_raw}
+            else:
+                record = {"label": RAW, "rank": 0, "tensors": {}}
+            holder = state_key
+            states.setdefault(holder, {})[RAW_WEIGHTS_KEY] = record
+        record = states[holder][RAW_WEIGHTS_KEY]
+        if self._held != RAW or not label or not tensors or (rank, label) <= (record["rank"], record["label"]):
+            return
+        raw = record["tensors"]
+        for name in [n for n in raw if n not in tensors]:  # put in by an offer this one outranks
+            sd[name] = raw.pop(name)
+        for name, value in tensors.items():
+            ref = sd.get(name)
+            if ref is None:
+                continue
+            raw.setdefault(name, ref)
+            same = value.dtype == ref.dtype and value.device == ref.device
+            sd[name] = value if same else value.detach().to(device=ref.device, dtype=ref.dtype)
+        record["label"], record["rank"] = label, rank
+        if holder != state_key:
+            states.setdefault(state_key, {})[RAW_WEIGHTS_KEY] = states[holder].pop(RAW_WEIGHTS_KEY)
+
+    @torch.no_grad()
+    def load_raw(self, checkpoint: Mapping[str, Any]) -> None:
+        """Lightning has just loaded ``checkpoint["state_dict"]`` into the module: put its raw weights back.
+
+        The module then holds the raw (training) weights of the checkpoint, so a resumed fit trains on
+        exactly; the averaging callbacks take their averages from their own states. Every participant
+        may call it (the copy is repeated, the result is the same).
+        """
+        self.reloaded()
+        record = raw_weights_record(checkpoint) or {}
+        raw = record.get("tensors") or {}
+        live = self._live()
+        names = [n for n in raw if n in live]
+        if names:
+            torch._foreach_copy_([live[n] for n in names], [raw[n] for n in names])
 
     # -- evaluations and what they measured ---------------------------------------------------------
     def evaluation_start(self) -> None:

@@ -414,13 +414,12 @@ class EarlyStopping(MemoStateKey, PLEarlyStopping):
         super().on_validation_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint.get("state_dict")
-        if isinstance(sd, dict) and pl_module is not None:  # after fit the module may hold the best weights
-            weights_of(pl_module).raw_into(sd)  # checkpoints keep the raw ones
+        if pl_module is not None:  # after fit the module may hold the best weights: the raw ones are kept for resume
+            weights_of(pl_module).save_into(checkpoint, self.state_key)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if pl_module is not None:
-            weights_of(pl_module).reloaded()  # Lightning has just loaded the checkpoint's raw weights
+            weights_of(pl_module).load_raw(checkpoint)  # the module trains on from the checkpoint's raw weights
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:  # written by Lightning's class, or by ours under the other key form
             for key in self._other_state_keys():

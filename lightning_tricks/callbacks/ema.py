@@ -48,8 +48,9 @@ class EMA(_Averaging):
     no ``deepcopy`` of the module, no per-parameter Python loop and no temporaries per step (it computes
     ``d * ema + (1 - d) * w`` into new tensors), no ``n_averaged == 0`` device sync per step, float32
     averages of low-precision weights, decay warmup, buffers copied rather than averaged by default,
-    the raw weights kept (not overwritten) at the end of fit so they can still be tested, and checkpoints
-    whose ``state_dict`` stays the raw weights (exact resume) with the average in the callback state.
+    the raw weights kept (not overwritten) at the end of fit so they can still be tested. As in
+    Lightning's, a checkpoint's ``state_dict`` holds the weights evaluation ran on (the average), and
+    the raw weights are kept in the callback state for an exact resume.
     ``benchmarks/ema_update.py`` measures the per-step cost against it.
 
     Polyak & Juditsky 1992 (averaging); the decay warmup is TensorFlow's
@@ -71,7 +72,7 @@ class EMA(_Averaging):
         buffers: ``"copy"``: evaluation uses the module's own buffers (BatchNorm statistics of the
             raw weights); ``"average"``: floating-point buffers are averaged like the parameters.
         average_at_end: at the end of fit, leave the averaged weights in the module (the raw ones are
-            kept by the weights service and still go into checkpoints), unless
+            kept by the weights service, and by checkpoints for resume), unless
             ``EarlyStopping(restore_best=True)`` hands over the best measured weights (it wins).
         raw_suffix: suffix of the raw weights' metric names with ``evaluate="both"``.
 

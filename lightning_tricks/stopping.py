@@ -1,67 +1,25 @@
-"""Early-stopping criteria as pure functions of the validation (and training) curve.
+"""Early stopping as pure functions of the monitored curve: Lightning's criteria and Prechelt's, one rule.
 
-No Trainer inside: a criterion reads the history of the monitored metric, one value per validation
-check, and says whether to stop and why. :class:`lightning_tricks.callbacks.EarlyStopping` records
-the history in a Lightning run and calls :meth:`StopRule.decide` at every check; the same rule runs
-offline on logged curves (:func:`first_stop`: "at which epoch would GL_5 have stopped this run?").
-
-Notation (Prechelt 1998), with ``t = 1, 2, ...`` counting validation checks (one per epoch by
-default) and ``k`` the strip length:
-
-- ``E_va(t)``: validation error at check ``t``; ``E_opt(t) = min_{t' <= t} E_va(t')``.
-- ``E_tr(t)``: training error at check ``t`` (a logged training metric, by default the epoch mean of
-  the training loss).
-- **GL** (generalization loss): ``GL(t) = 100 * (E_va(t) / E_opt(t) - 1)``; ``GL_alpha`` stops at the
-  first ``t`` with ``GL(t) > alpha``.
-- **P_k** (training progress over the last ``k`` checks):
-  ``P_k(t) = 1000 * (sum_{t'=t-k+1..t} E_tr(t') / (k * min_{t'=t-k+1..t} E_tr(t')) - 1)``.
-- **PQ** (progress quotient): ``PQ_alpha`` stops at the first *strip end* (``t`` a multiple of ``k``)
-  with ``GL(t) / P_k(t) > alpha``.
-- **UP**: ``UP_s`` stops at the first strip end ``t`` where ``E_va`` rose at the end of ``s``
-  successive strips: ``E_va(t - j k) > E_va(t - (j + 1) k)`` for ``j = 0 .. s-1``.
-- **patience** (Lightning's rule): stop after ``n`` consecutive checks without an improvement of the
-  best value by more than ``min_delta``; with ``patience_rule="increase"`` (the rule of the seed notes)
-  after ``n`` consecutive increases (each check worse than the one before by more than ``min_delta``).
-
-Metrics to maximize and the error ``E``. GL and PQ are ratios, so they need an error that is ``>= 0``
-and is ``0`` at the ideal value. The monitored metric ``m`` becomes
-
-    ``E = m - optimum``   (``mode="min"``, ``optimum`` defaults to ``0``: a loss or an error rate),
-    ``E = optimum - m``   (``mode="max"``, ``optimum`` defaults to ``1``: an accuracy becomes ``1 - acc``),
-
-so ``GL = 100 * (E / E_opt - 1)`` reads "relative excess of the distance to the ideal value over the
-best distance so far", the same formula for both modes. A metric with another ideal value (a PSNR, a
-negative log-likelihood that can go below 0) sets ``optimum`` to it; an ``E < 0`` is an error (the
-ratio would flip sign) and raises a ``ValueError`` naming the value. Edge cases: ``E_opt = 0`` gives
-``GL = 0`` while ``E_va = 0`` and ``GL = inf`` once it is not; ``P_k = 0`` (no training progress)
-gives ``PQ = inf`` when ``GL > 0`` and ``0`` when ``GL = 0``; ``P_k = inf`` (``min E_tr = 0``) gives
-``PQ = 0``. Comparisons (best value, patience, UP) are made on the metric itself (negated for
-``mode="max"``, an exact operation), so they never depend on ``optimum``. The training metric has its
-own ``train_mode`` / ``train_optimum`` (default: a loss, ``E_tr = m_tr``).
-
-Calibration. Prechelt's thresholds come from small networks trained on squared error, whose
-training error flattens out. A network trained with cross-entropy until it memorizes drives the
-training loss down geometrically, so ``P_k`` stays in the hundreds or thousands and ``PQ`` well below
-1 (on the digits MLP, PQ at strip ends stayed in 0..0.4 over 60 epochs): use a smaller ``alpha`` for
-PQ there (0.05..0.2). On a small, noisy validation set GL jumps by tens of percent from one epoch to
-the next; give GL a warm-up (``min_epochs``) or a larger ``alpha``.
-
-Warm-up: no criterion stops before check ``min_epochs`` (the criteria are still computed and can be
-logged); a non-finite value stops at once whatever ``min_epochs`` says (with ``check_finite``).
+:class:`StopRule` decides every check: a non-finite value, Lightning's ``stopping_threshold`` and
+``divergence_threshold``, then the criterion: Lightning's patience (:class:`Patience`), ``n`` rises in a
+row (:class:`Increase`) or Prechelt's :class:`GL`, :class:`PQ`, :class:`UP`. Each decision is a
+:class:`Decision` with the stop, one readable reason, every criterion's value and Lightning's patience
+counters after the check, so :class:`lightning_tricks.callbacks.EarlyStopping` keeps Lightning's state
+by copying them. The formulas and their edge cases are in ``docs/method_cards.md`` (early stopping).
 
 Reference:
     Prechelt, L. (1998). Early Stopping — But When? In *Neural Networks: Tricks of the Trade*,
     LNCS 1524, pp. 55-69. Springer.
 
 Example:
-    >>> rule = StopRule("gl", alpha=5.0)
+    >>> rule = StopRule(GL(alpha=5.0))
     >>> val = [1.0, 0.5, 0.4, 0.41, 0.43]          # GL = 100 * (0.43 / 0.4 - 1) = 7.5 at the last check
     >>> d = rule.decide(val, name="val/loss")
     >>> d.stop, d.reason
     (True, 'GL=7.5 > alpha=5 (best 0.4 at 2)')
     >>> sorted(d.values)    # every criterion's value at this check, for logging
     ['gl', 'up_count', 'wait_count']
-    >>> first_stop(val, rule=StopRule("gl", alpha=2.0)).index    # GL=2.5 at check 4 (index 3)
+    >>> first_stop(val, rule=StopRule(GL(alpha=2.0))).index    # GL=2.5 at check 4 (index 3)
     3
 """
 
@@ -69,14 +27,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from lightning_tricks.checks import check_bool, check_choice, check_float, check_int
 
 __all__ = [
     "CRITERIA",
-    "PATIENCE_RULES",
     "MODES",
-    "DEFAULT_ALPHA",
+    "Patience",
+    "Increase",
+    "GL",
+    "PQ",
+    "UP",
+    "Criterion",
+    "as_criterion",
     "Decision",
     "StopRule",
     "decide",
@@ -89,14 +54,11 @@ __all__ = [
     "training_progress",
     "progress_quotient",
     "up_count",
-    "patience_count",
+    "increase_count",
+    "patience_step",
 ]
 
-CRITERIA = ("patience", "gl", "pq", "up")
-PATIENCE_RULES = ("no_improvement", "increase")
 MODES = ("min", "max")
-#: ``alpha`` when none is given (Prechelt's experiments used GL_1..GL_5 and PQ_0.5..PQ_3).
-DEFAULT_ALPHA = {"gl": 5.0, "pq": 0.5}
 _DEFAULT_OPTIMUM = {"min": 0.0, "max": 1.0}
 
 
@@ -111,8 +73,7 @@ def to_score(value: float, mode: str) -> float:
 def to_error(value: float, mode: str, optimum: float | None = None) -> float:
     """The error ``E`` of a metric value: ``value - optimum`` (min) or ``optimum - value`` (max).
 
-    ``optimum`` defaults to 0 for ``mode="min"`` and 1 for ``mode="max"`` (so an accuracy becomes the
-    error rate ``1 - acc``).
+    ``optimum`` defaults to 0 for ``mode="min"`` and 1 for ``mode="max"`` (an accuracy becomes ``1 - acc``).
 
     Example:
         >>> to_error(0.25, "min"), to_error(0.75, "max"), to_error(30.0, "max", optimum=50.0)
@@ -135,7 +96,7 @@ def best_index(scores: Sequence[float]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Prechelt's criteria
+# Prechelt's quantities
 # ------------------------------------------------------------------------------------------------
 def _check_error(e: float, what: str) -> None:
     if e < 0:
@@ -179,8 +140,7 @@ def training_progress(train_errors: Sequence[float], strip: int) -> float:
         >>> training_progress([0.4, 0.3, 0.2], strip=2)    # 1000 * ((0.3 + 0.2) / (2 * 0.2) - 1)
         250.0
     """
-    if strip < 1:
-        raise ValueError(f"strip must be an int >= 1, got {strip!r}")
+    check_int("strip", strip, 1)
     if len(train_errors) < strip:
         return math.nan
     window = list(train_errors[-strip:])
@@ -216,8 +176,7 @@ def up_count(scores: Sequence[float], strip: int, min_delta: float = 0.0) -> int
     """Number of successive strips, ending at the last strip end ``L <= t``, at whose end the metric rose.
 
     ``L = k * floor(t / k)``; counts ``j = 0, 1, ...`` while ``score(L - j k) > score(L - (j+1) k) +
-    min_delta`` (``scores`` lower = better, 1-based check numbers). ``UP_s`` stops at a strip end with
-    a count ``>= s``.
+    min_delta`` (``scores`` lower = better, 1-based check numbers).
 
     Example:
         >>> up_count([5, 4, 3, 4, 5, 6], strip=1)         # rose at checks 4, 5, 6
@@ -225,8 +184,7 @@ def up_count(scores: Sequence[float], strip: int, min_delta: float = 0.0) -> int
         >>> up_count([5, 4, 3, 4, 2, 6, 7], strip=2)      # strip ends 2, 4, 6: 4 > 4? no; 6 > 4 yes
         1
     """
-    if strip < 1:
-        raise ValueError(f"strip must be an int >= 1, got {strip!r}")
+    check_int("strip", strip, 1)
     end = (len(scores) // strip) * strip  # 1-based number of the last strip end
     count = 0
     while end - strip >= 1 and scores[end - 1] > scores[end - strip - 1] + min_delta:
@@ -235,51 +193,178 @@ def up_count(scores: Sequence[float], strip: int, min_delta: float = 0.0) -> int
     return count
 
 
-def patience_count(scores: Sequence[float], min_delta: float = 0.0, rule: str = "no_improvement") -> int:
-    """The patience counter after the last check (``scores`` lower = better).
-
-    - ``"no_improvement"`` (Lightning's ``EarlyStopping``): checks since the last improvement, an
-      improvement being ``score + min_delta < best`` (``best`` starts at ``inf``).
-    - ``"increase"``: consecutive checks with ``score(t) > score(t-1) + min_delta``.
+def increase_count(scores: Sequence[float], min_delta: float = 0.0) -> int:
+    """Consecutive checks, up to the last, with ``score(t) > score(t-1) + min_delta`` (lower = better).
 
     Example:
-        >>> patience_count([3, 2, 2.5, 2.1, 2.2])                     # best 2 at check 2
-        3
-        >>> patience_count([3, 2, 2.5, 2.1, 2.2], rule="increase")    # 2.1 -> 2.2
+        >>> increase_count([3, 2, 2.5, 2.1, 2.2])    # 2.1 -> 2.2
         1
     """
-    if rule not in PATIENCE_RULES:
-        raise ValueError(f"patience_rule must be one of {PATIENCE_RULES}, got {rule!r}")
     count = 0
-    if rule == "no_improvement":
-        best = math.inf
-        for x in scores:
-            if x + min_delta < best:
-                best, count = x, 0
-            else:
-                count += 1
-        return count
     for prev, x in zip(scores[:-1], scores[1:]):
         count = count + 1 if x > prev + min_delta else 0
     return count
 
 
+def patience_step(best: float, wait: int, score: float, min_delta: float) -> tuple[float, int]:
+    """Lightning's patience counter after one more check (``best`` and ``score`` lower = better).
+
+    An improvement is ``score + min_delta < best``: it becomes the best and the wait restarts at 0;
+    anything else (``nan`` included) adds one to the wait.
+
+    Example:
+        >>> patience_step(0.5, 1, 0.4, 0.0), patience_step(0.5, 1, 0.49, 0.02)
+        ((0.4, 0), (0.5, 2))
+    """
+    if score + min_delta < best:
+        return score, 0
+    return best, wait + 1
+
+
 # ------------------------------------------------------------------------------------------------
-# the rule: every argument validated once, one decision per check
+# the criteria: each holds its own parameters; Lightning's thresholds and patience live in StopRule
+# ------------------------------------------------------------------------------------------------
+def _check_alpha(alpha: Any) -> None:
+    check_float("alpha", alpha, 0.0, low_open=True, high_open=True)
+
+
+def _check_optimum(name: str, value: Any) -> None:
+    check_float(name, value, allow_none=True, low_open=True, high_open=True)
+
+
+@dataclass(frozen=True)
+class Patience:
+    """Lightning's rule: stop after ``patience`` checks without an improvement by more than ``min_delta``."""
+
+    name = "patience"
+
+    def describe(self, rule: StopRule) -> str:
+        return f"patience {rule.patience}"
+
+
+@dataclass(frozen=True)
+class Increase:
+    """Stop after ``patience`` checks in a row, each worse than the one before by more than ``min_delta``."""
+
+    name = "increase"
+
+    def describe(self, rule: StopRule) -> str:
+        return f"increase {rule.patience}"
+
+
+@dataclass(frozen=True)
+class GL:
+    """``GL_alpha``: stop when ``GL(t) = 100 * (E_va(t) / E_opt(t) - 1) > alpha``.
+
+    Args:
+        alpha: the threshold, > 0 (Prechelt used 1..5).
+        optimum: the ideal value of the monitored metric, ``E = metric - optimum`` (min) or
+            ``optimum - metric`` (max); ``None``: 0 for min, 1 for max (``E = 1 - acc``).
+    """
+
+    alpha: float = 5.0
+    optimum: float | None = None
+    name = "gl"
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.alpha)
+        _check_optimum("optimum", self.optimum)
+
+    def describe(self, rule: StopRule) -> str:
+        return f"GL_{self.alpha:g}"
+
+
+@dataclass(frozen=True)
+class PQ:
+    """``PQ_alpha``: at strip ends, stop when ``GL(t) / P_k(t) > alpha`` (``P_k`` from the training metric).
+
+    Args:
+        alpha: the threshold, > 0 (Prechelt used 0.5..3; 0.02..0.2 for cross-entropy nets).
+        strip: the strip length ``k`` in checks, an int >= 1.
+        optimum: as in :class:`GL`.
+        train_monitor: the logged training metric (one value per epoch) that gives ``E_tr``.
+        train_mode: ``"min"`` or ``"max"`` for ``train_monitor``.
+        train_optimum: its ideal value (``None``: 0 for min, 1 for max).
+    """
+
+    alpha: float = 0.5
+    strip: int = 5
+    optimum: float | None = None
+    train_monitor: str = "train/loss_epoch"
+    train_mode: str = "min"
+    train_optimum: float | None = None
+    name = "pq"
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.alpha)
+        check_int("strip", self.strip, 1)
+        _check_optimum("optimum", self.optimum)
+        _check_optimum("train_optimum", self.train_optimum)
+        check_choice("train_mode", self.train_mode, MODES)
+        if not isinstance(self.train_monitor, str) or not self.train_monitor:
+            raise ValueError(f"train_monitor must be a non-empty metric name, got {self.train_monitor!r}")
+
+    def describe(self, rule: StopRule) -> str:
+        return f"PQ_{self.alpha:g} (strip {self.strip})"
+
+
+@dataclass(frozen=True)
+class UP:
+    """``UP_s``: at strip ends, stop when the metric rose at the end of ``strips`` successive strips.
+
+    Args:
+        strips: ``s``, the number of successive rising strips, an int >= 1.
+        strip: the strip length ``k`` in checks, an int >= 1.
+    """
+
+    strips: int = 3
+    strip: int = 5
+    name = "up"
+
+    def __post_init__(self) -> None:
+        check_int("strips", self.strips, 1)
+        check_int("strip", self.strip, 1)
+
+    def describe(self, rule: StopRule) -> str:
+        return f"UP_{self.strips} (strip {self.strip})"
+
+
+Criterion = Patience | Increase | GL | PQ | UP
+CRITERIA: dict[str, type] = {"patience": Patience, "increase": Increase, "gl": GL, "pq": PQ, "up": UP}
+
+
+def as_criterion(spec: Criterion | str) -> Criterion:
+    """A criterion object from itself or its name (``"gl"`` is ``GL()`` with Prechelt's defaults).
+
+    Example:
+        >>> as_criterion("up"), as_criterion(GL(alpha=2.0)).alpha
+        (UP(strips=3, strip=5), 2.0)
+    """
+    if isinstance(spec, tuple(CRITERIA.values())):
+        return spec  # type: ignore[return-value]
+    check_choice("criterion", spec, tuple(CRITERIA))
+    return CRITERIA[str(spec)]()  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------------------------
+# the rule
 # ------------------------------------------------------------------------------------------------
 class Decision(NamedTuple):
     """What :meth:`StopRule.decide` returns.
 
     Attributes:
         stop: whether to stop after this check.
-        reason: one readable line when ``stop`` (e.g. ``"GL=5.4 > alpha=5 (best 0.081 at 17)"``), else "".
-        values: every criterion's value at this check, for logging: ``gl``, ``pk``, ``pq``,
-            ``up_count``, ``wait_count`` (the patience counter of ``patience_rule``); ``gl``/``pk``/``pq``
-            are left out where they cannot be computed (fewer than ``strip`` training values, a negative
-            error under a criterion that does not need them).
-        best: index of the best check so far (-1 if none).
-        kind: what stopped: ``"non_finite"``, ``"stopping_threshold"``, ``"divergence_threshold"``, the
-            criterion name, or "" when not stopping.
+        reason: one readable line: why it stops; when it does not, Lightning's improvement message on a
+            new best, else "".
+        values: every criterion's value at this check, for logging: ``gl``, ``pk``, ``pq`` (where
+            they can be computed), ``up_count`` and ``wait_count`` (the counter of the criterion).
+        best: index of the best check so far (the first minimum, ``min_delta`` ignored; -1 if none).
+        kind: ``"non_finite"``, ``"stopping_threshold"``, ``"divergence_threshold"``, the criterion's
+            name, or "" when not stopping.
+        best_score: Lightning's best value after the check (the metric's units; moved only by an
+            improvement of more than ``min_delta``).
+        wait_count: Lightning's checks since that improvement.
+        improved: whether this check moved ``best_score``.
     """
 
     stop: bool
@@ -287,6 +372,9 @@ class Decision(NamedTuple):
     values: dict[str, float]
     best: int
     kind: str = ""
+    best_score: float = math.inf
+    wait_count: int = 0
+    improved: bool = False
 
 
 def _fmt(x: float) -> str:
@@ -295,107 +383,72 @@ def _fmt(x: float) -> str:
 
 @dataclass(frozen=True)
 class StopRule:
-    """One early-stopping rule, validated at construction; :meth:`decide` applies it to a history.
+    """Lightning's stopping criteria plus one criterion, validated at construction.
 
     Args:
-        criterion: one of ``"patience"``, ``"gl"``, ``"pq"``, ``"up"`` (see the module docstring).
+        criterion: a :data:`Criterion` or its name (``"patience"``, ``"increase"``, ``"gl"``, ``"pq"``, ``"up"``).
         mode: ``"min"`` or ``"max"``: the direction in which the monitored metric improves.
-        patience: ``n`` for ``criterion="patience"``, an int ``>= 1``.
-        patience_rule: ``"no_improvement"`` (Lightning's) or ``"increase"`` (``n`` rises in a row).
-        min_delta: ``>= 0``; a change of at most ``min_delta`` is no improvement (patience) and no rise
-            (``increase``, UP).
-        alpha: threshold of GL / PQ, ``> 0``; ``None`` takes :data:`DEFAULT_ALPHA` (5 for GL, 0.5 for PQ).
-        strip: strip length ``k`` of PQ and UP, an int ``>= 1``.
-        s: number of successive rising strips for UP, an int ``>= 1``.
-        optimum: the ideal value of the monitored metric (``E = |metric - optimum|``, see above).
-        train_mode: direction of the training metric used by PQ.
-        train_optimum: ideal value of the training metric.
-        min_epochs: no criterion stops before check number ``min_epochs`` (1-based); an int ``>= 0``.
-        check_finite: stop at once on a ``nan``/``inf`` value (Lightning's ``check_finite``).
+        patience: ``n`` of :class:`Patience` and :class:`Increase`, an int >= 0 (0 acts as 1, as in Lightning).
+        min_delta: a change of at most ``min_delta`` is no improvement (patience) and no rise
+            (:class:`Increase`, :class:`UP`); negative only with Lightning's patience (as Lightning allows).
+        min_checks: nothing but a non-finite value stops before check number ``min_checks`` (1-based).
+        check_finite: stop at once on a ``nan``/``inf`` value (Lightning's).
         stopping_threshold: stop once the metric is better than this (Lightning's).
         divergence_threshold: stop once the metric is worse than this (Lightning's).
 
     Example:
-        >>> rule = StopRule("up", s=2, strip=2)
-        >>> rule.decide([5, 4, 3, 5, 6, 7]).stop     # rose at the ends of the strips ending at 4 and 6
+        >>> StopRule(UP(strips=2, strip=2)).decide([5, 4, 3, 5, 6, 7]).stop   # rose at the ends of checks 4, 6
         True
     """
 
-    criterion: str = "patience"
+    criterion: Criterion = field(default_factory=Patience)
     mode: str = "min"
     patience: int = 3
-    patience_rule: str = "no_improvement"
     min_delta: float = 0.0
-    alpha: float | None = None
-    strip: int = 5
-    s: int = 3
-    optimum: float | None = None
-    train_mode: str = "min"
-    train_optimum: float | None = None
-    min_epochs: int = 0
+    min_checks: int = 0
     check_finite: bool = True
     stopping_threshold: float | None = None
     divergence_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.train_mode not in MODES:
-            raise ValueError(f"train_mode must be one of {MODES}, got {self.train_mode!r}")
-        if self.patience_rule not in PATIENCE_RULES:
-            raise ValueError(f"patience_rule must be one of {PATIENCE_RULES}, got {self.patience_rule!r}")
-        _int_at_least("patience", self.patience, 1)
-        _int_at_least("strip", self.strip, 1)
-        _int_at_least("s", self.s, 1)
-        _int_at_least("min_epochs", self.min_epochs, 0)
-        if not _is_real(self.min_delta) or not (math.isfinite(self.min_delta) and self.min_delta >= 0):
-            raise ValueError(f"min_delta must be a finite number >= 0, got {self.min_delta!r}")
-        if self.alpha is not None and not (_is_real(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(
-                f"alpha must be a finite number > 0 (or None for the default of the criterion), got {self.alpha!r}"
-            )
-        for name in ("optimum", "train_optimum", "stopping_threshold", "divergence_threshold"):
-            v = getattr(self, name)
-            if v is not None and not (_is_real(v) and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number or None, got {v!r}")
-        if not isinstance(self.check_finite, bool):
-            raise ValueError(f"check_finite must be a bool, got {self.check_finite!r}")
-
-    @property
-    def threshold(self) -> float:
-        """``alpha`` of GL / PQ (the default of the criterion when none was given)."""
-        return DEFAULT_ALPHA.get(self.criterion, 5.0) if self.alpha is None else float(self.alpha)
+        object.__setattr__(self, "criterion", as_criterion(self.criterion))
+        check_choice("mode", self.mode, MODES)
+        check_int("patience", self.patience, 0)
+        check_int("min_checks", self.min_checks, 0)
+        check_bool("check_finite", self.check_finite)
+        low = -math.inf if isinstance(self.criterion, Patience) else 0.0
+        check_float("min_delta", self.min_delta, low, low_open=math.isinf(low), high_open=True)
+        for name in ("stopping_threshold", "divergence_threshold"):
+            check_float(name, getattr(self, name), allow_none=True)
 
     def describe(self) -> str:
-        """Short name of the rule, e.g. ``"GL_5"``, ``"PQ_2 (strip 5)"``, ``"UP_3 (strip 5)"``."""
-        if self.criterion == "gl":
-            return f"GL_{self.threshold:g}"
-        if self.criterion == "pq":
-            return f"PQ_{self.threshold:g} (strip {self.strip})"
-        if self.criterion == "up":
-            return f"UP_{self.s} (strip {self.strip})"
-        return f"patience {self.patience} ({self.patience_rule})"
+        """Short name of the criterion, e.g. ``"GL_5"``, ``"PQ_2 (strip 5)"``, ``"UP_3 (strip 5)"``."""
+        return self.criterion.describe(self)
+
+    @property
+    def strip(self) -> int:
+        """The strip length of the criterion (5 for those without one: ``up_count`` and ``pk`` are logged anyway)."""
+        return getattr(self.criterion, "strip", 5)
 
     def values(self, history: Sequence[float], train: Sequence[float] | None = None) -> dict[str, float]:
-        """Every criterion's value after the last check of ``history`` (see :class:`Decision`)."""
-        scores = [to_score(v, self.mode) for v in history]
+        """Prechelt's quantities after the last check of ``history`` (``wait_count`` is added by :meth:`decide`)."""
+        c = self.criterion
+        optimum = getattr(c, "optimum", None)
         out: dict[str, float] = {}
-        needs_error = self.criterion in ("gl", "pq")
         try:
-            gl = generalization_loss([to_error(v, self.mode, self.optimum) for v in history])
+            gl = generalization_loss([to_error(v, self.mode, optimum) for v in history])
         except ValueError:
-            if needs_error:
+            if isinstance(c, (GL, PQ)):
                 raise
             gl = math.nan
         if not math.isnan(gl):
             out["gl"] = gl
         if train is not None:
+            train_mode, train_optimum = getattr(c, "train_mode", "min"), getattr(c, "train_optimum", None)
             try:
-                pk = training_progress([to_error(v, self.train_mode, self.train_optimum) for v in train], self.strip)
+                pk = training_progress([to_error(v, train_mode, train_optimum) for v in train], self.strip)
             except ValueError:
-                if self.criterion == "pq":
+                if isinstance(c, PQ):
                     raise
                 pk = math.nan
             if not math.isnan(pk):
@@ -403,9 +456,28 @@ class StopRule:
                 pq = progress_quotient(gl, pk)
                 if not math.isnan(pq):
                     out["pq"] = pq
-        out["up_count"] = float(up_count(scores, self.strip, self.min_delta))
-        out["wait_count"] = float(patience_count(scores, self.min_delta, self.patience_rule))
+        scores = [to_score(v, self.mode) for v in history]
+        out["up_count"] = float(up_count(scores, self.strip, max(self.min_delta, 0.0)))
         return out
+
+    def counters(self, history: Sequence[float]) -> tuple[float, int]:
+        """Lightning's ``(best_score, wait_count)`` after the checks of ``history``, replayed from the start."""
+        best, wait = math.inf, 0
+        for value in history:
+            if self._guard(value) is None:
+                best, wait = patience_step(best, wait, to_score(value, self.mode), self.min_delta)
+        return to_score(best, self.mode), wait
+
+    def _guard(self, value: float) -> str | None:
+        """Which of Lightning's guards a value trips (they come before, and skip, the patience counter)."""
+        if self.check_finite and not math.isfinite(value):
+            return "non_finite"
+        score = to_score(value, self.mode)
+        if self.stopping_threshold is not None and score < to_score(self.stopping_threshold, self.mode):
+            return "stopping_threshold"
+        if self.divergence_threshold is not None and score > to_score(self.divergence_threshold, self.mode):
+            return "divergence_threshold"
+        return None
 
     def decide(
         self,
@@ -413,21 +485,25 @@ class StopRule:
         train: Sequence[float] | None = None,
         epochs: Sequence[int] | None = None,
         name: str = "metric",
+        counters: tuple[float, int] | None = None,
     ) -> Decision:
         """Whether to stop after the last check of ``history``, why, and every criterion's value.
 
         Args:
             history: the monitored metric at checks ``1..t`` (as logged, not converted).
-            train: the training metric at the same checks (needed by ``criterion="pq"``).
+            train: the training metric at the same checks (needed by :class:`PQ`).
             epochs: a label for each check used in the reason (default: ``0..t-1``, Lightning's epochs).
             name: the metric's name used in the reason.
+            counters: Lightning's ``(best_score, wait_count)`` before this check (a resumed run's); ``None``
+                replays them over ``history[:-1]``.
         """
         t = len(history)
         if t == 0:
             raise ValueError("decide needs at least one value in history, got an empty history")
         if train is not None and len(train) != t:
             raise ValueError(f"train must have one value per check ({t}), got {len(train)}")
-        if self.criterion == "pq" and train is None:
+        c = self.criterion
+        if isinstance(c, PQ) and train is None:
             raise ValueError("criterion 'pq' needs the training metric at every check (train=...)")
         if epochs is not None and len(epochs) != t:
             raise ValueError(f"epochs must have one label per check ({t}), got {len(epochs)}")
@@ -435,80 +511,93 @@ class StopRule:
         current = float(history[-1])
         scores = [to_score(float(v), self.mode) for v in history]
         best = best_index(scores)
-        best_txt = f"(best {_fmt(history[best])} at {labels[best]})" if best >= 0 else "(no finite value yet)"
+        previous, wait = self.counters(history[:-1]) if counters is None else counters
+        best_score = previous
+        order = "<" if self.mode == "min" else ">"
 
-        def stop(kind: str, text: str) -> Decision:
-            return Decision(True, f"{text} {best_txt}", vals, best, kind)
-
-        if self.check_finite and not math.isfinite(current):
-            return Decision(True, f"{name}={current} is not finite {best_txt}", {}, best, "non_finite")
+        guard = self._guard(current)
+        if guard == "non_finite":
+            reason = (
+                f"Monitored metric {name} = {current} is not finite. Previous best value was {best_score:.3f}."
+                " Signaling Trainer to stop."
+            )
+            return Decision(True, reason, {}, best, guard, best_score, wait)
         vals = self.values(history, train)
-        if t < self.min_epochs:
-            return Decision(False, "", vals, best)
-        better = "<" if self.mode == "min" else ">"
-        worse = ">" if self.mode == "min" else "<"
-        if self.stopping_threshold is not None and to_score(current, self.mode) < to_score(
-            self.stopping_threshold, self.mode
-        ):
-            return stop(
-                "stopping_threshold", f"{name}={_fmt(current)} {better} stopping_threshold={self.stopping_threshold:g}"
-            )
-        if self.divergence_threshold is not None and to_score(current, self.mode) > to_score(
-            self.divergence_threshold, self.mode
-        ):
-            return stop(
-                "divergence_threshold",
-                f"{name}={_fmt(current)} {worse} divergence_threshold={self.divergence_threshold:g}",
-            )
+        improved = False
+        if guard is None:
+            new_best, wait = patience_step(to_score(best_score, self.mode), wait, scores[-1], self.min_delta)
+            improved = new_best != to_score(best_score, self.mode)
+            best_score = to_score(new_best, self.mode)
+        vals["wait_count"] = float(increase_count(scores, self.min_delta) if isinstance(c, Increase) else wait)
 
-        c = self.criterion
-        if c == "patience":
-            n = int(vals["wait_count"])
-            if n >= self.patience:
-                what = "did not improve" if self.patience_rule == "no_improvement" else "increased"
-                delta = f" by more than min_delta={self.min_delta:g}" if self.min_delta else ""
-                return stop(c, f"{name} {what}{delta} in {n} checks in a row >= patience={self.patience}")
-        elif c == "gl":
-            gl = vals.get("gl", math.nan)
-            if gl > self.threshold:
-                return stop(c, f"GL={_fmt(gl)} > alpha={self.threshold:g}")
-        elif t % self.strip == 0:  # pq and up are checked at strip ends only
-            if c == "pq" and "pq" in vals and vals["pq"] > self.threshold:
-                return stop(
-                    c,
-                    f"PQ=GL/P_{self.strip}={_fmt(vals['gl'])}/{_fmt(vals['pk'])}="
-                    f"{_fmt(vals['pq'])} > alpha={self.threshold:g}",
+        def outcome(stop: bool, kind: str, reason: str) -> Decision:
+            if stop and t < self.min_checks:
+                stop, kind, reason = False, "", ""
+            if not stop and improved:
+                reason = _improvement(name, previous, current, self.min_delta)
+            return Decision(stop, reason, vals, best, kind, best_score, wait, improved)
+
+        if guard == "stopping_threshold":
+            text = f"Stopping threshold reached: {name} = {current:g} {order} {self.stopping_threshold}."
+            return outcome(True, guard, text + " Signaling Trainer to stop.")
+        if guard == "divergence_threshold":
+            text = f"Divergence threshold reached: {name} = {current:g} {order} {self.divergence_threshold}."
+            return outcome(True, guard, text + " Signaling Trainer to stop.")
+
+        best_txt = f"(best {_fmt(history[best])} at {labels[best]})" if best >= 0 else "(no finite value yet)"
+        if isinstance(c, Patience):
+            if wait >= self.patience and not improved:
+                return outcome(
+                    True,
+                    c.name,
+                    f"Monitored metric {name} did not improve in the last {wait} records. "
+                    f"Best score: {best_score:.3f}. Signaling Trainer to stop.",
                 )
-            if c == "up" and vals["up_count"] >= self.s:
-                return stop(c, f"UP_{self.s}: {name} rose at the end of {self.s} successive strips of {self.strip}")
-        return Decision(False, "", vals, best)
+        elif isinstance(c, Increase):
+            n = int(vals["wait_count"])
+            if n >= max(self.patience, 1):
+                delta = f" by more than min_delta={self.min_delta:g}" if self.min_delta else ""
+                return outcome(True, c.name, f"{name} increased{delta} in {n} checks in a row {best_txt}")
+        elif isinstance(c, GL):
+            gl = vals.get("gl", math.nan)
+            if gl > c.alpha:
+                return outcome(True, c.name, f"GL={_fmt(gl)} > alpha={c.alpha:g} {best_txt}")
+        elif t % c.strip == 0:  # PQ and UP are checked at strip ends only
+            if isinstance(c, PQ) and vals.get("pq", -math.inf) > c.alpha:
+                text = f"PQ=GL/P_{c.strip}={_fmt(vals['gl'])}/{_fmt(vals['pk'])}={_fmt(vals['pq'])} > alpha={c.alpha:g}"
+                return outcome(True, c.name, f"{text} {best_txt}")
+            if isinstance(c, UP) and vals["up_count"] >= c.strips:
+                text = f"UP_{c.strips}: {name} rose at the end of {c.strips} successive strips of {c.strip}"
+                return outcome(True, c.name, f"{text} {best_txt}")
+        return outcome(False, "", "")
 
 
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _int_at_least(name: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+def _improvement(name: str, previous: float, current: float, min_delta: float) -> str:
+    """Lightning's message for a new best value."""
+    if math.isfinite(previous):
+        return (
+            f"Metric {name} improved by {abs(previous - current):.3f} >= min_delta = {abs(min_delta)}."
+            f" New best score: {current:.3f}"
+        )
+    return f"Metric {name} improved. New best score: {current:.3f}"
 
 
 def decide(
     history: Sequence[float],
     train: Sequence[float] | None = None,
-    criterion: str | StopRule = "patience",
+    criterion: Criterion | str | StopRule = "patience",
     *,
     epochs: Sequence[int] | None = None,
     name: str = "metric",
-    **rule_args: object,
+    **rule_args: Any,
 ) -> Decision:
-    """Functional form of :meth:`StopRule.decide`: ``decide(val, train, "gl", alpha=5)``.
+    """Functional form of :meth:`StopRule.decide`: ``decide(val, train, GL(alpha=5))``.
 
     Example:
         >>> decide([0.3, 0.2, 0.21, 0.22], criterion="patience", patience=2).stop
         True
     """
-    rule = criterion if isinstance(criterion, StopRule) else StopRule(criterion, **rule_args)  # type: ignore[arg-type]
+    rule = criterion if isinstance(criterion, StopRule) else StopRule(as_criterion(criterion), **rule_args)
     return rule.decide(history, train, epochs=epochs, name=name)
 
 
@@ -528,9 +617,9 @@ def first_stop(
     """Replay a whole curve check by check and return where ``rule`` would have stopped.
 
     Example:
-        >>> index, decision = first_stop([1.0, 0.8, 0.9, 0.95, 0.97], rule=StopRule("patience", patience=3))
-        >>> index, decision.reason
-        (4, 'metric did not improve in 3 checks in a row >= patience=3 (best 0.8 at 1)')
+        >>> index, decision = first_stop([1.0, 0.8, 0.9, 0.95, 0.97], rule=StopRule(patience=3), name="val/loss")
+        >>> index, decision.kind, decision.reason[:55]
+        (4, 'patience', 'Monitored metric val/loss did not improve in the last 3')
     """
     rule = StopRule() if rule is None else rule
     for t in range(1, len(history) + 1):

@@ -19,6 +19,7 @@ from lightning_tricks.data import DigitsDataModule
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
 from lightning_tricks.schedules import Cosine, Warmup
+from lightning_tricks.stopping import GL
 
 
 class RecordLR(Callback):
@@ -60,7 +61,7 @@ def main(out):
     ema = EMA(decay=0.9, average_at_end=False)
     swa = SWA(start=1, bn_update=False, average_at_end=False)
     # decides on each rank's own (unsynced) loss: rank zero's values must reach every rank
-    stop = EarlyStopping(monitor="val/rank_loss", criterion="gl", alpha=0.5, restore_best=False)
+    stop = EarlyStopping(monitor="val/rank_loss", criterion=GL(alpha=0.5), restore_best=False)
     record = RecordLR()
     local = RecordLocal()
     trainer = Trainer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -27,11 +28,11 @@ from lightning_tricks._lightning import (
     Trainer,
     seed_everything,
 )
-from lightning_tricks.callbacks import EarlyStopping
+from lightning_tricks.callbacks import EarlyStopping, RestoreBest
 from lightning_tricks.data import DigitsDataModule, TensorBatchLoader
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.models import MLP
-from lightning_tricks.stopping import first_stop
+from lightning_tricks.stopping import GL, PQ, UP, first_stop
 
 MAX_EPOCHS = 25
 
@@ -77,12 +78,12 @@ def _trainer(callbacks, **kwargs) -> Trainer:
 
 CASES = {
     "patience": dict(criterion="patience", patience=3),
-    "increase": dict(criterion="patience", patience=2, patience_rule="increase"),
-    "gl": dict(criterion="gl", alpha=5.0),
+    "increase": dict(criterion="increase", patience=2),
+    "gl": dict(criterion=GL(alpha=5.0)),
     # Adam drives the training loss down geometrically, so P_5 stays in the hundreds and PQ small
-    "pq": dict(criterion="pq", alpha=0.02, strip=5),
-    "up": dict(criterion="up", s=2, strip=3),
-    "gl_accuracy": dict(monitor="val/acc", mode="max", criterion="gl", alpha=3.0),  # E = 1 - acc
+    "pq": dict(criterion=PQ(alpha=0.02, strip=5)),
+    "up": dict(criterion=UP(strips=2, strip=3)),
+    "gl_accuracy": dict(monitor="val/acc", mode="max", criterion=GL(alpha=3.0)),  # E = 1 - acc
 }
 
 
@@ -116,7 +117,7 @@ def test_restore_from_the_best_checkpoint(tmp_path):
     module = _overfit_module()
     train, val = _loaders()
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1)
-    es = EarlyStopping(criterion="gl", alpha=5.0, restore_best=True, restore_from="checkpoint")
+    es = EarlyStopping(criterion=GL(alpha=5.0), restore_best=RestoreBest(source="checkpoint"))
     trainer = _trainer([es, ckpt], enable_checkpointing=True)
     trainer.fit(module, train, val)
     assert es.stop_reason is not None and es.best_weights is None  # nothing kept in memory
@@ -129,7 +130,7 @@ def test_restore_from_the_best_checkpoint(tmp_path):
 @pytest.mark.parametrize("case", ["up", "pq"])
 def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
     train, val = _loaders()
-    strip = CASES[case]["strip"]
+    strip = CASES[case]["criterion"].strip
     full = EarlyStopping(**CASES[case], restore_best=True)
     every_epoch = ModelCheckpoint(
         dirpath=tmp_path, filename="e{epoch:02d}", auto_insert_metric_name=False, save_top_k=-1, every_n_epochs=1
@@ -160,35 +161,50 @@ def test_resume_mid_strip_stops_on_the_same_epoch(tmp_path, case):
         assert torch.equal(tensor, module2.state_dict()[name]), name
 
 
+def _with_best_copy(es: EarlyStopping) -> EarlyStopping:
+    """A state as after three checks, the second the best, whose weights are held in memory."""
+    es.history, es.train_history, es.epochs, es.measured = [1.0, 0.5, 0.7], [2.0, 1.0, math.nan], [0, 1, 2], ["raw"] * 3
+    es.restorer.best_value, es.restorer.best_epoch, es.restorer._weights = 0.5, 1, {"w": torch.ones(3)}
+    return es
+
+
 def test_state_round_trips_with_plain_types():
-    es = EarlyStopping(criterion="up", strip=2, s=2, restore_best=True)
-    es.history, es.train_history, es.epochs = [1.0, 0.5, 0.7], [2.0, 1.0, math.nan], [0, 1, 2]
-    es._best, es._held_check = {"w": torch.ones(3)}, 1
+    es = _with_best_copy(EarlyStopping(criterion=UP(strip=2, strips=2), restore_best=True))
     state = es.state_dict()
     assert state["history"] == [1.0, 0.5, 0.7] and state["epochs"] == [0, 1, 2]
-    assert torch.equal(state["best_weights"]["w"], torch.ones(3)) and state["best_weights_check"] == 1
-    other = EarlyStopping(criterion="up", strip=2, s=2)
+    assert torch.equal(state["best_weights"]["w"], torch.ones(3)) and state["best_epoch"] == 1
+    other = EarlyStopping(criterion=UP(strip=2, strips=2), restore_best=True)
     other.load_state_dict(state)
     assert other.history == es.history and other.epochs == es.epochs and other.best_epoch == 1
     assert other.best_weights is not None and torch.equal(other.best_weights["w"], torch.ones(3))
     # smaller checkpoints: the in-memory copy is left out on request
-    assert "best_weights" not in EarlyStopping(restore_best=True, save_best_weights=False).state_dict()
+    light = _with_best_copy(EarlyStopping(restore_best=RestoreBest(save_weights=False)))
+    assert "best_weights" not in light.state_dict() and light.state_dict()["best_epoch"] == 1
     # distinct keys for two instances side by side
     keys = {
         EarlyStopping(criterion="gl").state_key,
         EarlyStopping(criterion="pq").state_key,
-        EarlyStopping(criterion="gl", alpha=2.0).state_key,
+        EarlyStopping(criterion=GL(alpha=2.0)).state_key,
         EarlyStopping(monitor="val/acc").state_key,
     }
     assert len(keys) == 4
     # a checkpoint without the best weights: the final weights stay, with a warning
-    light = EarlyStopping(restore_best=True)
-    light.load_state_dict({k: v for k, v in state.items() if not k.startswith("best_weights")})
+    resumed = EarlyStopping(restore_best=True)
+    resumed.load_state_dict(light.state_dict())
     layer = nn.Linear(2, 2)
     before = layer.weight.detach().clone()
     with pytest.warns(UserWarning, match="not available"):
-        light.on_train_end(None, layer)
+        resumed.on_train_end(None, layer)
     assert torch.equal(layer.weight, before)
+
+
+def test_a_checkpoint_written_before_restore_best_kept_its_own_state_still_restores():
+    old = {"history": [1.0, 0.5, 0.7], "epochs": [0, 1, 2], "measured": ["raw", "ema", "raw"]}
+    old.update(best_weights={"w": torch.ones(3)}, best_weights_check=1)
+    es = EarlyStopping(restore_best=True)
+    es.load_state_dict(old)
+    assert (es.restorer.best_epoch, es.restorer.best_value, es.restorer.measured_on) == (1, 0.5, "ema")
+    assert torch.equal(es.best_weights["w"], torch.ones(3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,10 +247,7 @@ def test_scripted_curve_stops_on_the_epoch_worked_out_by_hand(tmp_path, after_va
     # tests/test_stopping.py: PQ_0.3 with strip 3 stops at check 9 (epoch 8): GL/P_3 = 9.091/23.81 = 0.382
     es = EarlyStopping(
         monitor="val/err",
-        criterion="pq",
-        alpha=0.3,
-        strip=3,
-        train_monitor="train/err",
+        criterion=PQ(alpha=0.3, strip=3, train_monitor="train/err"),
         check_on_train_epoch_end=not after_validation,
     )
     module = Scripted(PQ_VAL, PQ_TRAIN)
@@ -255,10 +268,10 @@ def test_scripted_curve_stops_on_the_epoch_worked_out_by_hand(tmp_path, after_va
     assert float(rows[-1]["early_stopping/gl"]) == pytest.approx(100 * (0.48 / 0.44 - 1), rel=1e-5)
 
 
-def test_min_epochs_and_reason_in_max_mode():
-    # UP_CURVE as an accuracy; UP_2 (strip 2) stops at check 8, with min_epochs=9 at the next strip end, 10
+def test_min_checks_and_reason_in_max_mode():
+    # UP_CURVE as an accuracy; UP_2 (strip 2) stops at check 8, with min_checks=9 at the next strip end, 10
     curve = [1.0 - v for v in UP_CURVE]
-    es = EarlyStopping(monitor="val/err", mode="max", criterion="up", s=2, strip=2, min_epochs=9)
+    es = EarlyStopping(monitor="val/err", mode="max", criterion=UP(strips=2, strip=2), min_checks=9)
     _scripted_trainer([es]).fit(Scripted(curve), _scripted_loader(), _scripted_loader())
     assert es.stopped_epoch == 9
     assert es.stop_reason.startswith("stopped at epoch 9: UP_2: val/err rose at the end of 2 successive strips")
@@ -285,7 +298,7 @@ class _EveryEpoch(Callback):
 )
 def test_restored_weights_are_exactly_the_best_epochs(accelerator, best_on_cpu):
     # UP_CURVE: best 0.5 at epoch 4; UP_2 (strip 2) stops at epoch 7
-    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2, restore_best=True, best_on_cpu=best_on_cpu)
+    es = EarlyStopping(monitor="val/err", criterion=UP(strips=2, strip=2), restore_best=RestoreBest(on_cpu=best_on_cpu))
     record = _EveryEpoch()
     module = Scripted(UP_CURVE)
     _scripted_trainer([record, es], accelerator=accelerator).fit(module, _scripted_loader(), _scripted_loader())
@@ -299,7 +312,7 @@ def test_restored_weights_are_exactly_the_best_epochs(accelerator, best_on_cpu):
 
 def test_perfect_accuracy_then_worse_gives_an_infinite_gl():
     # E = 1 - acc: E_opt = 0 at epoch 1, so any later error is an infinite relative loss
-    es = EarlyStopping(monitor="val/err", mode="max", criterion="gl", alpha=5.0)
+    es = EarlyStopping(monitor="val/err", mode="max", criterion=GL(alpha=5.0))
     trainer = _scripted_trainer([es])
     trainer.fit(Scripted([0.9, 1.0, 0.99, 1.0, 1.0]), _scripted_loader(), _scripted_loader())
     assert es.stop_reason == "stopped at epoch 2: GL=inf > alpha=5 (best 1 at 1)"
@@ -312,12 +325,13 @@ def test_perfect_accuracy_then_worse_gives_an_infinite_gl():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"criterion": "plateau"}, r"criterion must be one of \('patience', 'gl', 'pq', 'up'\), got 'plateau'"),
-        ({"criterion": "gl", "alpha": 0}, r"alpha must be a finite number > 0.*got 0"),
-        ({"criterion": "pq", "alpha": -2.0}, r"alpha must be a finite number > 0.*got -2\.0"),
-        ({"criterion": "pq", "strip": 0}, r"strip must be an int >= 1, got 0"),
-        ({"criterion": "up", "strip": 2.5}, r"strip must be an int >= 1, got 2\.5"),
-        ({"restore_from": "disk"}, r"restore_from must be one of \('memory', 'checkpoint'\), got 'disk'"),
+        (
+            {"criterion": "plateau"},
+            r"criterion must be one of \('patience', 'increase', 'gl', 'pq', 'up'\), got 'plateau'",
+        ),
+        ({"criterion": "increase", "min_delta": -0.1}, r"min_delta must be a number in \[0, inf\), got -0\.1"),
+        ({"min_checks": -1}, r"min_checks must be an int >= 0, got -1"),
+        ({"log_values": 1}, r"log_values must be a bool, got 1"),
         ({"mode": "maximum"}, r"`mode` can be min, max, got maximum"),  # Lightning's message (and exception)
         ({"monitor": ""}, r"monitor must be a non-empty metric name, got ''"),
         ({"restore_best": "yes"}, r"restore_best must be a bool, got 'yes'"),
@@ -326,6 +340,21 @@ def test_perfect_accuracy_then_worse_gives_an_infinite_gl():
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EarlyStopping(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: GL(alpha=0), r"alpha must be a number in \(0, inf\), got 0"),
+        (lambda: PQ(alpha=-2.0), r"alpha must be a number in \(0, inf\), got -2\.0"),
+        (lambda: UP(strip=2.5), r"strip must be an int >= 1, got 2\.5"),
+        (lambda: RestoreBest(source="disk"), r"source must be one of \('memory', 'checkpoint'\), got 'disk'"),
+        (lambda: RestoreBest(on_cpu="yes"), r"on_cpu must be a bool, got 'yes'"),
+    ],
+)
+def test_bad_criterion_and_restore_arguments_fail_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_monitored_metric_never_logged_names_it_and_the_choices():
@@ -341,7 +370,7 @@ def test_pq_without_the_training_metric_names_it():
 
 
 def test_restore_from_checkpoint_needs_a_matching_model_checkpoint(tmp_path):
-    es = EarlyStopping(monitor="val/err", restore_best=True, restore_from="checkpoint")
+    es = EarlyStopping(monitor="val/err", restore_best=RestoreBest(source="checkpoint"))
     other = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(monitor='val/err', mode='min'.*'val/acc', 'max'"):
         _scripted_trainer([es, other], enable_checkpointing=True).fit(
@@ -364,7 +393,7 @@ def test_restore_from_checkpoint_needs_a_matching_model_checkpoint(tmp_path):
 def test_configs_compose_and_instantiate(name, criterion):
     cfg = compose_train([f"+callbacks={name}"])
     es = instantiate(cfg.callbacks[name])
-    assert isinstance(es, EarlyStopping) and es.criterion == criterion
+    assert isinstance(es, EarlyStopping) and es.criterion.name == criterion
     # the class defaults are Lightning's (restore_best off); our configs turn restore-best and logging on
     assert es.restore_best is True and es.log_values is True and EarlyStopping().restore_best is False
     removed = compose_train([f"+callbacks={name}", f"~callbacks.{name}"])
@@ -403,8 +432,8 @@ def test_ddp_ranks_stop_on_the_same_epoch(tmp_path):
     # rank 0 sees UP_CURVE: UP_2 with strip 2 stops at check 8 (epoch 7). Rank 1 sees UP_CURVE[e] - 0.05 e,
     # which keeps falling at every strip end, so on its own it would never stop.
     drifted = [v - 0.05 * e for e, v in enumerate(UP_CURVE)]
-    assert first_stop(drifted, rule=EarlyStopping(criterion="up", s=2, strip=2).rule).index is None
-    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2)
+    assert first_stop(drifted, rule=EarlyStopping(criterion=UP(strips=2, strip=2)).rule).index is None
+    es = EarlyStopping(monitor="val/err", criterion=UP(strips=2, strip=2))
     trainer = _scripted_trainer(
         [es, _Dump(str(tmp_path))], max_epochs=len(UP_CURVE), accelerator="cpu", devices=2, strategy="ddp_spawn"
     )
@@ -487,19 +516,17 @@ def test_our_criteria_load_lightnings_entry_and_our_older_key():
 
 
 def test_state_dict_returns_copies_and_plain_values():
-    es = EarlyStopping(criterion="up", strip=2, s=2, restore_best=True)
-    es.history, es.train_history, es.epochs, es.measured = [1.0, 0.5], [2.0, math.nan], [0, 1], ["raw", "raw"]
-    es._best, es._held_check = {"w": torch.ones(3)}, 1
+    es = _with_best_copy(EarlyStopping(criterion=UP(strip=2, strips=2), restore_best=True))
     state = es.state_dict()
-    es._best["w"].add_(1.0)  # the next improvement overwrites the buffers in place ...
-    es.history.append(0.7)
-    es.epochs.append(2)
+    es.restorer._weights["w"].add_(1.0)  # the next improvement overwrites the buffers in place ...
+    es.history.append(0.8)
+    es.epochs.append(3)
     assert torch.equal(state["best_weights"]["w"], torch.ones(3))  # ... the state taken before does not change
-    assert state["history"] == [1.0, 0.5] and state["epochs"] == [0, 1]
-    assert state["train_history"] == [2.0, None]  # nan as None: two equal states compare equal
-    again = EarlyStopping(criterion="up", strip=2, s=2, restore_best=True)
+    assert state["history"] == [1.0, 0.5, 0.7] and state["epochs"] == [0, 1, 2]
+    assert state["train_history"] == [2.0, 1.0, None]  # nan as None: two equal states compare equal
+    again = EarlyStopping(criterion=UP(strip=2, strips=2), restore_best=True)
     again.load_state_dict(state)
-    assert math.isnan(again.train_history[1]) and again.state_dict()["train_history"] == [2.0, None]
+    assert math.isnan(again.train_history[2]) and again.state_dict()["train_history"] == [2.0, 1.0, None]
     state["best_weights"]["w"].zero_()  # loading copied too
     assert torch.equal(again.best_weights["w"], torch.ones(3))
 
@@ -552,7 +579,7 @@ def test_lightnings_arguments_values_and_exceptions():
 )
 @pytest.mark.parametrize("criterion", ["patience", "gl"])
 def test_threshold_stops_use_lightnings_reason_and_message(kwargs, curve, stopped, reason, message, criterion):
-    es = EarlyStopping(monitor="val/err", criterion=criterion, alpha=1000.0 if criterion == "gl" else None, **kwargs)
+    es = EarlyStopping(monitor="val/err", criterion=GL(alpha=1000.0) if criterion == "gl" else criterion, **kwargs)
     _scripted_trainer([es], max_epochs=len(curve)).fit(Scripted(curve), _scripted_loader(), _scripted_loader())
     assert es.stopped_epoch == stopped and es.stopping_reason == reason
     assert es.stopping_reason_message.startswith(message)
@@ -563,14 +590,60 @@ def test_the_patience_decision_goes_through_lightnings_method():
     for criterion in ("patience", "up"):
         es = EarlyStopping(monitor="val/err", criterion=criterion)
         with mock.patch.object(
-            PLEarlyStopping, "_evaluate_stopping_criteria", side_effect=[(False, "A"), (True, "B")]
+            EarlyStopping, "_evaluate_stopping_criteria", side_effect=[(False, "A"), (True, "B")]
         ) as evaluate:
             _scripted_trainer([es], max_epochs=len(UP_CURVE)).fit(
                 Scripted(UP_CURVE), _scripted_loader(), _scripted_loader()
             )
         assert evaluate.call_count == 2 and es.stopped_epoch == 1 and es.stopping_reason_message == "B"
     # with our criterion Lightning's patience does not stop: UP_2 (strip 2) decides, at epoch 7
-    es = EarlyStopping(monitor="val/err", criterion="up", s=2, strip=2, patience=1)
+    es = EarlyStopping(monitor="val/err", criterion=UP(strips=2, strip=2), patience=1)
     _scripted_trainer([es], max_epochs=len(UP_CURVE)).fit(Scripted(UP_CURVE), _scripted_loader(), _scripted_loader())
     assert es.stopped_epoch == 7 and es.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
     assert es.stop_reason.startswith("stopped at epoch 7: UP_2")
+
+
+# ------------------------------------------------------------------------------------------------
+# restore-best on its own, beside Lightning's EarlyStopping
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source", ["memory", "checkpoint"])
+def test_restore_best_beside_lightnings_early_stopping(tmp_path, source):
+    # UP_CURVE under Lightning's patience 2: best 0.5 at epoch 4, no improvement at 5 and 6 -> stops at 6
+    stopper = PLEarlyStopping(monitor="val/err", patience=2)
+    restore = RestoreBest(source=source)  # monitor and mode taken from Lightning's callback
+    record = _EveryEpoch()
+    callbacks = [record, stopper, restore]
+    if source == "checkpoint":
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, monitor="val/err", mode="min", save_top_k=1))
+    module = Scripted(UP_CURVE)
+    trainer = _scripted_trainer(callbacks, enable_checkpointing=source == "checkpoint", default_root_dir=tmp_path)
+    trainer.fit(module, _scripted_loader(), _scripted_loader())
+    assert stopper.stopped_epoch == 6 and (restore.monitor, restore.mode) == ("val/err", "min")
+    assert (restore.best_epoch, restore.best_value) == (4, pytest.approx(0.5))
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, record.weights[4][name]), name
+        assert not torch.equal(tensor, record.weights[6][name]), name
+
+
+def test_restore_best_without_a_metric_to_follow_names_what_to_add():
+    trainer = _scripted_trainer([RestoreBest()])
+    with pytest.raises(ValueError, match=r"RestoreBest\(monitor=None\) takes the early stopping callback's monitor"):
+        trainer.fit(Scripted(UP_CURVE), _scripted_loader(), _scripted_loader())
+
+
+# ------------------------------------------------------------------------------------------------
+# Lightning's own tests with ours swapped in (needs a Lightning checkout: LIGHTNING_SRC, LIGHTNING_REF)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LIGHTNING_SRC"), reason="set LIGHTNING_SRC to a Lightning checkout")
+def test_lightnings_own_early_stopping_tests_pass_with_ours():
+    from lightning_early_stopping_suite import run
+
+    ref = os.environ.get("LIGHTNING_REF", pytorch_lightning_version())
+    assert run(Path(os.environ["LIGHTNING_SRC"]), ref or None, ["-x", "-W", "ignore"]) == 0
+
+
+def pytorch_lightning_version() -> str:
+    import pytorch_lightning
+
+    return pytorch_lightning.__version__

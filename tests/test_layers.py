@@ -73,6 +73,7 @@ TRICKS: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
             "callbacks/early_stopping_up",
         ),
     ),
+    "RestoreBest": ("stopping", "restore_best", ()),  # in configs through EarlyStopping(restore_best=true)
     "EMA": ("averaging", "ema", ("callbacks/ema",)),
     "SWA": ("averaging", "swa", ("callbacks/swa",)),
     "SnapshotEnsemble": ("ensemble", "snapshot_ensemble", ("callbacks/snapshot_ensemble",)),

@@ -10,20 +10,39 @@ import torch
 from lightning_tricks._lightning import PLEarlyStopping
 from lightning_tricks.stopping import (
     CRITERIA,
+    GL,
+    PQ,
+    UP,
     StopRule,
     decide,
     first_stop,
     generalization_loss,
-    patience_count,
+    increase_count,
     progress_quotient,
     to_error,
     training_progress,
     up_count,
 )
 
+_RULE_ARGS = {
+    "mode",
+    "patience",
+    "min_delta",
+    "min_checks",
+    "check_finite",
+    "stopping_threshold",
+    "divergence_threshold",
+}
+
+
+def make_rule(criterion="patience", **kwargs):
+    """A StopRule from flat arguments: the criterion's own go to the criterion, the rest to the rule."""
+    own = {k: v for k, v in kwargs.items() if k not in _RULE_ARGS}
+    return StopRule(CRITERIA[criterion](**own), **{k: v for k, v in kwargs.items() if k in _RULE_ARGS})
+
 
 def stop_index(history, train=None, **rule):
-    return first_stop(history, train, StopRule(**rule)).index
+    return first_stop(history, train, make_rule(**rule)).index
 
 
 def acc(curve):
@@ -67,18 +86,18 @@ def test_gl_stop_epoch_min_and_max_mode(alpha, expected):
 
 
 def test_gl_reason_is_one_readable_line():
-    d = decide(GL_CURVE[:5], criterion="gl", alpha=5.0, name="val/loss", epochs=[10, 11, 12, 13, 14])
+    d = decide(GL_CURVE[:5], criterion=GL(alpha=5.0), name="val/loss", epochs=[10, 11, 12, 13, 14])
     assert d.stop and d.kind == "gl" and d.best == 2
     assert d.reason == "GL=5.71 > alpha=5 (best 0.7 at 12)"
     assert set(d.values) == {"gl", "up_count", "wait_count"}  # no training metric: no P_k / PQ
 
 
-def test_min_epochs_delays_every_criterion():
-    # min_epochs=m: a stop is allowed from check m (1-based) on
-    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=5) == 4
-    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=6) == 5  # GL=7.14 at check 6
-    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=7) == 7  # check 7 is a new best
-    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_epochs=10) is None
+def test_min_checks_delays_every_criterion():
+    # min_checks=m: a stop is allowed from check m (1-based) on
+    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_checks=5) == 4
+    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_checks=6) == 5  # GL=7.14 at check 6
+    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_checks=7) == 7  # check 7 is a new best
+    assert stop_index(GL_CURVE, criterion="gl", alpha=5.0, min_checks=10) is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,10 +117,10 @@ def test_training_progress_and_quotient_follow_the_formula():
     assert training_progress(PQ_TRAIN[:6], 3) == pytest.approx(1000 * (0.95 / 0.9 - 1))
     assert training_progress(PQ_TRAIN[:9], 3) == pytest.approx(1000 * (0.86 / 0.84 - 1))
     assert math.isnan(training_progress(PQ_TRAIN[:2], 3))
-    d = StopRule("pq", strip=3, alpha=10.0).decide(PQ_VAL[:9], PQ_TRAIN[:9])
+    d = StopRule(PQ(strip=3, alpha=10.0)).decide(PQ_VAL[:9], PQ_TRAIN[:9])
     assert d.values["pq"] == pytest.approx((100 * (0.48 / 0.44 - 1)) / (1000 * (0.86 / 0.84 - 1)))
     assert d.values["pq"] == pytest.approx(0.381818, abs=1e-6)
-    d8 = StopRule("pq", strip=3, alpha=0.3).decide(PQ_VAL[:8], PQ_TRAIN[:8])
+    d8 = StopRule(PQ(strip=3, alpha=0.3)).decide(PQ_VAL[:8], PQ_TRAIN[:8])
     assert d8.values["pq"] == pytest.approx((100 * (0.47 / 0.44 - 1)) / (1000 * (0.88 / 0.87 - 1)))
     assert d8.values["pq"] > 0.3 and not d8.stop  # above alpha, but check 8 is no strip end
 
@@ -110,7 +129,7 @@ def test_training_progress_and_quotient_follow_the_formula():
 def test_pq_stop_epoch_min_and_max_mode(alpha, expected):
     # t=12: P_3 = 1000 (0.84 / (3 * 0.28) - 1) = 0 (no training progress) with GL = 25 > 0 -> PQ = inf
     assert training_progress(PQ_TRAIN[9:12], 3) == 0.0
-    assert StopRule("pq", strip=3).decide(PQ_VAL, PQ_TRAIN).values["pq"] == math.inf
+    assert StopRule(PQ(strip=3)).decide(PQ_VAL, PQ_TRAIN).values["pq"] == math.inf
     assert stop_index(PQ_VAL, PQ_TRAIN, criterion="pq", alpha=alpha, strip=3) == expected
     assert stop_index(acc(PQ_VAL), PQ_TRAIN, criterion="pq", alpha=alpha, strip=3, mode="max") == expected
     # training accuracy instead of training loss: E_tr = 1 - acc
@@ -122,9 +141,9 @@ def test_pq_stop_epoch_min_and_max_mode(alpha, expected):
 
 def test_pq_needs_the_training_metric():
     with pytest.raises(ValueError, match="train"):
-        StopRule("pq").decide([1.0, 0.9])
+        StopRule(PQ()).decide([1.0, 0.9])
     with pytest.raises(ValueError, match="one value per check"):
-        StopRule("pq").decide([1.0, 0.9], [1.0])
+        StopRule(PQ()).decide([1.0, 0.9], [1.0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,16 +164,16 @@ def test_up_count_by_hand():
 
 @pytest.mark.parametrize(("s", "expected"), [(1, 5), (2, 7), (3, 9), (4, None)])
 def test_up_stop_epoch_min_and_max_mode(s, expected):
-    assert stop_index(UP_CURVE, criterion="up", s=s, strip=2) == expected
-    assert stop_index(acc(UP_CURVE), criterion="up", s=s, strip=2, mode="max") == expected
+    assert stop_index(UP_CURVE, criterion="up", strips=s, strip=2) == expected
+    assert stop_index(acc(UP_CURVE), criterion="up", strips=s, strip=2, mode="max") == expected
     # the negated metric as a score to maximize: comparisons never depend on optimum
-    assert stop_index([-v for v in UP_CURVE], criterion="up", s=s, strip=2, mode="max") == expected
+    assert stop_index([-v for v in UP_CURVE], criterion="up", strips=s, strip=2, mode="max") == expected
 
 
 def test_up_with_strip_one_is_consecutive_rises():
     # strip 1: every check is a strip end; rises at checks 6, 8, 10 (not successive)
-    assert stop_index(UP_CURVE, criterion="up", s=2, strip=1) is None
-    assert stop_index([3, 2, 1, 2, 3, 4], criterion="up", s=3, strip=1) == 5
+    assert stop_index(UP_CURVE, criterion="up", strips=2, strip=1) is None
+    assert stop_index([3, 2, 1, 2, 3, 4], criterion="up", strips=3, strip=1) == 5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,13 +215,13 @@ def test_patience_equals_lightnings_rule_on_random_curves(mode, min_delta):
 def test_patience_increase_rule_by_hand():
     curve = [1.0, 0.9, 0.95, 0.9, 0.92, 0.93, 0.91]
     # rises at checks 3 (reset at 4), 5, 6 -> two in a row at check 6 (index 5)
-    assert [patience_count(curve[:t], rule="increase") for t in range(1, 8)] == [0, 0, 1, 0, 1, 2, 0]
-    assert stop_index(curve, criterion="patience", patience=2, patience_rule="increase") == 5
-    assert stop_index(acc(curve), criterion="patience", patience=2, patience_rule="increase", mode="max") == 5
+    assert [increase_count(curve[:t]) for t in range(1, 8)] == [0, 0, 1, 0, 1, 2, 0]
+    assert stop_index(curve, criterion="increase", patience=2) == 5
+    assert stop_index(acc(curve), criterion="increase", patience=2, mode="max") == 5
     # Lightning's rule stops earlier: 0.95 and 0.9 are two checks without improving on 0.9
     assert stop_index(curve, criterion="patience", patience=2) == 3
     # a rise must exceed min_delta: 0.92 -> 0.93 is no rise with min_delta = 0.015
-    assert stop_index(curve, criterion="patience", patience=2, patience_rule="increase", min_delta=0.015) is None
+    assert stop_index(curve, criterion="increase", patience=2, min_delta=0.015) is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +231,7 @@ def test_thresholds_and_non_finite():
     assert stop_index(GL_CURVE, criterion="gl", alpha=50.0, stopping_threshold=0.75) == 2
     assert stop_index(acc(GL_CURVE), criterion="gl", alpha=50.0, mode="max", stopping_threshold=0.25) == 2
     assert stop_index(GL_CURVE, criterion="gl", alpha=50.0, divergence_threshold=0.9) == 0
-    d = first_stop([1.0, 0.9, math.nan], rule=StopRule("gl", min_epochs=10))  # not finite: stops at once
+    d = first_stop([1.0, 0.9, math.nan], rule=StopRule(GL(), min_checks=10))  # not finite: stops at once
     assert d.index == 2 and d.decision.kind == "non_finite" and "nan" in d.decision.reason
     assert stop_index([1.0, 0.9, math.nan], criterion="gl", check_finite=False) is None
 
@@ -227,72 +246,92 @@ def test_zero_and_negative_errors():
     assert progress_quotient(5.0, math.inf) == 0.0 and progress_quotient(0.0, 0.0) == 0.0
     # a metric below its optimum: GL would flip sign, so the rule says which value to set
     with pytest.raises(ValueError, match=r"got -0\.5.*optimum"):
-        StopRule("gl").decide([-0.5, -0.4])
-    assert StopRule("gl", optimum=-1.0).decide([-0.5, -0.4]).values["gl"] == pytest.approx(20.0)
+        StopRule(GL()).decide([-0.5, -0.4])
+    assert StopRule(GL(optimum=-1.0)).decide([-0.5, -0.4]).values["gl"] == pytest.approx(20.0)
     # criteria that only compare values do not need E >= 0 (GL is then not reported)
-    d = StopRule("patience", patience=1).decide([-0.5, -0.4])
+    d = StopRule(patience=1).decide([-0.5, -0.4])
     assert d.stop and "gl" not in d.values
     assert to_error(0.97, "max") == pytest.approx(0.03) and to_error(0.3, "min", optimum=0.1) == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("make", "message"),
     [
-        ({"criterion": "plateau"}, r"criterion must be one of \('patience', 'gl', 'pq', 'up'\), got 'plateau'"),
-        ({"criterion": "gl", "alpha": 0.0}, r"alpha must be a finite number > 0.*got 0\.0"),
-        ({"criterion": "pq", "alpha": -1.0}, r"alpha must be a finite number > 0.*got -1\.0"),
-        ({"criterion": "pq", "strip": 0}, r"strip must be an int >= 1, got 0"),
-        ({"criterion": "up", "s": 0}, r"s must be an int >= 1, got 0"),
-        ({"patience": 0}, r"patience must be an int >= 1, got 0"),
-        ({"patience_rule": "rise"}, r"patience_rule must be one of \('no_improvement', 'increase'\), got 'rise'"),
-        ({"mode": "maximize"}, r"mode must be one of \('min', 'max'\), got 'maximize'"),
-        ({"min_delta": -0.1}, r"min_delta must be a finite number >= 0, got -0\.1"),
-        ({"min_epochs": -1}, r"min_epochs must be an int >= 0, got -1"),
-        ({"optimum": math.inf}, r"optimum must be a finite number or None, got inf"),
+        (
+            lambda: StopRule("plateau"),
+            r"criterion must be one of \('patience', 'increase', 'gl', 'pq', 'up'\), got 'plateau'",
+        ),
+        (lambda: GL(alpha=0.0), r"alpha must be a number in \(0, inf\), got 0\.0"),
+        (lambda: PQ(alpha=-1.0), r"alpha must be a number in \(0, inf\), got -1\.0"),
+        (lambda: PQ(strip=0), r"strip must be an int >= 1, got 0"),
+        (lambda: UP(strips=0), r"strips must be an int >= 1, got 0"),
+        (lambda: PQ(train_mode="up"), r"train_mode must be one of \('min', 'max'\), got 'up'"),
+        (lambda: StopRule(patience=-1), r"patience must be an int >= 0, got -1"),
+        (lambda: StopRule(mode="maximize"), r"mode must be one of \('min', 'max'\), got 'maximize'"),
+        (lambda: StopRule(GL(), min_delta=-0.1), r"min_delta must be a number in \[0, inf\), got -0\.1"),
+        (lambda: StopRule(min_checks=-1), r"min_checks must be an int >= 0, got -1"),
+        (lambda: GL(optimum=math.inf), r"optimum must be a number in \(-inf, inf\), got inf"),
     ],
 )
-def test_bad_arguments_name_the_value_and_the_choices(kwargs, message):
+def test_bad_arguments_name_the_value_and_the_choices(make, message):
     with pytest.raises(ValueError, match=message):
-        StopRule(**kwargs)
+        make()
+
+
+def test_lightnings_patience_takes_what_lightning_takes():
+    # a negative min_delta (a slightly worse value still counts as an improvement) and patience 0 (acts as 1)
+    curve = [1.0, 1.05, 1.2, 1.3]
+    assert stop_index(curve, patience=1, min_delta=-0.1) == 2 == _lightning_stop_index(curve, 1, -0.1, "min")
+    assert stop_index(curve, patience=0) == 1 == _lightning_stop_index(curve, 0, 0.0, "min")
 
 
 def test_every_criterion_reports_every_value():
-    for criterion in CRITERIA:
-        d = StopRule(criterion, strip=3, alpha=100.0).decide(PQ_VAL[:6], PQ_TRAIN[:6])
-        assert set(d.values) == {"gl", "pk", "pq", "up_count", "wait_count"}
+    for name in CRITERIA:
+        criterion = {"gl": GL(alpha=100.0), "pq": PQ(alpha=100.0, strip=3), "up": UP(strip=3)}.get(name, name)
+        d = StopRule(criterion).decide(PQ_VAL[:6], PQ_TRAIN[:6])
+        assert set(d.values) >= {"gl", "pk", "pq", "up_count", "wait_count"}, name
         assert d.values["wait_count"] == 1.0 and d.values["up_count"] == 0.0
+
+
+def test_counters_carried_over_decide_like_a_replay():
+    # a resumed run starts from Lightning's (best_score, wait_count) instead of the lost curve
+    rule = StopRule(patience=3)
+    full = rule.decide(PATIENCE_CURVE[:7])
+    resumed = rule.decide(PATIENCE_CURVE[4:7], counters=rule.counters(PATIENCE_CURVE[:6]))
+    assert (full.stop, full.best_score, full.wait_count) == (resumed.stop, resumed.best_score, resumed.wait_count)
+    assert full.stop and full.best_score == 0.79 and full.wait_count == 3
 
 
 # ties at strip ends: a metric equal to its value one strip earlier did not rise; a PQ or GL equal to
 # alpha does not exceed it; a flat training strip (P_k = 0) makes PQ infinite only when GL > 0
 def test_up_tie_at_a_strip_end_is_no_rise():
-    rule = StopRule("up", s=1, strip=2)
+    rule = StopRule(UP(strips=1, strip=2))
     assert up_count([4.0, 3.0, 5.0, 3.0], strip=2) == 0  # check 4 == check 2
     assert not rule.decide([4.0, 3.0, 5.0, 3.0]).stop
     assert rule.decide([4.0, 3.0, 5.0, 3.0 + 1e-9]).stop  # the smallest rise is a rise
     # two strips: the first rose, the second tied -> the run of rising strips is broken
     assert up_count([5.0, 2.0, 0.0, 3.0, 0.0, 3.0], strip=2) == 0
     assert up_count([5.0, 2.0, 0.0, 3.0, 0.0, 4.0], strip=2) == 2
-    assert not StopRule("up", s=2, strip=2).decide([5.0, 2.0, 0.0, 3.0, 0.0, 3.0]).stop
-    assert StopRule("up", s=2, strip=2).decide([5.0, 2.0, 0.0, 3.0, 0.0, 4.0]).stop
+    assert not StopRule(UP(strips=2, strip=2)).decide([5.0, 2.0, 0.0, 3.0, 0.0, 3.0]).stop
+    assert StopRule(UP(strips=2, strip=2)).decide([5.0, 2.0, 0.0, 3.0, 0.0, 4.0]).stop
 
 
 def test_pq_ties_at_a_strip_end():
     flat_train = [0.5, 0.4, 0.4, 0.4]  # the last strip of 3 is flat: P_3 = 0
-    assert StopRule("pq", strip=3).decide([0.3, 0.2, 0.25, 0.2], flat_train).values["pq"] == 0.0  # GL = 0
-    grown = StopRule("pq", strip=3, alpha=1e6).decide([0.3, 0.2, 0.25, 0.2, 0.3, 0.24], [*flat_train, 0.4, 0.4])
+    assert StopRule(PQ(strip=3)).decide([0.3, 0.2, 0.25, 0.2], flat_train).values["pq"] == 0.0  # GL = 0
+    grown = StopRule(PQ(strip=3, alpha=1e6)).decide([0.3, 0.2, 0.25, 0.2, 0.3, 0.24], [*flat_train, 0.4, 0.4])
     assert grown.values["pq"] == math.inf and grown.stop  # GL = 20 > 0 over a flat strip
     # PQ exactly alpha (GL = 10, P_2 = 1000 * (0.42 / 0.4 - 1) = 50, PQ = 0.2) does not stop; just above does
     val, train = [0.2, 0.22], [0.22, 0.2]
-    vals = StopRule("pq", strip=2, alpha=0.2).decide(val, train).values
+    vals = StopRule(PQ(strip=2, alpha=0.2)).decide(val, train).values
     assert vals["gl"] == pytest.approx(10.0) and vals["pk"] == pytest.approx(50.0)
     alpha = vals["pq"]
-    assert not StopRule("pq", strip=2, alpha=alpha).decide(val, train).stop
-    assert StopRule("pq", strip=2, alpha=alpha * (1 - 1e-9)).decide(val, train).stop
+    assert not StopRule(PQ(strip=2, alpha=alpha)).decide(val, train).stop
+    assert StopRule(PQ(strip=2, alpha=alpha * (1 - 1e-9))).decide(val, train).stop
 
 
 def test_gl_equal_to_alpha_does_not_stop():
     gl = generalization_loss([0.2, 0.25])
     assert gl == pytest.approx(25.0)
-    assert not StopRule("gl", alpha=gl).decide([0.2, 0.25]).stop
-    assert StopRule("gl", alpha=gl * (1 - 1e-9)).decide([0.2, 0.25]).stop
+    assert not StopRule(GL(alpha=gl)).decide([0.2, 0.25]).stop
+    assert StopRule(GL(alpha=gl * (1 - 1e-9))).decide([0.2, 0.25]).stop

@@ -19,7 +19,6 @@ _WHERE: dict[str, str] = {
     # early stopping
     "EarlyStopping": "early_stopping",
     "RestoreBest": "restore_best",
-    "RestoreBest": "restore_best",
     # weight averaging and ensembles
     "EMA": "ema",
     "SWA": "swa",

@@ -10,7 +10,9 @@ bases are both namespaces' classes, so our callbacks, ``Classifier`` and DataMod
 ``trainer.checkpoint_callback`` find ours with either Trainer. ``isinstance(x, Callback)`` (or
 ``ModelCheckpoint``, ``EarlyStopping``, ``LightningDataModule``, ...) against these names is true for an
 instance of either namespace's class, so a user's own Lightning objects are recognised whichever name they
-imported Lightning under; the ``*_TYPES`` tuples say the same for plain ``isinstance`` calls.
+imported Lightning under; the ``*_TYPES`` tuples say the same for plain ``isinstance`` calls. With one
+namespace installed, every name here is that namespace's own class. ``LT_LIGHTNING_NAMESPACE=lightning``
+puts ``lightning.pytorch`` first (see :func:`_namespaces_in_order`).
 
 Everything in ``lightning_tricks`` imports Lightning names from here, and Lightning's private attributes
 (``trainer._x``, ``loop._x``) are read only here, each with a fallback to a public route.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +36,29 @@ def _import(name: str) -> ModuleType | None:
         return None
 
 
-#: the installed Lightning namespaces, ``pytorch_lightning`` first where both are
-_MODULES: tuple[ModuleType, ...] = tuple(
-    m for m in (_import("pytorch_lightning"), _import("lightning.pytorch")) if m is not None
-)
-if not _MODULES:
-    raise ImportError("lightning-tricks needs PyTorch Lightning: pip install pytorch-lightning (or lightning)")
+def _namespaces_in_order() -> tuple[ModuleType, ...]:
+    """The installed namespaces, ``pytorch_lightning`` first; ``lightning.pytorch`` first where the environment
+    variable ``LT_LIGHTNING_NAMESPACE`` is ``lightning`` (CI runs the callback tests so: the first namespace
+    gives the ``Trainer`` our own code builds and the methods our joined classes run)."""
+    asked = os.environ.get("LT_LIGHTNING_NAMESPACE", "") or "pytorch_lightning"
+    if asked not in _ORDER:
+        raise ValueError(f"LT_LIGHTNING_NAMESPACE must be one of {sorted(_ORDER)}, got {asked!r}")
+    modules = [(name, _import(name)) for name in _ORDER[asked]]
+    if modules[0][1] is None and os.environ.get("LT_LIGHTNING_NAMESPACE"):
+        raise ImportError(f"LT_LIGHTNING_NAMESPACE={asked} but {modules[0][0]} cannot be imported")
+    found = tuple(m for _, m in modules if m is not None)
+    if not found:
+        raise ImportError("lightning-tricks needs PyTorch Lightning: pip install pytorch-lightning (or lightning)")
+    return found
+
+
+_ORDER = {
+    "pytorch_lightning": ("pytorch_lightning", "lightning.pytorch"),
+    "lightning": ("lightning.pytorch", "pytorch_lightning"),
+    "lightning.pytorch": ("lightning.pytorch", "pytorch_lightning"),
+}
+#: the installed Lightning namespaces, the first one first (:func:`_namespaces_in_order`)
+_MODULES: tuple[ModuleType, ...] = _namespaces_in_order()
 #: their import names, e.g. ``("pytorch_lightning", "lightning.pytorch")``
 NAMESPACES: tuple[str, ...] = tuple(m.__name__ for m in _MODULES)
 
@@ -151,7 +171,7 @@ if TYPE_CHECKING:  # a type checker sees the standalone package's classes
     from pytorch_lightning.callbacks import BatchSizeFinder, EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 else:
-    #: the first installed namespace (``pytorch_lightning`` where it is installed), for what is not joined
+    #: the first namespace (``pytorch_lightning`` where it is installed, see ``_namespaces_in_order``)
     pl = _MODULES[0]
     Callback = _join(_each("Callback"))
     LightningModule = _join(_each("LightningModule"), by_trainer=True)

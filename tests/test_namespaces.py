@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -295,7 +296,23 @@ print("OK")
 )
 def test_one_namespace_installed_alone(visible, hidden, tmp_path):
     code = textwrap.dedent(_ONE_NAMESPACE.format(visible=visible, hidden=hidden))
+    env = {k: v for k, v in os.environ.items() if k != "LT_LIGHTNING_NAMESPACE"}
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAS_LIGHTNING, reason="the lightning package is not installed")
+def test_environment_variable_puts_lightning_pytorch_first():
+    code = (
+        "from lightning_tricks import _lightning as L; import lightning.pytorch as pl; "
+        "assert L.Trainer is pl.Trainer and L.NAMESPACES[0] == 'lightning.pytorch', L.NAMESPACES; "
+        "assert L.ModelCheckpoint.__mro__[1] is pl.callbacks.ModelCheckpoint; print('OK')"
+    )
+    env = {**os.environ, "LT_LIGHTNING_NAMESPACE": "lightning"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-3000:]
+    env["LT_LIGHTNING_NAMESPACE"] = "lightning.fabric"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "LT_LIGHTNING_NAMESPACE must be one of" in proc.stderr

@@ -39,7 +39,7 @@ from typing import Any
 
 from lightning_tricks.schedules import Plateau, SWALRPhase, Warmup, plateau_of
 
-__all__ = ["LRPlan", "ScheduleFn"]
+__all__ = ["LRPlan", "ScheduleFn", "ends_in_plateau", "log_keys", "no_length_reason", "run_length"]
 
 ScheduleFn = Callable[[int, "int | None"], float]
 
@@ -54,6 +54,10 @@ class LRPlan:
     """
 
     def __init__(self, schedule: ScheduleFn | None = None, momentum: ScheduleFn | None = None) -> None:
+        if momentum is not None and ends_in_plateau(momentum):
+            raise ValueError(
+                f"momentum={momentum!r}: a Plateau reduces the learning rate; it cannot be a momentum schedule"
+            )
         self.user_schedule = schedule
         self.momentum = momentum
         self.schedule: ScheduleFn | None = schedule
@@ -115,15 +119,11 @@ class LRPlan:
                     raise ValueError(f"optimizer {i}: {e}") from e
 
     def _resolve(self) -> None:
-        for name, fn in (("schedule", self.schedule), ("momentum", self.momentum)):
+        for fn in (self.schedule, self.momentum):
             if fn is None:
                 continue
             check = getattr(fn, "check", None)
             check(self.total) if check is not None else fn(0, self.total)  # raises ValueError
-            if name == "momentum" and ends_in_plateau(fn):
-                raise ValueError(
-                    f"momentum={fn!r}: a Plateau reduces the learning rate; it cannot be a momentum schedule"
-                )
         found = plateau_of(self.schedule, self.total)
         self.plateau, self.plateau_start = (None, 0) if found is None else found
 
@@ -211,3 +211,41 @@ def run_length(estimate: float | None) -> int | None:
     if estimate is None or not math.isfinite(estimate) or estimate < 1:
         return None
     return int(estimate)
+
+
+def no_length_reason(max_epochs: int | None, max_steps: int, batches_per_epoch: float) -> str:
+    """Why a Trainer gives no run length, and how to give one (added to a refusal).
+
+    Example:
+        >>> no_length_reason(3, -1, float("inf"))[:40]
+        ' (the train loader has no length (num_tr'
+    """
+    if max_epochs in (None, -1) and max_steps == -1:
+        cause = "the Trainer sets no end (max_steps=-1 and max_epochs=-1)"
+    else:
+        cause = (
+            f"the train loader has no length (num_training_batches={batches_per_epoch}, e.g. an IterableDataset), "
+            f"so max_epochs={max_epochs} gives no step count"
+        )
+    return f" ({cause}; pass LRSchedule(total_steps=...) or Trainer(max_steps=...))"
+
+
+def log_keys(
+    base: dict[int, list[float]], name: str, group_names: dict[int, list[str | None]]
+) -> dict[int, list[str | None]]:
+    """The logged key of each group: ``name`` once when all groups share a base LR (``None`` for the others),
+    else ``name/<group name>`` per group (``name/opt<i>/<group name>`` with several optimizers).
+
+    Example:
+        >>> log_keys({0: [0.1, 0.01]}, "lr", {0: ["head", None]})
+        {0: ['lr/head', 'lr/pg1']}
+    """
+    if len({b for bs in base.values() for b in bs}) <= 1:
+        first = min(base)
+        return {i: [name if (i == first and j == 0) else None for j in range(len(bs))] for i, bs in base.items()}
+    keys: dict[int, list[str | None]] = {}
+    for i, bs in base.items():
+        prefix = f"opt{i}/" if len(base) > 1 else ""
+        labels = [f"{name}/{prefix}{n if n is not None else f'pg{j}'}" for j, n in enumerate(group_names[i][: len(bs)])]
+        keys[i] = [k if labels.count(k) == 1 else f"{k}_{j}" for j, k in enumerate(labels)]
+    return keys

@@ -24,7 +24,7 @@ from lightning_tricks._lightning import (
     trainer_callbacks,
 )
 from lightning_tricks.checks import check_int
-from lightning_tricks.lr_plan import LRPlan, ScheduleFn, ends_in_plateau, run_length
+from lightning_tricks.lr_plan import LRPlan, ScheduleFn, ends_in_plateau, log_keys, no_length_reason, run_length
 from lightning_tricks.schedules import SWALRPhase
 
 __all__ = ["LRSchedule", "change_base_lrs"]
@@ -33,34 +33,25 @@ __all__ = ["LRSchedule", "change_base_lrs"]
 class LRSchedule(Callback):
     """Set every parameter group's LR to ``base_lr * schedule(t, T)`` before each optimizer step.
 
-    ``t`` counts the optimizer's steps: ``trainer.global_step`` under automatic optimization (so
-    ``accumulate_grad_batches=k`` moves the schedule once per ``k`` batches), and under manual
-    optimization the number of ``step()`` calls of that optimizer, so two optimizers stepping once per
-    batch (a GAN) each run over the whole schedule. ``T`` is ``total_steps`` or
-    ``trainer.estimated_stepping_batches`` (one step per batch and optimizer); an optimizer stepping more
-    often needs ``total_steps``, and a run going past ``T`` is warned about once. ``base_lr`` is each
-    group's ``initial_lr`` (else ``lr``) at train start, kept in the checkpoint so a resumed run continues
-    on the same curve. Between steps the groups hold the LR of the next step.
+    ``t`` counts an optimizer's steps: ``trainer.global_step`` under automatic optimization (one move per
+    ``accumulate_grad_batches`` batches), its own ``step()`` calls under manual optimization (so each of a
+    GAN's optimizers runs over the whole schedule). ``T`` is ``total_steps`` or
+    ``trainer.estimated_stepping_batches`` (one step per batch); a run going past ``T`` is warned about once.
+    ``base_lr`` is each group's ``initial_lr`` (else ``lr``) at train start, kept in the checkpoint. Between
+    steps the groups hold the next step's LR. The rules are the pure :class:`~lightning_tricks.lr_plan.LRPlan`.
 
-    Other tricks change the LR only through the :class:`~lightning_tricks.lr_plan.LRPlan` of the one
-    LRSchedule in ``trainer.callbacks`` (:meth:`of`), from ``on_fit_start`` or ``on_train_start``:
-    ``SWA(swa_lr=...)`` adds a phase, ``SnapshotEnsemble`` sets the schedule (only where this callback has
-    none: ``LRSchedule()``), ``LinearScaling`` and ``LRRangeTest`` change base LRs (:func:`change_base_lrs`,
-    which needs no LRSchedule before training), ``FreezeUnfreeze``'s new groups join with their
-    ``initial_lr``. A trick that changes the LR during fit refuses to run without an LRSchedule; nothing
-    adds to or reorders ``trainer.callbacks``, and the result does not depend on the callback order.
+    Other tricks reach the plan through the one LRSchedule in ``trainer.callbacks`` (:meth:`of`, which
+    refuses when there is none), from ``on_fit_start`` on: SWA adds its phase, SnapshotEnsemble sets the
+    schedule of an ``LRSchedule()``; base-LR changes before training (LinearScaling, LRRangeTest) need no
+    LRSchedule (:func:`change_base_lrs`); groups added during training join with their ``initial_lr``.
+    Nothing adds to or reorders ``trainer.callbacks``; the result does not depend on the callback order.
+    A :class:`~lightning_tricks.schedules.Plateau` is stepped with ``plateau.monitor`` after each validation
+    (rank 0's value). ``momentum`` sets each group's ``momentum`` or Adam ``beta1``. The LR is logged with
+    ``pl_module.log`` on the steps the loggers write, as ``log_name`` (``log_name/<group>`` when base LRs differ).
 
-    With a :class:`~lightning_tricks.schedules.Plateau` (alone or after warmups) the metric
-    ``plateau.monitor`` is read at the end of each validation during fit (rank 0's value, broadcast) and
-    the LRs are torch ``ReduceLROnPlateau``'s. With ``momentum`` each group's ``momentum`` or Adam
-    ``beta1`` is set to ``momentum(t, T)``. The LR (and momentum) is logged with ``pl_module.log`` on the
-    steps the loggers write (``log_every_n_steps``) as ``log_name``, or ``log_name/<group>`` when groups
-    have different base LRs.
-
-    Refused before the first step: two LRSchedules driving one optimizer, an LRSchedule beside the
-    module's own LR scheduler on the same optimizer, conflicting contributions, a schedule that needs a
-    run length where none is known, a Plateau with validation off. Anything else that writes ``lr``
-    during fit raises a ``RuntimeError`` at the next write.
+    Refused before the first step: two LRSchedules on one optimizer, an LRSchedule beside the module's own
+    LR scheduler, conflicting contributions, an unknown run length where the schedule needs one, a Plateau
+    with validation off. Any other write of ``lr`` during fit raises a ``RuntimeError`` at the next write.
 
     Args:
         schedule: ``schedule(step, total_steps) -> multiplier``, e.g. ``Warmup(steps=0.05, then=Cosine())``;
@@ -89,10 +80,6 @@ class LRSchedule(Callback):
         for name, fn in (("schedule", schedule), ("momentum", momentum)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be None or callable as {name}(step, total_steps), got {fn!r}")
-        if momentum is not None and ends_in_plateau(momentum):
-            raise ValueError(
-                f"momentum={momentum!r}: a Plateau reduces the learning rate; it cannot be a momentum schedule"
-            )
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True)
         if optimizers is not None:
             idx = [optimizers] if isinstance(optimizers, int) else list(optimizers)
@@ -106,13 +93,11 @@ class LRSchedule(Callback):
         self.log_name = log_name
         self.plan = LRPlan(schedule, momentum)
         self._loaded: dict[str, Any] | None = None
-        self._started = False
-        self._automatic = True
+        self._started, self._automatic = False, True
         self._counts: dict[int, int] = {}  # manual optimization: steps taken by each driven optimizer
         self._written: dict[int, tuple[int, list[float]]] = {}  # optimizer -> (step, LRs written)
         self._keys: dict[int, list[str | None]] = {}
-        self._warned_past_end = False
-        self._plateau_steps = 0
+        self._warned_past_end, self._plateau_steps = False, 0
 
     @property
     def state_key(self) -> str:
@@ -166,8 +151,13 @@ class LRSchedule(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit: contributions arrive from on_fit_start on
             self.plan = LRPlan(self.schedule, self.momentum)
-            self._started, self._written, self._counts, self._plateau_steps = False, {}, {}, 0
-            self._warned_past_end = False
+            self._started, self._written, self._counts, self._plateau_steps, self._warned_past_end = (
+                False,
+                {},
+                {},
+                0,
+                False,
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here, not at fit start: the train data is set up and the checkpoint's RNG and loop states are back,
@@ -179,7 +169,8 @@ class LRSchedule(Callback):
         try:
             self.plan.start(base, total)
         except ValueError as e:
-            raise ValueError(f"{self!r} cannot run {total} steps: {e}{self._why_no_length(trainer, total)}") from e
+            why = "" if total else no_length_reason(trainer.max_epochs, trainer.max_steps, trainer.num_training_batches)
+            raise ValueError(f"{self!r} cannot run {total} steps: {e}{why}") from e
         loaded, self._loaded = self._loaded or {}, None
         for problem in self.plan.load_state_dict(loaded):
             rank_zero_warn(f"LRSchedule: {problem}")
@@ -189,7 +180,7 @@ class LRSchedule(Callback):
         self._automatic = pl_module.automatic_optimization
         counts = loaded.get("steps") or {}
         self._counts = {i: int(counts.get(i, trainer.global_step // len(indices))) for i in indices}
-        self._keys = self._log_keys(optimizers)
+        self._keys = self._keys_for(optimizers)
         self._started = True
         for i in indices:
             self._write(trainer, i)
@@ -206,9 +197,7 @@ class LRSchedule(Callback):
             self._warned_past_end = True
             rank_zero_warn(
                 f"{self!r}: optimizer {i} takes step {step}, past the end of the schedule (total_steps="
-                f"{self.plan.total}); it trains on at the schedule's last values (LR "
-                f"{optimizer.param_groups[0]['lr']:.4g}). Set LRSchedule(total_steps=...) to the run's real "
-                "number of steps, or stop the run there"
+                f"{self.plan.total}), at LR {optimizer.param_groups[0]['lr']:.4g}; set total_steps to the run's length"
             )
         if self.log_lr and should_log_step(trainer):
             groups = optimizer.param_groups
@@ -257,12 +246,12 @@ class LRSchedule(Callback):
         start = self.plan.plateau_start
         if self.plan.plateau is not None and self._plateau_steps == 0 and trainer.global_step > start:
             rank_zero_warn(
-                f"{self!r} never took a step: no validation ended after step {start} of this fit "
-                "(no val_dataloader, or check_val_every_n_epoch longer than the run?), so the LR was never reduced"
+                f"{self!r} never took a step: no validation ended after step {start} (no val_dataloader, or "
+                "check_val_every_n_epoch longer than the run?), so the LR was never reduced"
             )
 
     # -- the one writer ---------------------------------------------------------------------------
-    def _step(self, trainer: Trainer, i: int) -> int:
+    def _step(self, trainer: Trainer, i: int) -> int:  # optimizer i's steps so far
         return trainer.global_step if self._automatic else self._counts[i]
 
     def _write(self, trainer: Trainer, i: int) -> None:
@@ -288,16 +277,20 @@ class LRSchedule(Callback):
             self.plan.add_groups(i, [g.get("initial_lr", g["lr"]) for g in groups[len(base) :]])
             for group, b in zip(groups, base):
                 group["initial_lr"] = b
-            self._keys = self._log_keys(trainer.optimizers)
+            self._keys = self._keys_for(trainer.optimizers)
         lrs = self.plan.group_lrs(i, step)
         momentum = self.plan.momentum_at(step)
-        for group, lr in zip(groups, lrs):
+        for j, (group, lr) in enumerate(zip(groups, lrs)):
             group["lr"] = lr
-            if momentum is not None:
-                if "betas" in group:
-                    group["betas"] = (momentum, *tuple(group["betas"])[1:])
-                else:
-                    group["momentum"] = momentum
+            if momentum is not None and "betas" in group:
+                group["betas"] = (momentum, *tuple(group["betas"])[1:])
+            elif momentum is not None and "momentum" in group:
+                group["momentum"] = momentum
+            elif momentum is not None:  # first met at train start, before any step
+                raise MisconfigurationException(
+                    f"LRSchedule(momentum={self.momentum!r}): optimizer {i} ({type(optimizer).__name__}) "
+                    f"group {j} has neither 'momentum' nor 'betas' to schedule"
+                )
         self._written[i] = (step, lrs)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -329,14 +322,6 @@ class LRSchedule(Callback):
                     "the LR. Use one: return only the optimizer from configure_optimizers, or drop the LRSchedule "
                     "callback (or pass LRSchedule(optimizers=...) to drive the others)."
                 )
-        if self.momentum is not None:
-            for i in indices:
-                for j, group in enumerate(optimizers[i].param_groups):
-                    if "betas" not in group and "momentum" not in group:
-                        raise MisconfigurationException(
-                            f"LRSchedule(momentum={self.momentum!r}): optimizer {i} ({type(optimizers[i]).__name__}) "
-                            f"group {j} has neither 'momentum' nor 'betas' to schedule"
-                        )
         if ends_in_plateau(self.plan.schedule) and trainer.limit_val_batches == 0:
             raise MisconfigurationException(
                 f"{self!r} reduces the LR when its Plateau's metric stops improving, at each validation, but "
@@ -345,35 +330,9 @@ class LRSchedule(Callback):
             )
         return indices
 
-    @staticmethod
-    def _why_no_length(trainer: Trainer, total: int | None) -> str:
-        if total is not None:
-            return ""
-        if trainer.max_epochs == -1 and trainer.max_steps == -1:
-            cause = "the Trainer sets no end (max_steps=-1 and max_epochs=-1)"
-        else:
-            cause = (
-                f"the train loader has no length (num_training_batches={trainer.num_training_batches}, e.g. an "
-                f"IterableDataset), so max_epochs={trainer.max_epochs} gives no step count"
-            )
-        return f" ({cause}; pass LRSchedule(total_steps=...) or Trainer(max_steps=...))"
-
-    def _log_keys(self, optimizers: list) -> dict[int, list[str | None]]:
-        """One key when all driven groups share a base LR, else one per group (``name/<group name>``)."""
-        base = self.plan.base
-        if len({b for bs in base.values() for b in bs}) <= 1:
-            first = min(base)
-            return {
-                i: [self.log_name if (i == first and j == 0) else None for j in range(len(bs))]
-                for i, bs in base.items()
-            }
-        keys: dict[int, list[str | None]] = {}
-        for i, bs in base.items():
-            labels = [str(g.get("name", f"pg{j}")) for j, g in enumerate(optimizers[i].param_groups[: len(bs)])]
-            prefix = f"opt{i}/" if len(base) > 1 else ""
-            keys[i] = [f"{self.log_name}/{prefix}{label}" for label in labels]
-            keys[i] = [k if keys[i].count(k) == 1 else f"{k}_{j}" for j, k in enumerate(keys[i])]
-        return keys
+    def _keys_for(self, optimizers: list) -> dict[int, list[str | None]]:
+        names = {i: [g.get("name") for g in optimizers[i].param_groups] for i in self.plan.base}
+        return log_keys(self.plan.base, self.log_name, names)
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

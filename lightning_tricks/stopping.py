@@ -238,8 +238,8 @@ class Patience:
 
     name = "patience"
 
-    def describe(self, rule: StopRule) -> str:
-        return f"patience {rule.patience}"
+    def describe(self, patience: int) -> str:
+        return f"patience {patience}"
 
 
 @dataclass(frozen=True)
@@ -248,8 +248,8 @@ class Increase:
 
     name = "increase"
 
-    def describe(self, rule: StopRule) -> str:
-        return f"increase {rule.patience}"
+    def describe(self, patience: int) -> str:
+        return f"increase {patience}"
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ class GL:
         _check_alpha(self.alpha)
         _check_optimum("optimum", self.optimum)
 
-    def describe(self, rule: StopRule) -> str:
+    def describe(self, patience: int) -> str:
         return f"GL_{self.alpha:g}"
 
 
@@ -304,7 +304,7 @@ class PQ:
         if not isinstance(self.train_monitor, str) or not self.train_monitor:
             raise ValueError(f"train_monitor must be a non-empty metric name, got {self.train_monitor!r}")
 
-    def describe(self, rule: StopRule) -> str:
+    def describe(self, patience: int) -> str:
         return f"PQ_{self.alpha:g} (strip {self.strip})"
 
 
@@ -325,7 +325,7 @@ class UP:
         check_int("strips", self.strips, 1)
         check_int("strip", self.strip, 1)
 
-    def describe(self, rule: StopRule) -> str:
+    def describe(self, patience: int) -> str:
         return f"UP_{self.strips} (strip {self.strip})"
 
 
@@ -423,7 +423,7 @@ class StopRule:
 
     def describe(self) -> str:
         """Short name of the criterion, e.g. ``"GL_5"``, ``"PQ_2 (strip 5)"``, ``"UP_3 (strip 5)"``."""
-        return self.criterion.describe(self)
+        return self.criterion.describe(self.patience)
 
     @property
     def strip(self) -> int:

@@ -174,7 +174,10 @@ class EarlyStopping(MemoStateKey, PLEarlyStopping):
     def state_key(self) -> str:
         if isinstance(self.criterion, Patience):
             return self._generate_state_key(monitor=self.monitor, mode=self.mode)
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode, rule=self.rule.describe())
+        # Lightning reads state_key at every hook call: named from the criterion, no rule built
+        return self._generate_state_key(
+            monitor=self.monitor, mode=self.mode, rule=self.criterion.describe(self.patience)
+        )
 
     def _other_state_keys(self) -> list[str]:
         """Where a checkpoint without this key may hold this callback's state: Lightning's key, ours with a rule."""
@@ -309,6 +312,8 @@ class EarlyStopping(MemoStateKey, PLEarlyStopping):
             value, train = trainer.strategy.broadcast((float(current), train), src=0)
             current = torch.as_tensor(value, dtype=current.dtype, device=current.device)
         module = trainer.lightning_module
+        # the check's other values travel beside `current`: _evaluate_stopping_criteria(current) keeps Lightning's
+        # signature, which Lightning's tests (and users) mock or override
         self._pending = (train, trainer.current_epoch, (weights_of(module).measured or RAW) if module else RAW)
         self._decision: Decision | None = None
         should_stop, reason = self._evaluate_stopping_criteria(current)

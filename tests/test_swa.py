@@ -14,7 +14,7 @@ from torch.optim.swa_utils import update_bn as torch_update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks._lightning import ModelCheckpoint, Trainer, seed_everything
-from lightning_tricks.averaging import bn_buffers, swa_lr
+from lightning_tricks.averaging import bn_buffers, raw_state_dict, swa_lr
 from lightning_tricks.callbacks import SWA, LRSchedule
 from lightning_tricks.data import DigitsDataModule
 from lightning_tricks.mixins import Classifier
@@ -124,6 +124,21 @@ def test_swa_bn_statistics_are_recomputed_like_torch_update_bn() -> None:
         torch.testing.assert_close(ours[name], b, rtol=0, atol=1e-6)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(module.net.get_parameter(name), p, rtol=0, atol=1e-6)
+
+
+def test_swa_checkpoint_without_validation_holds_the_average_with_its_batchnorm_statistics(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = SwaRef(start_epoch=2)
+    swa = SWA(start=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)  # saved at training epoch ends
+    _trainer([swa, LRSchedule(), ckpt], limit_val_batches=0, enable_checkpointing=True).fit(module, _loader())
+    assert swa.holds_average  # after fit: the average, BatchNorm statistics recomputed as torch's update_bn
+    saved = torch.load(tmp_path / "epoch=3-step=24.ckpt", weights_only=True)
+    assert {n for n in saved["state_dict"] if "running" in n}
+    for name, t in module.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], t), name
+    for name, t in swa.raw_tensors(module).items():  # the raw weights, kept for resume
+        assert torch.equal(raw_state_dict(saved)[name], t), name
 
 
 def test_swa_resume_matches_uninterrupted_run(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from lightning_tricks.averaging import (
 )
 from lightning_tricks.callbacks._averaging import _as_list, _Averaging, _untouched
 from lightning_tricks.callbacks._common import StepWatch, check_int
+from lightning_tricks.callbacks._weights import RAW, weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule
 from lightning_tricks.schedules import SWALRPhase
 
@@ -306,6 +307,27 @@ class SWA(_Averaging):
             # the averaged weights as evaluated: with the BatchNorm statistics recomputed for them
             state[AVERAGE_STATE_KEY].update({n: t.clone() for n, t in self._bn_state.items()})
         return state
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        weights = weights_of(pl_module)
+        if (
+            isinstance(state, dict)
+            and self._started
+            and self.evaluate != "raw"
+            and self.bn_update
+            and self._bn_version != self.num_averaged
+            and weights.held == RAW
+            and bn_modules(pl_module)
+        ):
+            # no evaluation since the last update (a save at a training epoch end, say): recompute the
+            # BatchNorm statistics now, so the checkpoint's state dict is the model an evaluation runs on
+            with weights.keep():
+                self._hold_average(trainer, pl_module)
+            if self._bn_state is not None and self._bn_version == self.num_averaged:
+                state[AVERAGE_STATE_KEY].update({n: t.clone() for n, t in self._bn_state.items()})
+                state.update(bn_state=self._bn_state, bn_version=self._bn_version)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def _extra_state(self) -> dict[str, Any]:
         return {

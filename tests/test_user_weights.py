@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_tricks.averaging import raw_state_dict
 from lightning_tricks.callbacks import EMA, SWA
 
 
@@ -92,11 +93,15 @@ def test_the_best_checkpoint_validates_to_the_best_score(kind: str, tmp_path: Pa
     assert val_loss(UserModel(batch_norm=kind == "swa"), tmp_path, ckpt_path=best.best_model_path) == pytest.approx(
         score, rel=0, abs=1e-7
     )
+    # a fresh Trainer with the same callbacks (their states are loaded with the checkpoint)
+    again = trainer([averaging(kind)], tmp_path)
+    fresh = UserModel(batch_norm=kind == "swa")
+    assert again.validate(fresh, val, ckpt_path=best.best_model_path, verbose=False)[0]["val/loss"] == pytest.approx(
+        score, rel=0, abs=1e-7
+    )
     # the raw (training) weights of that checkpoint score differently: the checkpoint holds the average
     raw = UserModel(batch_norm=kind == "swa")
-    checkpoint = torch.load(best.best_model_path, weights_only=True)
-    (state,) = [s for s in checkpoint["callbacks"].values() if "raw_weights" in s]
-    raw.load_state_dict({**checkpoint["state_dict"], **state["raw_weights"]["tensors"]})
+    raw.load_state_dict(raw_state_dict(torch.load(best.best_model_path, weights_only=True)))
     assert val_loss(raw, tmp_path) != pytest.approx(score, abs=1e-4)
 
 

@@ -166,7 +166,7 @@ def _check_run_length(kwargs: Mapping[str, Any]) -> None:
 
 def _monitors(cfg: DictConfig, callbacks: list[Callback]) -> list[tuple[str, str]]:
     """``(who, metric)`` for the run's monitor and every callback's ``monitor``."""
-    found = [("monitor", str(cfg.monitor))] if cfg.get("monitor") else []
+    found = [(f"monitor={cfg.monitor!r}", str(cfg.monitor))] if cfg.get("monitor") else []
     for callback in callbacks:
         metric = getattr(callback, "monitor", None)
         if isinstance(metric, str) and metric:
@@ -181,17 +181,17 @@ def _check_validation(
     val_monitors = [(who, m) for who, m in _monitors(cfg, callbacks) if m.startswith("val")]
     if not val_monitors:
         return
-    who, metric = val_monitors[0]
+    who = val_monitors[0][0]
     splits = getattr(datamodule, "splits", None)
     if isinstance(splits, Mapping) and "val" in splits and len(splits["val"][1]) == 0:
         raise ConfigError(
-            f"the validation split is empty (data.val_fraction={cfg.data.get('val_fraction')}), but {who} needs "
-            f"{metric!r}; give data.val_fraction > 0, or monitor a training metric (monitor=train/loss_epoch "
+            f"the validation split is empty (data.val_fraction={cfg.data.get('val_fraction')}), but {who} is a "
+            "validation metric; give data.val_fraction > 0, or monitor a training metric (monitor=train/loss_epoch "
             "monitor_mode=min)"
         )
     limit = trainer_kwargs.get("limit_val_batches")
     if limit is not None and not isinstance(limit, bool) and limit == 0:
-        raise ConfigError(f"trainer.limit_val_batches=0 runs no validation, but {who} needs {metric!r}")
+        raise ConfigError(f"trainer.limit_val_batches=0 runs no validation, but {who} is a validation metric")
 
 
 class MonitorsLogged(Callback):
@@ -210,7 +210,7 @@ class MonitorsLogged(Callback):
             return
         for who, metric in self.monitors:
             if metric not in logged:
-                raise ConfigError(f"{who} is never logged; validation logs {logged}")
+                raise ConfigError(f"{who} was never logged; validation logs {logged}")
 
 
 def _on_cpu(kwargs: Mapping[str, Any]) -> bool:
@@ -319,15 +319,41 @@ def _mid_epoch(ckpt: Mapping[str, Any]) -> bool:
     return bool(progress.get("current", {}).get("ready", 0)) and not progress.get("is_last_batch", True)
 
 
+class RunConfigRecord(Callback):
+    """The run's composed config (unresolved YAML) in every checkpoint: what a resume compares its config with.
+
+    Kept in the checkpoint rather than read from the run's ``.hydra/config.yaml``, which Hydra rewrites with
+    the new config when a run is resumed in its own directory (``hydra.run.dir=<the run>``).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = OmegaConf.to_yaml(cfg, resolve=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the resumed run records its own config."""
+
+
+def _saved_config(path: Path, ckpt: Mapping[str, Any]) -> Any:
+    """The config of the run that wrote the checkpoint: recorded in it, else the run directory's Hydra copy."""
+    recorded = (ckpt.get("callbacks") or {}).get(RunConfigRecord.__name__, {}).get("config")
+    source = f"the config recorded in {path}" if recorded else str(saved_config_path(path))
+    try:
+        if recorded:
+            return OmegaConf.to_container(OmegaConf.create(recorded), resolve=False)
+        saved_path = saved_config_path(path)
+        return None if saved_path is None else OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
+    except Exception:  # noqa: BLE001 - a damaged saved config only costs the comparison
+        rank_zero_warn(f"resume: {source} could not be read; the config changes since the checkpoint are not shown")
+        return None
+
+
 def _check_config_changes(path: Path, cfg: DictConfig, ckpt: Mapping[str, Any]) -> None:
     """One line per difference from the checkpoint's config: what is kept, what is taken; refuse what cannot be."""
-    saved_path = saved_config_path(path)
-    if saved_path is None:
-        return
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
-    except Exception:  # noqa: BLE001 - a damaged saved config only costs the comparison
-        rank_zero_warn(f"resume: {saved_path} could not be read; the config changes since the checkpoint are not shown")
+    saved = _saved_config(path, ckpt)
+    if saved is None:
         return
     new = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(saved, dict) and isinstance(new, dict)
@@ -414,6 +440,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         dirpath = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else out / "checkpoints"
         callbacks.append(PreemptionCheckpoint(dirpath))  # last: after the callbacks that update at a batch's end
     callbacks.append(MonitorsLogged(_monitors(cfg, callbacks)))
+    callbacks.append(RunConfigRecord(cfg))
     trainer = Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
     spawning = spawns_ranks(trainer) and global_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
     with ddp_job(trainer, _job_config(cfg) if spawning else None):

@@ -262,14 +262,14 @@ def test_a_checkpoint_of_another_model_is_named_before_training(make_cfg, tmp_pa
 
 
 def _saved_like_hydra(cfg, run_dir: Path) -> None:
+    """The run directory's ``.hydra/config.yaml``, as Hydra writes it (what a checkpoint without a recorded
+    config is compared with)."""
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
 
 
 def test_resume_with_a_changed_config_says_what_is_kept_and_what_is_taken(make_cfg, tmp_path, caplog):
-    first = make_cfg("logger=none", "test=false", "+callbacks=ema")
-    _saved_like_hydra(first, tmp_path)
-    train(first)
+    train(make_cfg("logger=none", "test=false", "+callbacks=ema"))  # the checkpoint records the run's config
     last = tmp_path / "checkpoints" / "last.ckpt"
     resumed = make_cfg(
         "logger=none", "test=false", "optimizer.lr=0.5", "seed=1", "trainer.max_epochs=3", "+callbacks=swa",
@@ -300,6 +300,9 @@ def test_resume_refuses_a_batch_size_change_inside_an_epoch(make_cfg, tmp_path):
                      "+callbacks.save.step=4", f"+callbacks.save.path={mid}")  # fmt: skip
     _saved_like_hydra(first, tmp_path)
     train(first)
+    state = torch.load(mid, weights_only=True)
+    del state["callbacks"]["RunConfigRecord"]  # a checkpoint without its config: compared with .hydra/config.yaml
+    torch.save(state, mid)
     with pytest.raises(ConfigError, match=r"data.batch_size=32 \(checkpoint: 64\): the checkpoint stopped mid-epoch"):
         train(make_cfg("logger=none", "test=false", "data.batch_size=32", f"ckpt_path={mid}", "trainer.max_epochs=3",
                        f"+callbacks.save._target_={__name__}.SaveAtStep", "+callbacks.save.step=4",

@@ -96,11 +96,11 @@ def global_rank(env: Mapping[str, str]) -> int:
 
 def spawns_ranks(trainer: Any) -> bool:
     """Whether ``trainer.fit`` will start the other ranks by re-running this script (Lightning's DDP launcher)."""
-    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning_tricks._lightning import SUBPROCESS_SCRIPT_LAUNCHER_TYPES
 
-    launcher = getattr(trainer.strategy, "launcher", None)
+    launcher: Any = getattr(trainer.strategy, "launcher", None)
     return (
-        isinstance(launcher, _SubprocessScriptLauncher)
+        isinstance(launcher, SUBPROCESS_SCRIPT_LAUNCHER_TYPES)
         and not launcher.cluster_environment.creates_processes_externally
         and launcher.num_processes > 1
     )

@@ -98,12 +98,11 @@ def spawns_ranks(trainer: Any) -> bool:
     """Whether ``trainer.fit`` will start the other ranks by re-running this script (Lightning's DDP launcher)."""
     from lightning_tricks._lightning import SUBPROCESS_SCRIPT_LAUNCHER_TYPES
 
-    launcher: Any = getattr(trainer.strategy, "launcher", None)
-    return (
-        isinstance(launcher, SUBPROCESS_SCRIPT_LAUNCHER_TYPES)
-        and not launcher.cluster_environment.creates_processes_externally
-        and launcher.num_processes > 1
-    )
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if not isinstance(launcher, SUBPROCESS_SCRIPT_LAUNCHER_TYPES):
+        return False
+    script_launcher: Any = launcher  # either namespace's class: read by duck typing
+    return not script_launcher.cluster_environment.creates_processes_externally and script_launcher.num_processes > 1
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_tricks._lightning import Callback, LightningModule, ModelCheckpoint, Trainer, seed_everything
-from lightning_tricks.callbacks import LRSchedule, RandomState
+from lightning_tricks.callbacks import LinearScaling, LRSchedule, RandomState
 from lightning_tricks.schedules import Cosine, Warmup
 
 pytestmark = pytest.mark.filterwarnings(
@@ -45,11 +45,18 @@ class Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
-def _fit(dirpath, crash=False, ckpt_path=None) -> UserModule:
+LR_TRICKS = {
+    "schedule": lambda: LRSchedule(Warmup(steps=0.1, then=Cosine())),
+    # the batch size is found on the loader: reading it must not set up the data before the RNG is restored
+    "scaling": lambda: LinearScaling(reference_batch_size=4),
+}
+
+
+def _fit(dirpath, crash=False, ckpt_path=None, trick="schedule") -> UserModule:
     seed_everything(0)  # a new process would start here
     module = UserModule()
     callbacks = [
-        LRSchedule(Warmup(steps=0.1, then=Cosine())),
+        LR_TRICKS[trick](),
         ModelCheckpoint(dirpath=dirpath, save_top_k=-1, save_last=True),
         RandomState(),
     ]
@@ -70,10 +77,11 @@ def _fit(dirpath, crash=False, ckpt_path=None) -> UserModule:
     return module
 
 
-def test_resume_after_a_crash_gives_bit_identical_weights(tmp_path):
-    full = _fit(tmp_path / "full")
-    _fit(tmp_path / "run", crash=True)
-    resumed = _fit(tmp_path / "run", ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+@pytest.mark.parametrize("trick", sorted(LR_TRICKS))
+def test_resume_after_a_crash_gives_bit_identical_weights(tmp_path, trick):
+    full = _fit(tmp_path / "full", trick=trick)
+    _fit(tmp_path / "run", crash=True, trick=trick)
+    resumed = _fit(tmp_path / "run", ckpt_path=str(tmp_path / "run" / "last.ckpt"), trick=trick)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resume"
 

@@ -121,6 +121,13 @@ class LinearScaling(MemoStateKey, Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         finder = self._check_finders(trainer)
+        if trainer.ckpt_path and self.factor is not None:  # restored from the checkpoint: a resumed run
+            # the checkpoint's optimizer state holds the scaled LRs; finding the batch size here could set up the
+            # train data before the checkpoint's RNG state is back, and shuffle the resumed epoch differently
+            rank_zero_info(
+                f"LinearScaling: resuming from {self._resuming_from}, whose LRs are already x {self.factor:.4g}"
+            )
+            return
         if self.batch_size is not None:
             per_device, where = self.batch_size, "LinearScaling(batch_size=...)"
         else:

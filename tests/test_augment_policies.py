@@ -440,14 +440,29 @@ def test_color_jitter_factors_are_uniform_draws_in_order():
     g = torch.Generator().manual_seed(2)
     b = 0.7 + 0.6 * torch.rand(5, generator=g, dtype=torch.float64)
     s = 0.5 + 1.0 * torch.rand(5, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(out, P.adjust_saturation(P.adjust_brightness(x, b), s))
+    bright = (x * b.float().view(-1, 1, 1, 1)).clamp(0, 1)  # brightness first, then saturation, by the formulas
+    gray = 0.299 * bright[:, 0:1] + 0.587 * bright[:, 1:2] + 0.114 * bright[:, 2:3]
+    torch.testing.assert_close(out, (gray + s.float().view(-1, 1, 1, 1) * (bright - gray)).clamp(0, 1))
 
 
 def test_random_erasing_fills_noise_or_a_value():
     x = torch.full((32, 3, 8, 8), 0.5)
     out = P.random_erasing(x, torch.Generator().manual_seed(0), p=1.0, value=0.0)
-    boxes = P.erasing_boxes(32, 8, 8, 1.0, (0.02, 0.33), (0.3, 3.3), torch.Generator().manual_seed(0))
-    assert torch.equal(out, P.erase(x, boxes, 0.0))
+    # the documented draws (erase or not, area, aspect h / w, top, left), each rectangle erased by slicing
+    g = torch.Generator().manual_seed(0)
+    do = torch.rand(32, generator=g) < 1.0
+    area = 64 * (0.02 + 0.31 * torch.rand(32, generator=g, dtype=torch.float64))
+    log_aspect = math.log(0.3) + (math.log(3.3) - math.log(0.3)) * torch.rand(32, generator=g, dtype=torch.float64)
+    aspect = torch.exp(log_aspect)
+    tops, lefts = torch.rand(32, generator=g, dtype=torch.float64), torch.rand(32, generator=g, dtype=torch.float64)
+    expected = x.clone()
+    for i in range(32):
+        eh = min(max(round(math.sqrt(area[i] * aspect[i])), 1), 8)
+        ew = min(max(round(math.sqrt(area[i] / aspect[i])), 1), 8)
+        top, left = min(int(tops[i] * (8 - eh + 1)), 8 - eh), min(int(lefts[i] * (8 - ew + 1)), 8 - ew)
+        if do[i]:
+            expected[i, :, top : top + eh, left : left + ew] = 0.0
+    assert torch.equal(out, expected)
     noisy = P.random_erasing(x, torch.Generator().manual_seed(0), p=1.0)
     changed = noisy != 0.5
     assert torch.equal(changed.any(1), (out == 0).all(1))  # the same rectangles, now noise

@@ -28,6 +28,7 @@ every draw and DDP ranks can differ on purpose. The Lightning wiring lives in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -198,14 +199,18 @@ def _check_lam(lam: float) -> None:
 def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float:
     """One draw of ``Beta(alpha, alpha)`` from ``generator``, as ``G1 / (G1 + G2)`` with ``Gi ~ Gamma(alpha)``.
 
-    Drawn on the CPU in float64 (no device sync); :func:`sample_beta_n` with ``n = 1``.
+    The draws of :func:`sample_beta_n` with ``n = 1``, with the arithmetic in Python (one kernel, not six).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> 0.0 <= sample_beta(0.4, g) <= 1.0
         True
     """
-    return float(sample_beta_n(alpha, 1, generator)[0])
+    _check_alpha(alpha)
+    g1, g2 = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=generator).tolist()
+    if g1 + g2 == 0.0:  # both underflowed (tiny alpha): the limit, 0 or 1 with probability 1/2
+        return float(torch.randint(0, 2, (1,), generator=generator).item())
+    return g1 / (g1 + g2)
 
 
 def soft_targets(y: Tensor, num_classes: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -710,8 +715,21 @@ def cutout_batch(
         cy = torch.randint(0, h, (n, count), generator=generator)
         cx = torch.randint(0, w, (n, count), generator=generator)
         centers = torch.stack([cy, cx], dim=-1)
-    boxes = cutout_boxes(n, count, side, h, w, centers=centers.to(x.device, non_blocking=True))
-    return torch.where(box_mask(boxes, h, w).any(dim=1)[:, None], value, x), boxes
+    centers = centers.to(x.device, non_blocking=True)
+    cy, cx = centers[..., 0].reshape(-1).long(), centers[..., 1].reshape(-1).long()
+    # row c of a window table marks what a square centered at c covers, clipped as cutout_boxes clips
+    in_rows = _windows(side, h, x.device).index_select(0, cy).view(n, count, h, 1)
+    in_cols = _windows(side, w, x.device).index_select(0, cx).view(n, count, 1, w)
+    mask = in_rows & in_cols if count == 1 else (in_rows & in_cols).any(dim=1, keepdim=True)
+    return torch.where(mask.view(n, 1, h, w), value, x), cutout_boxes(n, count, side, h, w, centers=centers)
+
+
+@functools.lru_cache(maxsize=16)
+def _windows(side: int, length: int, device: torch.device) -> Tensor:
+    """``(length, length)`` bool: row ``c`` is ``[c - side // 2, c - side // 2 + side)`` clipped to ``[0, length)``."""
+    pos = torch.arange(length, device=device)
+    start = pos[:, None] - side // 2
+    return (pos[None, :] >= start) & (pos[None, :] < start + side)
 
 
 def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:

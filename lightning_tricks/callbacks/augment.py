@@ -9,6 +9,7 @@ place that decides when to act, seeds the generator and reads and writes the bat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -35,7 +36,7 @@ from lightning_tricks.augment import (
 )
 from lightning_tricks.callbacks._common import MemoStateKey, check_float, check_int
 
-__all__ = ["BatchAugment", "Mixup", "CutMix", "MixupCutmix", "Cutout", "ORDER", "batch_seed"]
+__all__ = ["BatchAugment", "Mixup", "CutMix", "MixupCutmix", "Cutout", "ORDER", "rank_seed"]
 
 #: the order stacked batch augmentations act in, whatever the order of the callback list: the occlusion on
 #: the clean images, then the label mixing (at most one label-mixing callback is allowed)
@@ -46,15 +47,16 @@ def _place(augment: BatchAugment) -> int:  # the position of its class (or first
     return next((ORDER.index(k.__name__) for k in type(augment).__mro__ if k.__name__ in ORDER), len(ORDER))
 
 
-def batch_seed(seed: int, rank: int, count: int) -> int:
-    """The generator seed of training batch ``count`` on DDP rank ``rank``: ``SeedSequence([seed, rank, count])``;
-    numbers every rank knows, so a checkpoint (written by rank zero) resumes every rank's draws.
+@functools.lru_cache(maxsize=64)
+def rank_seed(seed: int, rank: int) -> int:
+    """``SeedSequence([seed, rank])``'s first word: batch ``count`` draws from the seed ``rank_seed + count``
+    (mod 2**64), numbers every rank knows, so a checkpoint (rank zero's) resumes every rank's draws.
 
     Example:
-        >>> batch_seed(0, 0, 5) == batch_seed(0, 0, 5) != batch_seed(0, 1, 5)
+        >>> rank_seed(0, 0) == rank_seed(0, 0) != rank_seed(0, 1)
         True
     """
-    return int(np.random.SeedSequence([seed, rank, count]).generate_state(1, dtype=np.uint64)[0])
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
 class BatchAugment(MemoStateKey, Callback):
@@ -158,7 +160,7 @@ class BatchAugment(MemoStateKey, Callback):
 
     # -- the one place that draws and touches the batch ----------------------------------------
     def augment(self, trainer: Trainer, batch: Any) -> None:
-        """Augment ``batch`` in place: batch ``self.batches`` draws from ``batch_seed(seed, rank, count)``."""
+        """Augment ``batch`` in place, batch ``count`` drawing from ``rank_seed(seed, rank) + count``."""
         count = self.batches
         self.batches += 1
         on = self.active(trainer.current_epoch, trainer.max_epochs)
@@ -167,7 +169,7 @@ class BatchAugment(MemoStateKey, Callback):
             self._announced_off = True
         if not on and not self._acts_when_off():
             return
-        generator = self._generator.manual_seed(batch_seed(self._seed or 0, self._rank, count))
+        generator = self._generator.manual_seed((rank_seed(self._seed or 0, self._rank) + count) % 2**64)
         if self.p < 1.0 and torch.rand((), generator=generator, dtype=torch.float64).item() >= self.p:
             return
         x, y = self._read(batch)

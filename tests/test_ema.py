@@ -200,6 +200,17 @@ def test_ema_checkpoint_during_fit_holds_the_average_that_was_validated(tmp_path
         assert torch.equal(raw[name], t), name
 
 
+def test_ema_says_a_weights_only_checkpoint_holds_the_raw_weights(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = RefClassifier()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)
+    trainer = _trainer([EMA(decay=0.9), ckpt], max_epochs=1, enable_checkpointing=True, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"ModelCheckpoint\(save_weights_only=True\) beside EMA: .* the raw weights"):
+        trainer.fit(module, _loader())
+    saved = torch.load(ckpt.best_model_path, weights_only=True)
+    assert "callbacks" not in saved  # no callback hook ran: the file has the raw weights only
+
+
 def test_ema_without_an_average_evaluates_raw_weights_and_says_so() -> None:
     import warnings
 

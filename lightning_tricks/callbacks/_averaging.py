@@ -340,6 +340,16 @@ class _Averaging(MemoStateKey, Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         weights_of(pl_module).fit_start()  # a second fit after one that ended on the average trains the raw weights
         self._bind(pl_module)
+        if self.evaluate != "raw":
+            weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
+            if weights_only:
+                self._warn_once(
+                    "weights-only",
+                    f"{type(weights_only[0]).__name__}(save_weights_only=True) beside {type(self).__name__}: "
+                    "Lightning calls no callback when it writes a weights-only checkpoint, so those files hold "
+                    f"the raw weights, not the {self.label.upper()} average that validation scored; use "
+                    "save_weights_only=False to save the average (and an exact resume)",
+                )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.average_at_end:

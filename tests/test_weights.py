@@ -16,7 +16,7 @@ from lightning_tricks._lightning import (
     seed_everything,
 )
 from lightning_tricks.averaging import RAW_WEIGHTS_KEY, raw_state_dict
-from lightning_tricks.callbacks import EMA, SWA, EarlyStopping
+from lightning_tricks.callbacks import EMA, SWA, EarlyStopping, RestoreBest
 from lightning_tricks.callbacks._weights import AVERAGE, BEST, RAW, weights_of
 from lightning_tricks.data import DigitsDataModule
 from lightning_tricks.mixins import Classifier
@@ -339,7 +339,7 @@ def test_restore_from_checkpoint_beside_ema_restores_the_checkpoints_average(tmp
     dm = DigitsDataModule(batch_size=32, loader="resident")
     module = _module()
     ema = EMA(decay=0.9)
-    es = EarlyStopping(monitor="val/loss", patience=3, restore_best=True, restore_from="checkpoint")
+    es = EarlyStopping(monitor="val/loss", patience=3, restore_best=RestoreBest(source="checkpoint"))
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1)
     trainer = Trainer(
         callbacks=[es, ema, ckpt],

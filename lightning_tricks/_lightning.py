@@ -196,6 +196,25 @@ EARLY_STOPPING_TYPES: tuple[type, ...] = _each("callbacks.EarlyStopping")
 BATCH_SIZE_FINDER_TYPES: tuple[type, ...] = _each("callbacks.BatchSizeFinder")
 TENSORBOARD_LOGGER_TYPES: tuple[type, ...] = _each("loggers.TensorBoardLogger")
 
+
+def _each_private(path: str) -> tuple[type, ...]:
+    """:func:`_each` for a private Lightning name: from the namespaces that still have it (none: an empty tuple,
+    so ``isinstance`` against it is false and the caller takes its fallback)."""
+    found = []
+    for m in _MODULES:
+        module, _, name = path.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(f"{m.__name__}.{module}"), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+#: Lightning's DDP launcher that starts the other ranks by re-running the script (private class)
+SUBPROCESS_SCRIPT_LAUNCHER_TYPES: tuple[type, ...] = _each_private(
+    "strategies.launchers.subprocess_script._SubprocessScriptLauncher"
+)
+
 # Not joined: the first namespace's. Instances made by our own code (``train.py``'s Trainer and loggers), or
 # functions and values that act the same whichever namespace's Trainer is running (``rank_zero_*`` are
 # ``lightning_utilities``' own, shared by both).
@@ -420,4 +439,5 @@ __all__ = [
     "EARLY_STOPPING_TYPES",
     "BATCH_SIZE_FINDER_TYPES",
     "TENSORBOARD_LOGGER_TYPES",
+    "SUBPROCESS_SCRIPT_LAUNCHER_TYPES",
 ]

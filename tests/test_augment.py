@@ -273,6 +273,8 @@ def test_cutout_callback_changes_only_the_images():
     batch = _run_hook(cb, [x, y])
     assert batch[1] is y and (batch[0] == 0).sum(dim=(1, 2, 3)).min() >= 1
     assert bool((x == 1).all())  # the input tensor itself is not written to
+    only_images = _run_hook(cb, [x])  # Cutout needs no targets in the batch
+    assert len(only_images) == 1 and (only_images[0] == 0).any()
     with pytest.raises(ValueError, match="larger than the image"):
         _run_hook(Cutout(size=9), [x, y])
 

@@ -94,7 +94,7 @@ class BatchAugment(MemoStateKey, Callback):
         self._rank = 0
         self._generator = torch.Generator()
         self._classes: int | None = None
-        self._stack: list[BatchAugment] | None = None  # set at setup: what this callback's hook applies
+        self._stack: list[BatchAugment] | None = None  # what this callback's hook applies (None: itself)
         self._announced_off = False
 
     @property
@@ -144,10 +144,6 @@ class BatchAugment(MemoStateKey, Callback):
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Subclass checks that need the Trainer."""
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._stack = None  # no references to the other callbacks after the fit
-
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         for augment in [self] if self._stack is None else self._stack:
             augment.augment(trainer, batch)
@@ -186,7 +182,7 @@ class BatchAugment(MemoStateKey, Callback):
     def _acts_when_off(self) -> bool:
         return False
 
-    def _read(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _read(self, batch: Any) -> tuple[Tensor, Any]:
         name = type(self).__name__
         if not isinstance(batch, (list, MutableMapping)):
             raise TypeError(
@@ -195,7 +191,8 @@ class BatchAugment(MemoStateKey, Callback):
                 "call lightning_tricks.augment's functions in training_step"
             )
         try:
-            x, y = batch[self.input_key], batch[self.target_key]  # type: ignore[index]
+            x = batch[self.input_key]  # type: ignore[index]
+            y = batch[self.target_key] if self.mixes_labels else None  # type: ignore[index]
         except (IndexError, KeyError) as err:
             raise TypeError(
                 f"{name}: the batch has no entry {err} (input_key={self.input_key!r}, target_key={self.target_key!r})"

@@ -316,3 +316,33 @@ def test_environment_variable_puts_lightning_pytorch_first():
     env["LT_LIGHTNING_NAMESPACE"] = "lightning.fabric"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0 and "LT_LIGHTNING_NAMESPACE must be one of" in proc.stderr
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_restore_best_from_the_namespace_model_checkpoint(namespace, tmp_path):
+    """``RestoreBest(source="checkpoint")`` takes the weights of Lightning's own ``ModelCheckpoint``."""
+    pl = importlib.import_module(namespace)
+    try:
+        restore_best = cbs.RestoreBest
+    except (AttributeError, ImportError):
+        pytest.skip("RestoreBest is not in lightning_tricks.callbacks")
+
+    class Scripted(_user_module_class(pl)):
+        def validation_step(self, batch, batch_idx):  # the best validation is the second epoch's
+            self.log("val_loss", [0.5, 0.2, 0.4, 0.6][self.current_epoch])
+
+    pl.seed_everything(0)
+    module = Scripted()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", mode="min")
+    trainer = pl.Trainer(
+        max_epochs=4,
+        callbacks=[restore_best(monitor="val_loss", mode="min", source="checkpoint"), checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(X, Y), batch_size=16), DataLoader(TensorDataset(X, Y), batch_size=32))
+    assert Path(checkpoint.best_model_path).name == "epoch=1-step=8.ckpt"
+    best = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, best[name]), f"{name}: the module does not hold the best checkpoint's weights"

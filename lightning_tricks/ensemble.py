@@ -55,6 +55,7 @@ __all__ = [
     "MeanNLL",
     "load_weights",
     "check_member",
+    "state_dict_mismatch",
     "evaluate_members",
     "EnsembleModule",
     "CheckpointEnsemble",
@@ -135,25 +136,37 @@ def load_weights(
         return dict(source["state_dict"])
 
 
-def check_member(source: str, state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
-    """Refuse a member whose tensors do not fit the template, naming the file and the first difference.
+def state_dict_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
+    """How a saved state dict does not fit a model's (``expected``), in a few words, or ``None`` if it fits.
 
-    Raises:
-        ValueError: one line: a tensor of the template the member lacks, one it has that the template
-            has not, or the first one whose shape differs (both shapes given).
+    The first tensor of the model the file lacks, else the first whose shape differs, else the first
+    the model has not.
+
+    Example:
+        >>> state_dict_mismatch({"w": torch.zeros(3, 2)}, {"w": torch.zeros(4, 2)})
+        "'w' has shape (3, 2) in the file, (4, 2) in the model"
     """
     for name, ref in expected.items():
-        got = state.get(name)
-        if got is None:
-            raise ValueError(f"CheckpointEnsemble member {source} has no {name!r}, which the template has")
-        if tuple(got.shape) != tuple(ref.shape):
-            raise ValueError(
-                f"CheckpointEnsemble member {source} does not fit the template: {name!r} has shape "
-                f"{tuple(got.shape)} in the file, {tuple(ref.shape)} in the template"
-            )
-    extra = next((n for n in state if n not in expected), None)
+        if name not in saved:
+            return f"the file has no {name!r} {tuple(ref.shape)}, which the model has"
+        shape = tuple(getattr(saved[name], "shape", ()))
+        if shape != tuple(ref.shape):
+            return f"{name!r} has shape {shape} in the file, {tuple(ref.shape)} in the model"
+    extra = next((n for n in saved if n not in expected), None)
     if extra is not None:
-        raise ValueError(f"CheckpointEnsemble member {source} has {extra!r}, which the template has not")
+        return f"the file has {extra!r} {tuple(getattr(saved[extra], 'shape', ()))}, which the model has not"
+    return None
+
+
+def check_member(source: str, state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Refuse a member whose tensors do not fit the template: one line naming the file and the first difference.
+
+    Raises:
+        ValueError: see :func:`state_dict_mismatch`.
+    """
+    mismatch = state_dict_mismatch(state, expected)
+    if mismatch is not None:
+        raise ValueError(f"CheckpointEnsemble member {source} does not fit the template: {mismatch}")
 
 
 def _default_forward(module: nn.Module, batch: Any) -> Tensor:

@@ -293,12 +293,13 @@ def test_checkpoint_ensemble_refuses_a_checkpoint_of_another_shape_when_built(
     message = str(refused.value)
     assert message == (
         f"CheckpointEnsemble member {other} does not fit the template: 'net.backbone.1.weight' has shape "
-        "(32, 8) in the file, (16, 8) in the template"
+        "(32, 8) in the file, (16, 8) in the model"
     )
     # a file of another architecture: the first tensor the template has and the file lacks
     torch.save({"state_dict": {"net.backbone.1.weight": torch.zeros(16, 8)}}, tmp_path / "partial.ckpt")
     with pytest.raises(
-        ValueError, match=r"member .*partial.ckpt has no 'net.backbone.2.weight', which the template has$"
+        ValueError,
+        match=r"partial.ckpt does not fit the template: the file has no 'net.backbone.2.weight' \(16,\), which",
     ):
         CheckpointEnsemble(_make(), [str(tmp_path / "partial.ckpt")])
     assert len(CheckpointEnsemble(_make, [good, good])) == 2

@@ -415,6 +415,8 @@ class _Dump(Callback):
             "history": es.history,
             "seen": pl_module.seen,
             "best": es.best_epoch,
+            "restored": es.restorer.best_epoch,
+            "weight": pl_module.layer.weight.tolist(),
             "current_epoch": trainer.current_epoch,
         }
         Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
@@ -433,7 +435,7 @@ def test_ddp_ranks_stop_on_the_same_epoch(tmp_path):
     # which keeps falling at every strip end, so on its own it would never stop.
     drifted = [v - 0.05 * e for e, v in enumerate(UP_CURVE)]
     assert first_stop(drifted, rule=EarlyStopping(criterion=UP(strips=2, strip=2)).rule).index is None
-    es = EarlyStopping(monitor="val/err", criterion=UP(strips=2, strip=2))
+    es = EarlyStopping(monitor="val/err", criterion=UP(strips=2, strip=2), restore_best=True)
     trainer = _scripted_trainer(
         [es, _Dump(str(tmp_path))], max_epochs=len(UP_CURVE), accelerator="cpu", devices=2, strategy="ddp_spawn"
     )
@@ -445,6 +447,8 @@ def test_ddp_ranks_stop_on_the_same_epoch(tmp_path):
     assert r0["history"] == r1["history"] == pytest.approx(UP_CURVE[:8])
     assert r0["reason"] == r1["reason"] and r0["reason"].startswith("stopped at epoch 7: UP_2")
     assert r0["best"] == r1["best"] == 4
+    # restore-best follows rank zero too (rank 1's own best would be its last epoch): the same weights on both
+    assert r0["restored"] == r1["restored"] == 4 and r0["weight"] == r1["weight"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -187,14 +187,14 @@ else:
 PLEarlyStopping = EarlyStopping
 
 # ``isinstance(x, T)`` with T one of these tuples: an instance of either namespace's class
-CALLBACK_TYPES: tuple[type, ...] = _each("Callback")
-LIGHTNING_MODULE_TYPES: tuple[type, ...] = _each("LightningModule")
-DATA_MODULE_TYPES: tuple[type, ...] = _each("LightningDataModule")
-TRAINER_TYPES: tuple[type, ...] = _TRAINERS
-MODEL_CHECKPOINT_TYPES: tuple[type, ...] = _each("callbacks.ModelCheckpoint")
-EARLY_STOPPING_TYPES: tuple[type, ...] = _each("callbacks.EarlyStopping")
-BATCH_SIZE_FINDER_TYPES: tuple[type, ...] = _each("callbacks.BatchSizeFinder")
-TENSORBOARD_LOGGER_TYPES: tuple[type, ...] = _each("loggers.TensorBoardLogger")
+CALLBACK_TYPES: tuple[type[Callback], ...] = _each("Callback")
+LIGHTNING_MODULE_TYPES: tuple[type[LightningModule], ...] = _each("LightningModule")
+DATA_MODULE_TYPES: tuple[type[LightningDataModule], ...] = _each("LightningDataModule")
+TRAINER_TYPES: tuple[type[Trainer], ...] = _TRAINERS
+MODEL_CHECKPOINT_TYPES: tuple[type[ModelCheckpoint], ...] = _each("callbacks.ModelCheckpoint")
+EARLY_STOPPING_TYPES: tuple[type[EarlyStopping], ...] = _each("callbacks.EarlyStopping")
+BATCH_SIZE_FINDER_TYPES: tuple[type[BatchSizeFinder], ...] = _each("callbacks.BatchSizeFinder")
+TENSORBOARD_LOGGER_TYPES: tuple[type[TensorBoardLogger], ...] = _each("loggers.TensorBoardLogger")
 
 
 def _each_private(path: str) -> tuple[type, ...]:

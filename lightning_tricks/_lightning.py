@@ -231,6 +231,8 @@ rank_zero_only = pl.utilities.rank_zero_only
 rank_zero_warn = pl.utilities.rank_zero_warn
 isolate_rng = importlib.import_module(f"{pl.__name__}.utilities.seed").isolate_rng
 lightning_setattr = importlib.import_module(f"{pl.__name__}.utilities.parsing").lightning_setattr
+#: the names of the loggers Lightning's rank-zero messages go to, one per namespace
+RANK_ZERO_LOGGER_NAMES: tuple[str, ...] = tuple(f"{name}.utilities.rank_zero" for name in NAMESPACES)
 #: Lightning's EMA callback (Lightning >= 2.5; benchmarks compare our EMA with it), else None
 EMAWeightAveraging: Any = getattr(pl.callbacks, "EMAWeightAveraging", None)
 
@@ -440,4 +442,5 @@ __all__ = [
     "BATCH_SIZE_FINDER_TYPES",
     "TENSORBOARD_LOGGER_TYPES",
     "SUBPROCESS_SCRIPT_LAUNCHER_TYPES",
+    "RANK_ZERO_LOGGER_NAMES",
 ]

@@ -43,6 +43,8 @@ CORES = [
     "policies",
     "layer_stats",
     "clipping",
+    "init",
+    "whitening",
 ]
 # What a core must never import (directly, or lazily inside a function).
 FORBIDDEN = (

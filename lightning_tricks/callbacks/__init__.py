@@ -44,7 +44,6 @@ _WHERE: dict[str, str] = {
     "EpochLines": "progress",
     "RandomState": "random_state",
     "ModelCheckpoint": "checkpoint",
-    "AtomicCheckpointIO": "checkpoint",
     # Lightning's own, re-exported for configs
     "LearningRateMonitor": "lightning",
 }

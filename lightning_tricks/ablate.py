@@ -3,7 +3,8 @@
 Given any run configuration (the overrides ``python -m lightning_tricks.train`` takes: an ``experiment=``
 of ours, a model, data, an optimizer, ...) and named tricks, it runs the baseline (the configuration as
 given), the full recipe (every named trick on), the full recipe minus each trick, and with
-``ablate.mode=both`` the baseline plus each trick, each over ``ablate.seeds`` seeds, as ONE Hydra multirun:
+``ablate.mode=both`` the baseline plus each trick (``ablate.mode=cumulative``: the tricks added one at a time),
+each over ``ablate.seeds`` seeds, as ONE Hydra multirun:
 ``launcher=slurm`` spreads it over a cluster, and jobs of DDP runs work as they do for ``train``. At the end
 it writes ``ablation.md``, ``ablation.csv`` and ``ablation.png`` in the sweep directory and prints the table.
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRICKS", "JOINT", "Row", "plan_rows", "row_overrides", "collect_results", "report", "main"]
+__all__ = ["TRICKS", "JOINT", "MODES", "Row", "plan_rows", "row_overrides", "collect_results", "report", "main"]
 
 #: trick name -> its overrides on the run: ``callbacks`` (names under conf/callbacks/, added together) and
 #: ``overrides`` (Hydra overrides). Defaults for every trick the library has.
@@ -85,17 +86,24 @@ def _definitions(define: Mapping[str, Any] | None) -> dict[str, dict[str, list[s
     return table
 
 
+MODES = ("minus", "both", "cumulative")
+
+
 def plan_rows(tricks: Sequence[str], mode: str = "minus", define: Mapping[str, Any] | None = None) -> list[Row]:
     """The rows of an ablation of ``tricks``: baseline, full, full minus each, and (``mode="both"``) baseline
-    plus each. Unknown names are refused with the valid ones listed.
+    plus each, or (``mode="cumulative"``) the tricks added one at a time in their order, after the baseline:
+    ``baseline+a``, ``baseline+a+b``, ... up to the row before ``full``, which is ``full-<last>`` (not run
+    twice). Unknown names are refused with the valid ones listed.
 
     Example:
         >>> [r.name for r in plan_rows(["ema", "mixup"], mode="both")]
         ['baseline', 'full', 'full-ema', 'full-mixup', 'baseline+ema', 'baseline+mixup']
+        >>> [r.name for r in plan_rows(["warmup", "cosine", "ema"], mode="cumulative")]
+        ['baseline', 'baseline+warmup', 'full', 'full-warmup', 'full-cosine', 'full-ema']
     """
     table = _definitions(define)
-    if mode not in ("minus", "both"):
-        raise AblationError(f"ablate.mode must be one of ('minus', 'both'), got {mode!r}")
+    if mode not in MODES:
+        raise AblationError(f"ablate.mode must be one of {MODES}, got {mode!r}")
     names = [str(t) for t in tricks]
     if not names:
         raise AblationError(f"ablate.tricks is empty; name some of: {', '.join(sorted(table))}")
@@ -109,6 +117,8 @@ def plan_rows(tricks: Sequence[str], mode: str = "minus", define: Mapping[str, A
         rows += [Row(f"full-{t}", tuple(n for n in names if n != t), "minus") for t in names]
     if mode == "both":
         rows += [Row(f"baseline+{t}", (t,), "plus") for t in names]
+    if mode == "cumulative":
+        rows[1:1] = [Row("baseline+" + "+".join(names[:k]), tuple(names[:k]), "plus") for k in range(1, len(names) - 1)]
     return rows
 
 

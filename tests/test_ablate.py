@@ -31,6 +31,25 @@ def test_rows_are_baseline_full_and_full_minus_each_and_with_both_baseline_plus_
     assert both[-2:] == ["baseline+ema", "baseline+swa"]
 
 
+def test_cumulative_rows_add_the_tricks_in_order_and_reuse_full_minus_the_last() -> None:
+    rows = plan_rows(["warmup", "cosine", "ema", "mixup"], mode="cumulative")
+    assert [(r.name, r.tricks) for r in rows[:4]] == [
+        ("baseline", ()),
+        ("baseline+warmup", ("warmup",)),
+        ("baseline+warmup+cosine", ("warmup", "cosine")),
+        ("full", ("warmup", "cosine", "ema", "mixup")),
+    ]
+    # the step before full is full minus the last trick: planned once, under that name
+    assert ("full-mixup", ("warmup", "cosine", "ema")) in [(r.name, r.tricks) for r in rows]
+    assert len(rows) == 8 and len({r.tricks for r in rows}) == 8
+    assert [r.name for r in plan_rows(["ema", "mixup"], mode="cumulative")] == [
+        "baseline",
+        "full",
+        "full-ema",
+        "full-mixup",
+    ]
+
+
 def test_overrides_merge_callbacks_and_join_warmup_with_cosine() -> None:
     full = Row("full", ("warmup", "cosine", "ema", "mixup", "no_bias_decay"), "full")
     assert row_overrides(full) == [
@@ -55,7 +74,7 @@ def test_user_defined_tricks_and_clashes() -> None:
         (["ema", "emma"], "minus", r"unknown trick\(s\) \['emma'\].*valid names: .*cutmix, cutout, ema"),
         ([], "minus", "ablate.tricks is empty"),
         (["ema", "ema"], "minus", "names a trick twice"),
-        (["ema"], "all", "ablate.mode must be one of"),
+        (["ema"], "all", r"ablate.mode must be one of \('minus', 'both', 'cumulative'\)"),
     ],
 )
 def test_bad_requests_are_refused_in_one_line(tricks: list[str], mode: str, message: str) -> None:

@@ -35,7 +35,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     should_log_step,
 )
-from lightning_tricks.callbacks._common import MemoStateKey, check_bool
+from lightning_tricks.callbacks._common import check_bool
 from lightning_tricks.callbacks.sanity import log_to_loggers
 from lightning_tricks.clipping import AGC_EPS, AdaptiveClipper, check_clipping
 
@@ -56,7 +56,7 @@ def _check_exclude(exclude: Any) -> list[str] | None:
     return names
 
 
-class AGC(MemoStateKey, Callback):
+class AGC(Callback):
     r"""Adaptive gradient clipping, unit-wise (Brock et al. 2021, arXiv:2102.06171), before every optimizer step.
 
     For each unit ``i`` (an output row of a ``Linear``, an output filter of a ``Conv``; a bias or other

@@ -15,7 +15,6 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
-from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.finetune import (
     backbone_param_groups,
     classifier_parameters,
@@ -27,7 +26,7 @@ from lightning_tricks.finetune import (
 )
 
 
-class FreezeUnfreeze(MemoStateKey, Callback):
+class FreezeUnfreeze(Callback):
     """Freeze the backbone, train the head, then unfreeze the backbone at discriminative LRs.
 
     Until epoch ``unfreeze_at_epoch`` the backbone's parameters have ``requires_grad=False`` (they

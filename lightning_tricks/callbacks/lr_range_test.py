@@ -23,7 +23,6 @@ from lightning_tricks._lightning import (
     trainer_callbacks,
     trainer_class_for,
 )
-from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
 from lightning_tricks.lr_range_test import (
     LossSmoother,
@@ -37,7 +36,7 @@ APPLY_TO = ("lr", "one_cycle", None)
 SUGGESTIONS = ("steepest", "min_div10", None)
 
 
-class LRRangeTest(MemoStateKey, Callback):
+class LRRangeTest(Callback):
     """Smith's LR range test at fit start; restores the module and optimizer, then applies the result.
 
     At ``on_fit_start`` the LR is swept from ``min_lr`` to ``max_lr`` over ``num_steps`` optimizer steps of

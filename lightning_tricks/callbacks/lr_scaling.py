@@ -14,7 +14,6 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
     trainer_callbacks,
 )
-from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
 from lightning_tricks.schedules import SCALING_RULES as RULES
 from lightning_tricks.schedules import global_batch_size, scaling_factor
@@ -53,7 +52,7 @@ def find_batch_size(trainer: Trainer, pl_module: LightningModule) -> tuple[int, 
     return None
 
 
-class LinearScaling(MemoStateKey, Callback):
+class LinearScaling(Callback):
     """Scale every parameter group's base LR by the global batch size over a reference batch size.
 
     ``lr = lr * (B / reference_batch_size)`` with ``B = per-device batch x accumulate_grad_batches x

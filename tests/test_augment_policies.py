@@ -428,7 +428,16 @@ def test_policy_draws_differ_per_sample(name):
 def test_crop_flip_is_random_crop_flip_with_a_black_border():
     x = _images(n=8, c=3, h=6, w=6, levels=False)
     out = P.crop_flip(x, torch.Generator().manual_seed(3), padding=2, flip=True)
-    assert torch.equal(out, random_crop_flip(x, 2, True, torch.Generator().manual_seed(3), fill=0.0))
+    # the documented draws (offsets dy, dx in 0..4, then a flip each), applied by padding and slicing
+    g = torch.Generator().manual_seed(3)
+    offsets = torch.randint(0, 5, (8, 2), generator=g)
+    flips = torch.randint(0, 2, (8,), generator=g).bool()
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=0.0)
+    for i in range(8):
+        dy, dx = offsets[i].tolist()
+        crop = padded[i, :, dy : dy + 6, dx : dx + 6]
+        assert torch.equal(out[i], crop.flip(-1) if flips[i] else crop), i
+    assert flips.any() and not flips.all()
     policy = P.AugmentPolicy("crop_flip", flip=False, options={"padding": 2})
     noflip = policy(x, torch.Generator().manual_seed(3))
     assert torch.equal(noflip, random_crop_flip(x, 2, False, torch.Generator().manual_seed(3)))

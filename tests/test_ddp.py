@@ -1,22 +1,21 @@
 """Every per-step trick agrees across DDP ranks: 2 CPU processes (gloo), LRSchedule + EMA + EarlyStopping + SWA."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_ranks
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_tricks_agree_across_two_ddp_ranks(tmp_path):
     worker = Path(__file__).with_name("ddp_tricks_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
-    r = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
+    path = os.pathsep.join(p for p in (str(worker.parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    (r,) = run_ranks([[sys.executable, str(worker), str(tmp_path)]], cwd=tmp_path, env=env)  # a hang fails in ~1 min
     assert r.returncode == 0, r.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
     a, b = ranks

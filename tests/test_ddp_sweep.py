@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_extra
+from conftest import needs_extra, run_ranks
 
 from lightning_tricks.launch import JOB_ENV, child_argv, global_rank, slurm_dir_overrides
 from lightning_tricks.train import _resolve_auto
@@ -25,15 +25,14 @@ TINY = ["trainer.max_epochs=1", "logger=none", "+trainer.limit_train_batches=3",
 CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_tricks.train", *args],
+def _train(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI and every rank it starts, bounded: a hang fails in about a minute naming the rank (conftest)."""
+    (result,) = run_ranks(
+        [[sys.executable, "-m", "lightning_tricks.train", *args]],
         cwd=cwd,
         env={**os.environ, "HYDRA_FULL_ERROR": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
     )
+    return result
 
 
 def _free_port() -> int:
@@ -103,6 +102,7 @@ def _assert_one_sweep_of_ddp_jobs(tmp_path: Path, r: subprocess.CompletedProcess
     return rows
 
 
+@pytest.mark.ddp
 @pytest.mark.slow
 def test_multirun_of_ddp_jobs_runs_each_job_once_on_two_ranks(tmp_path):
     r = _train("--multirun", "optimizer.lr=0.01,0.05", *CPU_DDP, *TINY, cwd=tmp_path)
@@ -117,39 +117,34 @@ def test_optuna_sweep_of_ddp_jobs(tmp_path):
     _assert_one_sweep_of_ddp_jobs(tmp_path, r, jobs=2)
 
 
+@pytest.mark.ddp
 @pytest.mark.slow
 def test_two_slurm_tasks_form_one_run(tmp_path):
     """What ``srun --ntasks-per-node=2 python -m lightning_tricks.train trainer=ddp ...`` starts, without SLURM."""
     port = str(_free_port())
-    procs = []
+    envs = []
     for rank in (0, 1):
-        env = {
-            **os.environ,
-            "SLURM_JOB_ID": "4242",
-            "SLURM_STEP_ID": "0",
-            "SLURM_JOB_NAME": "lt-test",
-            "SLURM_NTASKS": "2",
-            "SLURM_NTASKS_PER_NODE": "2",
-            "SLURM_NNODES": "1",
-            "SLURM_NODELIST": "localhost",
-            "SLURM_PROCID": str(rank),
-            "SLURM_LOCALID": str(rank),
-            "SLURM_NODEID": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "lightning_tricks.train", *CPU_DDP, *TINY],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+        envs.append(
+            {
+                **os.environ,
+                "SLURM_JOB_ID": "4242",
+                "SLURM_STEP_ID": "0",
+                "SLURM_JOB_NAME": "lt-test",
+                "SLURM_NTASKS": "2",
+                "SLURM_NTASKS_PER_NODE": "2",
+                "SLURM_NNODES": "1",
+                "SLURM_NODELIST": "localhost",
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "SLURM_NODEID": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            }
         )
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    command = [sys.executable, "-m", "lightning_tricks.train", *CPU_DDP, *TINY]
+    results = run_ranks([command, command], cwd=tmp_path, env=envs, labels=["rank 0 (task 0)", "rank 1 (task 1)"])
+    outs = [r.stdout + r.stderr for r in results]
+    assert [r.returncode for r in results] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outs[0] and "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1]
     runs = [p for p in (tmp_path / "outputs").iterdir()]
     assert [p.name for p in runs] == ["slurm-4242.0"]  # both tasks wrote into one run directory

@@ -103,26 +103,26 @@ def test_deferred_guard_reads_step_zero_too(tmp_path):
     assert info.value.step == 0
 
 
-class NanDigits(DigitsDataModule):
-    """Digits whose training images each hold one NaN pixel (validation and test images are finite):
-    every training loss is NaN, from the first step on. Use with ``normalize=none`` (the statistics of a
-    training split with NaN would carry it into the other splits)."""
+class NanTrainingNet(nn.Module):
+    """A linear classifier (``model._target_`` of a config) whose logits are NaN whenever it trains: every
+    training loss is NaN, from the first step on, while validation stays finite."""
 
-    def load(self):
-        splits = super().load()
-        x, y = splits["train"]
-        x = x.clone()
-        x[:, :, 3, 4] = math.nan
-        return {**splits, "train": (x, y)}
+    def __init__(self, input_shape, num_classes, **_ignored) -> None:
+        super().__init__()
+        self.linear = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        return logits + math.nan if self.training else logits
 
 
-def _nan_data_cfg(make_cfg, *overrides):
-    return make_cfg(f"data._target_={__name__}.NanDigits", "data.normalize=none", "trainer.max_epochs=2", *overrides)
+def _nan_model_cfg(make_cfg, *overrides):
+    return make_cfg(f"model._target_={__name__}.NanTrainingNet", "trainer.max_epochs=2", *overrides)
 
 
 def test_train_with_nan_from_step_zero_is_diverged_at_step_zero(make_cfg, tmp_path):
     with pytest.warns(UserWarning, match=r"diverged: the loss is nan at optimizer step 0 \(epoch 0\)"):
-        metrics, objects = train(_nan_data_cfg(make_cfg))
+        metrics, objects = train(_nan_model_cfg(make_cfg))
     assert metrics["status"] == "diverged"
     assert metrics["diverged/step"] == 0 and metrics["diverged/epoch"] == 0
     assert metrics["best/val/acc"] == -math.inf
@@ -135,9 +135,9 @@ def test_train_with_nan_from_step_zero_is_diverged_at_step_zero(make_cfg, tmp_pa
     assert not list((tmp_path / "checkpoints").glob("*.ckpt"))  # nothing saved from the diverged run
 
 
-def test_train_without_the_guard_runs_the_nan_data_to_the_end(make_cfg):
+def test_train_without_the_guard_runs_the_nan_model_to_the_end(make_cfg):
     """The control: the same config without the guard trains on and ends with NaN weights."""
-    metrics, objects = train(_nan_data_cfg(make_cfg, "~callbacks.divergence_guard", "test=false"))
+    metrics, objects = train(_nan_model_cfg(make_cfg, "~callbacks.divergence_guard", "test=false"))
     assert metrics["status"] == "ok" and objects["trainer"].global_step == 6
     assert not all(torch.isfinite(p).all() for p in objects["module"].parameters())
 

@@ -1,4 +1,6 @@
-"""Files from elsewhere cannot run code: CIFAR batches, checkpoints; downloads are checked (issue 21)."""
+"""Files from elsewhere cannot run code: CIFAR batches, checkpoints; downloads are checked.
+
+``train(ckpt_path=...)`` refusing a crafted checkpoint, through the entry point, is in test_fault_paths.py."""
 
 from __future__ import annotations
 

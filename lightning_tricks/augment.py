@@ -22,6 +22,8 @@ every draw and DDP ranks can differ on purpose. The Lightning wiring lives in
   sample ``i``'s partner is ``N-1-i`` (the loader shuffles); label smoothing folded into the targets.
 - **random crop + flip**: pad by ``padding`` and crop back at a uniform offset (a translation by up
   to ``padding`` pixels), then flip horizontally with probability 1/2, per sample, in one gather.
+- **soft targets in a user's batch** (:class:`MixedTargets`, :func:`labels_of`): what the callbacks put in
+  place of ``y``; a label use of them raises instead of giving a wrong number.
 - **test-time augmentation** (:func:`tta_predict`): the mean of the softmax over fixed views of the
   batch (identity, horizontal flip, shifted crops of the zero-padded images).
 """
@@ -139,30 +141,9 @@ def labels_of(y: Tensor) -> Tensor:
 
 
 _READS_AS_LABELS = frozenset(
-    {
-        Tensor.__eq__,
-        Tensor.__ne__,
-        Tensor.eq,
-        Tensor.ne,
-        torch.eq,
-        torch.ne,
-        Tensor.long,
-        Tensor.int,
-        Tensor.short,
-        Tensor.byte,
-        Tensor.char,
-        Tensor.reshape,
-        Tensor.view,
-        Tensor.flatten,
-        Tensor.view_as,
-        Tensor.reshape_as,
-        torch.reshape,
-        torch.flatten,
-        F.one_hot,
-        F.nll_loss,
-        torch.bincount,
-        Tensor.bincount,
-    }
+    {Tensor.__eq__, Tensor.__ne__, Tensor.eq, Tensor.ne, torch.eq, torch.ne, F.one_hot, F.nll_loss, torch.bincount}
+    | {Tensor.bincount, Tensor.long, Tensor.int, Tensor.short, Tensor.byte, Tensor.char}
+    | {Tensor.reshape, Tensor.view, Tensor.flatten, Tensor.view_as, Tensor.reshape_as, torch.reshape, torch.flatten}
 )
 _KEEPS_TARGETS = frozenset(
     {Tensor.to, Tensor.type, Tensor.cpu, Tensor.cuda, Tensor.clone, Tensor.detach, Tensor.float, Tensor.double}

@@ -1,28 +1,7 @@
 """Sanity checks of the CS231n training recipe as pure functions (no Trainer).
 
-Karpathy's recipe (CS231n "Training Neural Networks II", 2016-; seed note 002) before any tuning:
-
-1. **Initial loss.** With regularization off, a freshly initialized softmax classifier over ``C``
-   classes predicts roughly uniformly, so its cross-entropy is ``log(C)`` (2.303 for 10 classes).
-   A loss far above means confident wrong predictions (last layer initialized too large, inputs not
-   normalized, labels wrong); far below means the loss is not softmax cross-entropy over ``C``
-   classes or the labels leak. :func:`initial_loss` measures it, :func:`judge_initial_loss` decides.
-2. **Overfit a tiny subset.** With regularization off, the model must drive the training loss on
-   ~20 examples to near zero. If it cannot, the model, loss, labels or LR are broken.
-   :func:`overfit_check` trains a deep copy and leaves the real model, its optimizer and the global
-   RNG untouched.
-3. **Update/weight ratio.** ``r = ||w_after - w_before|| / ||w_before||`` per parameter tensor after
-   one optimizer step; around ``1e-3`` is healthy, much higher means the LR is too high, much lower
-   too low. :class:`UpdateRatio` computes it for all tensors with multi-tensor (``torch._foreach_*``)
-   ops into preallocated buffers; :func:`grad_norms` and :func:`relu_stats` are the gradient-norm and
-   dead-ReLU companions.
-
-"Regularization off" means: no label smoothing, no weight decay, and no dropout, drop path,
-DropConnect or random pooling regions (:data:`REGULARIZER_TYPES` in eval mode). The
-initial-loss check runs the forward pass in eval mode (:func:`eval_mode`), where BatchNorm uses its
-running statistics: at initialization those are the identity, so the check sees the raw scale of the
-initialization and changes no buffer. The overfit check trains a copy in training mode (BatchNorm
-on batch statistics, as in real training) with only its dropout-family modules switched to eval.
+Initial loss near ``log(C)``, overfitting a tiny subset, update/weight ratios, gradient norms and
+dead ReLUs; the recipe and its reasons are in ``docs/method_cards.md`` (sanity checks).
 
 Example:
     >>> import torch
@@ -49,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from lightning_tricks.checks import check_float, check_int
 from lightning_tricks.losses import classification_loss
 from lightning_tricks.nn import (
     DropConnectConv2d,
@@ -126,9 +106,25 @@ def disable_regularizers_(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 def expected_initial_loss(num_classes: int) -> float:
     """``log(C)``: the cross-entropy of a uniform prediction over ``C`` classes (any target)."""
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, 2)
     return math.log(num_classes)
+
+
+def check_expected_loss(expected: Any) -> str | float:
+    """``expected`` if it is ``"log_num_classes"`` or a finite number > 0 (the initial-loss target)."""
+    if expected == "log_num_classes":
+        return "log_num_classes"
+    if isinstance(expected, bool) or not isinstance(expected, (int, float)) or not 0 < expected < math.inf:
+        raise ValueError(f"expected must be 'log_num_classes' or a number > 0, got {expected!r}")
+    return float(expected)
+
+
+def check_overfit_args(num_samples: int, steps: int, target_loss: float, lr: float | None) -> None:
+    """The checks of :func:`overfit_check`'s arguments, shared with its callback."""
+    check_int("num_samples", num_samples, 1)
+    check_int("steps", steps, 1)
+    check_float("target_loss", target_loss, 0, low_open=True)
+    check_float("lr", lr, 0, allow_none=True)
 
 
 def judge_initial_loss(loss: float, expected: float, rtol: float = 0.1) -> tuple[bool, str]:
@@ -204,8 +200,8 @@ def initial_loss(
         num_classes: the number of classes, if known.
         loss_fn: ``(logits, y) -> loss``; default cross-entropy.
     """
-    if not (isinstance(rtol, (int, float)) and rtol > 0):
-        raise ValueError(f"rtol must be > 0, got {rtol!r}")
+    check_float("rtol", rtol, 0, low_open=True)
+    expected = check_expected_loss(expected)
     x, y = split_batch(batch)
     with torch.no_grad(), eval_mode(module):
         logits = module(x)
@@ -213,8 +209,6 @@ def initial_loss(
     loss = float(loss_t)
     c = num_classes
     if isinstance(expected, str):
-        if expected != "log_num_classes":
-            raise ValueError(f"expected must be 'log_num_classes' or a number, got {expected!r}")
         width = int(logits.shape[-1])
         if c is not None and c != width:
             reason = (
@@ -261,8 +255,7 @@ def take_samples(source: Any, num_samples: int) -> tuple[Tensor, Tensor]:
     ``tensors`` attribute (:class:`~lightning_tricks.data.TensorBatchLoader`), or any iterable of
     batches (iterated until enough samples are collected).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+    check_int("num_samples", num_samples, 1)
     if isinstance(source, (tuple, list, Mapping)) and not _is_loader_collection(source):
         x, y = split_batch(source)
         return x[:num_samples], y[:num_samples]
@@ -378,14 +371,7 @@ def overfit_check(
         >>> overfit_check(net, (x, y), steps=50, lr=0.0).passed
         False
     """
-    if not (isinstance(num_samples, int) and num_samples >= 1):
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not (isinstance(target_loss, (int, float)) and target_loss > 0):
-        raise ValueError(f"target_loss must be > 0, got {target_loss!r}")
-    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be None or a number >= 0, got {lr!r}")
+    check_overfit_args(num_samples, steps, target_loss, lr)
     params = list(module.parameters())
     device = params[0].device if params else torch.device("cpu")
     fork_devices = [device] if device.type == "cuda" else []
@@ -519,8 +505,7 @@ class UpdateRatio:
     """
 
     def __init__(self, params: Sequence[Tensor], eps: float = 1e-12) -> None:
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        check_float("eps", eps, 0, low_open=True)
         self.params = [p.detach() for p in params]
         self.buffers = [torch.empty_like(p) for p in self.params]
         self.eps = eps

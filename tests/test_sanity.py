@@ -187,7 +187,7 @@ def test_initial_loss_check_callback(digits):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rtol": 0}, "rtol must be > 0, got 0"),
+        ({"rtol": 0}, "rtol must be a number in \\(0, inf\\], got 0"),
         ({"action": "stop"}, "action must be one of"),
         ({"expected": -1.0}, "expected must be 'log_num_classes' or a number > 0, got -1.0"),
     ],
@@ -274,8 +274,8 @@ def test_overfit_check_callback_keeps_real_run_bit_identical(digits):
     [
         ({"num_samples": 0}, "num_samples must be an int >= 1, got 0"),
         ({"steps": 0}, "steps must be an int >= 1, got 0"),
-        ({"target_loss": 0.0}, "target_loss must be > 0, got 0.0"),
-        ({"lr": -1.0}, "lr must be None or a number >= 0, got -1.0"),
+        ({"target_loss": 0.0}, "target_loss must be a number in \\(0, inf\\], got 0.0"),
+        ({"lr": -1.0}, "lr must be a number in \\[0, inf\\], got -1.0"),
     ],
 )
 def test_overfit_check_validates(kwargs, match):

@@ -1,20 +1,11 @@
-"""The CS231n recipe's checks as callbacks: initial loss, overfit a tiny subset, update/weight ratios.
+"""The CS231n recipe's checks as callbacks over :mod:`lightning_tricks.sanity`.
 
-Thin wiring over :mod:`lightning_tricks.sanity`:
-
-- :class:`InitialLossCheck`: on the first training batch, the loss with regularization off vs ``log(C)``.
-- :class:`OverfitCheck`: before training, a copy of the module must fit ~20 samples to near-zero loss.
-- :class:`UpdateRatioMonitor`: ``||w_after - w_before|| / ||w_before||`` per tensor every N steps.
-- :class:`GradNormMonitor`, :class:`DeadUnitMonitor`: gradient norms and dead-ReLU fractions every N steps.
-
-The monitors log straight to the Trainer's loggers at ``trainer.global_step`` (as Lightning's
-``LearningRateMonitor`` does), so a value measured on step ``t`` is logged on step ``t`` whatever
-``log_every_n_steps`` is; the last values are also on the callback (``.last``).
+Monitors log straight to the Trainer's loggers at the step they measured (as ``LearningRateMonitor``
+does), whatever ``log_every_n_steps`` is; their last values are on ``.last``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,21 +14,21 @@ from torch import Tensor, nn
 
 from lightning_tricks._lightning import (
     Callback,
-    FitClock,
     LightningModule,
     MisconfigurationException,
     Trainer,
-    global_step_of,
     rank_zero_info,
     rank_zero_warn,
 )
-from lightning_tricks.callbacks._common import MemoStateKey
+from lightning_tricks.checks import check_choice, check_float, check_int
 from lightning_tricks.sanity import (
     InitialLossReport,
     LossFn,
     OverfitResult,
     SanityCheckError,
     UpdateRatio,
+    check_expected_loss,
+    check_overfit_args,
     grad_norms,
     initial_loss,
     judge_ratio,
@@ -47,18 +38,6 @@ from lightning_tricks.sanity import (
 )
 
 ACTIONS = ("warn", "raise")
-
-
-def _check_action(action: str) -> str:
-    if action not in ACTIONS:
-        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
-    return action
-
-
-def _check_every(every_n_steps: int) -> int:
-    if not (isinstance(every_n_steps, int) and not isinstance(every_n_steps, bool) and every_n_steps >= 1):
-        raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-    return every_n_steps
 
 
 def log_to_loggers(trainer: Trainer, metrics: dict[str, float], step: int | None = None) -> None:
@@ -82,18 +61,11 @@ def _report(trainer: Trainer, name: str, passed: bool, reason: str, action: str)
 
 
 class InitialLossCheck(Callback):
-    """Check the loss on the first training batch against ``log(num_classes)``.
+    """On the first training batch, the loss with regularization off must be within ``rtol`` of ``log(C)``.
 
-    CS231n recipe step 1: before training, with regularization off, a softmax classifier over ``C``
-    classes should score ``log(C)`` (2.303 for 10 classes). On the first training batch (step 0) the
-    module's forward runs under ``no_grad`` in eval mode (no dropout, BatchNorm on its initial
-    running statistics; modes restored, no buffer changes), the loss is cross-entropy without label
-    smoothing (or ``loss_fn``), and ``|loss - expected| <= rtol * expected`` must hold; otherwise it
-    warns or raises (``action``) with the measured and expected values and the likely causes (see
-    :func:`lightning_tricks.sanity.judge_initial_loss`). ``C`` is the module's ``num_classes`` if it has
-    one, else the logits' last dimension (a mismatch between the two fails the check). A run resumed
-    past step 0 is not checked (said once). Logged: ``sanity/initial_loss``,
-    ``sanity/initial_loss_expected``.
+    ``C`` is the module's ``num_classes``, else the logits' width; see
+    :func:`lightning_tricks.sanity.initial_loss`. A resumed run is not checked. Logged:
+    ``sanity/initial_loss``, ``sanity/initial_loss_expected``.
 
     Args:
         expected: ``"log_num_classes"`` or the expected loss as a number (> 0).
@@ -114,16 +86,10 @@ class InitialLossCheck(Callback):
         loss_fn: LossFn | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(expected, str):
-            if expected != "log_num_classes":
-                raise ValueError(f"expected must be 'log_num_classes' or a number > 0, got {expected!r}")
-        elif not (isinstance(expected, (int, float)) and math.isfinite(expected) and expected > 0):
-            raise ValueError(f"expected must be 'log_num_classes' or a number > 0, got {expected!r}")
-        if not (isinstance(rtol, (int, float)) and rtol > 0):
-            raise ValueError(f"rtol must be > 0, got {rtol!r}")
-        self.expected = expected
+        self.expected = check_expected_loss(expected)
+        check_float("rtol", rtol, 0, low_open=True)
         self.rtol = float(rtol)
-        self.action = _check_action(action)
+        self.action = check_choice("action", action, ACTIONS)
         self.loss_fn = loss_fn
         self.report: InitialLossReport | None = None
         self._pending = True
@@ -154,17 +120,11 @@ class InitialLossCheck(Callback):
 
 
 class OverfitCheck(Callback):
-    """Before training, check that a copy of the module can overfit a tiny training subset.
+    """Before training, a copy of the module must overfit a tiny training subset.
 
-    CS231n recipe step 2: with regularization off, the loss on ~20 examples must reach near zero;
-    if it does not, something is broken (LR, loss/labels, frozen or detached parameters, a model
-    too small). At ``on_train_start`` (before the first step, not on resume) this runs
-    :func:`lightning_tricks.sanity.overfit_check` on a deep copy of the module: the first
-    ``num_samples`` training samples (no augmentation), full-batch steps with an optimizer of the
-    same type and groups as the real one but fresh state, weight decay 0, dropout off, no label
-    smoothing, constant LR (``lr`` overrides every group's LR). The real module, its optimizer and
-    the RNG state are untouched, so the real run is bit-identical with or without this check.
-    Logged: ``sanity/overfit_loss``, ``sanity/overfit_passed``, ``sanity/overfit_steps``.
+    Runs :func:`lightning_tricks.sanity.overfit_check` at ``on_train_start`` (not on resume) with an
+    optimizer like the real one; the real module, optimizer and RNG are untouched. Logged:
+    ``sanity/overfit_loss``, ``sanity/overfit_passed``, ``sanity/overfit_steps``.
 
     Args:
         num_samples: subset size, >= 1.
@@ -187,17 +147,10 @@ class OverfitCheck(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not (isinstance(num_samples, int) and num_samples >= 1):
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        if not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        if not (isinstance(target_loss, (int, float)) and target_loss > 0):
-            raise ValueError(f"target_loss must be > 0, got {target_loss!r}")
-        if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be None or a number >= 0, got {lr!r}")
+        check_overfit_args(num_samples, steps, target_loss, lr)
         self.num_samples, self.steps, self.target_loss = num_samples, steps, float(target_loss)
         self.lr = None if lr is None else float(lr)
-        self.action = _check_action(action)
+        self.action = check_choice("action", action, ACTIONS)
         self.loss_fn = loss_fn
         self.seed = int(seed)
         self.result: OverfitResult | None = None
@@ -254,21 +207,12 @@ def _layout(trainer: Trainer) -> tuple[int, ...]:
     return tuple(len(g["params"]) for opt in trainer.optimizers for g in opt.param_groups)
 
 
-class UpdateRatioMonitor(MemoStateKey, Callback):
-    """Log the update/weight ratio ``||w_after - w_before|| / ||w_before||`` of each parameter tensor.
+class UpdateRatioMonitor(Callback):
+    """Every ``every_n_steps`` optimizer steps, log ``||w_after - w_before|| / ||w_before||`` per tensor.
 
-    CS231n: "the ratio of the update magnitudes to the value magnitudes ... should be somewhere
-    around 1e-3"; much larger, the LR is probably too high; much smaller, too low. Every
-    ``every_n_steps`` optimizer steps (steps ``0, n, 2n, ...``), ``on_before_optimizer_step`` copies
-    the tracked tensors into buffers allocated once (one ``torch._foreach_copy_``) and
-    ``on_train_batch_end`` computes all ratios with ``torch._foreach_sub_`` / ``torch._foreach_norm``
-    and brings them to the host in one transfer. Other steps cost one integer test: no copy, no
-    sync. Tensors tracked: those in the optimizers with ``requires_grad``, weights only (``ndim >= 2``)
-    by default (biases often start at zero, where the ratio is undefined); the list is rebuilt when
-    the optimizer's groups change (e.g. after :class:`~lightning_tricks.callbacks.FreezeUnfreeze`).
-
-    Logged at the measured step: ``update_ratio/<param name>`` and ``update_ratio/median``. A tensor
-    outside ``band`` is warned about once (the set of warned names is in the checkpoint).
+    Other steps cost one integer test. Weights only by default: biases often start at zero, where the
+    ratio is undefined. Logged: ``update_ratio/<param name>``, ``update_ratio/median``; a tensor outside
+    ``band`` is warned about once (the warned names are in the checkpoint).
 
     Args:
         every_n_steps: measure every this many optimizer steps, >= 1.
@@ -285,14 +229,13 @@ class UpdateRatioMonitor(MemoStateKey, Callback):
         log_per_tensor: bool = True,
     ) -> None:
         super().__init__()
-        self.every_n_steps = _check_every(every_n_steps)
+        check_int("every_n_steps", every_n_steps, 1)
+        self.every_n_steps = every_n_steps
         band = tuple(float(b) for b in band)
         if len(band) != 2 or not 0 < band[0] < band[1]:
             raise ValueError(f"band must be (low, high) with 0 < low < high, got {band!r}")
-        if params not in ("weights", "all"):
-            raise ValueError(f"params must be 'weights' or 'all', got {params!r}")
         self.band: tuple[float, float] = band  # type: ignore[assignment]
-        self.params = params
+        self.params = check_choice("params", params, ("weights", "all"))
         self.log_per_tensor = bool(log_per_tensor)
         self.warned: set[str] = set()
         self.last: dict[str, float] = {}
@@ -301,7 +244,6 @@ class UpdateRatioMonitor(MemoStateKey, Callback):
         self._layout: tuple[int, ...] = ()
         self._pending = False
         self._step = 0
-        self._clock: FitClock | None = None
 
     @property
     def state_key(self) -> str:
@@ -316,13 +258,10 @@ class UpdateRatioMonitor(MemoStateKey, Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.optimizers:
             rank_zero_warn("UpdateRatioMonitor: no optimizer, nothing to monitor")
-        self._tracker, self._pending, self._clock = None, False, None
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._clock = FitClock(trainer)  # global_step in one attribute read (the loop state is restored now)
+        self._tracker, self._pending = None, False
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self._pending or global_step_of(trainer, self._clock) % self.every_n_steps:
+        if self._pending or trainer.global_step % self.every_n_steps:
             return
         layout = _layout(trainer)
         if self._tracker is None or layout != self._layout:
@@ -355,12 +294,10 @@ class UpdateRatioMonitor(MemoStateKey, Callback):
                 rank_zero_warn(f"UpdateRatioMonitor (step {step}): {reason}")
 
 
-class GradNormMonitor(MemoStateKey, Callback):
+class GradNormMonitor(Callback):
     """Log per-tensor gradient norms and the total norm every ``every_n_steps`` optimizer steps.
 
-    Measured in ``on_before_optimizer_step``: after the backward pass and AMP unscaling, before
-    gradient clipping. One multi-tensor norm (``torch._foreach_norm``) and one host transfer on
-    measured steps, nothing on the others. Logged: ``grad_norm/<param name>`` (if
+    Measured after AMP unscaling and before clipping. Logged: ``grad_norm/<param name>`` (if
     ``log_per_tensor``) and ``grad_norm/total``.
 
     Args:
@@ -371,9 +308,9 @@ class GradNormMonitor(MemoStateKey, Callback):
 
     def __init__(self, every_n_steps: int = 50, norm_type: float = 2.0, log_per_tensor: bool = True) -> None:
         super().__init__()
-        self.every_n_steps = _check_every(every_n_steps)
-        if not (isinstance(norm_type, (int, float)) and norm_type > 0):
-            raise ValueError(f"norm_type must be > 0, got {norm_type!r}")
+        check_int("every_n_steps", every_n_steps, 1)
+        check_float("norm_type", norm_type, 0, low_open=True)
+        self.every_n_steps = every_n_steps
         self.norm_type = float(norm_type)
         self.log_per_tensor = bool(log_per_tensor)
         self.last: dict[str, float] = {}
@@ -405,16 +342,12 @@ class GradNormMonitor(MemoStateKey, Callback):
         log_to_loggers(trainer, metrics, step=step)
 
 
-class DeadUnitMonitor(MemoStateKey, Callback):
+class DeadUnitMonitor(Callback):
     """Log the fraction of dead ReLU units every ``every_n_steps`` optimizer steps.
 
-    On measured steps only, forward hooks are put on every ``nn.ReLU`` module for one training batch
-    and removed after it (other steps run without hooks). Per module: ``dead_units/<name>`` is the
-    fraction of units (features / channels, dim 1) that output zero for every sample and position of
-    the batch, ``relu_zeros/<name>`` the fraction of all outputs that are zero; plus their means over
-    modules (``dead_units/mean``, ``relu_zeros/mean``). A module called several times in a forward
-    pass is averaged over the calls. ReLUs applied as functions (``F.relu``) are not seen; a model
-    without ``nn.ReLU`` modules gets a warning.
+    Forward hooks sit on every ``nn.ReLU`` module for the measured batch only (``F.relu`` is not
+    seen). Logged per module and as means: ``dead_units/<name>`` (units zero over the whole batch),
+    ``relu_zeros/<name>`` (outputs that are zero); see :func:`lightning_tricks.sanity.relu_stats`.
 
     Args:
         every_n_steps: measure every this many optimizer steps, >= 1.
@@ -422,7 +355,8 @@ class DeadUnitMonitor(MemoStateKey, Callback):
 
     def __init__(self, every_n_steps: int = 50) -> None:
         super().__init__()
-        self.every_n_steps = _check_every(every_n_steps)
+        check_int("every_n_steps", every_n_steps, 1)
+        self.every_n_steps = every_n_steps
         self.last: dict[str, float] = {}
         self._modules: list[tuple[str, nn.Module]] = []
         self._handles: list[Any] = []

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
+from lightning_namespace import Callback, LightningModule, ModelCheckpoint, Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_tricks._lightning import Callback, LightningModule, ModelCheckpoint, Trainer, seed_everything
 from lightning_tricks.callbacks import LinearScaling, LRSchedule, RandomState
 from lightning_tricks.schedules import Cosine, Warmup
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from lightning_namespace import Callback, ModelCheckpoint, pl
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -20,6 +20,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_only,
     rank_zero_warn,
+    reset_dataloaders,
     trainer_callbacks,
     trainer_class_for,
 )
@@ -272,10 +273,7 @@ class LRRangeTest(Callback):
         loop.load_state_dict(copy.deepcopy(saved["loop"]))
         loop.restarting = False
         loop.epoch_loop.restarting = False
-        # the sweep iterated the dataloaders: let the real fit build fresh iterators (as Lightning's finder)
-        loop.epoch_loop.val_loop._combined_loader = None
-        loop._combined_loader = None
-        loop.setup_data()
+        reset_dataloaders(trainer)  # the sweep iterated the dataloaders: the real fit builds fresh iterators
         try:
             from torchmetrics import Metric
         except ImportError:  # pragma: no cover - torchmetrics is a dependency

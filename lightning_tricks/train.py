@@ -459,12 +459,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-def _refusal(e: BaseException) -> ConfigError:
-    """A callback's refusal of its configuration (raised at setup, before any step) as one line."""
-    lines = str(e).strip().splitlines()
-    return ConfigError(lines[0] if lines else type(e).__name__)
-
-
 def _fit(cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule: Any) -> Diverged | None:
     """``trainer.fit``; a divergence is returned, a callback's refusal before the first step is a ConfigError."""
     try:
@@ -472,9 +466,9 @@ def _fit(cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule: Any)
     except Diverged as e:  # DivergenceGuard stopped it: averages and checkpoints are still finite
         rank_zero_warn(str(e))
         return e
-    except (ValueError, TypeError, MisconfigurationException) as e:
+    except (ValueError, MisconfigurationException) as e:
         if isinstance(e, ConfigError) or trainer.global_step == 0:  # setup-time checks of the callbacks
-            raise _refusal(e) from e
+            raise ConfigError(one_line(e)) from e
         raise
     return None
 
@@ -632,17 +626,12 @@ def run_job(cfg: DictConfig) -> float | None:
     write_error = _checkpoint_write_error()
     try:
         metrics, _ = train(cfg)
-    except (ConfigError, DataFileError, FileNotFoundError, MisconfigurationException) as e:
-        print(f"lightning-tricks: configuration error: {e}", file=sys.stderr)
+    except (ConfigError, DataFileError, FileNotFoundError, MisconfigurationException, write_error) as e:
+        refused = not isinstance(e, write_error)  # else a checkpoint could not be written: the run failed
+        print(f"lightning-tricks: {'configuration error: ' if refused else ''}{e}", file=sys.stderr)
         if not multirun:
-            sys.exit(EXIT_REFUSED)
-        _record_job(cfg, {"status": f"refused: {one_line(e)}", **failed})
-        return worst
-    except write_error as e:
-        print(f"lightning-tricks: {e}", file=sys.stderr)
-        if not multirun:
-            sys.exit(EXIT_FAILED)
-        _record_job(cfg, {"status": f"failed: {one_line(e)}", **failed})
+            sys.exit(EXIT_REFUSED if refused else EXIT_FAILED)
+        _record_job(cfg, {"status": f"{'refused' if refused else 'failed'}: {one_line(e)}", **failed})
         return worst
     except Exception as e:
         if not multirun:

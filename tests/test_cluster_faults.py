@@ -85,6 +85,18 @@ def _metrics(run: Path) -> dict[str, Any]:
     return json.loads((run / "metrics.json").read_text())["metrics"]
 
 
+def _sigterm_when_ready(cmd: list[str], ready: Path, cwd: Path) -> tuple[int, str]:
+    """Start ``cmd``, SIGTERM it once it wrote ``ready`` (see :class:`WaitForSigterm`); its exit code and stderr."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 # -- SIGTERM: save at the signal, status preempted, non-zero exit, exact resume -------------------------------
 RUN = ("trainer.max_epochs=3", "trainer.enable_progress_bar=false", "test=false")
 STOP_STEP = 27  # epoch 1 (20 batches per epoch on digits), mid-epoch
@@ -101,18 +113,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     ready = tmp_path / "ready"
-    proc = subprocess.Popen(
+    code, err = _sigterm_when_ready(
         _train_cmd(*RUN, f"hydra.run.dir={cut}", f"+callbacks.wait._target_={__name__}.WaitForSigterm",
                    f"+callbacks.wait.step={STOP_STEP}", f"+callbacks.wait.ready={ready}"),
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ready, tmp_path,
     )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ready.exists(), proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
+    assert code == 143, err[-3000:]
     last = cut / "checkpoints" / "last.ckpt"
     assert f"pre-empted by SIGTERM at step {STOP_STEP}; resume with ckpt_path={last}" in err
     metrics = _metrics(cut)
@@ -317,19 +323,13 @@ def test_resume_refuses_a_batch_size_change_inside_an_epoch(make_cfg, tmp_path):
 
 def test_a_sigterm_during_a_sweep_saves_the_job_and_starts_no_other(tmp_path):
     sweep, ready = tmp_path / "sweep", tmp_path / "ready"
-    proc = subprocess.Popen(
+    code, err = _sigterm_when_ready(
         _train_cmd("trainer=debug", "test=false", f"+callbacks.wait._target_={__name__}.WaitForSigterm",
                    "+callbacks.wait.step=2", f"+callbacks.wait.ready={ready}", "optimizer.lr=0.01,0.02,0.03",
                    f"hydra.sweep.dir={sweep}", "--multirun"),
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ready, tmp_path,
     )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ready.exists(), proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
+    assert code == 143, err[-3000:]
     rows = {row["optimizer.lr"]: row for row in csv.DictReader(open(sweep / "summary.csv"))}
     assert {lr: row["status"] for lr, row in rows.items()} == {
         "0.01": "preempted",

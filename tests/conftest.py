@@ -8,6 +8,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -153,9 +154,9 @@ def _live_processes() -> dict[int, tuple[str, int, int, int, int]]:
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            stat = _stat(int(entry.name))
-            if stat is not None and stat[0] not in ("Z", "X"):  # zombies have ended
-                found[int(entry.name)] = stat
+            state = _stat(int(entry.name))
+            if state is not None and state[0] not in ("Z", "X"):  # zombies have ended
+                found[int(entry.name)] = state
     return found
 
 
@@ -207,23 +208,30 @@ def _where(dump: str) -> str:
     return "no Python stack"
 
 
-def _dump_and_kill(pids: Sequence[int], stderr_of: Mapping[int, Path] | None = None) -> dict[int, str]:
+def _dump_and_kill(pids: Sequence[int]) -> dict[int, str]:
     """Each process prints its Python stacks (SIGABRT, with faulthandler on) one after the other, then all
-    are killed; with ``stderr_of`` (the file each writes to), where each one was: ``{pid: "file:line in f"}``."""
+    are killed; returns where each one was, ``{pid: "file:line in function"}``, read from its stderr when that
+    is a file (the pipes of ``run_ranks``, pytest's capture)."""
     where = {}
     for pid in pids:
-        stderr = (stderr_of or {}).get(pid)
-        before = stderr.stat().st_size if stderr is not None and stderr.exists() else 0
+        err = None
+        with contextlib.suppress(OSError):
+            err = open(f"/proc/{pid}/fd/2", "rb")  # noqa: SIM115 - closed below, after the process died
+            if not stat.S_ISREG(os.fstat(err.fileno()).st_mode):
+                err.close()
+                err = None
+        before = os.fstat(err.fileno()).st_size if err is not None else 0
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGABRT)
         for _ in range(20):  # until it has died of it (its dump written)
-            if _stat(pid) is None or _stat(pid)[0] in ("Z", "X"):  # type: ignore[index]
+            state = _stat(pid)
+            if state is None or state[0] in ("Z", "X"):
                 break
             time.sleep(0.1)
-        if stderr is not None and stderr.exists():
-            with open(stderr, "rb") as f:
-                f.seek(before)
-                where[pid] = _where(f.read().decode(errors="replace"))
+        if err is not None:
+            err.seek(before)
+            where[pid] = _where(err.read().decode(errors="replace"))
+            err.close()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -310,9 +318,7 @@ def run_ranks(
                 why = f"no progress for {idle:.0f} s (a hang)" if idle > hang_s else f"still running after {took:.0f} s"
                 rank_of = {pid: _rank_label(pid, named) for pid in running}
                 ended = "; ".join(f"{named[p.pid]} exited {p.returncode}" for p in procs if p.returncode is not None)
-                session_err = {p.pid: outputs[2 * i + 1] for i, p in enumerate(procs)}
-                stderr_of = {pid: session_err[s[2]] for pid in running if (s := _stat(pid)) and s[2] in session_err}
-                where = _dump_and_kill(running, stderr_of)
+                where = _dump_and_kill(running)
                 hung = "; ".join(f"{rank_of[pid]}" + (f" at {where[pid]}" if pid in where else "") for pid in running)
                 for p in procs:
                     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -376,8 +382,10 @@ class _SpawnWatchdog(threading.Thread):
             idle, took = progress.idle_s(list(ranks)), time.monotonic() - start
             if idle > self.hang_s or took > self.limit_s:
                 why = f"no progress for {idle:.0f} s (a hang)" if idle > self.hang_s else f"ran {took:.0f} s"
-                self.report = f"{why}; hung: " + "; ".join(f"{r} (pid {pid})" for pid, r in ranks.items())
-                _dump_and_kill(list(ranks))
+                where = _dump_and_kill(list(ranks))
+                self.report = f"{why}; hung: " + "; ".join(
+                    f"{r} (pid {pid})" + (f" at {where[pid]}" if pid in where else "") for pid, r in ranks.items()
+                )
                 return
 
     def stop(self) -> list[str]:

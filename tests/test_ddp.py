@@ -1,12 +1,14 @@
 """Every per-step trick agrees across DDP ranks: 2 CPU processes (gloo), LRSchedule + EMA + EarlyStopping + SWA."""
 
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ranks
+from conftest import _stat, run_ranks
 
 
 @pytest.mark.ddp
@@ -37,3 +39,27 @@ def test_tricks_agree_across_two_ddp_ranks(tmp_path):
     assert a["current_epoch"] == b["current_epoch"] < 12
     assert torch.equal(*a["gathered"]["stop"])
     assert a["stop_reason"] and "GL=" in a["stop_reason"]
+
+
+def test_a_hung_rank_fails_fast_is_named_and_ended(tmp_path):
+    """The bound itself: a launcher whose rank 1 sleeps for ever fails after ``hang_s`` without progress,
+    names both ranks and where each waited, and leaves neither running."""
+    code = (
+        "import os, subprocess, sys\n"
+        "rank1 = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        "subprocess.Popen(rank1, env={**os.environ, 'LOCAL_RANK': '1'}).wait()\n"
+    )
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as info:
+        run_ranks([[sys.executable, "-c", code]], cwd=tmp_path, env=os.environ, hang_s=3)
+    assert time.monotonic() - start < 30
+    message = str(info.value).splitlines()[0]
+    found = re.fullmatch(
+        r"no progress for \d+ s \(a hang\); hung: rank 0 \(the launching process\) \(pid (\d+)\) at \S+ in \w+; "
+        r"rank 1 \(pid (\d+)\) at <string>:1 in <module>; all ended now",
+        message,
+    )
+    assert found, message
+    for pid in map(int, found.groups()):
+        state = _stat(pid)
+        assert state is None or state[0] == "Z", (pid, state)  # ended (a zombie waits for its reaper)

@@ -56,13 +56,15 @@ def whitening_matrices(cov: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor,
 
 
 def _covariance(x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """Mean and (biased, ``/ N``) covariance of the rows of ``x``, accumulated in float64 chunk by chunk."""
+    """Mean and (biased, ``/ N``) covariance of the rows of ``x``: each chunk's centred product in ``x``'s
+    precision (float32 products are 4x faster than float64 on CPUs), summed in float64."""
     x = x.flatten(1)
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     mean = x.double().mean(0)
     cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, len(x), chunk):
-        part = x[start : start + chunk].double() - mean
-        cov += part.T @ part
+        part = (x[start : start + chunk].double() - mean).to(dtype)
+        cov += (part.T @ part).double()
     return mean, cov / len(x)
 
 

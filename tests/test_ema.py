@@ -312,10 +312,10 @@ def test_ema_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"decay": 1.0}, "decay must be in \\(0, 1\\), got 1.0"),
-        ({"decay": 0.0}, "decay must be in"),
-        ({"decay": 1.5}, "decay must be in"),
-        ({"decay": True}, "decay must be in"),
+        ({"decay": 1.0}, "decay must be a number in \\(0, 1\\), got 1.0"),
+        ({"decay": 0.0}, "decay must be a number in"),
+        ({"decay": 1.5}, "decay must be a number in"),
+        ({"decay": True}, "decay must be a number in"),
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"start_step": -1}, "start_step"),
         ({"evaluate": "avg"}, "evaluate must be one of"),

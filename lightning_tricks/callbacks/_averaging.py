@@ -1,33 +1,8 @@
 """What :class:`~lightning_tricks.callbacks.EMA` and :class:`~lightning_tricks.callbacks.SWA` share.
 
-Both keep a float32 average of the weights (:class:`lightning_tricks.averaging.WeightAverage`,
-updated with ``torch._foreach_*`` ops), evaluate on it, save it in checkpoints and put it in the
-module at the end of fit. The formulas live in :mod:`lightning_tricks.averaging`.
-
-How the weights move (the same for both callbacks). The module's weights belong to
-:mod:`lightning_tricks.callbacks._weights` (one service per module); these callbacks own their
-average and ask the service to hold it, never write the module themselves:
-
-- ``checkpoint["state_dict"]`` holds the weights an evaluation runs on: the average once it started
-  (unless ``evaluate="raw"``), so ``ModelCheckpoint(monitor=...)``'s best file loads (with
-  ``load_from_checkpoint``, ``ckpt_path=``, or without this library) the model that scored best. The
-  callback state holds the average (``state["average"] = {state_dict name: tensor}``) and one state
-  holds the raw values the state dict does not (``ModuleWeights.save_into``), which a resumed fit puts
-  back (``ModuleWeights.load_raw``), so it continues exactly.
-  :func:`lightning_tricks.averaging.raw_state_dict` reads the raw weights of a checkpoint.
-- Evaluation (validation, test, predict) holds the average (label ``"ema"`` / ``"swa"``) from its
-  start to its end (``torch._foreach_copy_``; no ``state_dict`` round trip) and tells the service
-  what it ran on, so ``EarlyStopping(restore_best=True)`` keeps exactly the measured weights. If the
-  module holds weights handed over by someone else (``"best"`` after fit), those are evaluated.
-- End of fit: with ``average_at_end`` the average is *offered* (rank ``AVERAGE``); restore-best, if
-  on, outranks it whatever the callback order (:meth:`ModuleWeights.hand_over`).
-- ``evaluate="both"`` logs the metrics of the averaged weights under the module's own names
-  (``val/acc``) and those of the raw weights with a suffix (``val/acc_raw``). The loop runs on the
-  average; at epoch end the raw weights are put in for a second pass over the same batches through
-  the module's public hook ``evaluation_outputs(batch, stage) -> {metric name: per-sample values}``
-  (:meth:`lightning_tricks.mixins.ClassificationMixin.evaluation_outputs`); the epoch value of each
-  name is its mean over all samples, logged with the suffix. A module without the hook is refused at
-  ``setup``. It costs a second evaluation pass.
+Both evaluate on their average, save it in checkpoints and offer it at the end of fit, through the
+module's weights service (:mod:`lightning_tricks.callbacks._weights`); the rules (which weights a
+checkpoint's ``state_dict`` holds, ``evaluate="both"``) are in ``docs/method_cards.md`` (EMA).
 """
 
 from __future__ import annotations
@@ -47,8 +22,8 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
 )
 from lightning_tricks.averaging import AVERAGE_STATE_KEY, WeightAverage
-from lightning_tricks.callbacks._common import MemoStateKey
 from lightning_tricks.callbacks._weights import AVERAGE, RAW, weights_of
+from lightning_tricks.checks import check_choice
 
 __all__ = ["evaluate_raw_pass"]
 
@@ -133,7 +108,7 @@ def evaluate_raw_pass(trainer: Trainer, pl_module: LightningModule, suffix: str)
 # ------------------------------------------------------------------------------------------------
 # the shared wiring
 # ------------------------------------------------------------------------------------------------
-class _Averaging(MemoStateKey, Callback):
+class _Averaging(Callback):
     """Evaluation swaps, the end-of-fit offer and checkpointing shared by :class:`EMA` and :class:`SWA`.
 
     Owns: the average (:class:`~lightning_tricks.averaging.WeightAverage`) and its state. Shares: the
@@ -149,12 +124,9 @@ class _Averaging(MemoStateKey, Callback):
     _AVERAGE = "average"  # the name of the averaged weights in ``evaluate`` and the label in the module
 
     def __init__(self, evaluate: str, average_at_end: bool, on_cpu: bool, raw_suffix: str) -> None:
-        allowed = (self._AVERAGE, "raw", "both")
-        if evaluate not in allowed:
-            raise ValueError(f"evaluate must be one of {allowed}, got {evaluate!r}")
+        self.evaluate = check_choice("evaluate", evaluate, (self._AVERAGE, "raw", "both"))
         if not isinstance(raw_suffix, str) or not raw_suffix:
             raise ValueError(f"raw_suffix must be a non-empty string, got {raw_suffix!r}")
-        self.evaluate = evaluate
         self.average_at_end = bool(average_at_end)
         self.on_cpu = bool(on_cpu)
         self.raw_suffix = raw_suffix
@@ -312,29 +284,9 @@ class _Averaging(MemoStateKey, Callback):
         elif back == "average":
             self._hold_average(trainer, pl_module)
 
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_epoch_end(trainer, pl_module)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module)
-
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_epoch_end(trainer, pl_module)
-
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module)
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module)
+    on_validation_start = on_test_start = on_predict_start = _eval_start
+    on_validation_epoch_end = on_test_epoch_end = _eval_epoch_end
+    on_validation_end = on_test_end = on_predict_end = _eval_end
 
     # -- fit ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,11 +1,7 @@
 """EMA: an exponential moving average of the weights (Polyak averaging), evaluated in place of them.
 
-The formula is :func:`lightning_tricks.averaging.ema_decay` / :class:`~lightning_tricks.averaging.WeightAverage`;
-how the weights move between raw and average is in :mod:`lightning_tricks.callbacks._averaging`.
-
-Owns: the average and its update counters (in its checkpoint state). Shares: which weights are in
-the module, through :func:`lightning_tricks.callbacks._weights.weights_of` (label ``"ema"``); at the
-end of fit its average (``average_at_end``) yields to ``EarlyStopping(restore_best=True)``.
+The formula is :func:`lightning_tricks.averaging.ema_decay`; the weight swaps are in
+:mod:`lightning_tricks.callbacks._averaging`.
 """
 
 from __future__ import annotations
@@ -16,7 +12,8 @@ from typing import Any
 from lightning_tricks._lightning import LightningModule, Trainer
 from lightning_tricks.averaging import ema_decay
 from lightning_tricks.callbacks._averaging import _Averaging
-from lightning_tricks.callbacks._common import StepWatch, check_int
+from lightning_tricks.callbacks._common import StepWatch
+from lightning_tricks.checks import check_choice, check_float, check_int
 
 __all__ = ["EMA"]
 
@@ -24,49 +21,21 @@ __all__ = ["EMA"]
 class EMA(_Averaging):
     r"""Exponential moving average of the weights (Polyak averaging), evaluated in place of them.
 
-    After each optimizer step ``t`` (counted in optimizer steps, so gradient accumulation is
-    respected) the average moves toward the weights:
-
-    .. math::
-        \bar w \leftarrow d_k \bar w + (1 - d_k) w, \qquad
-        d_k = \min\!\left(d, \frac{1 + k}{10 + k}\right) \text{ (warmup) or } d
-
-    where ``k = 0, 1, ...`` counts the EMA updates. The average starts as a copy of the weights at
-    ``start_step`` (0: the start of fit) and is updated every ``n = every_n_steps`` optimizer steps
-    after that, with the decay ``d_k ** n``: the same horizon in optimizer steps as an every-step EMA
-    (``decay=0.999`` still averages over about the last 1000 steps), as Composer's ``EMA`` derives its
-    smoothing per update interval from a half-life. What it saves: ``n - 1`` of every ``n`` passes over
-    the weights (each pass reads the weights and the average and writes the average: on a 25M-parameter
-    model in float32 about 300 MB of memory traffic per step). What it costs: the average ignores the
-    weights of the steps in between (it samples every ``n``-th iterate), which matters little when ``n``
-    is small next to the horizon ``1 / (1 - decay)``. It is kept in float32 (also for bfloat16/float16
-    weights) as flat per-(device, dtype) lists built once, so an update is one ``torch._foreach_lerp_``
-    per list with the decay computed on the host from an int: no Python loop over parameters and no
-    device sync.
-
-    Compared with Lightning's ``EMAWeightAveraging`` (``AveragedModel`` with a per-tensor ``avg_fn``):
-    no ``deepcopy`` of the module, no per-parameter Python loop and no temporaries per step (it computes
-    ``d * ema + (1 - d) * w`` into new tensors), no ``n_averaged == 0`` device sync per step, float32
-    averages of low-precision weights, decay warmup, buffers copied rather than averaged by default,
-    the raw weights kept (not overwritten) at the end of fit so they can still be tested. As in
-    Lightning's, a checkpoint's ``state_dict`` holds the weights evaluation ran on (the average), and
-    the raw weights are kept in the callback state for an exact resume.
-    ``benchmarks/ema_update.py`` measures the per-step cost against it.
-
-    Polyak & Juditsky 1992 (averaging); the decay warmup is TensorFlow's
-    ``ExponentialMovingAverage(num_updates=...)``; see also Izmailov et al. 2018, arXiv:1803.05407.
+    After each optimizer step, ``avg <- d_k * avg + (1 - d_k) * w`` with ``d_k = min(d, (1 + k) / (10 + k))``
+    (warmup) or ``d``, ``k`` counting updates; the average is float32, updated with one
+    ``torch._foreach_lerp_`` per (device, dtype) list. Why, cost and citations: ``docs/method_cards.md`` (EMA).
 
     Args:
         decay: the decay ``d`` in (0, 1); 0.999 averages over about the last 1000 updates.
         warmup: use ``min(decay, (1 + k) / (10 + k))`` so early updates follow the weights faster.
         every_n_steps: update every n optimizer steps, with the decay ``decay ** n`` per update (the
-            same horizon in steps; see above).
+            horizon in steps of an every-step EMA).
         start_step: optimizer step at which the average starts as a copy of the weights; before it,
             evaluation uses the raw weights.
         evaluate: ``"ema"`` (validation/test/predict on the average), ``"raw"``, or ``"both"``: the
             average under the module's metric names and the raw weights as ``name + raw_suffix``
-            (a second evaluation pass through the module's ``evaluation_outputs`` hook, see the
-            module doc). After fit, weights handed over by restore-best are evaluated as they are.
+            (a second evaluation pass through the module's ``evaluation_outputs`` hook).
+            After fit, weights handed over by restore-best are evaluated as they are.
         on_cpu: keep the average in host memory (saves accelerator memory; each update then copies
             the weights to the host and waits for the copy: use ``every_n_steps`` to amortize it).
         buffers: ``"copy"``: evaluation uses the module's own buffers (BatchNorm statistics of the
@@ -97,12 +66,10 @@ class EMA(_Averaging):
         raw_suffix: str = "_raw",
     ) -> None:
         super().__init__(evaluate, average_at_end, on_cpu, raw_suffix)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+        check_float("decay", decay, 0, 1, low_open=True, high_open=True)
         check_int("every_n_steps", every_n_steps, 1)
         check_int("start_step", start_step, 0)
-        if buffers not in ("copy", "average"):
-            raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
+        check_choice("buffers", buffers, ("copy", "average"))
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.every_n_steps = every_n_steps

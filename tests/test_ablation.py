@@ -1,21 +1,24 @@
-"""The trick ablation (``benchmarks/ablation.py``, issue 16): its rows compose to the configs they claim, its
-``full`` row is the shipped ``bag_of_tricks_fashion_mnist`` recipe, and a tiny run produces every table.
+"""The trick ablation benchmark (``benchmarks/ablation.py``), a caller of ``lightning_tricks.ablate``: its rows
+compose to the configs they claim, its ``full`` row is the shipped ``bag_of_tricks_fashion_mnist`` recipe,
+its trick definitions reach ``ablate`` intact, and a tiny run writes the table and reruns nothing finished.
 
-Two smoke runs: one on a few hundred synthetic images in the idx format (always runs), one on the first
-images of the real Fashion-MNIST (skipped, with the reason, when ``../shared/data/fashion_mnist`` is absent).
-No timing is asserted.
+The runs use a few hundred synthetic images in the idx format, and one the first images of the real
+Fashion-MNIST (skipped, with the reason, when ``../shared/data/fashion_mnist`` is absent). No timing is asserted.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
-import math
+import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import write_fashion_like
+
+from lightning_tricks.ablate import Row, plan_rows, row_overrides, split_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -25,7 +28,7 @@ FASHION = Path(os.environ.get("LT_SHARED_DATA", ROOT.parent / "shared" / "data")
 def _load():
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_ablation_t16", BENCH / "ablation.py")
+    spec = importlib.util.spec_from_file_location("bench_ablation_t30", BENCH / "ablation.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -34,144 +37,133 @@ def _load():
 
 
 A = _load()
+BASE = A.base_overrides(A.SETTINGS)
+DEFINE = A.definitions(BASE, A.SETTINGS["batch_size"])
 
 
-@pytest.fixture
-def synthetic_fashion(tmp_path: Path) -> Path:
-    """Four idx files: 300 training and 80 test 28x28 images whose class is their brightness band."""
-    return write_fashion_like(tmp_path / "fashion", 300, 80)
+def _cfg(*tricks: str):
+    return A.compose([*BASE, *row_overrides(Row("r", tricks, "plus"), DEFINE)])
 
 
-def _cfg(name: str, s: dict | None = None):
-    return A.compose(A.overrides(A.VARIANTS[name][1], s or A.SETTINGS, 0, "/tmp/lt_ablation_test", "cpu"))
-
-
-def test_variants_add_then_remove_each_trick_and_share_the_duplicate_run() -> None:
-    keys = A.KEYS
-    assert keys == ["warmup", "cosine", "no_bias_decay", "label_smooth", "ema"]
-    names = A.DEFAULT_VARIANTS
-    assert names == ["baseline", *[f"+{k}" for k in keys[:-1]], "full", *[f"-{k}" for k in keys]]
-    assert A.VARIANTS["full"][1] == frozenset(keys) and A.VARIANTS["baseline"][1] == frozenset()
-    for k in keys:
-        assert A.VARIANTS[f"-{k}"][1] == frozenset(keys) - {k}
-    assert all(not n.startswith("full+") for n in names) and "full+cutout" in A.VARIANTS
-    plan = dict(A.run_plan(names))
-    # full minus the last trick is the row above full: trained once, reported twice
-    assert plan["-ema"] == "+label_smooth" and sum(v is not None for v in plan.values()) == 1
-    assert dict(A.run_plan(["-ema", "+label_smooth"]))["+label_smooth"] == "-ema"
-
-
-def test_full_row_is_the_shipped_recipe_in_every_setting() -> None:
+def test_full_row_is_the_shipped_recipe_in_every_setting_and_the_check_can_fail() -> None:
     for s in (A.SETTINGS, A.CPU_FULL, A.FULL):
-        assert A.recipe_mismatch(s) == []
-    # the check can fail: a full row with flips and cutout is reported, naming what differs
-    with_aug = {**A.VARIANTS, "full": ("add", A.VARIANTS["full"][1] | {"extra:flip", "extra:cutout"})}
-    original = A.VARIANTS
-    A.VARIANTS = with_aug
-    try:
-        diff = A.recipe_mismatch(A.SETTINGS)
-        line = A.recipe_line(A.SETTINGS)
-    finally:
-        A.VARIANTS = original
-    assert any(d.startswith("callbacks:") and "cutout" in d for d in diff)
-    assert any(d.startswith("data.augment:") and "crop_flip" in d for d in diff)
-    assert "differs from the shipped" in line
+        base = A.base_overrides(s)
+        assert A.recipe_mismatch(base, A.definitions(base, s["batch_size"])) == []
+    assert "is the shipped `experiment=bag_of_tricks_fashion_mnist`" in A.recipe_line(BASE, DEFINE)
+    # at batch 32 the warmup row keeps the baseline's LR (0.05 at 32 = 0.4 at 256); the recipe file says 0.1 at 256
+    small = A.base_overrides({**A.SETTINGS, "batch_size": 32})
+    diff = A.recipe_mismatch(small, A.definitions(small, 32))
+    assert len(diff) == 1 and diff[0].startswith("optimizer:") and "'lr': 0.4" in diff[0]
+    wrong = {**DEFINE, "ema": {"callbacks": ["swa"]}}
+    assert any(d.startswith("callbacks:") and "swa" in d for d in A.recipe_mismatch(BASE, wrong))
+    assert "differs from `experiment=bag_of_tricks_fashion_mnist`" in A.recipe_line(BASE, wrong)
 
 
 def test_baseline_is_plain_constant_lr_sgd() -> None:
-    cfg = _cfg("baseline")
-    assert not cfg.get("schedule") and not cfg.get("callbacks")
+    cfg = A.compose(BASE)
+    assert not cfg.get("schedule") and set(cfg.callbacks) == {"random_state", "divergence_guard"}
     assert cfg.optimizer.lr == 0.05 and cfg.optimizer.momentum == 0.9 and cfg.optimizer.nesterov is False
     assert cfg.optimizer.no_decay_bias_norm is False and cfg.optimizer.weight_decay == 5.0e-4
     assert cfg.module.label_smoothing == 0.0 and cfg.data.augment == "none" and cfg.model.norm == "batch"
+    assert list(cfg.model.widths) == [8, 16, 32] and cfg.data.limit_train == 2000 and cfg.trainer.max_epochs == 2
 
 
-def test_each_removal_changes_only_its_trick() -> None:
-    full = _cfg("full")
-    assert full.schedule.schedule._target_.endswith("Warmup")
-    assert full.schedule.schedule.then._target_.endswith("Cosine")
-    assert set(full.callbacks) == {"linear_scaling", "ema"} and full.optimizer.lr == 0.1  # 0.05 at batch 128
-    assert full.data.augment == "none" and full.optimizer.nesterov is False
-    no_warmup = _cfg("-warmup")
+def test_rows_add_then_remove_each_trick_and_each_removal_changes_only_its_trick() -> None:
+    rows = plan_rows(A.TRICKS, "cumulative", DEFINE)
+    assert [r.name for r in rows] == [
+        "baseline",
+        "baseline+warmup",
+        "baseline+warmup+cosine",
+        "baseline+warmup+cosine+no_bias_decay",
+        "full",
+        *[f"full-{t}" for t in A.TRICKS],
+    ]
+    full = _cfg(*A.TRICKS)
+    assert full.schedule.schedule._target_.endswith("Warmup") and full.schedule.schedule.then._target_.endswith(
+        "Cosine"
+    )
+    assert {"linear_scaling", "ema"} <= set(full.callbacks) and full.optimizer.lr == 0.1  # 0.05 at batch 128
+    assert full.callbacks.linear_scaling.reference_batch_size == 256 and full.module.label_smoothing == 0.1
+
+    def minus(trick: str):
+        return _cfg(*[t for t in A.TRICKS if t != trick])
+
+    no_warmup = minus("warmup")
     assert no_warmup.schedule.schedule._target_.endswith("Cosine") and "linear_scaling" not in no_warmup.callbacks
     assert no_warmup.optimizer.lr == 0.05
-    assert _cfg("-cosine").schedule.schedule.then._target_.endswith("Constant")
-    assert _cfg("-no_bias_decay").optimizer.no_decay_bias_norm is False
-    assert _cfg("-label_smooth").module.label_smoothing == 0.0
-    assert set(_cfg("-ema").callbacks) == {"linear_scaling"}
-    for name, key, want in (
-        ("-no_bias_decay", "module", full.module),
-        ("-label_smooth", "optimizer", full.optimizer),
-        ("-ema", "schedule", full.schedule),
-    ):
-        assert _cfg(name)[key] == want
+    assert minus("cosine").schedule.schedule.then._target_.endswith("Constant")
+    assert minus("no_bias_decay").optimizer.no_decay_bias_norm is False
+    assert minus("label_smoothing").module.label_smoothing == 0.0
+    assert "ema" not in minus("ema").callbacks
+    for trick, key in (("no_bias_decay", "module"), ("label_smoothing", "optimizer"), ("ema", "schedule")):
+        assert minus(trick)[key] == full[key]
 
 
 def test_extras_add_a_left_out_trick_to_the_recipe() -> None:
-    cut = _cfg("full+cutout")
-    assert set(cut.callbacks) == {"linear_scaling", "ema", "cutout"} and cut.callbacks.cutout.size == 0.5
-    assert _cfg("full+cutout_small").callbacks.cutout.size == 0.25
-    flip = _cfg("full+flip")
+    cut = _cfg(*A.TRICKS, "cutout")
+    assert {"linear_scaling", "ema", "cutout"} <= set(cut.callbacks) and cut.callbacks.cutout.size == 0.5
+    assert _cfg(*A.TRICKS, "cutout_small").callbacks.cutout.size == 0.25
+    flip = _cfg(*A.TRICKS, "flip")
     assert flip.data.augment == "crop_flip" and flip.data.augment_options.padding == 0 and flip.data.flip is True
-    assert _cfg("full+crop_flip").data.augment_options.padding == 2
-    ic = _cfg("full+ic")
+    assert _cfg("crop_flip").data.augment_options.padding == 2
+    ic = _cfg("ic")
     assert ic.model.norm == "ic" and ic.model.dropout == 0.1
-    with pytest.raises(ValueError, match="unknown tricks"):
-        A.overrides(frozenset({"extra:nope"}), A.SETTINGS, 0, "/tmp/x", "cpu")
 
 
-def _tiny(data_dir: Path, out: Path, variants: str, batch: int, *more: str) -> list[str]:
+def test_definitions_reach_the_ablate_command_intact() -> None:
+    settings, base, _ = split_arguments(["x=1", f"+ablate.define={A._hydra_value(DEFINE)}"])
+    assert settings["define"] == DEFINE and base == ["x=1"]
+
+
+def _tiny(data_dir: Path, out: Path, *more: str) -> list[str]:
     return [
         "--data-dir",
         str(data_dir),
-        "--variants",
-        variants,
         "--epochs",
         "1",
         "--widths",
         "4,8",
-        "--batch-size",
-        str(batch),
         "--name",
-        "t16",
+        "t30",
         "--out-dir",
         str(out),
         *more,
     ]
 
 
-def test_tiny_ablation_writes_every_table(tmp_path: Path, synthetic_fashion: Path) -> None:
-    rows, md = A.main(
-        _tiny(synthetic_fashion, tmp_path, "+label_smooth,full,-ema,full+cutout", 128, "--limit-train", "300")
-    )
-    assert [r["variant"] for r in rows] == ["baseline", "+label_smooth", "full", "-ema", "full+cutout"]
-    alias = rows[3]
-    assert alias["same_run_as"] == "+label_smooth" and alias["group"] == "remove"
-    assert alias["test_acc"] == rows[1]["test_acc"] and alias["overrides"] == rows[1]["overrides"]
-    assert all(math.isfinite(r[k]) for r in rows for k in ("test_acc", "val_acc", "train_acc", "fit_s"))
-    for text in (
-        "The full recipe is the shipped `experiment=bag_of_tricks_fashion_mnist`",
-        "**Adding one trick at a time**",
-        "**Removing one trick from the full recipe:**",
-        "**Tricks left out of the recipe, added to it:**",
-        "| full + cutout, 14 px square (conf/callbacks/cutout.yaml: size 0.5) |",
-        "Full recipe vs baseline:",
-        "Machine: CPU",
-    ):
-        assert text in md
-    assert (tmp_path / "ablation_t16.md").read_text().strip() == md.strip()
-    merged, md2 = A.main(["--merge", str(tmp_path / "ablation_t16.csv"), "--widths", "4,8", "--out-dir", str(tmp_path)])
-    assert [r["test_acc"] for r in merged] == [r["test_acc"] for r in rows] and "Full recipe vs baseline" in md2
+@pytest.mark.slow
+def test_tiny_ablation_writes_the_table_and_a_second_call_adds_a_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_fashion_like(tmp_path / "fashion", 300, 80)
+    code, md = A.main(_tiny(data, tmp_path, "--tricks", "warmup,cosine,ema", "--batch-size", "64"))
+    sweep = tmp_path / "ablation_t30"
+    with open(sweep / "ablation.csv") as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert code == 0 and list(rows) == ["baseline", "baseline+warmup", "full", "full-warmup", "full-cosine", "full-ema"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    full = json.loads((sweep / "full_s0" / "metrics.json").read_text())["metrics"]
+    assert float(rows["full"]["test_mean"]) == pytest.approx(full["test/acc"])
+    assert (tmp_path / "ablation_t30.md").read_text().strip() == md.strip()
+    assert "first 2,000 training images" in md and "| full-ema |" in md and "Machine: CPU" in md
+    assert "**The full recipe (warmup+cosine+no_bias_decay+label_smoothing+ema) differs" in md  # lr 0.2 at batch 64
+    stamp = (sweep / "full_s0" / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    code, md = A.main(_tiny(data, tmp_path, "--tricks", "warmup,cosine,ema", "--batch-size", "64", "--seeds", "2"))
+    assert code == 0 and "6 job(s) already finished there, not run again" in capsys.readouterr().out
+    assert (sweep / "full_s0" / "metrics.json").stat().st_mtime_ns == stamp and (sweep / "full_s1").is_dir()
+    assert "Ablation over 2 seed(s)" in md and "| full-ema |" in md
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason=f"no Fashion-MNIST in {FASHION}")
 def test_tiny_ablation_on_real_fashion_mnist_learns(tmp_path: Path) -> None:
-    rows, md = A.main(_tiny(FASHION, tmp_path, "full", 32, "--limit-train", "3000", "--limit-test", "500"))
-    assert [r["variant"] for r in rows] == ["baseline", "full"]
-    # 85 steps of 32 images, a 4-8 channel net: the recipe well above the 10% of chance on the official test images (the
-    # constant-LR baseline's BatchNorm statistics may still be anywhere: only finite)
-    assert rows[1]["test_acc"] > 0.25 and math.isfinite(rows[0]["test_acc"]), [r["test_acc"] for r in rows]
+    more = ["--limit-train", "3000", "--limit-test", "500", "--batch-size", "32", "--tricks", "label_smoothing"]
+    code, md = A.main(_tiny(FASHION, tmp_path, *more))
+    with open(tmp_path / "ablation_t30" / "ablation.csv") as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert code == 0 and list(rows) == ["baseline", "full"]
+    # 85 steps of 32 images, a 4-8 channel net: well above the 10% of chance on the official test images
+    assert float(rows["full"]["test_mean"]) > 0.25, rows
     assert "first 3,000 training images, first 500 test images" in md
-    # at batch 32 the ablation keeps the baseline's LR (0.05 at batch 32), the recipe file its 0.1 at batch 256:
-    # the table says that its full row is not the shipped recipe there
-    assert "**The full row differs from the shipped `experiment=bag_of_tricks_fashion_mnist`**: optimizer:" in md

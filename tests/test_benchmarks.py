@@ -155,86 +155,26 @@ def test_overhead_skips_a_missing_module() -> None:
 
 def test_ablation_variants_compose() -> None:
     ablation = load("ablation")
-    assert list(ablation.VARIANTS)[:2] == ["baseline", "+warmup"] and "full" in ablation.VARIANTS
-    s = ablation.SETTINGS
-    base = ablation.overrides(frozenset(), s, 0, "/tmp/x", "cpu")
-    assert "callbacks=[]" in base and not any(o.startswith("schedule=") for o in base)
-    full = ablation.overrides(frozenset(ablation.KEYS), s, 0, "/tmp/x", "cpu")
-    assert "callbacks=[linear_scaling,ema]" in full and "schedule=warmup_cosine" in full
+    base = ablation.base_overrides(ablation.SETTINGS)
+    define = ablation.definitions(base, ablation.SETTINGS["batch_size"])
+    full = ablation.full_overrides(define)
+    assert "+callbacks=[linear_scaling,ema]" in full and "schedule=warmup_cosine" in full
     assert "optimizer.lr=0.1" in full  # 0.05 at batch 128 given at the reference batch 256
-    cfg = ablation.compose(full)
-    assert cfg.model.norm == "batch" and cfg.module.label_smoothing == 0.1
-    assert cfg.optimizer.no_decay_bias_norm is True and set(cfg.callbacks) == {"linear_scaling", "ema"}
-    no_warmup = ablation.compose(ablation.overrides(frozenset(ablation.KEYS) - {"warmup"}, s, 0, "/tmp/x", "cpu"))
-    assert no_warmup.schedule.schedule._target_.endswith("Cosine") and "linear_scaling" not in no_warmup.callbacks
+    cfg = ablation.compose([*base, *full])
+    assert cfg.model.norm == "batch" and cfg.module.label_smoothing == 0.1 and cfg.trainer.max_epochs == 2
+    assert cfg.optimizer.no_decay_bias_norm is True and {"linear_scaling", "ema"} <= set(cfg.callbacks)
 
 
 def test_ablation_table(tmp_path: Path, fashion_dir: Path) -> None:
     ablation = load("ablation")
-    rows, md = ablation.main(
-        [
-            "--data-dir",
-            str(fashion_dir),
-            "--variants",
-            "baseline,full,-ema",
-            "--epochs",
-            "1",
-            "--widths",
-            "4,8",
-            "--batch-size",
-            "32",
-            "--limit-train",
-            "200",
-            "--name",
-            "tiny",
-            "--out-dir",
-            str(tmp_path),
-        ]
+    code, md = ablation.main(
+        ["--data-dir", str(fashion_dir), "--tricks", "ema", "--epochs", "1", "--widths", "4,8", "--batch-size", "32"]
+        + ["--limit-train", "200", "--name", "tiny", "--out-dir", str(tmp_path)]
     )
-    assert [r["variant"] for r in rows] == ["baseline", "full", "-ema"]
-    assert finite(rows, ["test_acc", "test_loss", "fit_s"])
-    assert "**Removing one trick from the full recipe:**" in md and "Full recipe vs baseline" in md
-    assert finite(read_csv(tmp_path / "ablation_tiny.csv"), ["test_acc", "fit_s"])
-    # a second call with another seed, then one table from both CSVs (how a time-limited GPU run is split)
-    ablation.main(
-        [
-            "--data-dir",
-            str(fashion_dir),
-            "--variants",
-            "baseline,full",
-            "--epochs",
-            "1",
-            "--widths",
-            "4,8",
-            "--batch-size",
-            "32",
-            "--limit-train",
-            "200",
-            "--seeds",
-            "1",
-            "--first-seed",
-            "1",
-            "--name",
-            "tiny_s1",
-            "--out-dir",
-            str(tmp_path),
-        ]
-    )
-    merged, md = ablation.main(
-        [
-            "--merge",
-            str(tmp_path / "ablation_tiny.csv"),
-            str(tmp_path / "ablation_tiny_s1.csv"),
-            "--widths",
-            "4,8",
-            "--name",
-            "merged",
-            "--out-dir",
-            str(tmp_path),
-        ]
-    )
-    assert sorted({r["seed"] for r in merged}) == [0, 1] and len(merged) == 5
-    assert "2 seed(s) (0, 1)" in md and finite(merged, ["test_acc", "fit_s"])
+    rows = read_csv(tmp_path / "ablation_tiny" / "ablation.csv")
+    assert code == 0 and [r["row"] for r in rows] == ["baseline", "full"]
+    assert finite(rows, ["monitor_mean", "test_mean", "fit_s_mean"]) and "| full |" in md
+    assert (tmp_path / "ablation_tiny.md").read_text().strip() == md.strip()
 
 
 def test_speedrun_table_cifar_layout(tmp_path: Path, cifar_dir: Path) -> None:

@@ -26,6 +26,7 @@ PACKAGE = ROOT / "lightning_tricks"
 # Modules that hold formulas and layers: importable without Lightning (torch, numpy, torchmetrics only).
 CORES = [
     "schedules",
+    "lr_plan",
     "averaging",
     "stopping",
     "ensemble",

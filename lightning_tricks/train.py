@@ -685,9 +685,10 @@ def null_groups_removed(args: list[str]) -> list[str]:
 def quiet_third_party() -> None:
     """What only the entry points filter: Lightning's advertising tip and third-party deprecation
     warnings a user cannot act on. A user's own Trainer is left alone (this runs only in ``main``)."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage()
-    )
+    for namespace in ("pytorch_lightning", "lightning.pytorch"):  # whichever Lightning the run uses
+        logging.getLogger(f"{namespace}.utilities.rank_zero").addFilter(
+            lambda record: "litlogger" not in record.getMessage()
+        )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

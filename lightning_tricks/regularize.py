@@ -3,7 +3,7 @@
 The L1 penalty ``lam * sum_i |w_i|`` has the (sub)gradient ``lam * sign(w)`` (``sign(0) = 0``, as
 autograd gives for ``abs``). So adding ``lam * sign(w)`` to the gradients just before the optimizer
 step is the same as adding the penalty to the loss, without the extra autograd graph
-(Tibshirani 1996, "Regression shrinkage and selection via the lasso"; seed note 003).
+(Tibshirani 1996, "Regression shrinkage and selection via the lasso").
 
 L2 is not here: weight decay on weights only (no decay on biases and normalization parameters) is
 :func:`lightning_tricks.mixins.param_groups_weight_decay`, used by every optimizer config.
@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_tricks.checks import check_float
 from lightning_tricks.nn.naming import compile_patterns, matches
 from lightning_tricks.optim import no_decay_parameter_names
 
@@ -33,8 +34,7 @@ __all__ = ["select_parameters", "l1_penalty", "add_l1_grad_"]
 
 
 def _check_lam(lam: float) -> None:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    check_float("lam", lam, 0, math.inf, high_open=True)
 
 
 def select_parameters(
@@ -173,8 +173,7 @@ def soft_threshold_(params: Sequence[Tensor], threshold: float) -> None:
         >>> [round(v, 4) + 0.0 for v in w.tolist()]  # + 0.0: softshrink gives -0.0 for a negative input
         [0.9, 0.0, 0.2, -1.9]
     """
-    if isinstance(threshold, bool) or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    check_float("threshold", threshold, 0, math.inf, high_open=True)
     if threshold == 0:
         return
     with torch.no_grad():

@@ -1,49 +1,8 @@
-"""Which weights are in the module: one small service per module, the only writer of swapped weights.
+"""Which weights are in the module: one service per module, the only writer of swapped-in weights.
 
-Several tricks put other weights than the training ("raw") weights into the module for a while:
-EMA / SWA evaluate their average, ``EarlyStopping(restore_best=True)`` hands the best weights over
-at the end of fit, ``SnapshotEnsemble`` loads each snapshot to evaluate it. They all go through the
-:class:`ModuleWeights` of the module, found with :func:`weights_of` (a ``weakref.WeakKeyDictionary``,
-nothing is stored on the module), so that:
-
-- there is ONE backup of the raw weights, whoever swapped last; :meth:`ModuleWeights.raw_tensors`
-  gives the raw weights wherever they are;
-- a checkpoint's ``state_dict`` holds the weights an evaluation runs on (the average EMA/SWA evaluate,
-  the weights handed over after fit), as Lightning's ``WeightAveraging`` does, and the raw values it
-  replaced go into a callback's state for resume (:meth:`~ModuleWeights.save_into`,
-  :meth:`~ModuleWeights.load_raw`; :func:`lightning_tricks.averaging.raw_state_dict` reads them), so
-  "the best checkpoint" loads the model that scored best;
-- the module always says what it holds (:attr:`~ModuleWeights.held`: ``"raw"``, ``"ema"``, ``"swa"``,
-  ``"best"``, ``"snapshot_<k>"``), and what the last evaluation was measured on
-  (:attr:`~ModuleWeights.measured`, :meth:`~ModuleWeights.measured_tensors`);
-- the end-of-fit hand-over has one rule, whatever the order of the callback list
-  (:meth:`~ModuleWeights.hand_over`): **restore-best > the average (``average_at_end``) > raw**.
-  Each callback offers its weights with its rank; a lower rank offered after a higher one is ignored.
-  Two offers of the same rank (EMA and SWA both with ``average_at_end``) are ordered by label, the
-  one that sorts last wins (``"swa"`` over ``"ema"``); evaluations follow the same rule
-  (:meth:`~ModuleWeights.outranks`), so nothing depends on the order of the callback list.
-
-Who asks for what:
-
-========================  ======================================================================
-caller                    asks
-========================  ======================================================================
-EMA / SWA                 :meth:`hold` the average for an evaluation (:meth:`hold_raw` after it),
-                          :meth:`evaluation_start`/:meth:`evaluation_end` around it, :meth:`raw`
-                          for the ``evaluate="both"`` pass, :meth:`hand_over` (``AVERAGE``) at the
-                          end of fit, :meth:`save_into` with the average it would evaluate
-                          when a checkpoint is saved, :meth:`load_raw` when one is loaded
-EarlyStopping             :meth:`track_measured`, :meth:`measured_tensors` at each new best (the
-                          weights whose metric was logged), :meth:`hand_over` (``BEST``) at the end,
-                          :meth:`save_into` / :meth:`load_raw` (no offer)
-SnapshotEnsemble          :meth:`raw_tensors` for a snapshot, :meth:`keep` + :meth:`hold`
-                          (``"snapshot_<k>"``) to evaluate the members and put back what was held
-all of them               :meth:`fit_start` (a new fit trains the raw weights)
-========================  ======================================================================
-
-Swaps cost one ``torch._foreach_copy_`` each way and happen at evaluation boundaries only; the
-service never runs in a training step. The module is read by ``state_dict`` names each time, so a
-device move between two calls is fine. Torch only, no Lightning.
+EMA/SWA averages, restore-best and snapshots go through :func:`weights_of`, so there is one backup of
+the raw weights and one end-of-fit rule whatever the callback order (restore-best > average > raw).
+Who asks for what, and why: ``docs/method_cards.md`` (EMA, "the weights service"). Torch only.
 """
 
 from __future__ import annotations
@@ -184,15 +143,10 @@ class ModuleWeights:
     @torch.no_grad()
     def hold_raw(self) -> None:
         """Put the raw weights back (nothing to do if the module holds them)."""
-        if self._backup is None:
-            self._held, self._held_rank = RAW, 0
-            return
-        live = self._live()
-        names = list(self._backup)
-        restore_([live[n] for n in names], [self._backup[n] for n in names])
-        self._backup = None
-        self._held = RAW
-        self._held_rank = 0
+        if self._backup is not None:
+            live = self._live()
+            restore_([live[n] for n in self._backup], list(self._backup.values()))
+        self.reloaded()
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[None]:

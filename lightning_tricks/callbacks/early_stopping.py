@@ -34,7 +34,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
-from lightning_tricks.callbacks._common import MemoStateKey, check_bool, check_int
+from lightning_tricks.callbacks._common import check_bool, check_int
 from lightning_tricks.callbacks._weights import RAW, weights_of
 from lightning_tricks.callbacks.restore_best import RestoreBest
 from lightning_tricks.stopping import PQ, Criterion, Decision, Patience, StopRule, as_criterion, best_index, to_score
@@ -67,7 +67,7 @@ def _number(x: Any) -> Any:
     return float(x) if isinstance(x, Tensor) else x
 
 
-class EarlyStopping(MemoStateKey, PLEarlyStopping):
+class EarlyStopping(PLEarlyStopping):
     """Lightning's ``EarlyStopping``, plus a criterion of Prechelt's, a warm-up and restore-best.
 
     Args:

@@ -1,11 +1,7 @@
 """LayerStats: per-layer activation and gradient statistics every N optimizer steps, to a CSV and histograms.
 
-Thin wiring over :mod:`lightning_tricks.layer_stats` (the statistics, the hooks, the CSV and the PNG
-grid), which reuses :func:`lightning_tricks.sanity.relu_stats` and :func:`~lightning_tricks.sanity.grad_norms`,
-the cores of ``DeadUnitMonitor`` and ``GradNormMonitor``.
-
-Owns: its output files (``layer_stats.csv``, ``layer_stats/step*.png``). Shares nothing: it reads the
-outputs and gradients and writes neither (its forward hooks copy what they keep).
+Thin wiring over :mod:`lightning_tricks.layer_stats`. Owns its output files; reads the outputs and
+gradients and writes neither.
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import os
 from typing import Any
 
 from lightning_tricks._lightning import TENSORBOARD_LOGGER_TYPES, Callback, LightningModule, Trainer, rank_zero_info
-from lightning_tricks.callbacks._common import MemoStateKey, check_bool, check_choice, check_int
+from lightning_tricks.callbacks._common import check_bool, check_choice, check_int
 from lightning_tricks.callbacks.sanity import log_to_loggers
 from lightning_tricks.layer_stats import ActivationRecorder, LayerMeasurement, measure, plot_histograms, select_layers
 from lightning_tricks.layer_stats import write_csv as _write_csv
@@ -24,38 +20,19 @@ __all__ = ["LayerStats"]
 HISTOGRAMS = ("auto", "tensorboard", "png", "both", "none")
 
 
-class LayerStats(MemoStateKey, Callback):
+class LayerStats(Callback):
     """Every ``every_n_steps`` optimizer steps, measure each layer's activations and gradients on one batch.
 
-    At the steps ``0, n, 2n, ...`` (optimizer steps, so gradient accumulation is respected; with
-    accumulation the first micro-batch of the step is measured), ``on_train_batch_start`` puts a forward
-    hook on every measured module (leaf layers with parameters and activation modules such as
-    ``nn.ReLU``; see :func:`~lightning_tricks.layer_stats.select_layers`), and the hooks are removed right
-    after that batch's forward and backward pass (in ``on_before_optimizer_step``, or in
-    ``on_train_batch_end`` of a micro-batch without a step). On every other step the cost is one modulo.
-    In ``on_before_optimizer_step`` of the measured step (after the backward pass and AMP unscaling, before
-    gradient clipping and before ``AGC``, like ``GradNormMonitor``) the gradient and weight norms are
-    taken, and everything comes to the host in two transfers.
-
-    Written, on global rank zero only:
-
-    - ``layer_stats.csv`` in ``dirpath`` (default: the Trainer's ``log_dir``, else ``default_root_dir``,
-      as ``CurvePlot`` picks its folder): one row per layer and measured step, columns
-      ``step, epoch, layer, type, calls, act_mean, act_std, act_zero_frac, dead_frac, grad_norm, weight_norm``
-      (empty where a statistic does not apply: ``dead_frac`` is for ReLU-type modules only, the norms for
-      layers with trainable parameters only);
-    - with ``log_scalars``, the same numbers to the Trainer's loggers as ``layer_stats/<stat>/<layer>``
-      at the measured step;
-    - histograms of each layer's outputs and gradients (``max_values`` evenly strided values each): to
-      TensorBoard (``logger.experiment.add_histogram``, tags ``layer_stats/act/<layer>`` and
-      ``layer_stats/grad/<layer>``) when a ``TensorBoardLogger`` is among the loggers, else as a PNG grid
-      ``layer_stats/step<step>.png`` in ``dirpath`` (matplotlib, imported on first use; about a
-      second per image). ``histograms`` chooses: ``auto`` (that rule), ``tensorboard``, ``png``, ``both``,
-      ``none``.
+    Forward hooks sit on the measured layers for that batch only (other steps cost one modulo); the
+    gradient and weight norms are taken before clipping. Rank zero writes ``layer_stats.csv`` in
+    ``dirpath`` (columns ``step, epoch, layer, type, calls, act_mean, act_std, act_zero_frac, dead_frac,
+    grad_norm, weight_norm``), logs ``layer_stats/<stat>/<layer>`` and draws histograms; details in
+    ``docs/method_cards.md`` (layer statistics).
 
     Args:
         every_n_steps: measure every this many optimizer steps, >= 1.
-        histograms: where the histograms go (see above).
+        histograms: ``"auto"`` (TensorBoard when a ``TensorBoardLogger`` is there, else PNG grids
+            ``layer_stats/step<step>.png``), ``"tensorboard"``, ``"png"``, ``"both"`` or ``"none"``.
         max_values: values per layer kept for each histogram, >= 1.
         dirpath: folder of the CSV and PNGs; ``None``: the Trainer's ``log_dir`` or ``default_root_dir``.
         filename: the CSV's name (``.csv``).

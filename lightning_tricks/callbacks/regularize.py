@@ -1,29 +1,7 @@
 """L1 regularization as a callback: a proximal step after each optimizer step, or the subgradient before it.
 
-The math is in :mod:`lightning_tricks.regularize`; this class picks the parameters once (at ``setup``).
-
-``mode="proximal"`` (default): after each optimizer step, every chosen weight is soft-thresholded by
-``lr * lam`` with the LR its param group just used (:func:`~lightning_tricks.regularize.soft_threshold_`,
-a torch optimizer step post-hook, so before any callback's ``on_train_batch_end`` reads the weights, EMA
-included). This is the proximal-gradient (ISTA) step for ``loss + lam * ||w||_1``: small weights become
-exactly zero. Like AdamW's decoupled weight decay, the term does not go through momentum, Adam's scaling
-or clipping; it follows the LR schedule (the LR is read, never written: ``LRSchedule`` owns it). A step
-that AMP's ``GradScaler`` skips (inf/nan gradients) is not followed by a shrink.
-
-``mode="subgradient"``: ``grad += lam * sign(w)`` in ``on_before_optimizer_step``, exactly the gradient
-of ``lam * ||w||_1`` added to the loss. Where the term goes, from Lightning's source (2.x,
-``plugins/precision``): ``on_before_optimizer_step`` runs once per optimizer step, after the closure has
-run every backward pass of the step, after the AMP ``GradScaler`` has unscaled the gradients
-(``MixedPrecision.optimizer_step`` calls ``scaler.unscale_`` first) and before gradient clipping.
-Lightning divides each micro-batch loss by ``accumulate_grad_batches``, so the gradient there is that of
-the mean loss, and adding ``lam * sign(w)`` once gives exactly the gradient of ``mean loss +
-lam * ||w||_1`` for any accumulation, clipped together as if the penalty were in the loss. Optimizers
-that unscale inside their own ``step`` (``_step_supports_amp_scaling``, e.g. fused Adam) still hold
-scaled gradients in the hook; the term is then multiplied by the scaler's current scale (a device
-tensor, no sync).
-
-Cost per step (benchmarks/overhead.py, CPU MLP): the proximal step is one pass over the chosen weights
-(reads and writes ``w``); the subgradient two (``_foreach_sign``, then ``_foreach_add_``), about 2 floors.
+The math is in :mod:`lightning_tricks.regularize`; the two modes, where Lightning runs the hooks and
+their cost are in ``docs/method_cards.md`` (L1 regularization).
 """
 
 from __future__ import annotations
@@ -33,10 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer
-from lightning_tricks.callbacks._common import MemoStateKey, check_choice
+from lightning_tricks.callbacks._common import pending_grad_scale
+from lightning_tricks.checks import check_bool, check_choice, check_float
 from lightning_tricks.nn.naming import compile_patterns
 from lightning_tricks.regularize import add_l1_grad_, select_parameters, soft_threshold_
 
@@ -46,8 +24,8 @@ __all__ = ["L1Regularization"]
 MODES = ("proximal", "subgradient")
 
 
-class L1Regularization(MemoStateKey, Callback):
-    """L1 regularization of the chosen weights, ``lam * sum |w|`` (seed note 003; Tibshirani 1996).
+class L1Regularization(Callback):
+    """L1 regularization of the chosen weights, ``lam * sum |w|`` (Tibshirani 1996).
 
     ``mode="proximal"`` (default) soft-thresholds the weights by ``lr * lam`` after each optimizer step
     (ISTA: exact zeros, one pass, decoupled from momentum/Adam like AdamW's decay); ``mode="subgradient"``
@@ -79,11 +57,9 @@ class L1Regularization(MemoStateKey, Callback):
         exclude_bias: bool = True,
         mode: str = "proximal",
     ) -> None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        check_float("lam", lam, 0, math.inf, high_open=True)
         compile_patterns(include, "include")  # validates
-        if not isinstance(exclude_bias, bool):
-            raise ValueError(f"exclude_bias must be a bool, got {exclude_bias!r}")
+        check_bool("exclude_bias", exclude_bias)
         self.mode = check_choice("mode", mode, MODES)
         self.lam = float(lam)
         self.include = include if include is None or isinstance(include, str) else list(include)
@@ -125,17 +101,10 @@ class L1Regularization(MemoStateKey, Callback):
             self._per_optimizer[id(optimizer)] = cached
         return cached[1]
 
-    @staticmethod
-    def _grad_scale(trainer: Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-            return None
-        return scaler._scale  # gradients are still scaled: the optimizer unscales inside step()
-
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self.lam == 0 or self.mode != "subgradient":
             return
-        add_l1_grad_(self._params_for(optimizer), self.lam, self._grad_scale(trainer, optimizer))
+        add_l1_grad_(self._params_for(optimizer), self.lam, pending_grad_scale(trainer, optimizer))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove()

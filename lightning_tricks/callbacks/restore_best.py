@@ -28,7 +28,7 @@ from lightning_tricks._lightning import (
     rank_zero_warn,
 )
 from lightning_tricks.averaging import averaged_state_dict, raw_state_dict
-from lightning_tricks.callbacks._common import MemoStateKey, check_bool, check_choice
+from lightning_tricks.callbacks._common import check_bool, check_choice
 from lightning_tricks.callbacks._weights import BEST, RAW, weights_of
 from lightning_tricks.stopping import MODES, to_score
 
@@ -37,7 +37,7 @@ __all__ = ["RestoreBest", "SOURCES"]
 SOURCES = ("memory", "checkpoint")
 
 
-class RestoreBest(MemoStateKey, Callback):
+class RestoreBest(Callback):
     """Copies the measured weights at each new best validation value; hands them to the module after fit.
 
     Args:

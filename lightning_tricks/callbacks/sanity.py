@@ -12,14 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks._lightning import (
-    Callback,
-    LightningModule,
-    MisconfigurationException,
-    Trainer,
-    rank_zero_info,
-    rank_zero_warn,
-)
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
 from lightning_tricks.checks import check_choice, check_float, check_int
 from lightning_tricks.sanity import (
     InitialLossReport,
@@ -161,7 +154,7 @@ class OverfitCheck(Callback):
             return
         data = trainer.train_dataloader
         if data is None:
-            raise MisconfigurationException("OverfitCheck: the Trainer has no training dataloader")
+            raise ValueError("OverfitCheck: the Trainer has no training dataloader")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.result = overfit_check(
             pl_module,

@@ -394,14 +394,14 @@ class _Held(Callback):
 
 
 def test_snapshot_evaluation_puts_back_what_the_module_held() -> None:
-    from lightning_tricks.callbacks import SnapshotEnsemble
+    from lightning_tricks.callbacks import LRSchedule, SnapshotEnsemble
 
     seed_everything(0)
     dm = DigitsDataModule(batch_size=32, loader="resident")
     module = _module()
     ema, snap, before, after = EMA(decay=0.9), SnapshotEnsemble(cycles=2), _Held(), _Held()
     trainer = Trainer(
-        callbacks=[ema, before, snap, after],
+        callbacks=[ema, before, snap, after, LRSchedule()],
         max_epochs=2,
         limit_train_batches=4,
         logger=False,

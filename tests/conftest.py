@@ -205,7 +205,7 @@ def _where(dump: str) -> str:
         if line.startswith("File "):
             path, _, rest = line[5:].partition(", line ")
             return f"{Path(path.strip(chr(34))).name}:{rest}"
-    return "no Python stack"
+    return ""  # no dump: a launcher ended it first (torch's spawn join terminates the others of a failed rank)
 
 
 def _dump_and_kill(pids: Sequence[int]) -> dict[int, str]:
@@ -213,6 +213,9 @@ def _dump_and_kill(pids: Sequence[int]) -> dict[int, str]:
     are killed; returns where each one was, ``{pid: "file:line in function"}``, read from its stderr when that
     is a file (the pipes of ``run_ranks``, pytest's capture)."""
     where = {}
+    for pid in pids:  # all held first: one dying must not let a launcher end the others before their dumps
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
     for pid in pids:
         err = None
         with contextlib.suppress(OSError):
@@ -222,7 +225,8 @@ def _dump_and_kill(pids: Sequence[int]) -> dict[int, str]:
                 err = None
         before = os.fstat(err.fileno()).st_size if err is not None else 0
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGABRT)
+            os.kill(pid, signal.SIGABRT)  # delivered before a SIGTERM that may be pending (lower number)
+            os.kill(pid, signal.SIGCONT)
         for _ in range(20):  # until it has died of it (its dump written)
             state = _stat(pid)
             if state is None or state[0] in ("Z", "X"):
@@ -230,7 +234,9 @@ def _dump_and_kill(pids: Sequence[int]) -> dict[int, str]:
             time.sleep(0.1)
         if err is not None:
             err.seek(before)
-            where[pid] = _where(err.read().decode(errors="replace"))
+            frame = _where(err.read().decode(errors="replace"))
+            if frame:
+                where[pid] = frame
             err.close()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):

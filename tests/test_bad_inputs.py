@@ -136,11 +136,14 @@ RUNTIME_CASES = [
     ),
     (
         ["+callbacks.stop._target_=lightning_tricks._lightning.PLEarlyStopping", "+callbacks.stop.monitor=val/nope"],
-        "EarlyStopping(monitor='val/nope') is never logged",
+        "EarlyStopping(monitor='val/nope') was never logged",
     ),
     (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 runs no training step"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 makes a run without an end unless trainer.max_steps is set"),
-    (["data.val_fraction=0"], "the validation split is empty (data.val_fraction=0), but monitor needs 'val/acc'"),
+    (
+        ["data.val_fraction=0"],
+        "the validation split is empty (data.val_fraction=0), but monitor='val/acc' is a validation metric",
+    ),
 ]
 
 

@@ -22,7 +22,7 @@ them on top of the recipe (rows ``baseline+flip``, ...: the baseline there is th
 it checks that the ``full`` row of the recipe's tricks composes to the shipped recipe, and says so (or
 what differs) at the top of its table.
 
-    python benchmarks/ablation.py                        # CPU: a Fashion-MNIST subset, 1 seed, ~5 min
+    python benchmarks/ablation.py                        # CPU: a Fashion-MNIST subset, 1 seed, ~2 min
     python benchmarks/ablation.py --cpu-full             # all of Fashion-MNIST, 1 epoch, 3 seeds (~30 min on 1 core)
     python benchmarks/ablation.py --full --device cuda   # all of Fashion-MNIST, 10 epochs, 3 seeds
     python benchmarks/ablation.py --full --device cuda --seeds 1   # then --seeds 2, 3: one more seed per call
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> tuple[int, str]:
         [
             f"Trick ablation on Fashion-MNIST ({data}; 10% of the training images held out for validation), ResNet "
             f"widths {list(s['widths'])} x {s['blocks_per_stage']} block(s) per stage, batch {s['batch_size']}, "
-            f"{s['epochs']} epoch(s) for every row, precision {s['precision']}; base run and jobs: `{sweep.name}/`.",
+            f"{s['epochs']} epoch(s) for every row, precision {s['precision']}; jobs, CSV and plot in `{sweep.name}/`.",
             *header,
             (sweep / "ablation.md").read_text().strip() if (sweep / "ablation.md").is_file() else "(no report)",
             f"Machine: {C.machine(device)}; {C.stamp()}.",
@@ -275,7 +275,10 @@ def _hydra_value(define: dict) -> str:
         return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
     return items(
-        {n: items({g: "[" + ", ".join(f'"{o}"' for o in os_) + "]" for g, os_ in d.items()}) for n, d in define.items()}
+        {
+            n: items({g: "[" + ", ".join(f'"{o}"' for o in group) + "]" for g, group in d.items()})
+            for n, d in define.items()
+        }
     )
 
 

@@ -156,6 +156,20 @@ def test_tiny_ablation_writes_the_table_and_a_second_call_adds_a_seed(
     assert "Ablation over 2 seed(s)" in md and "| full-ema |" in md
 
 
+def test_on_recipe_the_baseline_row_is_the_recipe_and_an_extra_goes_on_top(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    data = write_fashion_like(tmp_path / "fashion", 120, 40)
+    more = ["--on-recipe", "--tricks", "cutout_small", "--limit-train", "120", "--batch-size", "16"]
+    code, md = A.main(_tiny(data, tmp_path, *more))
+    assert code == 0 and "The baseline row here is the full recipe" in md
+    jobs = tmp_path / "ablation_t30"
+    baseline, full = (OmegaConf.load(jobs / f"{row}_s0" / ".hydra" / "config.yaml") for row in ("baseline", "full"))
+    assert {"linear_scaling", "ema"} <= set(baseline.callbacks) and "cutout" not in baseline.callbacks
+    assert baseline.schedule.schedule._target_.endswith("Warmup") and baseline.module.label_smoothing == 0.1
+    assert full.callbacks.cutout.size == 0.25 and {"linear_scaling", "ema"} <= set(full.callbacks)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason=f"no Fashion-MNIST in {FASHION}")
 def test_tiny_ablation_on_real_fashion_mnist_learns(tmp_path: Path) -> None:

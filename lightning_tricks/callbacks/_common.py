@@ -1,5 +1,5 @@
-"""Plumbing every callback shares: "did an optimizer step happen?", and the argument checks of
-:mod:`lightning_tricks.checks` (re-exported).
+"""Plumbing callbacks share: "did an optimizer step happen?", the AMP scale gradients still carry,
+and the argument checks of :mod:`lightning_tricks.checks` (re-exported).
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ __all__ = ["check_int", "check_float", "check_choice", "check_bool", "StepWatch"
 class MemoStateKey:
     """A mixin (before Lightning's ``Callback`` in the bases) that memoizes ``_generate_state_key``.
 
-    Lightning reads ``callback.state_key`` to name the profiler's action at every hook call of every
-    callback (``_call_callback_hooks``: about ten calls per training step per callback), so a key formatted
-    from the arguments (a dict ``repr``) each time cost 200-300 µs per step per callback right after a
-    training step on a CPU (``benchmarks/overhead.py``: Mixup's step ratio went from 1.034 to 1.008 with it, 6 repeats).
-    The key is still made from the current arguments at every read, compared with the last ones: a
-    changed argument gives the new key (lists are compared by their contents).
+    Lightning reads ``state_key`` at every hook call; a key built from the current arguments is
+    compared with the last ones, so a changed argument still gives the new key. Only worth it where
+    ``benchmarks/overhead.py`` shows the formatting in a callback's step ratio; a plain
+    ``state_key`` property is the default.
 
     Example:
         >>> from lightning_tricks._lightning import Callback

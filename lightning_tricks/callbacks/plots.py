@@ -6,27 +6,20 @@ import math
 import os
 from typing import Any
 
-from lightning_tricks._lightning import (
-    Callback,
-    LightningModule,
-    Trainer,
-    rank_zero_info,
-)
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
 from lightning_tricks.plots import plot_curves
 
 
 class CurvePlot(Callback):
     """Keep the curves of a run and save them as ``curves.png`` when fit ends.
 
-        Epoch-level metrics whose names contain ``loss`` or ``acc`` are read from
-        ``trainer.callback_metrics`` once per epoch (one host copy per epoch, none per step). The LR of each
-        parameter group is read from the optimizer right before every optimizer step, so it is the LR that
-    step used whatever the order of the callbacks (a Python float, no sync).
-        The history is kept in checkpoints, so a resumed run plots the whole curve.
+    Epoch-level ``train/`` and ``val/`` metrics are read from ``trainer.callback_metrics`` once per
+    epoch; each group's LR right before every optimizer step (the LR that step used, whatever the
+    callback order). The history is in checkpoints, so a resumed run plots the whole curve.
 
-        Args:
-            dirpath: folder of the PNG; defaults to the Trainer's ``log_dir`` (or ``default_root_dir``).
-            filename: name of the PNG.
+    Args:
+        dirpath: folder of the PNG; defaults to the Trainer's ``log_dir`` (or ``default_root_dir``).
+        filename: name of the PNG.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "curves.png") -> None:

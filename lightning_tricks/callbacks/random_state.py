@@ -1,43 +1,11 @@
-"""RandomState: the owner of the global RNG states in checkpoints.
+"""RandomState: the owner of the global RNG states in checkpoints, so a resumed run draws what the
+uninterrupted one drew.
 
-A resumed run draws what the uninterrupted one drew.
-
-The states themselves are collected and set by the pure core :mod:`lightning_tricks.random_state`
-(torch CPU, every CUDA device, numpy, Python ``random``). This callback only decides *when*.
-
-When they are saved: in :meth:`RandomState.state_dict`, which Lightning calls while it builds a
-checkpoint (``Trainer.save_checkpoint`` -> ``_CheckpointConnector.dump_checkpoint`` ->
-``call._call_callbacks_state_dict``), so the saved state is the one at the moment the checkpoint is
-written: at ``on_validation_end`` / ``on_train_epoch_end`` for epoch checkpoints (after that epoch's
-validation loader was iterated) or at ``on_train_batch_end`` for ``every_n_train_steps``.
-
-When they are restored: in :meth:`RandomState.on_fit_start`, not in ``load_state_dict``. In
-pytorch_lightning 2.6 ``Trainer._run`` restores callback states (``_restore_modules_and_callbacks``)
-*before* ``strategy.setup`` and the ``on_fit_start`` hooks, and ``FitLoop.setup_data`` creates the
-first training iterator (``iter(self._data_fetcher)``, which for a torch ``DataLoader`` draws its
-base seed from the global torch RNG) *after* them. In the uninterrupted run that same draw happens at
-the start of the next epoch (``_TrainingEpochLoop.on_run_start``), right after the checkpoint was
-written, so the states must be back in place before ``setup_data`` and after everything that only a
-fresh start does. ``on_fit_start`` is the last callback hook before ``setup_data`` that is not inside
-``isolate_rng`` (the sanity check is, so anything set there would be undone; it leaves the RNG as it
-found it either way). Draws made after this callback's ``on_fit_start`` and before training (another
-callback's ``on_fit_start`` listed after this one, ``LightningModule.on_fit_start``, a
-``train_dataloader()`` that draws) happen only in the resumed run and shift its stream; the tricks of
-this library that draw at fit start do so under ``torch.random.fork_rng``.
-
-DDP: Lightning builds the checkpoint on every rank and writes rank zero's. ``state_dict`` therefore
-gathers every rank's states (``torch.distributed.all_gather_object``; it is called on all ranks at
-the same time, as Lightning does) and each rank restores its own. A resume on a different world size
-restores nothing and warns (the data sharding changes, so the run cannot be the same anyway).
-
-Mid-epoch resume (``ModelCheckpoint(every_n_train_steps=...)``): exact with a loader that has
-``state_dict``/``load_state_dict`` (:class:`lightning_tricks.data.TensorBatchLoader`, torchdata's
-``StatefulDataLoader``); Lightning saves and reloads its position. A plain torch ``DataLoader`` is
-not resumable: Lightning warns and starts a *new* pass (a new shuffle) for the rest of the epoch,
-so the data and the draws differ from the uninterrupted run. A ``DataLoader`` with
-``persistent_workers=True`` draws its base seed once per loader, not once per epoch: the resumed run
-draws it once more at its start, so even epoch-end resume is shifted by that draw (use
-``num_workers=0``, non-persistent workers, or the resident loader).
+The core :mod:`lightning_tricks.random_state` collects and sets the states; this callback decides
+when. Saved in :meth:`RandomState.state_dict` (called while Lightning builds the checkpoint, every
+rank's states gathered under DDP); restored at ``on_fit_start``, the last hook before Lightning's
+``setup_data`` draws the first loader seed and not inside the sanity check's ``isolate_rng``. Why
+these points, DDP and mid-epoch resume: ``docs/method_cards.md`` (exact resume).
 """
 
 from __future__ import annotations
@@ -47,17 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_tricks._lightning import (
-    Callback,
-    LightningModule,
-    Trainer,
-    rank_zero_warn,
-)
-from lightning_tricks.random_state import (
-    check_rng_states,
-    get_rng_states,
-    set_rng_states,
-)
+from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
+from lightning_tricks.random_state import check_rng_states, get_rng_states, set_rng_states
 
 __all__ = ["RandomState"]
 
@@ -71,7 +30,7 @@ class RandomState(Callback):
 
     With it, a run killed and resumed from a checkpoint ends bit-identical to the uninterrupted run
     even with dropout, drop path, DropConnect or a shuffling ``DataLoader`` (for mid-epoch
-    checkpoints the loader must be resumable too, see the module docstring). Tricks with their own
+    checkpoints the loader must be resumable too, see the method card). Tricks with their own
     generator (Mixup, CutMix, Cutout) keep their state in their own ``state_dict``.
 
     Cost: one collection of ~5 KB of state per checkpoint (and a gather of it under DDP); nothing per step.
@@ -92,7 +51,6 @@ class RandomState(Callback):
         self._pending: dict[str, Any] | None = None  # loaded from a checkpoint, set at on_fit_start
         self.restored = False  # whether the last fit started from restored states
 
-    # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         states = get_rng_states(self.cuda)
         if _distributed():
@@ -116,7 +74,6 @@ class RandomState(Callback):
                 raise type(e)(f"RandomState: rank {i} in the checkpoint: {e}") from None
         self._pending = {"world_size": int(state_dict.get("world_size", len(ranks))), "ranks": list(ranks)}
 
-    # -- hooks ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pending, self._pending = self._pending, None
         self.restored = False

@@ -36,6 +36,7 @@ from lightning_tricks._lightning import (
     Callback,
     MisconfigurationException,
     ModelCheckpoint,
+    PLEarlyStopping,
     Trainer,
     rank_zero_info,
     rank_zero_warn,
@@ -47,6 +48,7 @@ from lightning_tricks.data import DataFileError
 from lightning_tricks.launch import child_argv, ddp_job, global_rank, slurm_dir_overrides, spawns_ranks
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.nn import fit_patch_whitening
+from lightning_tricks.refit import REFIT_MODES, mean_loss, merge_splits, refit_epochs
 from lightning_tricks.resume import resume_differences, saved_config_path
 from lightning_tricks.sanity import Diverged
 
@@ -435,6 +437,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     _check_run_length(trainer_kwargs)
     _check_validation(cfg, datamodule, callbacks, trainer_kwargs)
     _check_run_options(cfg, callbacks, trainer_kwargs, module)
+    refusal = _check_refit(cfg, datamodule, callbacks)
+    if refusal:
+        raise ConfigError(refusal)
     if trainer_kwargs.get("enable_checkpointing", True) is not False:
         checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
         dirpath = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else out / "checkpoints"
@@ -445,6 +450,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     spawning = spawns_ranks(trainer) and global_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
     with ddp_job(trainer, _job_config(cfg) if spawning else None):
         metrics = _fit_and_test(cfg, trainer, module, datamodule, callbacks)
+    if metrics.get("status") == "ok" and _refit_mode(cfg) != "none":
+        first = {"datamodule": datamodule, "module": module, "callbacks": callbacks, "output_dir": out}
+        metrics.update(_fit_refit(cfg, first))
     if trainer.is_global_zero:
         _write_metrics(out, metrics)
     objects = {
@@ -522,6 +530,97 @@ def _fit_and_test(
     return metrics
 
 
+# -- refit on training + validation data (Deep Learning §7.8, Algorithms 7.2 and 7.3) ------------------------
+
+
+def _refit_mode(cfg: DictConfig) -> str:
+    return str((cfg.get("refit") or {}).get("mode", "none"))
+
+
+def _refit_checkpoint(cfg: DictConfig, callbacks: list[Callback]) -> ModelCheckpoint | None:
+    monitor = cfg.get("monitor")
+    return next(
+        (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == monitor and c.save_top_k != 0),
+        None,
+    )
+
+
+def _check_refit(cfg: DictConfig, datamodule: Any, callbacks: list[Callback]) -> str | None:
+    """Before the first fit: the refusal of ``refit.mode`` in one line, or ``None`` when it can run."""
+    mode = _refit_mode(cfg)
+    if mode not in REFIT_MODES:
+        return f"refit.mode must be one of {REFIT_MODES}, got {mode!r}"
+    if mode == "none":
+        return None
+    splits = getattr(datamodule, "splits", None) or {}
+    if "val" not in splits or len(splits["val"][1]) == 0:
+        return f"refit.mode={mode} needs a validation split to merge (data.val_fraction > 0)"
+    if _refit_checkpoint(cfg, callbacks) is None:
+        return (
+            f"refit.mode={mode} needs a best epoch to go by: a ModelCheckpoint monitoring {cfg.get('monitor')!r} "
+            "(callbacks.model_checkpoint)"
+        )
+    cap = (cfg.get("refit") or {}).get("max_epochs")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        return f"refit.max_epochs must be an int >= 1 or null, got {cap!r}"
+    return None
+
+
+def _fit_refit(cfg: DictConfig, first: dict[str, Any]) -> dict[str, float]:
+    """After the first fit (its ``objects``): train on training + validation data and test; returns the
+    metrics as ``refit/<name>``."""
+    from lightning_tricks.callbacks.plots import CurvePlot
+    from lightning_tricks.callbacks.refit import StopAtLossTarget
+
+    mode = _refit_mode(cfg)
+    checkpoint = _refit_checkpoint(cfg, first["callbacks"])
+    assert checkpoint is not None and checkpoint.best_model_path, "checked by check_refit before the first fit"
+    best_epoch = int(torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["epoch"])
+    first_data = first["datamodule"]
+    train_split, val_split = first_data.splits["train"], first_data.splits["val"]
+    stop: StopAtLossTarget | None = None
+    if mode == "epochs":  # Algorithm 7.2: the same initialization, the best run's number of passes
+        seed_everything(int(cfg.seed), workers=True)
+        datamodule, module = build_data_and_module(cfg)
+        epochs = refit_epochs(best_epoch)
+    else:  # Algorithm 7.3: the stopped weights, until the validation split's loss is below the target
+        datamodule, module = first_data, first["module"]
+        target = mean_loss(module, first_data.train_dataloader())
+        stop = StopAtLossTarget(target, first_data.val_dataloader())
+        epochs = int((cfg.get("refit") or {}).get("max_epochs") or cfg.trainer.max_epochs)
+    datamodule.splits["train"] = merge_splits(train_split, val_split)
+    callbacks = [
+        c for c in build_callbacks(cfg) if not isinstance(c, (ModelCheckpoint, PLEarlyStopping, CurvePlot))
+    ] + ([stop] if stop is not None else [])
+    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    for key in ("max_steps", "max_time"):
+        kwargs.pop(key, None)
+    _resolve_auto(kwargs)
+    kwargs.update(
+        max_epochs=epochs,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(Path(first["output_dir"]) / "refit"),
+    )
+    rank_zero_info(
+        f"refit ({mode}): training on {len(train_split[1])} + {len(val_split[1])} examples for "
+        + (f"{epochs} epoch(s) (best epoch {best_epoch})" if stop is None else f"at most {epochs} epoch(s)")
+    )
+    trainer = Trainer(**kwargs, callbacks=callbacks)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    metrics: dict[str, float] = {"refit/time_s": time.perf_counter() - t0, "refit/epochs": trainer.current_epoch}
+    if stop is not None:
+        metrics.update({"refit/target_loss": stop.target, "refit/val_split_loss": stop.last})
+        metrics["refit/reached_target"] = float(stop.reached)
+    for result in trainer.test(module, datamodule=datamodule, verbose=False):
+        metrics.update({f"refit/{k}": float(v) for k, v in result.items()})
+    return metrics
+
+
 def worst_value(mode: str) -> float:
     """The value a sweeper ranks last for a monitor of this mode (what a diverged job returns)."""
     return -math.inf if mode == "max" else math.inf
@@ -551,10 +650,14 @@ def summary(metrics: Mapping[str, Any], monitor: str | None, out: Path, trainer:
     elif monitor and f"best/{monitor}" in metrics:
         lines.append(f"best {monitor:<24} {metrics[f'best/{monitor}']:.4f}")
     for key in sorted(metrics):
-        if key.startswith(("val/", "test/")) and not key.endswith("_step"):
-            # val/*: the last validation during fit; test/*: the weights fit ended with (EMA, restore-best)
-            label = "last" if key.startswith("val/") else "final"
-            lines.append(f"{label} {key:<{28 - len(label)}} {metrics[key]:.4f}")
+        if key.startswith(("val/", "test/", "refit/test/")) and not key.endswith("_step"):
+            # val/*: the last validation during fit; test/*: the weights fit ended with (EMA, restore-best);
+            # refit/test/*: the model refit on training + validation data
+            if key.startswith("refit/"):
+                label, name = "refit", key.removeprefix("refit/")
+            else:
+                label, name = ("last" if key.startswith("val/") else "final"), key
+            lines.append(f"{label} {name:<{28 - len(label)}} {metrics[key]:.4f}")
     fit_s = metrics.get("time/fit_s", math.nan)
     lines.append(f"epochs {trainer.current_epoch:<22} steps {trainer.global_step}   fit wall time {fit_s:.1f} s")
     lines.append(f"run directory  {out}")

@@ -174,6 +174,17 @@ def recipe_line(base: Sequence[str], define: dict) -> str:
     return f"The full recipe ({'+'.join(TRICKS)}) is the shipped `experiment={RECIPE}` (checked before training)."
 
 
+def warm_up(base: Sequence[str]) -> None:
+    """Two training steps in this process before the timed jobs: imports, data decoding, allocator, kernels."""
+    import tempfile
+
+    from lightning_tricks.train import train
+
+    limits = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+    with tempfile.TemporaryDirectory(prefix="lt_ablation_") as tmp:
+        train(compose([*base, "trainer.max_epochs=1", f"paths.output_dir={tmp}", *limits]))
+
+
 def main(argv: list[str] | None = None) -> tuple[int, str]:
     """Run the ablation; returns its exit code (0: every job finished) and the Markdown written."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -238,6 +249,7 @@ def main(argv: list[str] | None = None) -> tuple[int, str]:
     sweep = Path(args.out_dir).resolve() / f"ablation_{s['name']}"
     code = 0
     with C.quiet():
+        warm_up(base)
         try:
             ablate.main(
                 [

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_tricks.checks import check_int
 from lightning_tricks.schedules import (
     swa_lr,  # the SWA LR formula lives with the other LR formulas
 )
@@ -77,8 +78,7 @@ def ema_decay(num_updates: int, decay: float, warmup: bool = True, every_n_steps
     """
     if num_updates < 0:
         raise ValueError(f"num_updates must be >= 0, got {num_updates!r}")
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+    check_int("every_n_steps", every_n_steps, 1)
     d = float(decay) if not warmup else float(min(decay, (1.0 + num_updates) / (10.0 + num_updates)))
     return d if every_n_steps == 1 else d**every_n_steps
 

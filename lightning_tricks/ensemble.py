@@ -48,6 +48,7 @@ from torchmetrics import MeanMetric
 
 from lightning_tricks.augment import check_tta, tta_predict
 from lightning_tricks.averaging import averaged_state_dict, raw_state_dict, raw_weights_record
+from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.losses import probability_nll
 
 __all__ = [
@@ -503,10 +504,8 @@ class CheckpointEnsemble:
 
 def model_checkpoint_paths(checkpoint: Any, k: int | None = None, which: str = "best") -> list[str]:
     """The ``k`` best (by monitored value) or latest (by global step) checkpoint files of a ``ModelCheckpoint``."""
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k must be an int >= 1 or None, got {k!r}")
+    check_choice("which", which, ("best", "last"))
+    check_int("k", k, 1, allow_none=True)
     if which == "best":
         scored = {p: s for p, s in checkpoint.best_k_models.items() if Path(p).is_file()}
         if not scored:

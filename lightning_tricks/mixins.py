@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks._lightning import LightningModule, rank_zero_warn
 from lightning_tricks.augment import TTA_MODES, check_tta, tta_predict
+from lightning_tricks.checks import check_float, check_int
 from lightning_tricks.losses import classification_loss, probability_nll
 from lightning_tricks.optim import (
     NORM_TYPES,
@@ -87,10 +88,8 @@ class ClassificationMixin:
         label_smoothing: float = 0.0,
         tta: str = "none",
     ) -> None:
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        check_int("num_classes", num_classes, 2)
+        check_float("label_smoothing", label_smoothing, 0, 1, high_open=True)
         self.num_classes = num_classes
         self.label_smoothing = float(label_smoothing)
         self.tta = check_tta(tta)

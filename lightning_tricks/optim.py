@@ -130,10 +130,9 @@ class OptimizerConfig:
 
     @classmethod
     def from_any(cls, cfg: OptimizerConfig | Mapping[str, Any] | None) -> OptimizerConfig:
-        if cfg is None:
-            return cls()
         if isinstance(cfg, OptimizerConfig):
             return cfg
+        cfg = cfg or {}
         known = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(cfg) - known)
         if extra:

@@ -50,7 +50,7 @@ import copy
 import dataclasses
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_tricks._lightning import rank_zero_info, seed_everything
 from lightning_tricks.callbacks.lr_range_test import lr_range_test
+from lightning_tricks.checks import check_choice, check_float, check_int
 from lightning_tricks.mixins import Classifier
 from lightning_tricks.sanity import initial_loss, overfit_check, take_samples
 from lightning_tricks.train import (
@@ -90,8 +91,7 @@ class FineRegion:
 
 def _ranked(rows: Sequence[Mapping[str, Any]], monitor: str, mode: str) -> list[Mapping[str, Any]]:
     """The rows with a finite ``monitor``, best first (ties keep their order)."""
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be one of ('max', 'min'), got {mode!r}")
+    check_choice("mode", mode, ("max", "min"))
     sign = -1.0 if mode == "max" else 1.0
     finite = [r for r in rows if isinstance(r.get(monitor), (int, float)) and math.isfinite(r[monitor])]
     return sorted(finite, key=lambda r: sign * float(r[monitor]))
@@ -113,8 +113,7 @@ def fine_region(
         >>> region.lr, region.weight_decay
         ((0.005, 0.2), (5e-05, 0.0002))
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    check_int("top_k", top_k, 1)
     if not factor > 1:
         raise ValueError(f"factor must be > 1, got {factor!r}")
     top = _ranked(rows, monitor, mode)[:top_k]
@@ -150,8 +149,7 @@ def sample_fine(region: FineRegion, trials: int, seed: int) -> list[tuple[float,
         >>> all(0.01 <= lr <= 1.0 and wd == 0.0 for lr, wd in sample_fine(region, 3, seed=0))
         True
     """
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an int >= 1, got {trials!r}")
+    check_int("trials", trials, 1)
     for name, (low, high) in (("lr", region.lr), ("weight_decay", region.weight_decay)):
         if not (0 < low <= high or (name == "weight_decay" and low == high == 0)):
             raise ValueError(f"region.{name} must be 0 < low <= high, got {(low, high)}")
@@ -210,18 +208,12 @@ class DiagnoseThresholds:
     tail: int = 3
 
     def __post_init__(self) -> None:
-        for name, minimum in (("min_epochs", 2), ("tail", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_int("min_epochs", self.min_epochs, 2)
+        check_int("tail", self.tail, 1)
         for name in ("max_acc_gap", "min_train_acc"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+            check_float(name, getattr(self, name), 0, 1)
         for name in ("max_val_rise", "still_falling"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_float(name, getattr(self, name), 0, math.inf, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,10 +491,12 @@ class RecipeReport:
         return "\n".join(lines)
 
 
-def _int_at_least(path: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{path} must be an int >= {minimum}, got {value!r}")
-    return value
+def _config_check(check: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run a check of :mod:`lightning_tricks.checks` on a config value; a bad one raises ConfigError."""
+    try:
+        check(*args, **kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:
@@ -534,13 +528,11 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"recipe.search.weight_decays must be None or numbers >= 0, got {wds}")
     fine = s["fine"]
     for key in ("trials", "epochs", "top_k"):
-        _int_at_least(f"recipe.fine.{key}", fine[key], 1)
-    factor = fine["factor"]
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
-        raise ConfigError(f"recipe.fine.factor must be a number > 1, got {factor!r}")
+        _config_check(check_int, f"recipe.fine.{key}", fine[key], 1)
+    _config_check(check_float, "recipe.fine.factor", fine["factor"], 1, math.inf, low_open=True, high_open=True)
     if fine["seed"] is not None:
-        _int_at_least("recipe.fine.seed", fine["seed"], 0)
-    _int_at_least("recipe.long_run.epochs", s["long_run"]["epochs"], 1)
+        _config_check(check_int, "recipe.fine.seed", fine["seed"], 0)
+    _config_check(check_int, "recipe.long_run.epochs", s["long_run"]["epochs"], 1)
     if cfg.get("monitor_mode", "max") not in ("max", "min"):
         raise ConfigError(f"monitor_mode must be one of ('max', 'min'), got {cfg.get('monitor_mode')!r}")
     try:
@@ -610,16 +602,14 @@ def run_recipe(cfg: DictConfig) -> RecipeReport:
         return done()
     # 3. LR range test, regularization on (the module's optimizer, weight decay and label smoothing)
     r = s["lr_range"]
+    bounds = {k: float(r[k]) for k in ("min_lr", "max_lr", "smooth", "diverge_threshold")}
     result = lr_range_test(
         module,
         datamodule,
-        min_lr=float(r["min_lr"]),
-        max_lr=float(r["max_lr"]),
         num_steps=int(r["num_steps"]),
-        smooth=float(r["smooth"]),
-        diverge_threshold=float(r["diverge_threshold"]),
         plot_path=out / "lr_range_test.png",
         trainer_kwargs=_range_trainer_kwargs(cfg),
+        **bounds,
     )
     configured = float(cfg.optimizer.lr)
     center = result.suggestion or result.suggestion_min_div10

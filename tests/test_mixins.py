@@ -158,7 +158,7 @@ def test_classifier_smooths_in_training_only_and_logs_accuracy():
     module.eval()
     torch.testing.assert_close(module.loss(logits, y), F.cross_entropy(logits, y))
     assert math.isclose(module.hparams["label_smoothing"], 0.2)
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\), got 1.0"):
         Classifier(MLP((1, 8, 8), 10), 10, label_smoothing=1.0)
 
 

@@ -144,8 +144,8 @@ def test_recipe_stops_on_failed_check(tmp_path):
         ("recipe.fine.trials=-2", "recipe.fine.trials must be an int >= 1, got -2"),
         ("recipe.fine.epochs=0", "recipe.fine.epochs must be an int >= 1, got 0"),
         ("recipe.fine.top_k=0", "recipe.fine.top_k must be an int >= 1, got 0"),
-        ("recipe.fine.factor=1.0", "recipe.fine.factor must be a number > 1, got 1.0"),
-        ("recipe.fine.factor=0.5", "recipe.fine.factor must be a number > 1, got 0.5"),
+        ("recipe.fine.factor=1.0", "recipe.fine.factor must be a number in (1, inf), got 1.0"),
+        ("recipe.fine.factor=0.5", "recipe.fine.factor must be a number in (1, inf), got 0.5"),
         ("recipe.fine.seed=-1", "recipe.fine.seed must be an int >= 0, got -1"),
         ("recipe.long_run.epochs=0", "recipe.long_run.epochs must be an int >= 1, got 0"),
         ("recipe.diagnose.max_acc_gap=2", "recipe.diagnose.max_acc_gap must be a number in [0, 1], got 2"),
@@ -184,5 +184,5 @@ def test_recipe_command_line(tmp_path):
         [*cmd[:3], "recipe.fine.factor=1", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
-        "lightning-tricks recipe: configuration error: recipe.fine.factor must be a number > 1, got 1"
+        "lightning-tricks recipe: configuration error: recipe.fine.factor must be a number in (1, inf), got 1"
     )

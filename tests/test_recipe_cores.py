@@ -265,8 +265,8 @@ def test_losses_alone_and_point_curves():
         ({"tail": True}, "tail must be an int >= 1, got True"),
         ({"max_acc_gap": 1.5}, "max_acc_gap must be a number in [0, 1], got 1.5"),
         ({"min_train_acc": -0.1}, "min_train_acc must be a number in [0, 1], got -0.1"),
-        ({"max_val_rise": -1.0}, "max_val_rise must be a finite number >= 0, got -1.0"),
-        ({"still_falling": math.inf}, "still_falling must be a finite number >= 0, got inf"),
+        ({"max_val_rise": -1.0}, "max_val_rise must be a number in [0, inf), got -1.0"),
+        ({"still_falling": math.inf}, "still_falling must be a number in [0, inf), got inf"),
     ],
 )
 def test_thresholds_are_validated(kwargs, message):

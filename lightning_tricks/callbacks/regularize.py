@@ -107,7 +107,7 @@ class L1Regularization(Callback):
         add_l1_grad_(self._params_for(optimizer), self.lam, pending_grad_scale(trainer, optimizer))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._remove()
+        self.on_train_end(trainer, pl_module)
         if self.lam == 0 or self.mode != "proximal":
             return
         for optimizer in trainer.optimizers:
@@ -129,13 +129,10 @@ class L1Regularization(Callback):
             if params:
                 soft_threshold_([p for p in params if p.grad is not None], float(group["lr"]) * self.lam)
 
-    def _remove(self) -> None:
-        for handle in self._handles:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for handle in self._handles:  # the step post-hooks go with the fit
             handle.remove()
         self._handles = []
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._remove()
-
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._remove()
+        self.on_train_end(trainer, pl_module)

@@ -194,10 +194,12 @@ def test_user_module_trains_with_our_callbacks_and_resumes(namespace, tmp_path):
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_user_module_resumes_exactly_without_ema(namespace, tmp_path):
+def test_user_module_resumes_exactly(namespace, tmp_path):
+    # EMA, LRSchedule, Mixup, EarlyStopping, a monitored ModelCheckpoint and RandomState: a crash at an
+    # epoch end, a fresh Trainer resuming from last.ckpt, and the final weights of both runs are equal
     pl = importlib.import_module(namespace)
-    straight = _user_fit(pl, tmp_path / "straight", ema=False)[1]
-    resumed = _crash_and_resume(pl, tmp_path / "resumed", ema=False)[1]
+    straight = _user_fit(pl, tmp_path / "straight")[1]
+    resumed = _crash_and_resume(pl, tmp_path / "resumed")[1]
     _assert_same_weights(straight, resumed, f"resumed vs uninterrupted under {namespace}")
 
 

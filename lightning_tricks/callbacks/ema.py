@@ -99,15 +99,19 @@ class EMA(_Averaging):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        step = trainer.global_step
+        self._steps.start(step)
+        if not self._started and step >= self.start_step:
+            self._start(step)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, not at fit start: reading the run length sets up the train loader, which before the
+        # checkpoint's RNG states are restored would make a resumed run draw other batches.
         total = trainer.estimated_stepping_batches
         if math.isfinite(total) and self.start_step >= total:
             raise ValueError(
                 f"EMA start_step={self.start_step} is beyond the run ({int(total)} optimizer steps in total)"
             )
-        step = trainer.global_step
-        self._steps.start(step)
-        if not self._started and step >= self.start_step:
-            self._start(step)
 
     def _start(self, step: int) -> None:
         assert self._average is not None

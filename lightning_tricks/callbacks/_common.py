@@ -12,7 +12,16 @@ from torch import Tensor
 from lightning_tricks._lightning import Trainer
 from lightning_tricks.checks import check_bool, check_choice, check_float, check_int
 
-__all__ = ["check_int", "check_float", "check_choice", "check_bool", "StepWatch", "MemoStateKey", "pending_grad_scale"]
+__all__ = [
+    "check_int",
+    "check_float",
+    "check_choice",
+    "check_bool",
+    "StepWatch",
+    "MemoStateKey",
+    "pending_grad_scale",
+    "log_to_loggers",
+]
 
 
 class MemoStateKey:
@@ -77,6 +86,15 @@ class StepWatch:
             return False
         self.last = global_step
         return True
+
+
+def log_to_loggers(trainer: Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Send ``metrics`` to every logger of ``trainer`` at ``step`` (default ``global_step``), rank zero only."""
+    if not metrics or not trainer.is_global_zero:
+        return
+    step = trainer.global_step if step is None else step
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
 
 
 def pending_grad_scale(trainer: Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:

@@ -34,7 +34,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
-from lightning_tricks.callbacks._common import check_bool, check_int
+from lightning_tricks.callbacks._common import check_bool, check_int, log_to_loggers
 from lightning_tricks.callbacks._weights import RAW, weights_of
 from lightning_tricks.callbacks.restore_best import RestoreBest
 from lightning_tricks.stopping import PQ, Criterion, Decision, Patience, StopRule, as_criterion, best_index, to_score
@@ -377,9 +377,8 @@ class EarlyStopping(PLEarlyStopping):
             trainer.lightning_module.log_dict(
                 metrics, on_step=False, on_epoch=True, prog_bar=False, logger=bool(trainer.loggers)
             )
-        elif trainer.is_global_zero:  # on_validation_end: Lightning forbids self.log there
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        else:  # on_validation_end: Lightning forbids self.log there
+            log_to_loggers(trainer, metrics)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -10,8 +10,7 @@ import os
 from typing import Any
 
 from lightning_tricks._lightning import TENSORBOARD_LOGGER_TYPES, Callback, LightningModule, Trainer, rank_zero_info
-from lightning_tricks.callbacks._common import check_bool, check_choice, check_int
-from lightning_tricks.callbacks.sanity import log_to_loggers
+from lightning_tricks.callbacks._common import check_bool, check_choice, check_int, log_to_loggers
 from lightning_tricks.layer_stats import ActivationRecorder, LayerMeasurement, measure, plot_histograms, select_layers
 from lightning_tricks.layer_stats import write_csv as _write_csv
 

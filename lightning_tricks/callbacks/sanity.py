@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
+from lightning_tricks.callbacks._common import log_to_loggers
 from lightning_tricks.checks import check_choice, check_float, check_int
 from lightning_tricks.sanity import (
     InitialLossReport,
@@ -30,16 +31,17 @@ from lightning_tricks.sanity import (
     relu_stats,
 )
 
+__all__ = [
+    "ACTIONS",
+    "DeadUnitMonitor",
+    "GradNormMonitor",
+    "InitialLossCheck",
+    "OverfitCheck",
+    "UpdateRatioMonitor",
+    "log_to_loggers",
+]
+
 ACTIONS = ("warn", "raise")
-
-
-def log_to_loggers(trainer: Trainer, metrics: dict[str, float], step: int | None = None) -> None:
-    """Send ``metrics`` to every logger of ``trainer`` at ``step`` (default ``global_step``), rank zero only."""
-    if not metrics or not trainer.is_global_zero:
-        return
-    step = trainer.global_step if step is None else step
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
 
 
 def _report(trainer: Trainer, name: str, passed: bool, reason: str, action: str) -> None:

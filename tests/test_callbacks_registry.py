@@ -26,7 +26,6 @@ import lightning_tricks.callbacks as cbs
 from lightning_tricks._lightning import (
     Callback,
     MisconfigurationException,
-    ModelCheckpoint,
     Trainer,
     seed_everything,
 )
@@ -69,6 +68,7 @@ def _registry() -> dict[str, Callable[[], Callback]]:
         "EpochLines": lambda: cbs.EpochLines(),
         "RandomState": lambda: cbs.RandomState(),
         "EarlyStopping": lambda: cbs.EarlyStopping(monitor="val/loss", criterion=GL(alpha=50.0)),
+        "RestoreBest": lambda: cbs.RestoreBest(monitor="val/loss", mode="min"),
     }
 
 
@@ -103,7 +103,7 @@ def _fit(
     module = Classifier(MLP((1, 8, 8), 10, hidden=(16,), norm="classic"), 10, {"name": "sgd", "lr": 0.05})
     dm = DigitsDataModule(batch_size=32, loader="resident")
     extra = (
-        [ModelCheckpoint(dirpath=tmp_path, filename="e{epoch}", save_top_k=-1, auto_insert_metric_name=False)]
+        [cbs.ModelCheckpoint(dirpath=tmp_path, filename="e{epoch}", save_top_k=-1, auto_insert_metric_name=False)]
         if save
         else []
     )

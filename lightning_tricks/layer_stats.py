@@ -1,6 +1,6 @@
 """Per-layer statistics of activations and gradients, as pure functions (no Trainer).
 
-CS231n ("Training Neural Networks I", the activation-histogram demo; seed note 002): plot, for each layer,
+CS231n ("Training Neural Networks I", the activation-histogram demo): plot, for each layer,
 the distribution of its outputs and of its gradients. Activations that collapse to zero (weights too
 small), saturate (too large, tanh/sigmoid at +-1), or ReLU units that never fire show up there long
 before the loss says anything. This module measures, for one forward/backward pass:

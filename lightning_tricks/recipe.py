@@ -127,11 +127,11 @@ def fine_region(
     return FineRegion((min(lrs) / factor, max(lrs) * factor), wd, tuple(dict(r) for r in top))
 
 
-def _log_uniform(u: torch.Tensor, low: float, high: float) -> list[float]:
-    """``exp(log low + u (log high - log low))`` rounded to 3 significant digits and kept inside ``[low, high]``."""
+def _log_uniform(uniform: torch.Tensor, low: float, high: float) -> list[float]:
+    """``exp(log low + uniform * (log high - log low))`` to 3 significant digits, kept inside ``[low, high]``."""
     if high <= 0:
-        return [0.0] * u.numel()
-    values = torch.exp(math.log(low) + u * (math.log(high) - math.log(low))).tolist()
+        return [0.0] * uniform.numel()
+    values = torch.exp(math.log(low) + uniform * (math.log(high) - math.log(low))).tolist()
     return [min(max(float(f"{v:.3g}"), low), high) for v in values]
 
 
@@ -154,9 +154,9 @@ def sample_fine(region: FineRegion, trials: int, seed: int) -> list[tuple[float,
         if not (0 < low <= high or (name == "weight_decay" and low == high == 0)):
             raise ValueError(f"region.{name} must be 0 < low <= high, got {(low, high)}")
     generator = torch.Generator().manual_seed(int(seed))
-    u = torch.rand(trials, 2, generator=generator, dtype=torch.float64)
-    lrs = _log_uniform(u[:, 0], *region.lr)
-    wds = _log_uniform(u[:, 1], *region.weight_decay)
+    uniform = torch.rand(trials, 2, generator=generator, dtype=torch.float64)
+    lrs = _log_uniform(uniform[:, 0], *region.lr)
+    wds = _log_uniform(uniform[:, 1], *region.weight_decay)
     return list(zip(lrs, wds))
 
 

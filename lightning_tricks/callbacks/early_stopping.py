@@ -238,7 +238,8 @@ class EarlyStopping(PLEarlyStopping):
         self.stop_reason = state_dict.get("stop_reason")
         if self.restorer is not None:
             best = self.best_check
-            if "best_weights_check" in state_dict and best >= 0:  # written before RestoreBest kept its own state
+            # state version 2 holds the best check's index instead of RestoreBest's fields
+            if "best_weights_check" in state_dict and best >= 0:
                 state_dict = {**state_dict, "best_value": self.history[best], "best_epoch": self.epochs[best]}
                 state_dict["measured_on"] = self.measured[best] if best < len(self.measured) else RAW
             self.restorer.load_state_dict(state_dict)

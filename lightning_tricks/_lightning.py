@@ -311,73 +311,6 @@ def should_log_step(trainer: Trainer) -> bool:
     return bool(getattr(connector, "should_update_logs", True))
 
 
-class FitClock:
-    """``trainer.global_step`` and :func:`should_log_step` in the training loop of one fit, cheaply.
-
-    Made at ``on_train_start`` (after a checkpoint's loop state is restored), it looks up once the progress
-    counter behind ``global_step`` (automatic or manual optimization, as Lightning's property chooses) and
-    the batches-that-stepped counter the loggers go by, so each read is an attribute read or two instead
-    of a chain of Lightning properties (~5 µs for ``global_step`` and ~20 µs for ``should_update_logs`` of
-    host time right after a training step on a CPU). Where Lightning's loop layout is not the one this was
-    written for, it falls back to the public properties.
-
-    Example:
-        >>> clock = FitClock(None)   # no trainer: the fallback, which reads trainer.global_step
-        >>> clock.fast
-        False
-    """
-
-    def __init__(self, trainer: Trainer | None) -> None:
-        self.trainer = trainer
-        #: the progress counter behind ``global_step`` (its ``completed``) and the epoch loop, or None (fallback)
-        self.steps: Any = None
-        self.loop: Any = None
-        self.every = getattr(trainer, "log_every_n_steps", 0)
-        try:
-            loop = trainer.fit_loop.epoch_loop  # type: ignore[union-attr]
-            module = trainer.lightning_module  # type: ignore[union-attr]
-            if module is None or module.automatic_optimization:
-                steps = loop.automatic_optimization.optim_progress.optimizer.step.total
-            else:
-                steps = loop.manual_optimization.optim_step_progress.total
-            if steps.completed != trainer.global_step or not isinstance(loop._batches_that_stepped, int):  # type: ignore[union-attr]
-                return
-            self.steps, self.loop = steps, loop
-        except AttributeError:
-            return
-
-    def __reduce__(self) -> tuple[type, tuple[None]]:
-        return (FitClock, (None,))  # pickled or copied: the fallback, without the trainer
-
-    @property
-    def fast(self) -> bool:
-        """Whether the counters were found (else every read goes through the trainer's properties)."""
-        return self.steps is not None
-
-    @property
-    def global_step(self) -> int:
-        """``trainer.global_step``."""
-        if self.steps is None:
-            return int(self.trainer.global_step)  # type: ignore[union-attr]
-        return int(self.steps.completed)
-
-    def should_log(self) -> bool:
-        """:func:`should_log_step` in the training loop."""
-        if self.loop is None:
-            return should_log_step(self.trainer)  # type: ignore[arg-type]
-        every = self.every
-        return bool(every) and (
-            (self.loop._batches_that_stepped + 1) % every == 0 or bool(self.trainer.should_stop)  # type: ignore[union-attr]
-        )
-
-
-def global_step_of(trainer: Trainer, clock: FitClock | None) -> int:
-    """``trainer.global_step``, through ``clock`` when it was made for this trainer (see :class:`FitClock`)."""
-    if clock is not None and clock.trainer is trainer:
-        return clock.global_step
-    return int(trainer.global_step)
-
-
 def publish_step_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:
     """Write step ``metrics`` to every logger (rank zero) at the step Lightning logs this batch under, and put
     them in ``trainer.callback_metrics`` (as float64 CPU tensors, as ``LightningModule.log`` would) for other
@@ -403,8 +336,6 @@ __all__ = [
     "trainer_class_for",
     "batches_that_stepped",
     "reset_dataloaders",
-    "FitClock",
-    "global_step_of",
     "publish_step_metrics",
     "trainer_callbacks",
     "trainer_datamodule",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tricks._lightning import Callback, FitClock, LightningModule, Trainer, global_step_of
+from lightning_tricks._lightning import Callback, LightningModule, Trainer
 from lightning_tricks.callbacks._common import check_bool, check_int
 from lightning_tricks.sanity import Diverged, divergence_message
 
@@ -67,13 +67,12 @@ class DivergenceGuard(Callback):
         self.every_n_steps: int = every
         self._handles: list[Any] = []
         self._trainer: Trainer | None = None
-        self._clock: FitClock | None = None
         self._loss_sum: Tensor | None = None  # the losses since the last read, on the accelerator
         self._window = 0  # first optimizer step whose loss is in _loss_sum
         self._pending = False  # _loss_sum holds losses not read yet
 
     def __getstate__(self) -> dict[str, Any]:  # hooks and the trainer do not travel (pickling, ddp_spawn)
-        return {**self.__dict__, "_handles": [], "_trainer": None, "_clock": None, "_loss_sum": None}
+        return {**self.__dict__, "_handles": [], "_trainer": None, "_loss_sum": None}
 
     def _stop(
         self, trainer: Trainer, what: str, value: float, since: int | None = None, step: int | None = None
@@ -97,7 +96,7 @@ class DivergenceGuard(Callback):
             total = self._loss_sum = torch.zeros((), dtype=torch.float32, device=loss.device)
         total.add_(loss)  # no sync: read every every_n_steps steps
         self._pending = True
-        step = global_step_of(trainer, self._clock)
+        step = trainer.global_step
         if step % self.every_n_steps == 0:
             self._read_losses(trainer, step)
 
@@ -114,7 +113,6 @@ class DivergenceGuard(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove()
-        self._clock = FitClock(trainer)
         self._trainer = trainer
         self._window, self._pending = trainer.global_step, False
         if self._loss_sum is not None:

@@ -20,9 +20,11 @@ Everything in ``lightning_tricks`` imports Lightning names from here, and Lightn
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -280,6 +282,22 @@ def reset_dataloaders(trainer: Trainer) -> None:
         loop.setup_data()
 
 
+@contextlib.contextmanager
+def resume_path_kept(trainer: Trainer) -> Iterator[None]:
+    """Give back the fit's ``ckpt_path`` after a tuner trial: Lightning's batch-size scaling restores its own
+    temporary checkpoint through the checkpoint connector and leaves that path there (private), which would
+    make the fit "resume" from the trial's checkpoint instead of the user's. Where the connector has no such
+    fields, nothing to keep."""
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    fields = ("_ckpt_path", "_user_managed")
+    before = {f: getattr(connector, f) for f in fields if hasattr(connector, f)}
+    try:
+        yield
+    finally:
+        for field, value in before.items():
+            setattr(connector, field, value)
+
+
 def trainer_callbacks(trainer: Trainer) -> list[Callback]:
     """``trainer.callbacks``: set by Lightning's callback connector at ``Trainer.__init__``, so a type
     checker does not see it on the class; read here, typed, in one place."""
@@ -336,6 +354,7 @@ __all__ = [
     "trainer_class_for",
     "batches_that_stepped",
     "reset_dataloaders",
+    "resume_path_kept",
     "publish_step_metrics",
     "trainer_callbacks",
     "trainer_datamodule",

@@ -22,6 +22,7 @@ from lightning_tricks._lightning import (
     lightning_setattr,
     rank_zero_info,
     reset_dataloaders,
+    resume_path_kept,
 )
 
 __all__ = ["BatchSizeFinder", "STAGES", "train_samples"]
@@ -174,14 +175,11 @@ class BatchSizeFinder(_LightningBatchSizeFinder):
         # batch size; set it and rebuild the loaders first, so that the first size tried is init_val
         lightning_setattr(pl_module, self._batch_arg_name, self._init_val)
         reset_dataloaders(trainer)
-        connector = trainer._checkpoint_connector
-        before = (connector._ckpt_path, connector._user_managed)
         try:
-            with isolate_rng():
+            with isolate_rng(), resume_path_kept(trainer):
                 super().scale_batch_size(trainer, pl_module)
         finally:
             self._init_val, self._max_trials, self._max_val = saved
-            connector._ckpt_path, connector._user_managed = before
         if stage == "fit":
             self.found = self.optimal_batch_size
         if self.optimal_batch_size is not None:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_tricks.checks import check_int
 from lightning_tricks.sanity import grad_norms, relu_stats
 
 __all__ = [
@@ -159,8 +160,7 @@ def subsample(tensors: Tensor | Sequence[Tensor], max_values: int) -> Tensor:
         >>> subsample(torch.arange(12.0).reshape(3, 4), 6)   # stride 3, not 2: every column is visited
         tensor([0., 3., 6., 9.])
     """
-    if max_values < 1:
-        raise ValueError(f"max_values must be >= 1, got {max_values!r}")
+    check_int("max_values", max_values, 1)
     parts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     total = sum(t.numel() for t in parts)
     if total == 0:

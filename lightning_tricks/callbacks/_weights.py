@@ -187,20 +187,12 @@ class ModuleWeights:
     ) -> None:
         """Make ``checkpoint["state_dict"]`` hold the weights an evaluation runs on; keep the raw ones for resume.
 
-        Every participant calls this from ``on_save_checkpoint`` (``state_key``: its own state in
-        ``checkpoint["callbacks"]``); an averaging callback offers the ``tensors`` it would evaluate
-        now, as ``label`` with ``rank``. The result does not depend on the order of the calls:
-
-        - the module holds a label (after fit: the average, or the restored best): the state dict,
-          taken from the module, holds it already; only the raw values are recorded;
-        - it holds the raw weights (during training): the offer that outranks the others goes in
-          (the one an evaluation's swaps end on, as :meth:`outranks` orders them), raw if none.
-
-        The raw values replaced are kept in one callback's state under
-        :data:`~lightning_tricks.averaging.RAW_WEIGHTS_KEY`, with the label and rank of what the state
-        dict holds (the state of the winning offer). An offered tensor of the state dict's dtype and
-        device goes in as is, not copied, so a float32 average also kept in the callback state is
-        stored once in the file.
+        Every participant calls it from ``on_save_checkpoint`` (``state_key``: its own state); an averaging
+        callback offers the ``tensors`` it would evaluate now as ``label`` with ``rank``. Whatever the call
+        order: a held label is in the state dict already; with the raw weights held, the offer that
+        :meth:`outranks` the others goes in. The replaced raw values go to one callback state under
+        :data:`~lightning_tricks.averaging.RAW_WEIGHTS_KEY`; an offer of the state dict's dtype and device
+        is stored as is, so it is in the file once.
         """
         sd = checkpoint.get("state_dict")
         states = checkpoint.get("callbacks")

@@ -146,6 +146,7 @@ class EarlyStopping(PLEarlyStopping):
         self.measured: list[str] = []
         self.stop_reason: str | None = None
         self._warned: set[str] = set()
+        self._at_train_epoch_end = False
         self.rule  # noqa: B018  # every argument of the rule validated now, with the allowed values in the message
 
     @property
@@ -249,12 +250,6 @@ class EarlyStopping(PLEarlyStopping):
         super().setup(trainer, pl_module, stage)  # picks check_on_train_epoch_end like Lightning
         if self.restorer is not None:
             self.restorer.setup(trainer, pl_module, stage)
-        if stage == "fit" and isinstance(self.criterion, PQ) and not self._check_on_train_epoch_end:
-            rank_zero_warn(
-                f"EarlyStopping(criterion=PQ) checks after validation (check_on_train_epoch_end=False): "
-                f"{self.criterion.train_monitor!r} is then the last finished training epoch's value, one epoch "
-                "behind the validation metric"
-            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.restorer is not None:
@@ -268,6 +263,13 @@ class EarlyStopping(PLEarlyStopping):
         if self.restorer is not None:
             self.restorer.on_validation_end(trainer, pl_module)
         super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._at_train_epoch_end = True  # Lightning checks here or at validation end (check_on_train_epoch_end)
+        try:
+            super().on_train_epoch_end(trainer, pl_module)
+        finally:
+            self._at_train_epoch_end = False
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.restorer is not None:
@@ -308,6 +310,13 @@ class EarlyStopping(PLEarlyStopping):
         if getattr(trainer, "fast_dev_run", False) or not self._validate_condition_metric(logs):
             return
         current = logs[self.monitor].squeeze()
+        if isinstance(self.criterion, PQ) and not self._at_train_epoch_end:
+            self._warn_once(
+                "pq-after-validation",
+                f"EarlyStopping(criterion=PQ) checks after validation (check_on_train_epoch_end=False): "
+                f"{self.criterion.train_monitor!r} is then the last finished training epoch's value, one epoch "
+                "behind the validation metric",
+            )
         train = self._train_value(logs, trainer.current_epoch)
         if trainer.world_size > 1:  # one curve on all ranks: rank zero's (one broadcast of two floats)
             value, train = trainer.strategy.broadcast((float(current), train), src=0)
@@ -374,7 +383,7 @@ class EarlyStopping(PLEarlyStopping):
         if not self.log_values or not values or trainer.lightning_module is None:
             return
         metrics = {self.log_prefix + k: float(v) for k, v in values.items()}
-        if self._check_on_train_epoch_end:  # called from on_train_epoch_end: self.log is allowed
+        if self._at_train_epoch_end:  # self.log is allowed there, not at on_validation_end
             trainer.lightning_module.log_dict(
                 metrics, on_step=False, on_epoch=True, prog_bar=False, logger=bool(trainer.loggers)
             )

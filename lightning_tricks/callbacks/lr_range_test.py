@@ -25,6 +25,7 @@ from lightning_tricks._lightning import (
     trainer_class_for,
 )
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
+from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.lr_range_test import (
     LossSmoother,
     RangeTestResult,
@@ -38,39 +39,13 @@ SUGGESTIONS = ("steepest", "min_div10", None)
 
 
 class LRRangeTest(Callback):
-    """Smith's LR range test at fit start; restores the module and optimizer, then applies the result.
+    """Smith's LR range test at fit start: sweep, restore everything, then apply the suggestion.
 
-    At ``on_fit_start`` the LR is swept from ``min_lr`` to ``max_lr`` over ``num_steps`` optimizer steps of
-    the real training loop (same data, precision, accumulation, devices), recording a bias-corrected EMA
-    of the loss and stopping early when it exceeds ``diverge_threshold`` x its minimum (formulas in
-    :mod:`lightning_tricks.lr_range_test`). Then the weights, the optimizer state, the AMP scaler, the loop
-    counters and the RNG are put back exactly as they were, the plot is saved, and the suggestion is
-    applied:
-
-    - ``apply_to="lr"``: the optimizer's base LR becomes the suggestion (``"steepest"`` by default); other
-      parameter groups keep their ratio to the first group. The module's ``optimizer_config.lr`` /
-      ``lr`` / ``learning_rate`` (attribute or hparam; or ``attr_name``) is updated too, like Lightning's
-      ``LearningRateFinder(update_attr=True)``.
-    - ``apply_to="one_cycle"``: the same value becomes the peak of the
-      :class:`~lightning_tricks.schedules.OneCycle` schedule of the run's
-      :class:`~lightning_tricks.callbacks.LRSchedule` (its base LR; required, checked at setup), chosen by
-      default as the minimum-loss LR / 10 (Smith 2018's "largest LR that still trains").
-    - ``apply_to=None``: only report (:attr:`result`, the plot, the log line).
-
-    The hand-off is a base-LR change before training
-    (:func:`~lightning_tricks.callbacks.lr_schedule.change_base_lrs`, which an LRSchedule captures at train
-    start; no LRSchedule is needed): the test never writes the LR of
-    the training run itself. Where the module's own torch LR scheduler owns the LR, the applied LR also
-    becomes that scheduler's ``base_lrs``. The one exception is the sweep, which runs before training with the other
-    callbacks set aside and writes ``group["lr"]`` at each of its steps; the optimizer is restored after it.
-
-    During the sweep the other callbacks and the loggers are set aside and validation is off; the
-    module's own hooks run as in training. The sweep is skipped (with a message) under
-    ``fast_dev_run`` and when resuming from a checkpoint (the checkpoint's LR stands). DDP: every rank
-    sweeps; the stop decision is shared (any rank diverging stops all) and rank 0's curve is broadcast.
-    Sharded strategies (FSDP, DeepSpeed) are refused. Compared with Lightning's ``LearningRateFinder``
-    see :mod:`lightning_tricks.lr_range_test` (steepest against ``log(lr)`` on the falling side, accumulation
-    windows averaged, group ratios kept, PNG saved, one-cycle hand-off, RNG and metrics restored).
+    The sweep runs the real training loop (other callbacks, loggers and validation set aside) and is
+    undone afterwards: weights, optimizer, AMP scaler, loop counters, RNG and metrics. The hand-off is a
+    base-LR change before training (:func:`~lightning_tricks.callbacks.lr_schedule.change_base_lrs`).
+    Skipped under ``fast_dev_run`` and on resume; sharded strategies are refused. Details, DDP and the
+    comparison with Lightning's ``LearningRateFinder``: ``docs/method_cards.md``.
 
     Args:
         min_lr, max_lr: the sweep's bounds, ``0 < min_lr < max_lr``.
@@ -113,20 +88,15 @@ class LRRangeTest(Callback):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         if min_lr >= max_lr:
             raise ValueError(f"min_lr must be < max_lr (bounds reversed?), got min_lr={min_lr!r} >= max_lr={max_lr!r}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-            raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
+        check_int("num_steps", num_steps, 2)
         mode = normalize_mode(mode)
-        if not 0.0 <= smooth < 1.0:
-            raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
+        LossSmoother(smooth)  # checks smooth is in [0, 1)
         if diverge_threshold is not None and not (diverge_threshold > 1.0 and math.isfinite(diverge_threshold)):
             raise ValueError(f"diverge_threshold must be None or a number > 1, got {diverge_threshold!r}")
-        for name, v in (("skip_begin", skip_begin), ("skip_end", skip_end)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        if apply_to not in APPLY_TO:
-            raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
-        if suggestion not in SUGGESTIONS:
-            raise ValueError(f"suggestion must be one of {SUGGESTIONS}, got {suggestion!r}")
+        check_int("skip_begin", skip_begin)
+        check_int("skip_end", skip_end)
+        check_choice("apply_to", apply_to, APPLY_TO)
+        check_choice("suggestion", suggestion, SUGGESTIONS)
         if skip_begin + skip_end + 2 > num_steps:
             rank_zero_warn(
                 f"LRRangeTest: num_steps={num_steps} leaves fewer than 2 points after skip_begin="
@@ -154,7 +124,6 @@ class LRRangeTest(Callback):
             return self.suggestion
         return "min_div10" if self.apply_to == "one_cycle" else "steepest"
 
-    # -- checks -----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.apply_to is None:
             return
@@ -171,7 +140,6 @@ class LRRangeTest(Callback):
                 "(e.g. schedule=one_cycle); found none. Use apply_to='lr' to set the base LR instead"
             )
 
-    # -- Lightning hook ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = self.run(trainer, pl_module)
         if result is not None and self.apply_to is not None:
@@ -179,7 +147,6 @@ class LRRangeTest(Callback):
         if self.exit_after:
             trainer.should_stop = True  # FitLoop.done: no training after the test (min_epochs defaults to 0)
 
-    # -- the sweep --------------------------------------------------------------------------------
     def run(self, trainer: Trainer, pl_module: LightningModule) -> RangeTestResult | None:
         """Sweep, restore everything, plot; return the result (also in :attr:`result`)."""
         if getattr(trainer, "fast_dev_run", False):
@@ -291,7 +258,6 @@ class LRRangeTest(Callback):
         _save_plot(result, path)
         return path
 
-    # -- applying the result ----------------------------------------------------------------------
     def apply(self, trainer: Trainer, pl_module: LightningModule, result: RangeTestResult) -> float | None:
         """Set the base LR (and the module's LR attribute) to the suggestion; return the LR set."""
         lr = result.suggest(self.method)
@@ -343,7 +309,6 @@ class LRRangeTest(Callback):
             )
         return None
 
-    # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "applied_lr": self.applied_lr,
@@ -369,13 +334,13 @@ class _Sweep(Callback):
         self._window: list[torch.Tensor] = []
         self._last = start_step
 
-    def _lr(self, trainer: Trainer) -> float:
+    def _lr_at(self, step: int) -> float:
         t = self.test
-        return sweep_lr(trainer.global_step - self.start, t.num_steps, t.min_lr, t.max_lr, t.mode)
+        return sweep_lr(step - self.start, t.num_steps, t.min_lr, t.max_lr, t.mode)
 
     def _set(self, trainer: Trainer) -> None:
         # the one LR write outside LRSchedule: the sweep runs before training, alone, and is undone after
-        lr = self._lr(trainer)
+        lr = self._lr_at(trainer.global_step)
         for group, ratio in zip(trainer.optimizers[0].param_groups, self.ratios):
             group["lr"] = lr * ratio
 
@@ -397,7 +362,7 @@ class _Sweep(Callback):
         step = trainer.global_step
         if step == self._last:
             return  # inside an accumulation window
-        lr = sweep_lr(self._last - self.start, self.test.num_steps, self.test.min_lr, self.test.max_lr, self.test.mode)
+        lr = self._lr_at(self._last)
         self._last = step
         if not self._window:  # the step returned no loss (training_step gave None): a gap, not a divergence
             self.lrs.append(lr)
@@ -457,12 +422,8 @@ def lr_range_test(
 ) -> RangeTestResult:
     """Run the LR range test on ``module`` and return the result; the module is left as it was.
 
-    ``data`` is a ``LightningDataModule`` or a train dataloader. ``sweep`` takes the sweep arguments of
-    :class:`LRRangeTest` (``min_lr``, ``max_lr``, ``num_steps``, ``mode``, ``smooth``, ``diverge_threshold``,
-    ``skip_begin``, ``skip_end``) with its defaults; nothing is applied (``apply_to=None``). A ``Trainer``
-    is built from ``trainer_kwargs`` (defaults: one device, no logger, no checkpoints, no progress bar);
-    the sweep runs in it through :class:`LRRangeTest`, which restores the weights, optimizer state and
-    RNG afterwards and trains no further.
+    ``data`` is a ``LightningDataModule`` or a train dataloader; ``sweep`` takes :class:`LRRangeTest`'s
+    sweep arguments; nothing is applied. ``trainer_kwargs`` override the defaults (one device, no logger).
 
     Example:
         >>> from lightning_tricks.data import DigitsDataModule

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_tricks.averaging import RAW_WEIGHTS_KEY, raw_weights_record, restore_, snapshot
 
-__all__ = ["AVERAGE", "BEST", "RAW", "ModuleWeights", "weights_of"]
+__all__ = ["AVERAGE", "BEST", "RAW", "ModuleWeights", "copy_into", "weights_of"]
 
 RAW = "raw"
 #: ranks of :meth:`ModuleWeights.hand_over`: the highest offered at the end of fit is what the module holds
@@ -35,6 +35,29 @@ def weights_of(module: nn.Module) -> ModuleWeights:
     if service is None:
         service = _SERVICES[module] = ModuleWeights(module)
     return service
+
+
+@torch.no_grad()
+def copy_into(
+    buffers: dict[str, Tensor], tensors: Mapping[str, Tensor], device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """``tensors`` copied into ``buffers`` (one foreach copy); returns the buffers written.
+
+    The buffers are allocated again (on ``device``, else each tensor's) when a name, shape, dtype or
+    device differs, or when inference-mode buffers would be written outside inference mode.
+    """
+    in_inference_mode = torch.is_inference_mode_enabled()
+    if buffers.keys() != tensors.keys() or any(
+        b.shape != tensors[n].shape
+        or b.dtype != tensors[n].dtype
+        or b.device != (device or tensors[n].device)
+        or (b.is_inference() and not in_inference_mode)
+        for n, b in buffers.items()
+    ):
+        buffers = {n: torch.empty_like(t, device=device or t.device) for n, t in tensors.items()}
+    if tensors:
+        torch._foreach_copy_([buffers[n] for n in tensors], list(tensors.values()))
+    return buffers
 
 
 class ModuleWeights:
@@ -264,22 +287,8 @@ class ModuleWeights:
                 self._copy_measured()
 
     def _copy_measured(self) -> None:
-        assert self._backup is not None
-        with torch.no_grad():
-            live = self._live()
-            names = list(self._backup)
-            copy = self._measured_copy
-            if any(
-                n not in copy
-                or copy[n].shape != live[n].shape
-                or copy[n].dtype != live[n].dtype
-                or copy[n].device != live[n].device
-                or copy[n].is_inference()
-                for n in names
-            ):
-                copy = {n: torch.empty_like(live[n]) for n in names}
-            self._measured_copy = {n: copy[n] for n in names}
-            torch._foreach_copy_([self._measured_copy[n] for n in names], [live[n] for n in names])
+        live = self._live()
+        self._measured_copy = copy_into(self._measured_copy, {n: live[n] for n in self._backup or {}})
 
     def track_measured(self, on: bool = True) -> None:
         """Keep a copy of swapped-in weights at each evaluation end (costs one copy of them in memory)."""

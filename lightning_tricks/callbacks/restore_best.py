@@ -29,7 +29,7 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.averaging import averaged_state_dict, raw_state_dict
 from lightning_tricks.callbacks._common import check_bool, check_choice
-from lightning_tricks.callbacks._weights import BEST, RAW, weights_of
+from lightning_tricks.callbacks._weights import BEST, RAW, copy_into, weights_of
 from lightning_tricks.stopping import MODES, to_score
 
 __all__ = ["RestoreBest", "SOURCES"]
@@ -140,7 +140,8 @@ class RestoreBest(Callback):
         weights = weights_of(pl_module)
         self.best_value, self.best_epoch, self.measured_on = value, epoch, weights.measured or RAW
         if self.source == "memory":
-            self._copy(weights.measured_tensors() if weights.measured is not None else weights.raw_tensors())
+            live = weights.measured_tensors() if weights.measured is not None else weights.raw_tensors()
+            self._weights = copy_into(self._weights, live, torch.device("cpu") if self.on_cpu else None)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module is None:
@@ -198,19 +199,6 @@ class RestoreBest(Callback):
         self._weights = {n: t.detach().clone() for n, t in weights.items()} if weights else {}
 
     # -- helpers -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _copy(self, live: dict[str, Tensor]) -> None:
-        """Copy ``live`` into the buffers (allocated on first use or when a shape, dtype or device changes)."""
-        target = torch.device("cpu") if self.on_cpu else None
-        same = live.keys() == self._weights.keys() and all(
-            b.shape == live[n].shape and b.dtype == live[n].dtype and b.device == (target or live[n].device)
-            for n, b in self._weights.items()
-        )
-        if not same:
-            self._weights = {n: torch.empty_like(t, device=target or t.device) for n, t in live.items()}
-        names = list(live)
-        torch._foreach_copy_([self._weights[n] for n in names], [live[n] for n in names])
-
     def _checkpoint_callback(self, trainer: Trainer) -> ModelCheckpoint | None:
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and (cb.monitor, cb.mode) == (self.monitor, self.mode) and cb.save_top_k:

@@ -1,13 +1,6 @@
 """SWA: an equal average of the weights from a start epoch on, with BatchNorm statistics recomputed.
 
-The formulas are in :mod:`lightning_tricks.averaging` (``swa_weight``, ``swa_lr``, ``update_bn``); how
-the weights move between raw and average is in :mod:`lightning_tricks.callbacks._averaging`.
-
-Owns: the average, its BatchNorm statistics and counters (in its checkpoint state). Shares: which
-weights are in the module, through :func:`lightning_tricks.callbacks._weights.weights_of` (label
-``"swa"``; the recomputed BatchNorm statistics are part of what is held and measured, so
-``EarlyStopping(restore_best=True)`` restores them too); at the end of fit its average yields to
-restore-best, and outranks an EMA average (ordered by label).
+Formulas: :mod:`lightning_tricks.averaging`; what it owns and shares: ``docs/method_cards.md``.
 """
 
 from __future__ import annotations
@@ -29,38 +22,22 @@ from lightning_tricks.averaging import (
     update_bn,
 )
 from lightning_tricks.callbacks._averaging import _as_list, _Averaging, _untouched
-from lightning_tricks.callbacks._common import StepWatch, check_int
+from lightning_tricks.callbacks._common import StepWatch
 from lightning_tricks.callbacks._weights import RAW, weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule
+from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.schedules import SWALRPhase
 
 __all__ = ["SWA"]
 
 
 class SWA(_Averaging):
-    r"""Stochastic Weight Averaging: an equal average of the weights from a start epoch on.
+    r"""Stochastic Weight Averaging (Izmailov et al. 2018, arXiv:1803.05407).
 
-    From epoch ``s`` on, the average takes in the weights at the end of every epoch
-    (``update_every="epoch"``) or after every optimizer step (``"step"``):
-
-    .. math:: \bar w_{n+1} = \bar w_n + \frac{w - \bar w_n}{n + 1}
-
-    (the first update copies). With ``swa_lr`` the learning rate of each parameter group goes from its
-    value at the start ``lr_0`` to ``swa_lr`` as in ``torch.optim.swa_utils.SWALR``: at the k-th SWA epoch
-    (``anneal_epochs``) or step (``anneal_steps``), ``alpha = a(min(1, k / K))`` with ``a`` cosine or
-    linear and ``lr = swa_lr * alpha + lr_0 * (1 - alpha)``; with neither given the SWA LR is constant.
-    SWA does not write the LR itself: it contributes this phase
-    (:class:`~lightning_tricks.schedules.SWALRPhase`, from the first optimizer step of the start epoch)
-    to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner (refused at setup when the callbacks have none),
-    so ``lr_0 = base_lr * schedule(start_step, T)`` and the result does not depend on the callback order.
-    ``swa_lr`` beside the module's own torch LR scheduler is refused at fit start.
-    BatchNorm running statistics do not match averaged weights, so before the average is evaluated
-    (validation, test, end of fit) they are recomputed over the training data with ``momentum=None``
-    (``torch.optim.swa_utils.update_bn``); this costs one forward pass over the training set each time
-    the average changed since the last recompute (once per epoch with ``update_every="epoch"``).
-
-    Izmailov, Podoprikhin, Garipov, Vetrov, Wilson 2018, "Averaging Weights Leads to Wider Optima and
-    Better Generalization", arXiv:1803.05407.
+    From epoch ``start`` on, :math:`\bar w_{n+1} = \bar w_n + (w - \bar w_n) / (n + 1)` at each epoch end
+    or optimizer step. ``swa_lr`` adds an ``SWALR``-like phase to the run's
+    :class:`~lightning_tricks.callbacks.LRSchedule`; BatchNorm statistics are recomputed before the
+    average is evaluated. Details: ``docs/method_cards.md``.
 
     Args:
         start: first averaged epoch: a fraction in (0, 1) of ``max_epochs`` (``int(start * max_epochs)``)
@@ -99,11 +76,12 @@ class SWA(_Averaging):
         raw_suffix: str = "_raw",
     ) -> None:
         super().__init__(evaluate, average_at_end, on_cpu, raw_suffix)
-        if isinstance(start, bool) or not isinstance(start, (int, float)):
-            raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
-        if isinstance(start, float) and not 0.0 < start < 1.0:
-            raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
-        if isinstance(start, int) and start < 0:
+        if (
+            isinstance(start, bool)
+            or not isinstance(start, (int, float))
+            or (isinstance(start, float) and not 0.0 < start < 1.0)
+            or (isinstance(start, int) and start < 0)
+        ):
             raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
         if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and math.isfinite(swa_lr) and swa_lr > 0):
             raise ValueError(f"swa_lr must be a positive number or None, got {swa_lr!r}")
@@ -111,16 +89,13 @@ class SWA(_Averaging):
             raise ValueError(
                 f"give anneal_epochs or anneal_steps, not both (got {anneal_epochs!r} and {anneal_steps!r})"
             )
-        for arg, value in (("anneal_epochs", anneal_epochs), ("anneal_steps", anneal_steps)):
-            check_int(arg, value, 0, allow_none=True)
+        check_int("anneal_epochs", anneal_epochs, 0, allow_none=True)
+        check_int("anneal_steps", anneal_steps, 0, allow_none=True)
         if (anneal_epochs or anneal_steps) and swa_lr is None:
             raise ValueError("anneal_epochs/anneal_steps need swa_lr (the LR to anneal to)")
-        if anneal not in ("cos", "linear"):
-            raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
-        if update_every not in ("epoch", "step"):
-            raise ValueError(f"update_every must be 'epoch' or 'step', got {update_every!r}")
-        if bn_update_batches is not None and (not isinstance(bn_update_batches, int) or bn_update_batches < 1):
-            raise ValueError(f"bn_update_batches must be an int >= 1 or None, got {bn_update_batches!r}")
+        check_choice("anneal", anneal, ("cos", "linear"))
+        check_choice("update_every", update_every, ("epoch", "step"))
+        check_int("bn_update_batches", bn_update_batches, 1, allow_none=True)
         self.start = start
         self.swa_lr = None if swa_lr is None else float(swa_lr)
         self.anneal_epochs = anneal_epochs
@@ -141,7 +116,6 @@ class SWA(_Averaging):
     def state_key(self) -> str:
         return self._generate_state_key(start=self.start, update_every=self.update_every)
 
-    # -- setup -------------------------------------------------------------------------------------
     def resolve_start_epoch(self, max_epochs: int | None) -> int:
         """The first averaged epoch for a run of ``max_epochs`` epochs (checks it is inside the run)."""
         known = max_epochs is not None and max_epochs > 0
@@ -196,7 +170,6 @@ class SWA(_Averaging):
     def _in_swa(self, trainer: Trainer) -> bool:
         return self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
 
-    # -- LR: a phase that LRSchedule evaluates ------------------------------------------------------
     def _lr_name(self) -> str:
         anneal = (
             f", anneal_steps={self.anneal_steps}"
@@ -230,7 +203,6 @@ class SWA(_Averaging):
             steps_per_epoch=per_epoch,
         )
 
-    # -- averaging ---------------------------------------------------------------------------------
     def _update(self, trainer: Trainer) -> None:
         assert self._average is not None
         self._average.update_(swa_weight(self.num_averaged))
@@ -256,7 +228,6 @@ class SWA(_Averaging):
             self._update(trainer)
             self._last_epoch_averaged = trainer.current_epoch
 
-    # -- BatchNorm ---------------------------------------------------------------------------------
     def _extra_targets(self, pl_module: LightningModule) -> dict[str, Tensor]:
         return bn_buffers(pl_module) if self.bn_update else {}
 
@@ -300,7 +271,6 @@ class SWA(_Averaging):
         self._bn_state = {n: b.detach().clone() for n, b in buffers.items()}
         self._bn_version = self.num_averaged
 
-    # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self._started and self._bn_state is not None and self._bn_version == self.num_averaged:

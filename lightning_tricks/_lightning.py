@@ -298,6 +298,19 @@ def resume_path_kept(trainer: Trainer) -> Iterator[None]:
             setattr(connector, field, value)
 
 
+def pending_grad_scale(trainer: Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The AMP scale the gradients still carry in ``on_before_optimizer_step``, or ``None`` for true gradients.
+
+    Lightning unscales before that hook, except for optimizers that unscale inside their own ``step``
+    (``_step_supports_amp_scaling``, e.g. fused Adam): a term added to their gradients must be scaled too.
+    The scale is the precision plugin's GradScaler's (``_scale``, private to torch): read here, in one place.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    return scaler._scale  # type: ignore[no-any-return]
+
+
 def trainer_callbacks(trainer: Trainer) -> list[Callback]:
     """``trainer.callbacks``: set by Lightning's callback connector at ``Trainer.__init__``, so a type
     checker does not see it on the class; read here, typed, in one place."""
@@ -355,6 +368,7 @@ __all__ = [
     "batches_that_stepped",
     "reset_dataloaders",
     "resume_path_kept",
+    "pending_grad_scale",
     "publish_step_metrics",
     "trainer_callbacks",
     "trainer_datamodule",

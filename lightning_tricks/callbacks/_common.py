@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from lightning_tricks._lightning import Trainer
+from lightning_tricks._lightning import Trainer, pending_grad_scale
 from lightning_tricks.checks import check_bool, check_choice, check_float, check_int
 
 __all__ = [
@@ -95,15 +92,3 @@ def log_to_loggers(trainer: Trainer, metrics: dict[str, float], step: int | None
     step = trainer.global_step if step is None else step
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
-
-
-def pending_grad_scale(trainer: Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
-    """The AMP scale the gradients still carry in ``on_before_optimizer_step``, or ``None`` for true gradients.
-
-    Lightning unscales before that hook, except for optimizers that unscale inside their own ``step``
-    (``_step_supports_amp_scaling``, e.g. fused Adam): a term added to their gradients must be scaled too.
-    """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return None
-    return scaler._scale  # type: ignore[no-any-return]

@@ -311,6 +311,12 @@ def pending_grad_scale(trainer: Trainer, optimizer: torch.optim.Optimizer) -> to
     return scaler._scale  # type: ignore[no-any-return]
 
 
+def attached_trainer(module: Any) -> Trainer | None:
+    """The Trainer ``module`` is attached to, or ``None`` (``LightningModule.trainer`` raises when there is
+    none; the field behind it is private)."""
+    return getattr(module, "_trainer", None)
+
+
 def trainer_callbacks(trainer: Trainer) -> list[Callback]:
     """``trainer.callbacks``: set by Lightning's callback connector at ``Trainer.__init__``, so a type
     checker does not see it on the class; read here, typed, in one place."""
@@ -369,6 +375,7 @@ __all__ = [
     "reset_dataloaders",
     "resume_path_kept",
     "pending_grad_scale",
+    "attached_trainer",
     "publish_step_metrics",
     "trainer_callbacks",
     "trainer_datamodule",

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_tricks._lightning import LightningModule, rank_zero_warn
+from lightning_tricks._lightning import LightningModule, attached_trainer, rank_zero_warn
 from lightning_tricks.augment import TTA_MODES, check_tta, tta_predict
 from lightning_tricks.checks import check_float, check_int
 from lightning_tricks.losses import classification_loss, probability_nll
@@ -113,7 +113,7 @@ class ClassificationMixin:
         """
         if "flip" not in self.tta:
             return
-        trainer = getattr(self, "_trainer", None)
+        trainer = attached_trainer(self)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         check_tta(self.tta, bool(getattr(datamodule, "flip", True)), f"the DataModule {type(datamodule).__name__}")
         augment = getattr(datamodule, "augment", None)

@@ -1,14 +1,7 @@
 """Snapshot ensembles: M cosine LR cycles in one run, a snapshot at each cycle end, evaluated as an ensemble.
 
-The LR curve is :class:`lightning_tricks.schedules.CosineRestarts` with ``T_0 = ceil(T / M)`` and
-``min_factor=0``, i.e. Huang et al.'s
-
-.. math::
-    \\alpha(t) = \\frac{\\alpha_0}{2}
-    \\left(\\cos\\left(\\frac{\\pi \\bmod(t, \\lceil T/M \\rceil)}{\\lceil T/M \\rceil}\\right) + 1\\right)
-
-(``t`` the optimizer step, ``T`` the run's optimizer steps). The evaluation of the snapshots and
-their mean-of-softmax ensemble is :func:`lightning_tricks.ensemble.evaluate_members`.
+The cycles are :class:`lightning_tricks.schedules.CosineRestarts` with ``T_0 = ceil(T / M)``; the
+evaluation is :func:`lightning_tricks.ensemble.evaluate_members`. Details: ``docs/method_cards.md``.
 """
 
 from __future__ import annotations
@@ -30,9 +23,10 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.augment import check_tta
 from lightning_tricks.callbacks._averaging import _as_list, _untouched
-from lightning_tricks.callbacks._common import MemoStateKey, StepWatch, check_int
+from lightning_tricks.callbacks._common import MemoStateKey, StepWatch
 from lightning_tricks.callbacks._weights import weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule
+from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
 from lightning_tricks.schedules import CosineRestarts
 
@@ -66,35 +60,11 @@ def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
 class SnapshotEnsemble(MemoStateKey, Callback):
     """Train ``M`` cosine LR cycles, keep a snapshot at each cycle end, evaluate the snapshots' ensemble.
 
-    With ``schedule=True`` the cycles are the LR schedule of every parameter group:
-    ``lr(t) = base_lr * CosineRestarts(T_0=ceil(T/M))(t, T)`` (``t`` = ``trainer.global_step``, so
-    gradient accumulation is respected). The callback does not write the LR itself: it contributes this
-    schedule to :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner, which must be in the
-    callbacks without a schedule of its own (``LRSchedule()``; refused at setup when there is none). A
-    user's LRSchedule with another schedule, or the module's own torch LR scheduler, is refused at fit start.
-    With ``schedule=False`` the LR is yours (e.g.
-    ``LRSchedule(CosineRestarts(T_0=...))``, whose cycle ends must then match); snapshots are still taken
-    at the ends of the ``M`` equal cycles.
-
-    Owns: its snapshots (and, with ``schedule=True``, the cycles it asks the LR owner for). Shares: the
-    module's weights, through :func:`lightning_tricks.callbacks._weights.weights_of`: snapshots are
-    the raw weights wherever they are, and each is evaluated by holding it as ``"snapshot_<k>"``, then
-    the module gets back exactly what it held (e.g. an EMA average during ``test``).
-
-    After the optimizer step that ends a cycle the module's ``state_dict`` is copied to host memory
-    (``keep="memory"``) or saved to ``dirpath`` (``keep="disk"``). At test time (``on_test_epoch_end``)
-    each snapshot and their ensemble (mean of softmax) are evaluated on the test data with torchmetrics
-    and logged as ``test/snapshot_<k>/acc``, ``test/snapshot_<k>/nll`` (k = 1..M) and
-    ``test/ensemble/acc``, ``test/ensemble/nll``; this costs one pass over the test data per snapshot.
-    :meth:`ensemble` gives a :class:`~lightning_tricks.ensemble.CheckpointEnsemble` for prediction.
-
-    With test-time augmentation (``tta``, or the module's own ``tta`` attribute, e.g. ``Classifier(tta=
-    "flip")``) each snapshot's probabilities are its mean softmax over the views
-    (:func:`lightning_tricks.augment.tta_predict`), costing V passes per snapshot; a flip is refused at
-    ``setup`` when the DataModule has ``flip=False``.
-
-    Huang, Li, Pleiss, Liu, Hopcroft, Weinberger 2017, "Snapshot Ensembles: Train 1, get M for free",
-    arXiv:1704.00109 (cosine cycles: Loshchilov & Hutter 2017, arXiv:1608.03983).
+    With ``schedule=True`` the cycles become the schedule of the run's
+    :class:`~lightning_tricks.callbacks.LRSchedule` (which must have no schedule of its own); with
+    ``schedule=False`` the LR is yours and its cycle ends must match. At test time each snapshot and the
+    mean-of-softmax ensemble are logged as ``test/snapshot_<k>/<metric>`` and ``test/ensemble/<metric>``.
+    Huang et al. 2017, arXiv:1704.00109; details in ``docs/method_cards.md``.
 
     Args:
         cycles: the number of cycles and snapshots ``M`` (at least 1, at most the number of epochs).
@@ -126,8 +96,7 @@ class SnapshotEnsemble(MemoStateKey, Callback):
         check_int("cycles", cycles, 1)
         if tta is not None:
             check_tta(tta)
-        if keep not in ("memory", "disk"):
-            raise ValueError(f"keep must be 'memory' or 'disk', got {keep!r}")
+        check_choice("keep", keep, ("memory", "disk"))
         self.cycles = cycles
         self.keep = keep
         self.dirpath = None if dirpath is None else Path(dirpath)
@@ -166,10 +135,12 @@ class SnapshotEnsemble(MemoStateKey, Callback):
         tta = tta if tta is not None else self.tta
         return CheckpointEnsemble(template, self._snapshots, use_average=False, device=device, tta=tta)
 
+    def _owner_label(self) -> str:
+        return f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)"
+
     def _tta_for(self, pl_module: LightningModule) -> str:
         return check_tta(self.tta if self.tta is not None else str(getattr(pl_module, "tta", "none")))
 
-    # -- setup -------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         datamodule = trainer_datamodule(trainer)
         check_tta(
@@ -188,10 +159,7 @@ class SnapshotEnsemble(MemoStateKey, Callback):
                 f"(max_epochs={trainer.max_epochs}); use at most one cycle per epoch"
             )
         if stage == "fit" and self.schedule:
-            self._lr_owner = LRSchedule.of(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
-
-    def _lr_callbacks(self, trainer: Trainer) -> list[LRSchedule]:
-        return [c for c in trainer_callbacks(trainer) if isinstance(c, LRSchedule)]
+            self._lr_owner = LRSchedule.of(trainer, self._owner_label())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # not at fit start: reading the run length there sets up the train data before a checkpoint's RNG
@@ -206,10 +174,10 @@ class SnapshotEnsemble(MemoStateKey, Callback):
             )
         self.steps = snapshot_steps(self.total_steps, self.cycles)
         self._cosine = CosineRestarts(T_0=math.ceil(self.total_steps / self.cycles), T_mult=1, min_factor=0.0)
-        others = self._lr_callbacks(trainer)
+        others = [c for c in trainer_callbacks(trainer) if isinstance(c, LRSchedule)]
         if self.schedule:
             if self._lr_owner is None:  # setup did not run (the hook called by hand)
-                self._lr_owner = LRSchedule.of(trainer, f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)")
+                self._lr_owner = LRSchedule.of(trainer, self._owner_label())
             self._lr_owner.set_schedule(f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)", self._cosine)
         else:
             ours = [e + 1 for e in self._cosine.cycle_ends(self.total_steps)]
@@ -229,7 +197,6 @@ class SnapshotEnsemble(MemoStateKey, Callback):
                 )
         self._steps.start(trainer.global_step)
 
-    # -- LR and snapshots --------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
         """The LR multiplier at optimizer step ``step`` (after ``on_fit_start``)."""
         assert self._cosine is not None and self.total_steps is not None
@@ -267,7 +234,6 @@ class SnapshotEnsemble(MemoStateKey, Callback):
                 f"stopped at step {trainer.global_step}; cycles end after steps {self.steps})"
             )
 
-    # -- evaluation --------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.evaluate:
             return
@@ -312,7 +278,6 @@ class SnapshotEnsemble(MemoStateKey, Callback):
         for key, value in self.results.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, add_dataloader_idx=False)
 
-    # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "snapshots": list(self._snapshots),

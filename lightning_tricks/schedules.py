@@ -161,6 +161,17 @@ def _total_or_raise(total_steps: int | None, who: str, name: str = "steps") -> i
     return total_steps
 
 
+def _check_momentum_bounds(schedule: Any) -> None:
+    """``base_momentum <= max_momentum``, both in [0, 1], on a momentum schedule (set back as floats)."""
+    schedule.base_momentum = _check_factor(schedule.base_momentum, "base_momentum", 0.0, 1.0)
+    schedule.max_momentum = _check_factor(schedule.max_momentum, "max_momentum", 0.0, 1.0)
+    if schedule.base_momentum > schedule.max_momentum:
+        raise ValueError(
+            f"base_momentum must be <= max_momentum (bounds reversed?), got "
+            f"base_momentum={schedule.base_momentum!r} > max_momentum={schedule.max_momentum!r}"
+        )
+
+
 def _check_factor(
     value: float, name: str, low: float = 0.0, high: float | None = None, *, low_open: bool = False
 ) -> float:
@@ -609,13 +620,7 @@ class CyclicMomentum(Schedule):
     gamma: float = 1.0
 
     def __post_init__(self) -> None:
-        self.base_momentum = _check_factor(self.base_momentum, "base_momentum", 0.0, 1.0)
-        self.max_momentum = _check_factor(self.max_momentum, "max_momentum", 0.0, 1.0)
-        if self.base_momentum > self.max_momentum:
-            raise ValueError(
-                f"base_momentum must be <= max_momentum (bounds reversed?), got "
-                f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}"
-            )
+        _check_momentum_bounds(self)
         _check_cyclic(self)
 
     def value(self, step: int, total_steps: int | None) -> float:
@@ -749,13 +754,7 @@ class OneCycleMomentum(Schedule):
     three_phase: bool = False
 
     def __post_init__(self) -> None:
-        self.base_momentum = _check_factor(self.base_momentum, "base_momentum", 0.0, 1.0)
-        self.max_momentum = _check_factor(self.max_momentum, "max_momentum", 0.0, 1.0)
-        if self.base_momentum > self.max_momentum:
-            raise ValueError(
-                f"base_momentum must be <= max_momentum (bounds reversed?), got "
-                f"base_momentum={self.base_momentum!r} > max_momentum={self.max_momentum!r}"
-            )
+        _check_momentum_bounds(self)
         _check_one_cycle(self)
 
     def value(self, step: int, total_steps: int | None) -> float:

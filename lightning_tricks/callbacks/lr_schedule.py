@@ -34,25 +34,11 @@ __all__ = ["LRSchedule", "change_base_lrs"]
 class LRSchedule(Callback):
     """Set every parameter group's LR to ``base_lr * schedule(t, T)`` before each optimizer step.
 
-    ``t`` counts an optimizer's steps: ``trainer.global_step`` under automatic optimization (one move per
-    ``accumulate_grad_batches`` batches), its own ``step()`` calls under manual optimization (so each of a
-    GAN's optimizers runs over the whole schedule). ``T`` is ``total_steps`` or
-    ``trainer.estimated_stepping_batches`` (one step per batch); a run going past ``T`` is warned about once.
-    ``base_lr`` is each group's ``initial_lr`` (else ``lr``) at train start, kept in the checkpoint. Between
-    steps the groups hold the next step's LR. The rules are the pure :class:`~lightning_tricks.lr_plan.LRPlan`.
-
-    Other tricks reach the plan through the one LRSchedule in ``trainer.callbacks`` (:meth:`of`, which
-    refuses when there is none), from ``on_fit_start`` on: SWA adds its phase, SnapshotEnsemble sets the
-    schedule of an ``LRSchedule()``; base-LR changes before training (LinearScaling, LRRangeTest) need no
-    LRSchedule (:func:`change_base_lrs`); groups added during training join with their ``initial_lr``.
-    Nothing adds to or reorders ``trainer.callbacks``; the result does not depend on the callback order.
-    A :class:`~lightning_tricks.schedules.Plateau` is stepped with ``plateau.monitor`` after each validation
-    (rank 0's value). ``momentum`` sets each group's ``momentum`` or Adam ``beta1``. The LR is logged (loggers and
-    ``callback_metrics``) on the steps the loggers write, as ``log_name`` (``log_name/<group>`` if base LRs differ).
-
-    Refused before the first step: two LRSchedules on one optimizer, an LRSchedule beside the module's own
-    LR scheduler, conflicting contributions, an unknown run length where the schedule needs one, a Plateau
-    with validation off. Any other write of ``lr`` during fit raises a ``RuntimeError`` at the next write.
+    ``t`` is ``trainer.global_step`` (under manual optimization, each optimizer's own ``step()`` count),
+    ``T`` is ``total_steps`` or ``trainer.estimated_stepping_batches``, ``base_lr`` each group's
+    ``initial_lr`` (else ``lr``) at train start. The rules are the pure
+    :class:`~lightning_tricks.lr_plan.LRPlan`; other tricks reach it through :meth:`of`. What is refused
+    and how the LR is logged: ``docs/method_cards.md``.
 
     Args:
         schedule: ``schedule(step, total_steps) -> multiplier``, e.g. ``Warmup(steps=0.05, then=Cosine())``;
@@ -108,7 +94,6 @@ class LRSchedule(Callback):
         opts = "" if self.optimizers is None else f", optimizers={self.optimizers}"
         return f"LRSchedule({'' if self.schedule is None else repr(self.schedule)}{opts})"
 
-    # -- finding the owner (the public way in for other tricks) -----------------------------------
     @staticmethod
     def find(trainer: Trainer, optimizer: int = 0) -> LRSchedule | None:
         """The LRSchedule in ``trainer.callbacks`` that drives optimizer ``optimizer``, else ``None``."""
@@ -148,17 +133,11 @@ class LRSchedule(Callback):
         """The plan changed: every driven optimizer gets its LRs rewritten at the next write."""
         self._written = {i: (-1, lrs) for i, (_, lrs) in self._written.items()}
 
-    # -- Lightning hooks --------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit: contributions arrive from on_fit_start on
             self.plan = LRPlan(self.schedule, self.momentum)
-            self._started, self._written, self._counts, self._plateau_steps, self._warned_past_end = (
-                False,
-                {},
-                {},
-                0,
-                False,
-            )
+            self._started, self._plateau_steps, self._warned_past_end = False, 0, False
+            self._written, self._counts = {}, {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here, not at fit start: the train data is set up and the checkpoint's RNG and loop states are back,
@@ -202,14 +181,13 @@ class LRSchedule(Callback):
             )
         if self.log_lr and should_log_step(trainer):  # the loggers write this step
             groups = optimizer.param_groups
-            metrics = {key: float(groups[j]["lr"]) for j, key in enumerate(self._keys.get(i, [])) if key}
-            if self.plan.momentum is not None:
-                for j, key in enumerate(self._keys.get(i, [])):
-                    if key:
-                        g = groups[j]
-                        metrics[key.replace(self.log_name, "momentum", 1)] = float(
-                            g["betas"][0] if "betas" in g else g["momentum"]
-                        )
+            metrics = {}
+            for key, g in zip(self._keys.get(i, []), groups):
+                if key:
+                    metrics[key] = float(g["lr"])
+                    if self.plan.momentum is not None:
+                        momentum = g["betas"][0] if "betas" in g else g["momentum"]
+                        metrics[key.replace(self.log_name, "momentum", 1)] = float(momentum)
             publish_step_metrics(trainer, metrics)  # what pl_module.log does for a number, at a fraction of its cost
         if not self._automatic:
             self._counts[i] += 1  # this optimizer's step is taken right after this hook
@@ -252,7 +230,6 @@ class LRSchedule(Callback):
                 "check_val_every_n_epoch longer than the run?), so the LR was never reduced"
             )
 
-    # -- the one writer ---------------------------------------------------------------------------
     def _step(self, trainer: Trainer, i: int) -> int:  # optimizer i's steps so far
         return trainer.global_step if self._automatic else self._counts[i]
 
@@ -295,7 +272,6 @@ class LRSchedule(Callback):
                 )
         self._written[i] = (step, lrs)
 
-    # -- checks -----------------------------------------------------------------------------------
     def _check(self, trainer: Trainer) -> list[int]:
         """The driven optimizer indices; refuse the set-ups in the class docstring."""
         optimizers = trainer.optimizers
@@ -336,7 +312,6 @@ class LRSchedule(Callback):
         names = {i: [g.get("name") for g in optimizers[i].param_groups] for i in self.plan.base}
         return log_keys(self.plan.base, self.log_name, names)
 
-    # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {**self.plan.state_dict(), "steps": dict(self._counts) if not self._automatic else None}
 

@@ -52,7 +52,22 @@ def dropconnect_weight(
     return weight * mask / keep, mask
 
 
-class DropConnectLinear(nn.Linear):
+class _DropsWeights:
+    """What the DropConnect layers share: the weight with a fresh mask in training, and ``p`` in the repr."""
+
+    weight: Tensor
+    p: float
+    generator: torch.Generator | None
+    training: bool
+
+    def dropped_weight(self) -> Tensor:
+        return dropconnect_weight(self.weight, self.p, self.training, self.generator)[0]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"  # type: ignore[misc]
+
+
+class DropConnectLinear(_DropsWeights, nn.Linear):
     """``nn.Linear`` whose weights are dropped with probability ``p`` in training (one mask per call).
 
     Args:
@@ -84,14 +99,10 @@ class DropConnectLinear(nn.Linear):
         self.generator = generator
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, _ = dropconnect_weight(self.weight, self.p, self.training, self.generator)
-        return F.linear(x, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return F.linear(x, self.dropped_weight(), self.bias)
 
 
-class DropConnectConv2d(nn.Conv2d):
+class DropConnectConv2d(_DropsWeights, nn.Conv2d):
     """``nn.Conv2d`` whose kernel weights are dropped with probability ``p`` in training (one mask per call).
 
     Args:
@@ -120,8 +131,4 @@ class DropConnectConv2d(nn.Conv2d):
         self.generator = generator
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, _ = dropconnect_weight(self.weight, self.p, self.training, self.generator)
-        return self._conv_forward(x, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return self._conv_forward(x, self.dropped_weight(), self.bias)

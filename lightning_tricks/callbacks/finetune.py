@@ -15,6 +15,7 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
+from lightning_tricks.checks import check_int
 from lightning_tricks.finetune import (
     backbone_param_groups,
     classifier_parameters,
@@ -29,47 +30,13 @@ from lightning_tricks.finetune import (
 class FreezeUnfreeze(Callback):
     """Freeze the backbone, train the head, then unfreeze the backbone at discriminative LRs.
 
-    Until epoch ``unfreeze_at_epoch`` the backbone's parameters have ``requires_grad=False`` (they
-    get no gradient and are not in the optimizer) and its BatchNorm layers are in eval mode (running
-    statistics used, not updated), unless ``train_bn``, which keeps BatchNorm trainable and in
-    training mode. At the start of epoch ``unfreeze_at_epoch`` the backbone is unfrozen and added to
-    the *existing* optimizer as new parameter groups, so the head's optimizer state (momentum,
-    Adam moments, step counts) carries on. The backbone's LR is the head's current LR (group 0)
-    times ``lr_factor``; with ``layer_decay`` each layer of the backbone (see
-    :func:`~lightning_tricks.finetune.split_layers`) gets its own group at
-
-        ``head_lr * lr_factor * layer_decay ** depth``, depth 0 next to the head, ``L - 1`` next to the input
-
-    (discriminative fine-tuning: Howard & Ruder 2018, arXiv:1801.06146; layer-wise LR decay: Bao et
-    al. 2021, arXiv:2106.08254). The new groups keep the module's weight-decay rule: with
-    :class:`~lightning_tricks.mixins.ClassificationMixin`'s optimizer config, weights get its
-    ``weight_decay`` and biases/norm parameters none (when ``no_decay_bias_norm``). If the head's group
-    has an ``initial_lr`` (set by LR schedulers), the new groups get ``initial_lr`` scaled the same way;
-    otherwise their ``initial_lr`` is their LR. The callback never writes an LR afterwards: the new groups
-    contribute to the LR through :class:`~lightning_tricks.callbacks.LRSchedule`, the LR owner, which picks
-    them up before the next optimizer step with ``initial_lr`` as their base LR (as timm keeps base values
-    in ``initial_lr``), so they follow the schedule like the head.
-
-    Compared with Lightning's ``BackboneFinetuning`` (whose freeze/param-group bookkeeping and
-    resume-by-rebuilding-groups idea this follows): BatchNorm is put in eval mode while frozen
-    (Lightning only stops its running statistics and keeps normalizing with batch statistics), the
-    backbone is found inside a wrapper (``"backbone"`` matches ``net.backbone``), per-layer LRs and the
-    no-decay split are built in, a module whose optimizer already holds the frozen parameters is
-    rejected instead of silently training at the head's LR, and the backbone's LR is not ramped.
-
-    The module's ``configure_optimizers`` must only take parameters with ``requires_grad`` (the
-    library's :func:`~lightning_tricks.mixins.param_groups_weight_decay` does). The freeze happens in
-    ``setup``, before ``configure_optimizers``.
-
-    Which part is the head: everything outside ``backbone`` (our models' ``head``; for
-    :class:`~lightning_tricks.models.TimmModel` the timm classifier, split off as ``head``). A backbone
-    that holds its own classifier and names it, as every timm model does with ``get_classifier()``, keeps
-    that classifier trainable and out of the backbone's groups and layer count: ``FreezeUnfreeze(backbone="model")``
-    on a module whose ``self.model`` is a plain timm model trains ``model.get_classifier()`` from the start.
-
-    Resuming: the state holds whether the backbone was unfrozen and the added groups' layout; on
-    resume after the unfreeze epoch the groups are re-added in ``on_fit_start``, before Lightning
-    loads the optimizer state, so the state loads into the same layout.
+    While frozen the backbone has ``requires_grad=False`` and its BatchNorm layers are in eval mode (unless
+    ``train_bn``). At the start of epoch ``unfreeze_at_epoch`` it joins the *existing* optimizer as new
+    groups at ``head_lr * lr_factor * layer_decay ** depth``, so the head's optimizer state carries on;
+    :class:`~lightning_tricks.callbacks.LRSchedule` schedules them from their ``initial_lr``. The module's
+    ``configure_optimizers`` must only take parameters with ``requires_grad``. Which part is the head, the
+    weight-decay rule, resume and the comparison with Lightning's ``BackboneFinetuning``:
+    ``docs/method_cards.md``.
 
     Args:
         backbone: attribute path of the backbone in the LightningModule (or the unique submodule whose
@@ -97,10 +64,7 @@ class FreezeUnfreeze(Callback):
         super().__init__()
         if not isinstance(backbone, str) or not backbone:
             raise ValueError(f"backbone must be a non-empty attribute path, got {backbone!r}")
-        if unfreeze_at_epoch is not None and not (
-            isinstance(unfreeze_at_epoch, int) and not isinstance(unfreeze_at_epoch, bool) and unfreeze_at_epoch >= 0
-        ):
-            raise ValueError(f"unfreeze_at_epoch must be an int >= 0 or None, got {unfreeze_at_epoch!r}")
+        check_int("unfreeze_at_epoch", unfreeze_at_epoch, 0, allow_none=True)
         if not (isinstance(lr_factor, (int, float)) and lr_factor > 0):
             raise ValueError(f"lr_factor must be > 0, got {lr_factor!r}")
         if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
@@ -122,7 +86,6 @@ class FreezeUnfreeze(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(backbone=self.backbone, unfreeze_at_epoch=self.unfreeze_at_epoch)
 
-    # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"unfrozen": self.unfrozen, "unfrozen_at": self.unfrozen_at, "groups": [dict(g) for g in self.groups]}
 
@@ -131,7 +94,6 @@ class FreezeUnfreeze(Callback):
         self.unfrozen_at = state_dict.get("unfrozen_at")
         self.groups = [dict(g) for g in state_dict.get("groups", [])]
 
-    # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -190,7 +152,6 @@ class FreezeUnfreeze(Callback):
         elif self._frozen_bns and self._frozen_bns[0].training:
             set_bn_eval(self._frozen_bns)
 
-    # -- the unfreeze ---------------------------------------------------------------------------
     def _optimizer(self, trainer: Trainer) -> torch.optim.Optimizer:
         if not trainer.optimizers:
             raise MisconfigurationException("FreezeUnfreeze needs an optimizer (configure_optimizers returned none)")

@@ -1,11 +1,6 @@
 """Batch-size search at fit start (Lightning's ``BatchSizeFinder``) that resumes, keeps the RNG and the LR right.
 
-Lightning's finder doubles the batch size (``mode="power"``; ``"binsearch"`` then bisects) over a few
-training steps per trial until one runs out of memory or ``max_trials`` is reached, sets the batch size it
-found on the module or the datamodule (``batch_arg_name``), and restores the weights, the optimizer and
-the loops from a temporary checkpoint. The LR follows through :class:`~lightning_tricks.callbacks.LinearScaling`
-(``lr = base_lr * found_batch / reference_batch``), whose ``on_fit_start`` runs after the finder's
-whatever the order of the callback list (Lightning moves tuner callbacks to the front).
+The LR follows through :class:`~lightning_tricks.callbacks.LinearScaling`; details in ``docs/method_cards.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from lightning_tricks._lightning import (
     reset_dataloaders,
     resume_path_kept,
 )
+from lightning_tricks.checks import check_int
 
 __all__ = ["BatchSizeFinder", "STAGES", "train_samples"]
 
@@ -58,32 +54,10 @@ def train_samples(trainer: Trainer) -> int | None:
 class BatchSizeFinder(_LightningBatchSizeFinder):
     """Lightning's ``BatchSizeFinder``, plus exact resume, an untouched RNG and a cap at the training-set size.
 
-    Owns: the batch size (``batch_arg_name`` on the module, its hparams or the datamodule) and its record
-    of it. Shares: the LR, through :class:`~lightning_tricks.callbacks.LinearScaling` (which reads the found
-    batch size after this callback ran); the weights, which the search restores (Lightning's temporary
-    checkpoint).
-
-    Lightning's arguments, defaults, hooks and exceptions are kept (a bad ``mode`` is a ``ValueError``, a
-    bad ``margin`` an ``AssertionError``); the additions:
-
-    - **Resume**: the found batch size is this callback's checkpoint state. A fit resumed from a checkpoint
-      applies it and does not search (Lightning's search would load its own temporary checkpoint over the
-      optimizer state and the loop progress that Lightning restores after ``on_fit_start``, silently
-      restarting the run). Resuming from a checkpoint without a found batch size is refused.
-    - **The training set caps the search**: no size above the number of training samples
-      (:func:`train_samples`) is tried or chosen (in ``"power"`` mode the largest is ``init_val * 2**k`` below
-      it). Lightning stops only at loaders whose ``dataset`` has a length, and its power mode returns an
-      untried size beyond ``max_val``; above the data, a loader that drops the last incomplete batch (the
-      training loaders here) yields no batch, so every trial "succeeds" and the fit would run no step. On a
-      CPU with a small dataset this cap, not memory, ends the search: keep ``max_trials`` small there.
-    - **RNG**: the trial steps draw from isolated random states (``isolate_rng``), so the run after the
-      search is the run that a fit started with the found batch size makes (same dropout, shuffling, ...).
-    - The first trial runs ``init_val`` (Lightning's runs the loader already built with the configured batch
-      size under ``init_val``'s name), so a configured size that does not fit in memory is not tried first.
-    - ``trainer.ckpt_path`` is put back after the search (Lightning leaves its deleted temporary
-      checkpoint there, which reads as a resume to anything that looks).
-    - The result is printed once on rank zero; ``stages`` limits the search to some of
-      ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` (Lightning searches in all).
+    Lightning's arguments, defaults, hooks and exceptions are kept. Added: the found size is checkpoint
+    state (a resumed fit applies it and does not search); no size above the training set
+    (:func:`train_samples`) is tried; trials draw from an isolated RNG; the first trial runs ``init_val``;
+    ``trainer.ckpt_path`` is put back; ``stages`` limits where it searches. Why each: ``docs/method_cards.md``.
 
     Args:
         mode, steps_per_trial, init_val, max_trials, batch_arg_name, margin, max_val: Lightning's, with its
@@ -110,14 +84,10 @@ class BatchSizeFinder(_LightningBatchSizeFinder):
     ) -> None:
         if not isinstance(mode, str) or mode.lower() not in self.SUPPORTED_MODES:
             raise ValueError(f"`mode` should be either of {self.SUPPORTED_MODES}, got {mode!r}")
-        for name, value in (
-            ("steps_per_trial", steps_per_trial),
-            ("init_val", init_val),
-            ("max_trials", max_trials),
-            ("max_val", max_val),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("steps_per_trial", steps_per_trial, 1)
+        check_int("init_val", init_val, 1)
+        check_int("max_trials", max_trials, 1)
+        check_int("max_val", max_val, 1)
         if not isinstance(batch_arg_name, str) or not batch_arg_name:
             raise ValueError(f"batch_arg_name must be a non-empty attribute name, got {batch_arg_name!r}")
         chosen = [stages] if isinstance(stages, str) else list(stages)
@@ -127,14 +97,12 @@ class BatchSizeFinder(_LightningBatchSizeFinder):
         self.stages = tuple(dict.fromkeys(chosen))
         self.found: int | None = None  # the batch size of the fit (checkpoint state)
 
-    # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"batch_size": self.found}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.found = state_dict.get("batch_size", self.found)
 
-    # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str | None = None) -> None:
         if stage in self.stages:
             super().setup(trainer, pl_module, stage)

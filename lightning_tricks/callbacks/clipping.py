@@ -1,23 +1,9 @@
 """AGC: adaptive, unit-wise gradient clipping (NFNets) before every optimizer step.
 
-The formula and the multi-tensor kernel are :mod:`lightning_tricks.clipping`; this class picks the
-parameters once (at ``setup``) and calls :meth:`~lightning_tricks.clipping.AdaptiveClipper.clip_` from
-``on_before_optimizer_step``.
-
-When it runs: in a step pre-hook of each optimizer (``Optimizer.register_step_pre_hook``, registered at
-train start and removed at train end) that clips after the step's closure (Lightning passes one that runs
-the backward and the hooks), so inside ``optimizer.step()``, after everything Lightning runs before the
-update: the closure with every backward pass of the step (with ``accumulate_grad_batches=k``
-the gradient of the mean loss over the ``k`` micro-batches, clipped once), every callback's and the
-module's ``on_before_optimizer_step`` whatever the order of the callback list (``L1Regularization``'s
-``lam * sign(w)`` is clipped with the loss gradient, as if the penalty were in the loss; ``GradNormMonitor``
-logs the gradient before clipping), and the Trainer's ``gradient_clip_val`` (both only shrink gradients,
-so both bounds hold at the step). Under ``16-mixed`` the ``GradScaler`` has unscaled the gradients by then;
-a step it skips (inf/nan) never calls ``step()``. Optimizers that unscale inside their own ``step``
-(``_step_supports_amp_scaling``, e.g. ``Adam(fused=True)``) still hold scaled gradients; the bound is then
-multiplied by the scaler's current scale (a device tensor, no sync), which gives the same clipping.
-
-Owns: nothing (stateless; nothing to restore on resume). Shares: the gradients.
+The formula and the multi-tensor kernel are :mod:`lightning_tricks.clipping`. The clip runs in a step
+pre-hook of each optimizer, after the step's closure, so it sees the final gradient of the step: every
+backward pass (accumulation), every ``on_before_optimizer_step`` and ``gradient_clip_val``, unscaled under
+AMP (see ``docs/method_cards.md``).
 """
 
 from __future__ import annotations
@@ -59,21 +45,9 @@ def _check_exclude(exclude: Any) -> list[str] | None:
 class AGC(Callback):
     r"""Adaptive gradient clipping, unit-wise (Brock et al. 2021, arXiv:2102.06171), before every optimizer step.
 
-    For each unit ``i`` (an output row of a ``Linear``, an output filter of a ``Conv``; a bias or other
-    1-D tensor is one unit) of a clipped parameter ``W`` with gradient ``G``: if
-    ``||G_i|| / max(||W_i||, eps) > clipping`` then ``G_i <- clipping * max(||W_i||, eps) / ||G_i|| * G_i``.
-    The bound scales with the weights, so each layer gets a step proportional to its own size: it is what
-    let NFNets train without BatchNorm at large batch sizes and LRs. The paper leaves the final linear layer
-    unclipped, and so does this callback by default.
-
-    Cost per optimizer step: per (device, dtype, shape) group of parameters, two norms, a ``where`` and a
-    ``torch._foreach_mul_`` (see :mod:`lightning_tricks.clipping`); no host sync, except on the steps the
-    loggers write when ``log_clipped_fraction`` is on (one scalar read).
-
-    Where it runs (inside ``optimizer.step()``: after unscaling under AMP, once per step under gradient
-    accumulation, after every callback's ``on_before_optimizer_step`` and the Trainer's ``gradient_clip_val``)
-    is explained in the module doc. Sharded strategies (FSDP, DeepSpeed) hold flat shards instead of whole
-    tensors, so the units are not rows there: refused at ``setup``.
+    For each unit ``i`` (an output row or filter; a 1-D tensor is one unit) of a clipped ``W`` with gradient
+    ``G``: if ``||G_i|| / max(||W_i||, eps) > clipping`` then ``G_i <- clipping * max(||W_i||, eps) / ||G_i|| * G_i``.
+    The last ``nn.Linear`` is left unclipped by default, as in the paper. Sharded strategies are refused.
 
     Args:
         clipping: ``lambda`` > 0; NFNets use 0.01 at batch size 4096, and the paper finds that smaller

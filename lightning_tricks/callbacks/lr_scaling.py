@@ -15,6 +15,7 @@ from lightning_tricks._lightning import (
     trainer_callbacks,
 )
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
+from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.schedules import SCALING_RULES as RULES
 from lightning_tricks.schedules import global_batch_size, scaling_factor
 
@@ -55,29 +56,10 @@ def find_batch_size(trainer: Trainer, pl_module: LightningModule) -> tuple[int, 
 class LinearScaling(Callback):
     """Scale every parameter group's base LR by the global batch size over a reference batch size.
 
-    ``lr = lr * (B / reference_batch_size)`` with ``B = per-device batch x accumulate_grad_batches x
-    world size`` (``rule="linear"``, Goyal et al. 2017, "Accurate, Large Minibatch SGD", arXiv:1706.02677;
-    Krizhevsky 2014 arXiv:1404.5997 for ``rule="sqrt"``, ``lr * sqrt(B / reference)``, often better for
-    Adam). The optimizer's configured LR is the LR for ``reference_batch_size`` samples per step.
-
-    Applied once at fit start (``on_fit_start``, when the optimizers exist) as a base-LR change
-    (:func:`~lightning_tricks.callbacks.lr_schedule.change_base_lrs`, no LRSchedule needed): before
-    training starts it scales ``group["lr"]`` and, if present,
-    ``group["initial_lr"]``, which LRSchedule captures as base LRs at train start, so the two compose in
-    either order. When the module configures its own torch LR scheduler, that scheduler owns the LR of its
-    optimizer: its ``base_lrs`` are scaled too (with a warning: bounds it keeps elsewhere are not).
-    A resumed run takes the already-scaled base LRs from the checkpoint (no double scaling).
-    What it did is printed once on rank zero.
-
-    With a batch-size search (Lightning's ``BatchSizeFinder`` or
-    :class:`~lightning_tricks.callbacks.BatchSizeFinder`, ``+callbacks=batch_size_finder``) the LR follows the
-    batch size it finds: the finder runs in its ``on_fit_start``, sets ``datamodule.batch_size`` (or the
-    module's) and restores the weights and the optimizer from its temporary checkpoint; Lightning always
-    moves tuner callbacks to the front of the callback list, so this callback's ``on_fit_start`` runs
-    after it, whatever the order the user wrote, and reads the found batch size. Both are checked at fit
-    start: a finder that would run after this callback, or an explicit ``batch_size`` (which would ignore
-    the found one), is refused with one message naming both. Pair a large factor with a warmup
-    (``Warmup(...)``/``schedule=warmup_cosine``), as Goyal et al. do: it warns when there is none.
+    ``lr = lr * (B / reference_batch_size)`` (``rule="sqrt"``: ``lr * sqrt(B / reference)``) with ``B =
+    per-device batch x accumulate_grad_batches x world size`` (Goyal et al. 2017, arXiv:1706.02677), once
+    at fit start through :func:`~lightning_tricks.callbacks.lr_schedule.change_base_lrs`. A batch-size
+    finder runs first and the LR follows the size it finds. Details: ``docs/method_cards.md``.
 
     Args:
         reference_batch_size: the global batch size the configured LR was tuned for.
@@ -90,18 +72,9 @@ class LinearScaling(Callback):
     """
 
     def __init__(self, reference_batch_size: int = 256, rule: str = "linear", batch_size: int | None = None) -> None:
-        if (
-            isinstance(reference_batch_size, bool)
-            or not isinstance(reference_batch_size, int)
-            or reference_batch_size < 1
-        ):
-            raise ValueError(f"reference_batch_size must be an int >= 1, got {reference_batch_size!r}")
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+        check_int("reference_batch_size", reference_batch_size, 1)
+        check_choice("rule", rule, RULES)
+        check_int("batch_size", batch_size, 1, allow_none=True)
         self.reference_batch_size = reference_batch_size
         self.rule = rule
         self.batch_size = batch_size

@@ -19,35 +19,10 @@ __all__ = ["DivergenceGuard", "Diverged"]
 class DivergenceGuard(Callback):
     """Stop training at the first non-finite training loss or weight, with one line naming step, epoch, LR.
 
-    Two checks, both raising :class:`~lightning_tricks.sanity.Diverged`:
-
-    - the loss, in ``on_before_backward``: a non-finite loss never reaches the backward pass or the
-      optimizer, so the weights stay as they were. On the CPU the loss is read every step (a read, not a
-      sync: the value is already there). On an accelerator reading it is a host sync, so with
-      ``every_n_steps=n > 1`` the losses are summed on the device (one in-place add per step, no sync)
-      and the sum is read every ``n`` optimizer steps: a non-finite loss is then caught at the next read,
-      and the updates since it were applied (the message names the window);
-    - the weights, right after an optimizer step (a ``torch.optim.Optimizer`` step post-hook, so before
-      any callback's ``on_train_batch_end`` whatever the callback order; one multi-tensor norm over the
-      parameters and one scalar read), every ``n`` optimizer steps; ``check_weights=False`` turns it
-      off. An LR so large that a finite gradient overflows the weights is caught here, before the
-      EMA/SWA averages, early stopping's best copy or a checkpoint can take the non-finite values when
-      ``n = 1`` (the module's own weights are then the overflowed ones: no copy is kept to roll back);
-      with ``n > 1`` an overflow may reach an average before the next check.
-
-    A third check reads every validation loss (a logged metric whose name starts with ``val`` and holds
-    ``loss``) at the end of each validation during fit: a non-finite one stops the run before
-    ``ModelCheckpoint`` can save it as best or early stopping can end the run as if it had plateaued.
-
-    With ``n > 1`` the first two are also checked before a checkpoint is saved (``on_save_checkpoint``: a diverged
-    run never writes a checkpoint) and at the end of every training epoch. Cost per step on the CPU
-    (``benchmarks/overhead.py``): the loss read is a few µs; the weight check is about one pass over the
-    weights (the floor of ``overhead.py``), which ``n`` divides.
-
-    ``python -m lightning_tricks.train`` has it on by default (``callbacks.divergence_guard``): the run
-    ends with ``status: diverged`` in ``metrics.json``, no test is run, the sweep summary shows the status,
-    and the Hydra main returns the worst value of the monitor so sweepers rank the job last. Turn it off
-    with ``~callbacks.divergence_guard``.
+    Raises :class:`~lightning_tricks.sanity.Diverged` at a non-finite loss (in ``on_before_backward``, so
+    the weights stay as they were), a non-finite weight norm (in an optimizer step post-hook, before any
+    callback's ``on_train_batch_end``) or a non-finite validation loss (before ``ModelCheckpoint`` or early
+    stopping act on it). ``every_n_steps`` and the cost on an accelerator: ``docs/method_cards.md``.
 
     Args:
         check_weights: also check that the weights are finite after optimizer steps.

@@ -1,10 +1,7 @@
 """Mixup, CutMix, MixupCutmix and Cutout as callbacks: adapters over :mod:`lightning_tricks.augment`.
 
-Each class holds its arguments and state and calls one core function; :class:`BatchAugment` is the one
-place that decides when to act, seeds the generator and reads and writes the batch (a ``list`` or a
-``dict``, replaced in ``on_train_batch_start``). Mixup and CutMix put
-:class:`~lightning_tricks.augment.MixedTargets` in place of the labels: losses take them, metrics read
-``labels_of(y)``. How they draw, stack and resume: ``docs/method_cards.md``, "Batch augmentation".
+:class:`BatchAugment` is the one place that decides when to act, seeds the generator and reads and writes
+the batch; how they draw, stack and resume: ``docs/method_cards.md``.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ from lightning_tricks.callbacks._common import MemoStateKey, check_float, check_
 
 __all__ = ["BatchAugment", "Mixup", "CutMix", "MixupCutmix", "Cutout", "ORDER", "rank_seed"]
 
-#: the order stacked batch augmentations act in, whatever the order of the callback list: the occlusion on
-#: the clean images, then the label mixing (at most one label-mixing callback is allowed)
+#: the order stacked augmentations act in, whatever the list order: occlude the clean images, then mix labels
 ORDER = ("Cutout", "Mixup", "CutMix", "MixupCutmix")
 
 
@@ -154,7 +150,6 @@ class BatchAugment(MemoStateKey, Callback):
             return False
         return not (self.off_last_epochs and max_epochs is not None and epoch >= max_epochs - self.off_last_epochs)
 
-    # -- the one place that draws and touches the batch ----------------------------------------
     def augment(self, trainer: Trainer, batch: Any) -> None:
         """Augment ``batch`` in place, batch ``count`` drawing from ``rank_seed(seed, rank) + count``."""
         count = self.batches
@@ -236,12 +231,10 @@ class _Mix(BatchAugment):
 
 
 class Mixup(_Mix):
-    """Mixup on training batches: ``x' = lam x + (1-lam) x[perm]``, ``y' = lam q + (1-lam) q[perm]``.
+    """Mixup on training batches (Zhang et al. 2018, arXiv:1710.09412): :func:`~lightning_tricks.augment.mixup_batch`.
 
-    ``lam ~ Beta(alpha, alpha)`` per batch, ``perm`` a random permutation, ``q`` one-hot targets
-    (:func:`~lightning_tricks.augment.mixup_batch`; Zhang et al. 2018, arXiv:1710.09412). The targets
-    become :class:`~lightning_tricks.augment.MixedTargets` ``(N, C)``: the loss must accept soft targets
-    (``F.cross_entropy`` does), metrics read ``labels_of(y)``.
+    The targets become :class:`~lightning_tricks.augment.MixedTargets` ``(N, C)``: the loss must accept
+    soft targets (``F.cross_entropy`` does), metrics read ``labels_of(y)``.
 
     Args:
         alpha: Beta concentration, > 0 (the paper: 0.2 on ImageNet, 1.0 on CIFAR-10).
@@ -265,12 +258,9 @@ class Mixup(_Mix):
 
 
 class CutMix(_Mix):
-    """CutMix on training batches: paste a box of ``x[perm]`` and mix labels by the pasted area.
+    """CutMix on training batches (Yun et al. 2019, arXiv:1905.04899): :func:`~lightning_tricks.augment.cutmix_batch`.
 
-    ``lam ~ Beta(alpha, alpha)`` sets the box (sides ``sqrt(1 - lam) * (H, W)``, uniform center,
-    clipped), then ``lam = 1 - box_area / (H W)`` and ``y' = lam q + (1 - lam) q[perm]``
-    (:func:`~lightning_tricks.augment.cutmix_batch`; Yun et al. 2019, arXiv:1905.04899). Images
-    ``(N, C, H, W)`` only. Arguments as :class:`Mixup` (the paper uses ``alpha=1``).
+    Images ``(N, C, H, W)`` only. Arguments as :class:`Mixup` (the paper uses ``alpha=1``).
     """
 
     def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
@@ -281,11 +271,9 @@ class CutMix(_Mix):
 class MixupCutmix(BatchAugment):
     """Mixup or CutMix on training batches, chosen per batch, pair or sample: timm's ``Mixup`` as a callback.
 
-    Each slot (the batch, the pair ``(i, N-1-i)`` or the sample) is mixed with probability ``prob``, by
-    CutMix with probability ``switch_prob`` else by mixup; label smoothing is folded into the targets of
-    every training batch, so ``setup`` refuses a module with its own ``label_smoothing > 0``. The math
-    is :func:`~lightning_tricks.augment.mixup_cutmix_batch` (timm's ``Mixup``; DeiT, arXiv:2012.12877,
-    uses ``mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1``).
+    The math is :func:`~lightning_tricks.augment.mixup_cutmix_batch`; ``label_smoothing`` is folded into the
+    targets, so a module with its own ``label_smoothing > 0`` is refused. DeiT (arXiv:2012.12877) uses
+    ``mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1``.
 
     Args:
         mixup_alpha: mixup's Beta concentration, >= 0 (0 turns mixup off).
@@ -350,10 +338,8 @@ class MixupCutmix(BatchAugment):
 
 
 class Cutout(BatchAugment):
-    """Cutout on training batches: ``count`` squares of side ``size`` per image set to ``value``.
-
-    Each square is centered uniformly over the image and clipped at the border; labels are unchanged
-    (:func:`~lightning_tricks.augment.cutout_batch`; DeVries and Taylor 2017, arXiv:1708.04552).
+    """Cutout on training batches (DeVries and Taylor 2017, arXiv:1708.04552): ``count`` squares per image
+    set to ``value``, by :func:`~lightning_tricks.augment.cutout_batch`; labels are unchanged.
 
     Args:
         size: side in pixels (int >= 1) or as a fraction of ``min(H, W)`` (float in (0, 1]); a square larger

@@ -168,32 +168,31 @@ class LRRangeTest(Callback):
             )
         optimizer = optimizers[0]
         loop = trainer.fit_loop
-        saved = {
+        saved: dict[str, Any] = {
             "model": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
             "optimizer": copy.deepcopy(optimizer.state_dict()),
             "precision": copy.deepcopy(trainer.precision_plugin.state_dict()),
             "loop": copy.deepcopy(loop.state_dict()),
-            "callbacks": trainer_callbacks(trainer),
-            "loggers": trainer.loggers,
-            "schedulers": trainer.strategy.lr_scheduler_configs,
-            "max_steps": loop.epoch_loop.max_steps,
-            "max_epochs": loop.max_epochs,
-            "limit_val_batches": trainer.limit_val_batches,
-            "should_stop": trainer.should_stop,
         }
         groups = optimizer.param_groups
         ratios = [g["lr"] / groups[0]["lr"] if groups[0]["lr"] else 1.0 for g in groups]
         sweep = _Sweep(self, trainer.global_step, ratios, automatic=pl_module.automatic_optimization)
+        # the sweep runs alone, without validation, for num_steps steps; these values come back after it
+        sweep_settings = [
+            (trainer.strategy, "lr_scheduler_configs", []),
+            (trainer, "callbacks", [sweep]),
+            (trainer, "loggers", [DummyLogger()] if trainer.loggers else []),
+            (loop.epoch_loop, "max_steps", trainer.global_step + self.num_steps),
+            (loop, "max_epochs", -1),
+            (trainer, "limit_val_batches", 0),
+            (trainer, "should_stop", False),
+        ]
+        saved["settings"] = [(obj, name, getattr(obj, name)) for obj, name, _ in sweep_settings]
         with isolate_rng():
             try:
-                trainer.strategy.lr_scheduler_configs = []
-                trainer.callbacks = [sweep]  # type: ignore[attr-defined]  # (see trainer_callbacks)
-                trainer.loggers = [DummyLogger()] if trainer.loggers else []
-                loop.epoch_loop.max_steps = trainer.global_step + self.num_steps
-                loop.max_epochs = -1
-                trainer.limit_val_batches = 0
-                trainer.should_stop = False
-                loop.load_state_dict(copy.deepcopy(saved["loop"]))  # type: ignore[arg-type]
+                for obj, name, value in sweep_settings:
+                    setattr(obj, name, value)
+                loop.load_state_dict(copy.deepcopy(saved["loop"]))
                 loop.restarting = False
                 loop.run()
             finally:
@@ -226,13 +225,8 @@ class LRRangeTest(Callback):
         trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     ) -> None:
         loop = trainer.fit_loop
-        trainer.strategy.lr_scheduler_configs = saved["schedulers"]
-        trainer.callbacks = saved["callbacks"]  # type: ignore[attr-defined]
-        trainer.loggers = saved["loggers"]
-        loop.epoch_loop.max_steps = saved["max_steps"]
-        loop.max_epochs = saved["max_epochs"]
-        trainer.limit_val_batches = saved["limit_val_batches"]
-        trainer.should_stop = saved["should_stop"]
+        for obj, name, value in saved["settings"]:
+            setattr(obj, name, value)
         pl_module.load_state_dict(saved["model"])
         pl_module.zero_grad(set_to_none=True)
         optimizer.load_state_dict(saved["optimizer"])
@@ -438,15 +432,8 @@ def lr_range_test(
     if fixed:
         raise TypeError(f"lr_range_test() only measures: {fixed} cannot be set here (use the LRRangeTest callback)")
     callback = LRRangeTest(**sweep, apply_to=None, plot_path=plot_path, exit_after=True)
-    kwargs: dict[str, Any] = {
-        "devices": 1,
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
+    kwargs: dict[str, Any] = dict(devices=1, max_epochs=1, logger=False, enable_checkpointing=False)
+    kwargs.update(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     kwargs.update(trainer_kwargs or {})
     extra = list(kwargs.pop("callbacks", None) or [])
     trainer = trainer_class_for(module)(callbacks=[callback, *extra], **kwargs)

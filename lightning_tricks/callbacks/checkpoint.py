@@ -1,15 +1,6 @@
-"""Lightning's ``ModelCheckpoint`` with two guarantees a pre-empted cluster job needs.
+"""Lightning's ``ModelCheckpoint`` with ``last.ckpt`` always the latest state and every write atomic.
 
-- ``last.ckpt`` is the latest state: written at every training epoch end (and every validation end where
-  Lightning saves at validation end) at which nothing was saved at that step yet. Since Lightning 2.6
-  ``save_last=True`` writes it only beside a top-k save, so a run monitoring a metric that stopped
-  improving kept an old epoch in ``last.ckpt``, and resuming from it silently redid the epochs after the
-  best.
-- Every checkpoint file is written atomically beside its target
-  (:func:`lightning_tricks.checkpoint_io.atomic_torch_save`), so a kill or a full disk at any moment
-  leaves the previous file loadable, and nothing is left in ``$TMPDIR``.
-
-Arguments, defaults and checkpoint keys are Lightning's.
+Arguments, defaults and checkpoint keys are Lightning's; why each guarantee: ``docs/method_cards.md``.
 """
 
 from __future__ import annotations
@@ -25,10 +16,7 @@ __all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "use_atomic_checkpoint_io"]
 
 
 class AtomicCheckpointIO:
-    """The Trainer's checkpoint I/O with saving made atomic; loading and removal are the wrapped I/O's.
-
-    Wraps Lightning's ``TorchCheckpointIO`` (whichever namespace it comes from) rather than subclassing it.
-    """
+    """Lightning's ``TorchCheckpointIO`` (either namespace, wrapped) with saving made atomic."""
 
     def __init__(self, wrapped: Any) -> None:
         self.wrapped = wrapped

@@ -1,11 +1,7 @@
 """PreemptionCheckpoint: a SIGTERM (SLURM pre-emption, time limit) saves the run where it stands.
 
-Lightning's signal handler only records a SIGTERM (``trainer.received_sigterm``); its loops then raise
-``SIGTERMException`` (a ``SystemExit``) after the current batch, and nothing is saved. This callback
-writes a checkpoint at that point: right after the batch in progress ends (``on_train_batch_end``, the
-point where step checkpoints are taken, so the loops' mid-epoch progress and the resumable loader's
-position in the epoch are in it and a resume continues with the next batch exactly), or, if the signal
-came outside a training batch (validation, sanity check), when Lightning reports the exception.
+Lightning only records a SIGTERM and stops after the current batch without saving; this callback saves
+right after that batch, so a resume continues with the next batch exactly (``docs/method_cards.md``).
 """
 
 from __future__ import annotations

@@ -149,9 +149,8 @@ class SWA(_Averaging):
         self._steps.start(trainer.global_step)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # the number of batches per epoch is known from here on (before the first step); the phase is made
-        # here, not at fit start, where reading it would set up the train data before a checkpoint's RNG state
-        # is back (a resumed run's first epoch would be shuffled differently)
+        # not at fit start: reading the batches per epoch there sets up the train data before a checkpoint's
+        # RNG state is back, and a resumed run's first epoch would be shuffled differently
         if self.swa_lr is not None:
             if self._lr_owner is None:  # setup did not run (the hook called by hand)
                 self._lr_owner = LRSchedule.of(trainer, self._lr_name())
@@ -171,13 +170,9 @@ class SWA(_Averaging):
         return self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
 
     def _lr_name(self) -> str:
-        anneal = (
-            f", anneal_steps={self.anneal_steps}"
-            if self.anneal_steps is not None
-            else f", anneal_epochs={self.anneal_epochs}"
-            if self.anneal_epochs
-            else ""
-        )
+        if self.anneal_steps is not None:
+            return f"SWA(swa_lr={self.swa_lr}, anneal_steps={self.anneal_steps})"
+        anneal = f", anneal_epochs={self.anneal_epochs}" if self.anneal_epochs else ""
         return f"SWA(swa_lr={self.swa_lr}{anneal})"
 
     def lr_phase(self, trainer: Trainer) -> SWALRPhase:

@@ -1,9 +1,7 @@
 """LRSchedule: the one writer of the learning rate (and momentum) during fit.
 
-The rules (schedule, plateau, phases, base-LR changes, conflicts) are in the pure
-:class:`lightning_tricks.lr_plan.LRPlan`; this callback captures the base LRs at train start, writes
-``plan.group_lrs(i, t)`` before each optimizer step, steps the plateau after each validation, and
-refuses any other writer of ``param_group["lr"]`` in one place (:meth:`LRSchedule._write`).
+The rules are the pure :class:`lightning_tricks.lr_plan.LRPlan`; this callback captures the base LRs,
+writes the plan's LRs before each optimizer step, steps the plateau and refuses other writers (:meth:`_write`).
 """
 
 from __future__ import annotations
@@ -322,9 +320,8 @@ class LRSchedule(Callback):
 def change_base_lrs(trainer: Trainer, fn: Callable[[int, int, float], float]) -> list[tuple[int, int, float, float]]:
     """Set each group's base LR to ``fn(optimizer index, group index, base LR)``; returns ``(i, j, old, new)``.
 
-    After an LRSchedule has started, through its plan. Before training (LinearScaling, the range test's
-    hand-off) the groups' starting LR (``lr`` and ``initial_lr``) and the base LRs of the module's own torch
-    schedulers are set: nothing writes the LR during fit yet, and an LRSchedule captures them at train start.
+    After an LRSchedule has started, through its plan; before training, the groups' ``lr`` and ``initial_lr``
+    and the ``base_lrs`` of the module's own torch schedulers (an LRSchedule captures them at train start).
     """
     owner = LRSchedule.find(trainer)
     if owner is not None and owner._started:

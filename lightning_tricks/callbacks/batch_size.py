@@ -159,8 +159,6 @@ class BatchSizeFinder(_LightningBatchSizeFinder):
 
 
 def _doublings(start: int, limit: int) -> int:
-    """How many times ``start`` can be doubled without exceeding ``limit``."""
-    count = 0
-    while start * 2 ** (count + 1) <= limit:
-        count += 1
-    return count
+    """How many times ``start`` can be doubled without exceeding ``limit``: the largest ``k`` with
+    ``start * 2**k <= limit``, i.e. ``2**k <= limit // start``."""
+    return max(0, (limit // start).bit_length() - 1)

@@ -134,22 +134,20 @@ class FreezeUnfreeze(Callback):
             set_bn_eval(self._frozen_bns)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.unfrozen:
-            return
-        if self.unfreeze_at_epoch is not None and trainer.current_epoch >= self.unfreeze_at_epoch:
-            self._unfreeze(trainer, pl_module)
-        else:
-            set_bn_eval(self._frozen_bns)
+        self._follow_epoch(trainer, pl_module, always_eval=True)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # a resume that skips on_train_epoch_start must still unfreeze on time (O(1) check per step)
+        self._follow_epoch(trainer, pl_module, always_eval=False)
+
+    def _follow_epoch(self, trainer: Trainer, pl_module: LightningModule, always_eval: bool) -> None:
         if self.unfrozen:
             return
-        # a resume that skips on_train_epoch_start must still unfreeze on time (O(1) check per step)
         if self.unfreeze_at_epoch is not None and trainer.current_epoch >= self.unfreeze_at_epoch:
             self._unfreeze(trainer, pl_module)
         # something (a user's on_validation_model_train, model.train()) may have switched the frozen
-        # BatchNorm layers back to training mode: re-apply eval only then
-        elif self._frozen_bns and self._frozen_bns[0].training:
+        # BatchNorm layers back to training mode
+        elif always_eval or (self._frozen_bns and self._frozen_bns[0].training):
             set_bn_eval(self._frozen_bns)
 
     def _optimizer(self, trainer: Trainer) -> torch.optim.Optimizer:

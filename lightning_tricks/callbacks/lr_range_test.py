@@ -63,8 +63,7 @@ class LRRangeTest(Callback):
             :func:`lr_range_test` does).
 
     Example:
-        >>> finder = LRRangeTest(min_lr=1e-5, max_lr=1.0, num_steps=80, apply_to="lr")
-        >>> # Trainer(callbacks=[finder]).fit(module); finder.result.suggestion, finder.result.plot("lr.png")
+        >>> finder = LRRangeTest(min_lr=1e-5, max_lr=1.0, num_steps=80, apply_to="lr")  # then finder.result
     """
 
     def __init__(
@@ -418,15 +417,6 @@ def lr_range_test(
 
     ``data`` is a ``LightningDataModule`` or a train dataloader; ``sweep`` takes :class:`LRRangeTest`'s
     sweep arguments; nothing is applied. ``trainer_kwargs`` override the defaults (one device, no logger).
-
-    Example:
-        >>> from lightning_tricks.data import DigitsDataModule
-        >>> from lightning_tricks.mixins import Classifier
-        >>> from lightning_tricks.models import MLP
-        >>> module = Classifier(MLP((1, 8, 8), 10), 10, {"name": "sgd", "lr": 0.05})
-        >>> result = lr_range_test(module, DigitsDataModule(loader="resident"), min_lr=1e-4, max_lr=10,
-        ...                        trainer_kwargs={"accelerator": "cpu"})        # doctest: +SKIP
-        >>> module.optimizer_config.lr = result.suggestion                        # doctest: +SKIP
     """
     fixed = sorted({"apply_to", "exit_after", "suggestion", "attr_name"} & set(sweep))
     if fixed:

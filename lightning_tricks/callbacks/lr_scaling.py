@@ -29,13 +29,12 @@ def find_batch_size(trainer: Trainer, pl_module: LightningModule) -> tuple[int, 
     train dataloader's ``batch_size`` (or its ``batch_sampler.batch_size``).
     """
     datamodule = getattr(trainer, "datamodule", None)
-    candidates: list[tuple[Any, str]] = []
-    if datamodule is not None:
-        candidates.append((getattr(datamodule, "batch_size", None), f"{type(datamodule).__name__}.batch_size"))
-    candidates.append((getattr(pl_module, "batch_size", None), f"{type(pl_module).__name__}.batch_size"))
-    hparams = getattr(pl_module, "hparams", None)
-    if hparams is not None and "batch_size" in hparams:
-        candidates.append((hparams["batch_size"], f"{type(pl_module).__name__}.hparams.batch_size"))
+    module = type(pl_module).__name__
+    candidates = [
+        (getattr(datamodule, "batch_size", None), f"{type(datamodule).__name__}.batch_size"),
+        (getattr(pl_module, "batch_size", None), f"{module}.batch_size"),
+        ((getattr(pl_module, "hparams", None) or {}).get("batch_size"), f"{module}.hparams.batch_size"),
+    ]
     for value, where in candidates:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value, where
@@ -128,15 +127,13 @@ class LinearScaling(Callback):
                 "bounds it keeps elsewhere (max_lr, eta_min, ...) are not scaled. "
                 "lightning_tricks.callbacks.LRSchedule has none of these."
             )
+        resume_note = ""
+        if self._resuming_from:
+            resume_note = f" (resuming from {self._resuming_from}: its optimizer state, already scaled, replaces these)"
         rank_zero_info(
             f"LinearScaling ({self.rule}): global batch {self.global_batch_size} = {per_device} per device "
             f"(from {where}) x {accumulate} accumulated x {world} device(s); reference {self.reference_batch_size}; "
-            f"LR x {self.factor:.4g}: {', '.join(changes)}"
-            + (
-                f" (resuming from {self._resuming_from}: its optimizer state, already scaled, replaces these)"
-                if self._resuming_from
-                else ""
-            )
+            f"LR x {self.factor:.4g}: {', '.join(changes)}" + resume_note
         )
         if self.factor >= 2 and not self._has_warmup(trainer):
             rank_zero_warn(

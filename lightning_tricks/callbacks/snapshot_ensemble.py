@@ -243,6 +243,7 @@ class SnapshotEnsemble(MemoStateKey, Callback):
         self.results = {}
         loaders = _as_list(trainer.test_dataloaders)
         limits = trainer.num_test_batches
+        weights = weights_of(pl_module)
         for i, loader in enumerate(loaders):
             limit = limits[i] if i < len(limits) else float("inf")
 
@@ -252,9 +253,7 @@ class SnapshotEnsemble(MemoStateKey, Callback):
                         break
                     yield trainer.strategy.batch_to_device(batch, dataloader_idx=i)
 
-            weights = weights_of(pl_module)
-
-            def load(m: int, state: Any, weights: Any = weights) -> None:
+            def load(m: int, state: Any) -> None:
                 weights.hold(f"snapshot_{m + 1}", state)
 
             # each member is held as "snapshot_<k>"; afterwards the module holds what it held before

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_tricks.checks import check_int
+
 __all__ = [
     "MODES",
     "MIN_DROP",
@@ -54,6 +56,12 @@ __all__ = [
     "suggest_min_div10",
     "RangeTestResult",
     "plot_range_test",
+    "check_sweep_args",
+    "SweepRecord",
+    "default_suggestion",
+    "no_suggestion_reason",
+    "summary",
+    "set_lr_attr",
 ]
 
 MODES = ("exp", "linear")
@@ -266,3 +274,114 @@ def plot_range_test(result: RangeTestResult, path: str | os.PathLike | None = No
         os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
         fig.savefig(os.fspath(path), format="png", bbox_inches="tight")
     return fig
+
+
+def check_sweep_args(
+    min_lr: float, max_lr: float, num_steps: Any, smooth: float, diverge_threshold: float | None
+) -> None:
+    """Raise ``ValueError`` naming the first bad sweep argument."""
+    for name, v in (("min_lr", min_lr), ("max_lr", max_lr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    if min_lr >= max_lr:
+        raise ValueError(f"min_lr must be < max_lr (bounds reversed?), got min_lr={min_lr!r} >= max_lr={max_lr!r}")
+    check_int("num_steps", num_steps, 2)
+    LossSmoother(smooth)  # checks smooth is in [0, 1)
+    if diverge_threshold is not None and not (diverge_threshold > 1.0 and math.isfinite(diverge_threshold)):
+        raise ValueError(f"diverge_threshold must be None or a number > 1, got {diverge_threshold!r}")
+
+
+class SweepRecord:
+    """The sweep's curve, one point per optimizer step, and its stop rule.
+
+    The first ``skip_begin`` points average few batches and are noisy: they neither set the best loss
+    nor trigger the ratio test (a non-finite loss always stops).
+
+    Example:
+        >>> rec = SweepRecord(smooth=0.0, diverge_threshold=2.0, skip_begin=0)
+        >>> rec.add(1e-3, 1.0), rec.add(1e-2, None), rec.add(1e-1, 3.0)
+        ((False, ''), (False, ''), (True, 'smoothed loss 3 > 2 x best 1'))
+    """
+
+    def __init__(self, smooth: float, diverge_threshold: float | None, skip_begin: int) -> None:
+        self.smoother = LossSmoother(smooth)
+        self.diverge_threshold, self.skip_begin = diverge_threshold, skip_begin
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.raw: list[float] = []
+        self.best = math.inf
+
+    def add(self, lr: float, raw: float | None) -> tuple[bool, str]:
+        """Record the step at ``lr`` with mean loss ``raw`` (``None``: no loss, a gap); return ``(stop, reason)``."""
+        self.lrs.append(lr)
+        if raw is None:
+            self.raw.append(math.nan)
+            self.losses.append(math.nan)
+            return False, ""
+        smoothed = self.smoother.update(raw) if math.isfinite(raw) else raw
+        self.raw.append(raw)
+        self.losses.append(smoothed)
+        stop, reason = False, ""
+        if len(self.losses) > max(self.skip_begin, 1) or not math.isfinite(smoothed):
+            stop, reason = diverged(smoothed, self.best, self.diverge_threshold)
+        if math.isfinite(smoothed) and len(self.losses) > self.skip_begin:
+            self.best = min(self.best, smoothed)
+        return stop, reason
+
+
+def default_suggestion(apply_to: str | None, suggestion: str | None) -> str:
+    """The suggestion applied: ``suggestion``, or ``"min_div10"`` for a one-cycle peak, else ``"steepest"``."""
+    if suggestion is not None:
+        return suggestion
+    return "min_div10" if apply_to == "one_cycle" else "steepest"
+
+
+def no_suggestion_reason(result: RangeTestResult) -> str:
+    """Why ``result`` has no suggestion, for the warning."""
+    if result.losses and not result.fell:
+        return (
+            f"the smoothed loss never fell below its first value ({result.stop_reason or 'no fall'}: "
+            f"the sweep starts too high, lower min_lr)"
+        )
+    return f"{len(result.lrs)} points recorded"
+
+
+def summary(result: RangeTestResult) -> str:
+    """One line: steps, LR span, why it stopped and both suggestions."""
+
+    def fmt(v: float | None) -> str:
+        return "none" if v is None else f"{v:.3g}"
+
+    last = result.lrs[-1] if result.lrs else 0
+    return (
+        f"{len(result.lrs)} steps, lr {result.min_lr:.3g} -> {last:.3g} ({result.mode}); {result.stop_reason}. "
+        f"Suggestions: steepest {fmt(result.suggestion)}, min-loss/10 {fmt(result.suggestion_min_div10)}"
+    )
+
+
+def set_lr_attr(module: Any, lr: float, attr_name: str | None = None) -> str | None:
+    """Write ``lr`` where ``module`` keeps its LR; return where, or ``None`` if nowhere was found.
+
+    Without ``attr_name``: ``module.optimizer_config.lr`` (and ``hparams["optimizer"]["lr"]``), else the
+    first of ``lr`` / ``learning_rate`` found in ``hparams`` or as an attribute.
+    """
+    owner = type(module).__name__
+    config = getattr(module, "optimizer_config", None)
+    if not attr_name and config is not None and hasattr(config, "lr"):
+        config.lr = lr
+        hp = getattr(module, "hparams", {})
+        if isinstance(hp.get("optimizer"), dict) and "lr" in hp["optimizer"]:
+            hp["optimizer"]["lr"] = lr
+        return f"{owner}.optimizer_config.lr"
+    for name in [attr_name] if attr_name else ["lr", "learning_rate"]:
+        if name in getattr(module, "hparams", {}):
+            module.hparams[name] = lr
+            if hasattr(module, name):
+                setattr(module, name, lr)
+            return f"{owner}.hparams.{name}"
+        if hasattr(module, name):
+            setattr(module, name, lr)
+            return f"{owner}.{name}"
+    if attr_name:
+        raise AttributeError(f"LRRangeTest(attr_name={attr_name!r}): the module has no such attribute or hparam")
+    return None

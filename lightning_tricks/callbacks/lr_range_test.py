@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 from typing import Any
 
@@ -27,10 +26,14 @@ from lightning_tricks._lightning import (
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
 from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.lr_range_test import (
-    LossSmoother,
     RangeTestResult,
-    diverged,
+    SweepRecord,
+    check_sweep_args,
+    default_suggestion,
+    no_suggestion_reason,
     normalize_mode,
+    set_lr_attr,
+    summary,
     sweep_lr,
 )
 
@@ -41,11 +44,8 @@ SUGGESTIONS = ("steepest", "min_div10", None)
 class LRRangeTest(Callback):
     """Smith's LR range test at fit start: sweep, restore everything, then apply the suggestion.
 
-    The sweep runs the real training loop (other callbacks, loggers and validation set aside) and is
-    undone afterwards: weights, optimizer, AMP scaler, loop counters, RNG and metrics. The hand-off is a
-    base-LR change before training (:func:`~lightning_tricks.callbacks.lr_schedule.change_base_lrs`).
-    Skipped under ``fast_dev_run`` and on resume; sharded strategies are refused. Details, DDP and the
-    comparison with Lightning's ``LearningRateFinder``: ``docs/method_cards.md``.
+    The sweep runs the real training loop alone and is undone afterwards (weights, optimizer, scaler,
+    loops, RNG, metrics). Skipped under ``fast_dev_run`` and on resume. Details: ``docs/method_cards.md``.
 
     Args:
         min_lr, max_lr: the sweep's bounds, ``0 < min_lr < max_lr``.
@@ -82,16 +82,8 @@ class LRRangeTest(Callback):
         plot_path: str | os.PathLike | None = "lr_range_test.png",
         exit_after: bool = False,
     ) -> None:
-        for name, v in (("min_lr", min_lr), ("max_lr", max_lr)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-        if min_lr >= max_lr:
-            raise ValueError(f"min_lr must be < max_lr (bounds reversed?), got min_lr={min_lr!r} >= max_lr={max_lr!r}")
-        check_int("num_steps", num_steps, 2)
+        check_sweep_args(min_lr, max_lr, num_steps, smooth, diverge_threshold)
         mode = normalize_mode(mode)
-        LossSmoother(smooth)  # checks smooth is in [0, 1)
-        if diverge_threshold is not None and not (diverge_threshold > 1.0 and math.isfinite(diverge_threshold)):
-            raise ValueError(f"diverge_threshold must be None or a number > 1, got {diverge_threshold!r}")
         check_int("skip_begin", skip_begin)
         check_int("skip_end", skip_end)
         check_choice("apply_to", apply_to, APPLY_TO)
@@ -119,9 +111,7 @@ class LRRangeTest(Callback):
     @property
     def method(self) -> str:
         """The suggestion applied: ``suggestion``, or its default for ``apply_to``."""
-        if self.suggestion is not None:
-            return self.suggestion
-        return "min_div10" if self.apply_to == "one_cycle" else "steepest"
+        return default_suggestion(self.apply_to, self.suggestion)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.apply_to is None:
@@ -196,27 +186,23 @@ class LRRangeTest(Callback):
                 loop.run()
             finally:
                 self._restore(trainer, pl_module, optimizer, saved)
+        rec = sweep.record
         result = RangeTestResult(
-            lrs=sweep.lrs,
-            losses=sweep.losses,
-            raw_losses=sweep.raw,
+            lrs=rec.lrs,
+            losses=rec.losses,
+            raw_losses=rec.raw,
             mode=self.mode,
             min_lr=self.min_lr,
             max_lr=self.max_lr,
             num_steps=self.num_steps,
             skip_begin=self.skip_begin,
             skip_end=self.skip_end,
-            stop_reason=sweep.reason or f"completed {len(sweep.lrs)} of {self.num_steps} steps",
+            stop_reason=sweep.reason or f"completed {len(rec.lrs)} of {self.num_steps} steps",
         )
         result = trainer.strategy.broadcast(result)  # one curve, one suggestion on every rank
         self.result = result
         self.plot_file = self._plot(trainer, result)
-        steep, div10 = result.suggestion, result.suggestion_min_div10
-        rank_zero_info(
-            f"LRRangeTest: {len(result.lrs)} steps, lr {self.min_lr:.3g} -> {result.lrs[-1] if result.lrs else 0:.3g} "
-            f"({self.mode}); {result.stop_reason}. Suggestions: steepest {_fmt(steep)}, min-loss/10 {_fmt(div10)}"
-            + (f"; plot {self.plot_file}" if self.plot_file else "")
-        )
+        rank_zero_info(f"LRRangeTest: {summary(result)}" + (f"; plot {self.plot_file}" if self.plot_file else ""))
         return result
 
     @staticmethod
@@ -255,12 +241,7 @@ class LRRangeTest(Callback):
         """Set the base LR (and the module's LR attribute) to the suggestion; return the LR set."""
         lr = result.suggest(self.method)
         if lr is None:
-            why = (
-                f"the smoothed loss never fell below its first value ({result.stop_reason or 'no fall'}: "
-                f"the sweep starts too high, lower min_lr)"
-                if result.losses and not result.fell
-                else f"{len(result.lrs)} points recorded"
-            )
+            why = no_suggestion_reason(result)
             rank_zero_warn(
                 f"LRRangeTest(apply_to={self.apply_to!r}): no {self.method} suggestion ({why}); "
                 "the LR stays as configured"
@@ -270,37 +251,13 @@ class LRRangeTest(Callback):
         first = groups[0]["lr"]
         new = [lr * (g["lr"] / first if first else 1.0) for g in groups]
         change_base_lrs(trainer, lambda i, j, x: new[j] if i == 0 else x)
-        where = self._update_attr(pl_module, lr)
+        where = set_lr_attr(pl_module, lr, self.attr_name)
         self.applied_lr = lr
         target = "OneCycle peak LR" if self.apply_to == "one_cycle" else "base LR"
         rank_zero_info(
             f"LRRangeTest: {target} set to {lr:.4g} ({self.method})" + (f"; updated {where}" if where else "")
         )
         return lr
-
-    def _update_attr(self, pl_module: LightningModule, lr: float) -> str | None:
-        names = [self.attr_name] if self.attr_name else ["lr", "learning_rate"]
-        config = getattr(pl_module, "optimizer_config", None)
-        if not self.attr_name and config is not None and hasattr(config, "lr"):
-            config.lr = lr
-            hp = getattr(pl_module, "hparams", {})
-            if isinstance(hp.get("optimizer"), dict) and "lr" in hp["optimizer"]:
-                hp["optimizer"]["lr"] = lr
-            return f"{type(pl_module).__name__}.optimizer_config.lr"
-        for name in names:
-            if name in getattr(pl_module, "hparams", {}):
-                pl_module.hparams[name] = lr
-                if hasattr(pl_module, name):
-                    setattr(pl_module, name, lr)
-                return f"{type(pl_module).__name__}.hparams.{name}"
-            if hasattr(pl_module, name):
-                setattr(pl_module, name, lr)
-                return f"{type(pl_module).__name__}.{name}"
-        if self.attr_name:
-            raise AttributeError(
-                f"LRRangeTest(attr_name={self.attr_name!r}): the module has no such attribute or hparam"
-            )
-        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -318,11 +275,7 @@ class _Sweep(Callback):
 
     def __init__(self, test: LRRangeTest, start_step: int, ratios: list[float], automatic: bool) -> None:
         self.test, self.start, self.ratios, self.automatic = test, start_step, ratios, automatic
-        self.smoother = LossSmoother(test.smooth)
-        self.lrs: list[float] = []
-        self.losses: list[float] = []
-        self.raw: list[float] = []
-        self.best = math.inf
+        self.record = SweepRecord(test.smooth, test.diverge_threshold, test.skip_begin)
         self.reason = ""
         self._window: list[torch.Tensor] = []
         self._last = start_step
@@ -357,26 +310,10 @@ class _Sweep(Callback):
             return  # inside an accumulation window
         lr = self._lr_at(self._last)
         self._last = step
-        if not self._window:  # the step returned no loss (training_step gave None): a gap, not a divergence
-            self.lrs.append(lr)
-            self.raw.append(math.nan)
-            self.losses.append(math.nan)
-            return
-        raw = float(torch.stack(self._window).mean())  # the one host sync per step
+        # a step whose training_step returned None is a gap, not a divergence; one host sync per step
+        raw = float(torch.stack(self._window).mean()) if self._window else None
         self._window = []
-        smoothed = self.smoother.update(raw) if math.isfinite(raw) else raw
-        self.lrs.append(lr)
-        self.raw.append(raw)
-        self.losses.append(smoothed)
-        # the first skip_begin points are noisy (few batches in the average) and are not used for the
-        # suggestion either: they neither set the best loss nor trigger the ratio test; a non-finite loss
-        # always stops
-        stop, reason = (False, "")
-        settled = len(self.losses) > max(self.test.skip_begin, 1)
-        if settled or not math.isfinite(smoothed):
-            stop, reason = diverged(smoothed, self.best, self.test.diverge_threshold)
-        if math.isfinite(smoothed) and len(self.losses) > self.test.skip_begin:
-            self.best = min(self.best, smoothed)
+        stop, reason = self.record.add(lr, raw)
         stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             self.reason = f"stopped at lr {lr:.3g}: {reason or 'another rank diverged'}"
@@ -399,10 +336,6 @@ def _find_one_cycle(trainer: Trainer) -> Any:
 @rank_zero_only
 def _save_plot(result: RangeTestResult, path: str) -> None:
     result.plot(path)
-
-
-def _fmt(v: float | None) -> str:
-    return "none" if v is None else f"{v:.3g}"
 
 
 def lr_range_test(

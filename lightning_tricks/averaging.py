@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_tricks.checks import check_int
 from lightning_tricks.schedules import (
+    SWALRPhase,
     swa_lr,  # the SWA LR formula lives with the other LR formulas
 )
 
@@ -49,6 +51,14 @@ __all__ = [
     "raw_weights_record",
     "AVERAGE_STATE_KEY",
     "RAW_WEIGHTS_KEY",
+    "RAW",
+    "copy_into",
+    "place_offer",
+    "check_swa_args",
+    "swa_start_epoch",
+    "check_start_in_run",
+    "swa_label",
+    "swa_phase",
 ]
 
 #: Key under which the averaging callbacks store ``{state_dict name: averaged tensor}`` in their state.
@@ -422,3 +432,182 @@ def averaged_state_dict(
         ref = raw.get(name)
         raw[name] = avg.to(dtype=ref.dtype) if ref is not None else avg
     return raw
+
+
+RAW = "raw"  # the label of a module's own (training) weights
+
+
+@torch.no_grad()
+def copy_into(
+    buffers: dict[str, Tensor], tensors: Mapping[str, Tensor], device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """``tensors`` copied into ``buffers`` (one foreach copy); returns the buffers written.
+
+    The buffers are allocated again (on ``device``, else each tensor's) when a name, shape, dtype or
+    device differs, or when inference-mode buffers would be written outside inference mode.
+    """
+    in_inference_mode = torch.is_inference_mode_enabled()
+    if buffers.keys() != tensors.keys() or any(
+        b.shape != tensors[n].shape
+        or b.dtype != tensors[n].dtype
+        or b.device != (device or tensors[n].device)
+        or (b.is_inference() and not in_inference_mode)
+        for n, b in buffers.items()
+    ):
+        buffers = {n: torch.empty_like(t, device=device or t.device) for n, t in tensors.items()}
+    if tensors:
+        torch._foreach_copy_([buffers[n] for n in tensors], list(tensors.values()))
+    return buffers
+
+
+def place_offer(
+    checkpoint: dict[str, Any],
+    state_key: str,
+    held: tuple[int, str],
+    backup: Mapping[str, Tensor],
+    label: str | None,
+    tensors: Mapping[str, Tensor] | None,
+    rank: int,
+) -> None:
+    """Put the weights an evaluation runs on into ``checkpoint["state_dict"]``; keep the raw ones for resume.
+
+    ``held``: ``(rank, label)`` of what the module holds (``backup``: the raw values it replaced);
+    ``label``/``tensors``/``rank``: the caller's offer, ``state_key`` its callback state. Whatever the call
+    order: a held label is in the state dict already; with the raw weights held, the highest
+    ``(rank, label)`` offer goes in. The replaced raw values go to one callback state under
+    :data:`RAW_WEIGHTS_KEY`; an offer of the state dict's dtype and device is stored as is, so it is in
+    the file once.
+    """
+    sd = checkpoint.get("state_dict")
+    states = checkpoint.get("callbacks")
+    if not isinstance(sd, dict) or not isinstance(states, dict):
+        return  # a weights-only checkpoint: Lightning calls no callback hook for it
+    holder = next((k for k, v in states.items() if isinstance(v, dict) and RAW_WEIGHTS_KEY in v), None)
+    if holder is None:
+        if held[1] != RAW:
+            tensors_raw = {n: v.detach().clone() for n, v in backup.items() if n in sd}
+            record: dict[str, Any] = {"label": held[1], "rank": held[0], "tensors": tensors_raw}
+        else:
+            record = {"label": RAW, "rank": 0, "tensors": {}}
+        holder = state_key
+        states.setdefault(holder, {})[RAW_WEIGHTS_KEY] = record
+    record = states[holder][RAW_WEIGHTS_KEY]
+    if held[1] != RAW or not label or not tensors or (rank, label) <= (record["rank"], record["label"]):
+        return
+    raw = record["tensors"]
+    for name in [n for n in raw if n not in tensors]:  # put in by an offer this one outranks
+        sd[name] = raw.pop(name)
+    for name, value in tensors.items():
+        ref = sd.get(name)
+        if ref is None:
+            continue
+        raw.setdefault(name, ref)
+        same = value.dtype == ref.dtype and value.device == ref.device
+        sd[name] = value if same else value.detach().to(device=ref.device, dtype=ref.dtype)
+    record["label"], record["rank"] = label, rank
+    if holder != state_key:
+        states.setdefault(state_key, {})[RAW_WEIGHTS_KEY] = states[holder].pop(RAW_WEIGHTS_KEY)
+
+
+def check_swa_args(start: Any, swa_lr: Any, anneal_epochs: Any, anneal_steps: Any) -> None:
+    """Raise ``ValueError`` naming the first bad SWA argument."""
+    if (
+        isinstance(start, bool)
+        or not isinstance(start, (int, float))
+        or (isinstance(start, float) and not 0.0 < start < 1.0)
+        or (isinstance(start, int) and start < 0)
+    ):
+        raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
+    if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and math.isfinite(swa_lr) and swa_lr > 0):
+        raise ValueError(f"swa_lr must be a positive number or None, got {swa_lr!r}")
+    if anneal_epochs is not None and anneal_steps is not None:
+        raise ValueError(f"give anneal_epochs or anneal_steps, not both (got {anneal_epochs!r} and {anneal_steps!r})")
+    check_int("anneal_epochs", anneal_epochs, 0, allow_none=True)
+    check_int("anneal_steps", anneal_steps, 0, allow_none=True)
+    if (anneal_epochs or anneal_steps) and swa_lr is None:
+        raise ValueError("anneal_epochs/anneal_steps need swa_lr (the LR to anneal to)")
+
+
+def swa_start_epoch(start: float | int, max_epochs: int | None) -> int:
+    """The first averaged epoch: ``int(start * max_epochs)`` for a fraction, else ``start``; inside the run.
+
+    Example:
+        >>> swa_start_epoch(0.75, 20), swa_start_epoch(3, None)
+        (15, 3)
+    """
+    known = max_epochs is not None and max_epochs > 0
+    if isinstance(start, float):
+        if not known:
+            raise ValueError(
+                f"SWA start={start} is a fraction of max_epochs, but max_epochs is "
+                f"{max_epochs!r}; set max_epochs or give start as an int epoch"
+            )
+        epoch = int(start * max_epochs)  # type: ignore[operator]
+    else:
+        epoch = int(start)
+    if known and epoch >= max_epochs:  # type: ignore[operator]
+        raise ValueError(
+            f"SWA start={start!r} resolves to epoch {epoch}, beyond the run "
+            f"(max_epochs={max_epochs}, epochs 0..{max_epochs - 1})"  # type: ignore[operator]
+        )
+    return epoch
+
+
+def check_start_in_run(start_epoch: int | None, total_steps: float, batches: float, accumulate: int) -> None:
+    """Raise ``ValueError`` when ``start_epoch`` is past a run of ``total_steps`` optimizer steps.
+
+    The run's epochs are ``ceil(total_steps / ceil(batches / accumulate))``; an unknown length checks nothing.
+    """
+    if start_epoch is None or not (math.isfinite(total_steps) and math.isfinite(batches) and batches > 0):
+        return
+    epochs = math.ceil(total_steps / math.ceil(batches / max(1, accumulate)))
+    if start_epoch >= epochs:
+        raise ValueError(
+            f"SWA start epoch {start_epoch} is beyond the run "
+            f"(about {epochs} epochs of {int(total_steps)} optimizer steps)"
+        )
+
+
+def swa_label(swa_lr: float | None, anneal_epochs: int | None, anneal_steps: int | None) -> str:
+    """The name SWA's LR phase goes by in messages."""
+    if anneal_steps is not None:
+        return f"SWA(swa_lr={swa_lr}, anneal_steps={anneal_steps})"
+    anneal = f", anneal_epochs={anneal_epochs}" if anneal_epochs else ""
+    return f"SWA(swa_lr={swa_lr}{anneal})"
+
+
+def swa_phase(
+    swa_lr: float,
+    start_epoch: int,
+    batches: float,
+    accumulate: int,
+    anneal: str = "cos",
+    anneal_steps: int | None = None,
+    anneal_epochs: int | None = None,
+) -> SWALRPhase:
+    """SWA's LR phase from the first optimizer step of ``start_epoch``.
+
+    ``steps_per_epoch = ceil(batches / accumulate)``; ``batches`` may be infinite only when no epoch count
+    is needed (``start_epoch=0`` and no ``anneal_epochs``).
+
+    Example:
+        >>> swa_phase(0.05, 3, 10, 2).start_step
+        15
+    """
+    per_epoch = None
+    if math.isfinite(batches) and batches > 0:
+        per_epoch = math.ceil(int(batches) / max(1, accumulate))
+    elif start_epoch > 0 or anneal_epochs:
+        raise ValueError(
+            f"{swa_label(swa_lr, anneal_epochs, anneal_steps)} with start epoch {start_epoch} needs the number "
+            f"of batches per epoch, but the train data has none ({batches}); give the loader a length or use "
+            "start=0 with anneal_steps"
+        )
+    return SWALRPhase(
+        swa_lr=swa_lr,
+        start_step=start_epoch * (per_epoch or 0),
+        anneal=anneal,
+        anneal_steps=anneal_steps,
+        anneal_epochs=anneal_epochs or None,
+        steps_per_epoch=per_epoch,
+    )

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ from lightning_tricks.augment import check_tta, tta_predict
 from lightning_tricks.averaging import averaged_state_dict, raw_state_dict, raw_weights_record
 from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.losses import probability_nll
+from lightning_tricks.schedules import CosineRestarts
 
 __all__ = [
     "mean_softmax",
@@ -61,6 +63,8 @@ __all__ = [
     "EnsembleModule",
     "CheckpointEnsemble",
     "model_checkpoint_paths",
+    "snapshot_steps",
+    "check_cycles_match",
 ]
 
 Source = str | Path | Mapping[str, Any]
@@ -527,3 +531,44 @@ def model_checkpoint_paths(checkpoint: Any, k: int | None = None, which: str = "
             steps[str(p)] = (int(ck.get("global_step", 0)), int(ck.get("epoch", 0)))
         paths = sorted(steps, key=lambda p: steps[p], reverse=True)
     return [str(p) for p in (paths if k is None else paths[:k])]
+
+
+def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
+    """The optimizer-step counts after which the ``cycles`` snapshots are taken.
+
+    The cycles are ``ceil(T / M)`` steps long (:meth:`CosineRestarts.cycle_ends`); when ``M`` does not
+    divide ``T`` the last cycle is cut short and its snapshot is taken at the end of the run, ``T``.
+
+    Example:
+        >>> snapshot_steps(12, 3), snapshot_steps(10, 4)
+        ([4, 8, 12], [3, 6, 9, 10])
+    """
+    if cycles < 1 or total_steps < 1:
+        raise ValueError(f"need cycles >= 1 and total_steps >= 1, got cycles={cycles}, total_steps={total_steps}")
+    length = math.ceil(total_steps / cycles)
+    if (cycles - 1) * length >= total_steps:
+        raise ValueError(
+            f"cycles={cycles} do not fit in {total_steps} optimizer steps: cycles of "
+            f"ceil({total_steps}/{cycles})={length} steps leave the last cycle empty"
+        )
+    steps = [end + 1 for end in CosineRestarts(T_0=length, T_mult=1, min_factor=0.0).cycle_ends(total_steps)]
+    if len(steps) < cycles:
+        steps.append(total_steps)
+    return steps
+
+
+def check_cycles_match(ours: CosineRestarts, schedule: Any, total_steps: int, snapshots: list[int]) -> None:
+    """Raise ``ValueError`` when ``schedule``'s cycles (if it has any) end elsewhere than ``ours``.
+
+    ``snapshots``: the steps the snapshots are taken after, for the message.
+    """
+    ends = getattr(schedule, "cycle_ends", None)
+    if ends is None:
+        return
+    theirs = [e + 1 for e in ends(total_steps)]
+    if theirs != [e + 1 for e in ours.cycle_ends(total_steps)]:
+        raise ValueError(
+            f"the LRSchedule's cycles end after steps {theirs}, "
+            f"the snapshots are taken after {snapshots}; "
+            f"give its CosineRestarts T_0={ours.T_0}, T_mult=1"
+        )

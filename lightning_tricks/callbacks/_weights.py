@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks.averaging import RAW_WEIGHTS_KEY, raw_weights_record, restore_, snapshot
+from lightning_tricks.averaging import RAW, copy_into, place_offer, raw_weights_record, restore_, snapshot
 
 __all__ = ["AVERAGE", "BEST", "RAW", "ModuleWeights", "copy_into", "weights_of"]
 
-RAW = "raw"
 #: ranks of :meth:`ModuleWeights.hand_over`: the highest offered at the end of fit is what the module holds
 AVERAGE = 1
 BEST = 2
@@ -35,29 +34,6 @@ def weights_of(module: nn.Module) -> ModuleWeights:
     if service is None:
         service = _SERVICES[module] = ModuleWeights(module)
     return service
-
-
-@torch.no_grad()
-def copy_into(
-    buffers: dict[str, Tensor], tensors: Mapping[str, Tensor], device: torch.device | None = None
-) -> dict[str, Tensor]:
-    """``tensors`` copied into ``buffers`` (one foreach copy); returns the buffers written.
-
-    The buffers are allocated again (on ``device``, else each tensor's) when a name, shape, dtype or
-    device differs, or when inference-mode buffers would be written outside inference mode.
-    """
-    in_inference_mode = torch.is_inference_mode_enabled()
-    if buffers.keys() != tensors.keys() or any(
-        b.shape != tensors[n].shape
-        or b.dtype != tensors[n].dtype
-        or b.device != (device or tensors[n].device)
-        or (b.is_inference() and not in_inference_mode)
-        for n, b in buffers.items()
-    ):
-        buffers = {n: torch.empty_like(t, device=device or t.device) for n, t in tensors.items()}
-    if tensors:
-        torch._foreach_copy_([buffers[n] for n in tensors], list(tensors.values()))
-    return buffers
 
 
 class ModuleWeights:
@@ -210,42 +186,11 @@ class ModuleWeights:
     ) -> None:
         """Make ``checkpoint["state_dict"]`` hold the weights an evaluation runs on; keep the raw ones for resume.
 
-        Every participant calls it from ``on_save_checkpoint`` (``state_key``: its own state); an averaging
-        callback offers the ``tensors`` it would evaluate now as ``label`` with ``rank``. Whatever the call
-        order: a held label is in the state dict already; with the raw weights held, the offer that
-        :meth:`outranks` the others goes in. The replaced raw values go to one callback state under
-        :data:`~lightning_tricks.averaging.RAW_WEIGHTS_KEY`; an offer of the state dict's dtype and device
-        is stored as is, so it is in the file once.
+        Every participant calls it from ``on_save_checkpoint``; the rule is
+        :func:`~lightning_tricks.averaging.place_offer`.
         """
-        sd = checkpoint.get("state_dict")
-        states = checkpoint.get("callbacks")
-        if not isinstance(sd, dict) or not isinstance(states, dict):
-            return  # a weights-only checkpoint: Lightning calls no callback hook for it
-        holder = next((k for k, v in states.items() if isinstance(v, dict) and RAW_WEIGHTS_KEY in v), None)
-        if holder is None:
-            if self._held != RAW:
-                tensors_raw = {n: v.detach().clone() for n, v in (self._backup or {}).items() if n in sd}
-                record: dict[str, Any] = {"label": self._held, "rank": self._held_rank, "tensors": tensors_raw}
-            else:
-                record = {"label": RAW, "rank": 0, "tensors": {}}
-            holder = state_key
-            states.setdefault(holder, {})[RAW_WEIGHTS_KEY] = record
-        record = states[holder][RAW_WEIGHTS_KEY]
-        if self._held != RAW or not label or not tensors or (rank, label) <= (record["rank"], record["label"]):
-            return
-        raw = record["tensors"]
-        for name in [n for n in raw if n not in tensors]:  # put in by an offer this one outranks
-            sd[name] = raw.pop(name)
-        for name, value in tensors.items():
-            ref = sd.get(name)
-            if ref is None:
-                continue
-            raw.setdefault(name, ref)
-            same = value.dtype == ref.dtype and value.device == ref.device
-            sd[name] = value if same else value.detach().to(device=ref.device, dtype=ref.dtype)
-        record["label"], record["rank"] = label, rank
-        if holder != state_key:
-            states.setdefault(state_key, {})[RAW_WEIGHTS_KEY] = states[holder].pop(RAW_WEIGHTS_KEY)
+        held = (self._held_rank, self._held)
+        place_offer(checkpoint, state_key, held, self._backup or {}, label, tensors, rank)
 
     @torch.no_grad()
     def load_raw(self, checkpoint: Mapping[str, Any]) -> None:

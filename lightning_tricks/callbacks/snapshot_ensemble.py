@@ -27,34 +27,10 @@ from lightning_tricks.callbacks._common import MemoStateKey, StepWatch
 from lightning_tricks.callbacks._weights import weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule
 from lightning_tricks.checks import check_choice, check_int
-from lightning_tricks.ensemble import CheckpointEnsemble, Template, evaluate_members
+from lightning_tricks.ensemble import CheckpointEnsemble, Template, check_cycles_match, evaluate_members, snapshot_steps
 from lightning_tricks.schedules import CosineRestarts
 
 __all__ = ["SnapshotEnsemble", "snapshot_steps"]
-
-
-def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
-    """The optimizer-step counts after which the ``cycles`` snapshots are taken.
-
-    The cycles are ``ceil(T / M)`` steps long (:meth:`CosineRestarts.cycle_ends`); when ``M`` does not
-    divide ``T`` the last cycle is cut short and its snapshot is taken at the end of the run, ``T``.
-
-    Example:
-        >>> snapshot_steps(12, 3), snapshot_steps(10, 4)
-        ([4, 8, 12], [3, 6, 9, 10])
-    """
-    if cycles < 1 or total_steps < 1:
-        raise ValueError(f"need cycles >= 1 and total_steps >= 1, got cycles={cycles}, total_steps={total_steps}")
-    length = math.ceil(total_steps / cycles)
-    if (cycles - 1) * length >= total_steps:
-        raise ValueError(
-            f"cycles={cycles} do not fit in {total_steps} optimizer steps: cycles of "
-            f"ceil({total_steps}/{cycles})={length} steps leave the last cycle empty"
-        )
-    steps = [end + 1 for end in CosineRestarts(T_0=length, T_mult=1, min_factor=0.0).cycle_ends(total_steps)]
-    if len(steps) < cycles:
-        steps.append(total_steps)
-    return steps
 
 
 class SnapshotEnsemble(MemoStateKey, Callback):
@@ -174,33 +150,20 @@ class SnapshotEnsemble(MemoStateKey, Callback):
             )
         self.steps = snapshot_steps(self.total_steps, self.cycles)
         self._cosine = CosineRestarts(T_0=math.ceil(self.total_steps / self.cycles), T_mult=1, min_factor=0.0)
-        others = [c for c in trainer_callbacks(trainer) if isinstance(c, LRSchedule)]
         if self.schedule:
             if self._lr_owner is None:  # setup did not run (the hook called by hand)
                 self._lr_owner = LRSchedule.of(trainer, self._owner_label())
             self._lr_owner.set_schedule(f"SnapshotEnsemble(cycles={self.cycles}, schedule=True)", self._cosine)
         else:
-            ours = [e + 1 for e in self._cosine.cycle_ends(self.total_steps)]
+            others = [c for c in trainer_callbacks(trainer) if isinstance(c, LRSchedule)]
             for cb in others:
-                ends = getattr(getattr(cb, "schedule", None), "cycle_ends", None)
-                theirs = None if ends is None else [e + 1 for e in ends(self.total_steps)]
-                if theirs is not None and theirs != ours:
-                    raise ValueError(
-                        f"the LRSchedule's cycles end after steps {theirs}, "
-                        f"the snapshots are taken after {self.steps}; give its CosineRestarts "
-                        f"T_0={self._cosine.T_0}, T_mult=1"
-                    )
+                check_cycles_match(self._cosine, getattr(cb, "schedule", None), self.total_steps, self.steps)
             if not others and not trainer.lr_scheduler_configs:
                 rank_zero_warn(
                     "SnapshotEnsemble(schedule=False) with no LR schedule: nothing restarts the LR, "
                     "so the snapshots are just checkpoints of one descent"
                 )
         self._steps.start(trainer.global_step)
-
-    def lr_factor(self, step: int) -> float:
-        """The LR multiplier at optimizer step ``step`` (after ``on_fit_start``)."""
-        assert self._cosine is not None and self.total_steps is not None
-        return self._cosine(min(step, self.total_steps - 1), self.total_steps)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -5,7 +5,6 @@ Formulas: :mod:`lightning_tricks.averaging`; what it owns and shares: ``docs/met
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,12 @@ from lightning_tricks.averaging import (
     AVERAGE_STATE_KEY,
     bn_buffers,
     bn_modules,
+    check_start_in_run,
+    check_swa_args,
     restore_,
+    swa_label,
+    swa_phase,
+    swa_start_epoch,
     swa_weight,
     update_bn,
 )
@@ -76,23 +80,7 @@ class SWA(_Averaging):
         raw_suffix: str = "_raw",
     ) -> None:
         super().__init__(evaluate, average_at_end, on_cpu, raw_suffix)
-        if (
-            isinstance(start, bool)
-            or not isinstance(start, (int, float))
-            or (isinstance(start, float) and not 0.0 < start < 1.0)
-            or (isinstance(start, int) and start < 0)
-        ):
-            raise ValueError(f"start must be a fraction in (0, 1) or an int epoch >= 0, got {start!r}")
-        if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and math.isfinite(swa_lr) and swa_lr > 0):
-            raise ValueError(f"swa_lr must be a positive number or None, got {swa_lr!r}")
-        if anneal_epochs is not None and anneal_steps is not None:
-            raise ValueError(
-                f"give anneal_epochs or anneal_steps, not both (got {anneal_epochs!r} and {anneal_steps!r})"
-            )
-        check_int("anneal_epochs", anneal_epochs, 0, allow_none=True)
-        check_int("anneal_steps", anneal_steps, 0, allow_none=True)
-        if (anneal_epochs or anneal_steps) and swa_lr is None:
-            raise ValueError("anneal_epochs/anneal_steps need swa_lr (the LR to anneal to)")
+        check_swa_args(start, swa_lr, anneal_epochs, anneal_steps)
         check_choice("anneal", anneal, ("cos", "linear"))
         check_choice("update_every", update_every, ("epoch", "step"))
         check_int("bn_update_batches", bn_update_batches, 1, allow_none=True)
@@ -118,22 +106,7 @@ class SWA(_Averaging):
 
     def resolve_start_epoch(self, max_epochs: int | None) -> int:
         """The first averaged epoch for a run of ``max_epochs`` epochs (checks it is inside the run)."""
-        known = max_epochs is not None and max_epochs > 0
-        if isinstance(self.start, float):
-            if not known:
-                raise ValueError(
-                    f"SWA start={self.start} is a fraction of max_epochs, but max_epochs is "
-                    f"{max_epochs!r}; set max_epochs or give start as an int epoch"
-                )
-            epoch = int(self.start * max_epochs)  # type: ignore[operator]
-        else:
-            epoch = int(self.start)
-        if known and epoch >= max_epochs:  # type: ignore[operator]
-            raise ValueError(
-                f"SWA start={self.start!r} resolves to epoch {epoch}, beyond the run "
-                f"(max_epochs={max_epochs}, epochs 0..{max_epochs - 1})"  # type: ignore[operator]
-            )
-        return epoch
+        return swa_start_epoch(self.start, max_epochs)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)  # evaluate='both' needs the module's evaluation_outputs
@@ -155,47 +128,31 @@ class SWA(_Averaging):
             if self._lr_owner is None:  # setup did not run (the hook called by hand)
                 self._lr_owner = LRSchedule.of(trainer, self._lr_name())
             self._lr_owner.add_phase(self._lr_name(), self.lr_phase(trainer))
-        total = trainer.estimated_stepping_batches
-        per_epoch = trainer.num_training_batches
-        if math.isfinite(total) and math.isfinite(per_epoch) and per_epoch > 0:
-            accumulate = max(1, trainer.accumulate_grad_batches)
-            epochs = math.ceil(total / math.ceil(per_epoch / accumulate))
-            if self.start_epoch is not None and self.start_epoch >= epochs:
-                raise ValueError(
-                    f"SWA start epoch {self.start_epoch} is beyond the run "
-                    f"(about {epochs} epochs of {int(total)} optimizer steps)"
-                )
+        check_start_in_run(
+            self.start_epoch,
+            trainer.estimated_stepping_batches,
+            trainer.num_training_batches,
+            trainer.accumulate_grad_batches,
+        )
 
     def _in_swa(self, trainer: Trainer) -> bool:
         return self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
 
     def _lr_name(self) -> str:
-        if self.anneal_steps is not None:
-            return f"SWA(swa_lr={self.swa_lr}, anneal_steps={self.anneal_steps})"
-        anneal = f", anneal_epochs={self.anneal_epochs}" if self.anneal_epochs else ""
-        return f"SWA(swa_lr={self.swa_lr}{anneal})"
+        return swa_label(self.swa_lr, self.anneal_epochs, self.anneal_steps)
 
     def lr_phase(self, trainer: Trainer) -> SWALRPhase:
         """SWA's LR phase for this fit: from the first optimizer step of the start epoch, with
         ``steps_per_epoch = ceil(num_training_batches / accumulate_grad_batches)``."""
         assert self.swa_lr is not None and self.start_epoch is not None
-        batches = trainer.num_training_batches
-        per_epoch = None
-        if math.isfinite(batches) and batches > 0:
-            per_epoch = math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))
-        elif self.start_epoch > 0 or self.anneal_epochs:
-            raise ValueError(
-                f"{self._lr_name()} with start epoch {self.start_epoch} needs the number of batches per "
-                f"epoch, but the train data has none ({batches}); give the loader a length or use "
-                "start=0 with anneal_steps"
-            )
-        return SWALRPhase(
-            swa_lr=self.swa_lr,
-            start_step=self.start_epoch * (per_epoch or 0),
-            anneal=self.anneal,
-            anneal_steps=self.anneal_steps,
-            anneal_epochs=self.anneal_epochs or None,
-            steps_per_epoch=per_epoch,
+        return swa_phase(
+            self.swa_lr,
+            self.start_epoch,
+            trainer.num_training_batches,
+            trainer.accumulate_grad_batches,
+            self.anneal,
+            self.anneal_steps,
+            self.anneal_epochs,
         )
 
     def _update(self, trainer: Trainer) -> None:

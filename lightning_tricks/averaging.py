@@ -25,8 +25,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ __all__ = [
     "check_start_in_run",
     "swa_label",
     "swa_phase",
+    "as_list",
+    "untouched",
 ]
 
 #: Key under which the averaging callbacks store ``{state_dict name: averaged tensor}`` in their state.
@@ -611,3 +614,35 @@ def swa_phase(
         anneal_epochs=anneal_epochs or None,
         steps_per_epoch=per_epoch,
     )
+
+
+def as_list(loaders: Any) -> list[Any]:
+    """A loader, or a list/tuple/dict of them, as a list."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return [loaders]
+
+
+@contextlib.contextmanager
+def untouched(pl_module: nn.Module, loaders: list[Any]) -> Iterator[None]:
+    """Keep the global RNG (CPU and the module's CUDA device) and loaders' epoch counters unchanged.
+
+    An extra pass over a DataLoader draws its base seed from the global RNG and
+    :class:`~lightning_tricks.data.TensorBatchLoader` counts epochs; without this, evaluating twice
+    or recomputing BatchNorm statistics would change the rest of the training run.
+    """
+    device = next((t.device for t in pl_module.parameters()), torch.device("cpu"))
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    epochs = [(ld, ld.epoch) for ld in loaders if isinstance(getattr(ld, "epoch", None), int)]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for ld, e in epochs:
+                ld.epoch = e

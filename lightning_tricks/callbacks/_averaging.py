@@ -7,13 +7,11 @@ checkpoint's ``state_dict`` holds, ``evaluate="both"``) are in ``docs/method_car
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_tricks._lightning import (
     Callback,
@@ -21,47 +19,13 @@ from lightning_tricks._lightning import (
     Trainer,
     rank_zero_warn,
 )
-from lightning_tricks.averaging import AVERAGE_STATE_KEY, WeightAverage
+from lightning_tricks.averaging import AVERAGE_STATE_KEY, WeightAverage, as_list, untouched
 from lightning_tricks.callbacks._weights import AVERAGE, RAW, weights_of
 from lightning_tricks.checks import check_choice
 
 __all__ = ["evaluate_raw_pass"]
 
 _STATE_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers: loaders, RNG, the second evaluation pass of evaluate='both'
-# ------------------------------------------------------------------------------------------------
-def _as_list(loaders: Any) -> list[Any]:
-    if loaders is None:
-        return []
-    if isinstance(loaders, (list, tuple)):
-        return list(loaders)
-    if isinstance(loaders, dict):
-        return list(loaders.values())
-    return [loaders]
-
-
-@contextlib.contextmanager
-def _untouched(pl_module: nn.Module, loaders: list[Any]) -> Iterator[None]:
-    """Keep the global RNG (CPU and the module's CUDA device) and loaders' epoch counters unchanged.
-
-    An extra pass over a DataLoader draws its base seed from the global RNG and
-    :class:`~lightning_tricks.data.TensorBatchLoader` counts epochs; without this, evaluating twice
-    or recomputing BatchNorm statistics would change the rest of the training run.
-    """
-    device = next((t.device for t in pl_module.parameters()), torch.device("cpu"))
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    epochs = [(ld, ld.epoch) for ld in loaders if isinstance(getattr(ld, "epoch", None), int)]
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            for ld, e in epochs:
-                ld.epoch = e
 
 
 def evaluate_raw_pass(trainer: Trainer, pl_module: LightningModule, suffix: str) -> dict[str, Tensor]:
@@ -76,14 +40,14 @@ def evaluate_raw_pass(trainer: Trainer, pl_module: LightningModule, suffix: str)
     """
     testing = trainer.testing
     stage = "test" if testing else "val"
-    loaders = _as_list(trainer.test_dataloaders if testing else trainer.val_dataloaders)
+    loaders = as_list(trainer.test_dataloaders if testing else trainer.val_dataloaders)
     if trainer.sanity_checking:
         limits = trainer.num_sanity_val_batches
     else:
         limits = trainer.num_test_batches if testing else trainer.num_val_batches
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-    with _untouched(pl_module, loaders), torch.no_grad():
+    with untouched(pl_module, loaders), torch.no_grad():
         for i, loader in enumerate(loaders):
             limit = limits[i] if i < len(limits) else float("inf")
             tail = f"/dataloader_idx_{i}" if len(loaders) > 1 else ""

@@ -22,7 +22,7 @@ from lightning_tricks._lightning import (
     trainer_datamodule,
 )
 from lightning_tricks.augment import check_tta
-from lightning_tricks.callbacks._averaging import _as_list, _untouched
+from lightning_tricks.averaging import as_list, untouched
 from lightning_tricks.callbacks._common import MemoStateKey, StepWatch
 from lightning_tricks.callbacks._weights import weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule
@@ -204,7 +204,7 @@ class SnapshotEnsemble(MemoStateKey, Callback):
             rank_zero_warn("SnapshotEnsemble: no snapshots to evaluate (fit first, or load a checkpoint with them)")
             return
         self.results = {}
-        loaders = _as_list(trainer.test_dataloaders)
+        loaders = as_list(trainer.test_dataloaders)
         limits = trainer.num_test_batches
         weights = weights_of(pl_module)
         for i, loader in enumerate(loaders):
@@ -220,7 +220,7 @@ class SnapshotEnsemble(MemoStateKey, Callback):
                 weights.hold(f"snapshot_{m + 1}", state)
 
             # each member is held as "snapshot_<k>"; afterwards the module holds what it held before
-            with _untouched(pl_module, loaders), weights.keep():
+            with untouched(pl_module, loaders), weights.keep():
                 out = evaluate_members(
                     pl_module,
                     self._snapshots,

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_tricks._lightning import LightningModule, Trainer, trainer_datamodule
 from lightning_tricks.averaging import (
     AVERAGE_STATE_KEY,
+    as_list,
     bn_buffers,
     bn_modules,
     check_start_in_run,
@@ -23,9 +24,10 @@ from lightning_tricks.averaging import (
     swa_phase,
     swa_start_epoch,
     swa_weight,
+    untouched,
     update_bn,
 )
-from lightning_tricks.callbacks._averaging import _as_list, _Averaging, _untouched
+from lightning_tricks.callbacks._averaging import _Averaging
 from lightning_tricks.callbacks._common import StepWatch
 from lightning_tricks.callbacks._weights import RAW, weights_of
 from lightning_tricks.callbacks.lr_schedule import LRSchedule
@@ -194,7 +196,7 @@ class SWA(_Averaging):
         datamodule = trainer_datamodule(trainer)
         if loader is None and datamodule is not None:
             loader = datamodule.train_dataloader()
-        loaders = _as_list(loader)
+        loaders = as_list(loader)
         if not loaders:
             self._warn_once(
                 "no-bn-data",
@@ -213,7 +215,7 @@ class SWA(_Averaging):
         def forward(batch: Any) -> Any:
             return pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
-        with _untouched(pl_module, loaders), torch.no_grad():
+        with untouched(pl_module, loaders), torch.no_grad():
             update_bn(pl_module, batches(), forward, max_batches=limit)
             if trainer.world_size > 1:
                 # each rank saw its shard: average the statistics so every rank evaluates the same model

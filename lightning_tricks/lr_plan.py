@@ -37,9 +37,21 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lightning_tricks.checks import check_int
 from lightning_tricks.schedules import Plateau, SWALRPhase, Warmup, plateau_of
 
-__all__ = ["LRPlan", "ScheduleFn", "ends_in_plateau", "log_keys", "no_length_reason", "run_length"]
+__all__ = [
+    "LRPlan",
+    "ScheduleFn",
+    "check_schedule_args",
+    "ends_in_plateau",
+    "foreign_write_message",
+    "log_keys",
+    "lr_metrics",
+    "no_length_reason",
+    "run_length",
+    "set_momentum",
+]
 
 ScheduleFn = Callable[[int, "int | None"], float]
 
@@ -249,3 +261,59 @@ def log_keys(
         labels = [f"{name}/{prefix}{n if n is not None else f'pg{j}'}" for j, n in enumerate(group_names[i][: len(bs)])]
         keys[i] = [k if labels.count(k) == 1 else f"{k}_{j}" for j, k in enumerate(labels)]
     return keys
+
+
+def check_schedule_args(
+    schedule: Any, momentum: Any, total_steps: Any, optimizers: Any, log_name: Any
+) -> tuple[int | None, list[int] | None]:
+    """Check :class:`~lightning_tricks.callbacks.LRSchedule`'s arguments; return ``total_steps`` and the
+    sorted optimizer indices (``None``: all)."""
+    for name, fn in (("schedule", schedule), ("momentum", momentum)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be None or callable as {name}(step, total_steps), got {fn!r}")
+    total = check_int("total_steps", total_steps, 1, allow_none=True)
+    indices = None
+    if optimizers is not None:
+        idx = [optimizers] if isinstance(optimizers, int) else list(optimizers)
+        if not idx:
+            raise ValueError("optimizers must be None, an index >= 0 or a non-empty list of them, got []")
+        indices = sorted({int(check_int("optimizers", i, 0)) for i in idx})  # type: ignore[arg-type]
+    if not isinstance(log_name, str) or not log_name:
+        raise ValueError(f"log_name must be a non-empty string, got {log_name!r}")
+    return total, indices
+
+
+def set_momentum(group: dict[str, Any], momentum: float) -> bool:
+    """Write ``momentum`` into a group (Adam's ``betas[0]`` or SGD's ``momentum``); ``False`` if it has neither."""
+    if "betas" in group:
+        group["betas"] = (momentum, *tuple(group["betas"])[1:])
+    elif "momentum" in group:
+        group["momentum"] = momentum
+    else:
+        return False
+    return True
+
+
+def lr_metrics(
+    keys: Sequence[str | None], groups: Sequence[dict[str, Any]], log_name: str, momentum: bool
+) -> dict[str, float]:
+    """``{key: lr}`` of the groups with a log key (and ``momentum`` in place of ``log_name`` in the key)."""
+    metrics = {}
+    for key, g in zip(keys, groups):
+        if key:
+            metrics[key] = float(g["lr"])
+            if momentum:
+                value = g["betas"][0] if "betas" in g else g["momentum"]
+                metrics[key.replace(log_name, "momentum", 1)] = float(value)
+    return metrics
+
+
+def foreign_write_message(owner: str, where: str, group: dict[str, Any], written: float, step: int) -> str:
+    """The error raised when a group's LR is not what the owner wrote: someone else wrote it."""
+    name = group.get("name")
+    return (
+        f"{owner} owns the learning rate, but {where}{'' if name is None else f' ({name!r})'} has "
+        f"lr={group['lr']!r} where it wrote {written!r} for step {step}: something else set param_group['lr'] "
+        "during fit. Change the LR through LRSchedule (LRSchedule.of(trainer).plan), or remove the other "
+        "writer (a callback, a module hook, a torch LR scheduler stepped by hand)."
+    )

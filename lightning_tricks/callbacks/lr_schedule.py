@@ -22,8 +22,18 @@ from lightning_tricks._lightning import (
     should_log_step,
     trainer_callbacks,
 )
-from lightning_tricks.checks import check_int
-from lightning_tricks.lr_plan import LRPlan, ScheduleFn, ends_in_plateau, log_keys, no_length_reason, run_length
+from lightning_tricks.lr_plan import (
+    LRPlan,
+    ScheduleFn,
+    check_schedule_args,
+    ends_in_plateau,
+    foreign_write_message,
+    log_keys,
+    lr_metrics,
+    no_length_reason,
+    run_length,
+    set_momentum,
+)
 from lightning_tricks.schedules import SWALRPhase
 
 __all__ = ["LRSchedule", "change_base_lrs"]
@@ -62,17 +72,7 @@ class LRSchedule(Callback):
         log: bool = True,
         log_name: str = "lr",
     ) -> None:
-        for name, fn in (("schedule", schedule), ("momentum", momentum)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{name} must be None or callable as {name}(step, total_steps), got {fn!r}")
-        self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True)
-        if optimizers is not None:
-            idx = [optimizers] if isinstance(optimizers, int) else list(optimizers)
-            if not idx:
-                raise ValueError("optimizers must be None, an index >= 0 or a non-empty list of them, got []")
-            optimizers = sorted({check_int("optimizers", i, 0) for i in idx})  # type: ignore[misc]
-        if not isinstance(log_name, str) or not log_name:
-            raise ValueError(f"log_name must be a non-empty string, got {log_name!r}")
+        self.total_steps, optimizers = check_schedule_args(schedule, momentum, total_steps, optimizers, log_name)
         self.schedule, self.momentum, self.optimizers = schedule, momentum, optimizers
         self.log_lr = bool(log)  # not ``self.log``: Lightning sets ``callback.log = module.log`` at fit start
         self.log_name = log_name
@@ -178,14 +178,8 @@ class LRSchedule(Callback):
                 f"{self.plan.total}), at LR {optimizer.param_groups[0]['lr']:.4g}; set total_steps to the run's length"
             )
         if self.log_lr and should_log_step(trainer):  # the loggers write this step
-            groups = optimizer.param_groups
-            metrics = {}
-            for key, g in zip(self._keys.get(i, []), groups):
-                if key:
-                    metrics[key] = float(g["lr"])
-                    if self.plan.momentum is not None:
-                        momentum = g["betas"][0] if "betas" in g else g["momentum"]
-                        metrics[key.replace(self.log_name, "momentum", 1)] = float(momentum)
+            momentum = self.plan.momentum is not None
+            metrics = lr_metrics(self._keys.get(i, []), optimizer.param_groups, self.log_name, momentum)
             publish_step_metrics(trainer, metrics)  # what pl_module.log does for a number, at a fraction of its cost
         if not self._automatic:
             self._counts[i] += 1  # this optimizer's step is taken right after this hook
@@ -239,14 +233,8 @@ class LRSchedule(Callback):
         last_step, written = self._written.get(i, (-1, []))
         for j, (group, value) in enumerate(zip(groups, written)):
             if group["lr"] != value:
-                name = group.get("name")
-                raise RuntimeError(
-                    f"{self!r} owns the learning rate, but optimizer {i} ({type(optimizer).__name__}) group {j}"
-                    f"{'' if name is None else f' ({name!r})'} has lr={group['lr']!r} where it wrote {value!r} for "
-                    f"step {last_step}: something else set param_group['lr'] during fit. Change the LR through "
-                    "LRSchedule (LRSchedule.of(trainer).plan), or remove the other writer (a callback, a module "
-                    "hook, a torch LR scheduler stepped by hand)."
-                )
+                where = f"optimizer {i} ({type(optimizer).__name__}) group {j}"
+                raise RuntimeError(foreign_write_message(repr(self), where, group, value, last_step))
         if step == last_step and len(groups) == len(written):
             return
         base = self.plan.base[i]
@@ -259,11 +247,7 @@ class LRSchedule(Callback):
         momentum = self.plan.momentum_at(step)
         for j, (group, lr) in enumerate(zip(groups, lrs)):
             group["lr"] = lr
-            if momentum is not None and "betas" in group:
-                group["betas"] = (momentum, *tuple(group["betas"])[1:])
-            elif momentum is not None and "momentum" in group:
-                group["momentum"] = momentum
-            elif momentum is not None:  # first met at train start, before any step
+            if momentum is not None and not set_momentum(group, momentum):  # first met at train start
                 raise MisconfigurationException(
                     f"LRSchedule(momentum={self.momentum!r}): optimizer {i} ({type(optimizer).__name__}) "
                     f"group {j} has neither 'momentum' nor 'betas' to schedule"

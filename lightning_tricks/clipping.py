@@ -49,12 +49,23 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["AGC_EPS", "AdaptiveClipper", "adaptive_clip_", "check_clipping", "clip_factors", "unit_norms"]
+__all__ = [
+    "AGC_EPS",
+    "AdaptiveClipper",
+    "adaptive_clip_",
+    "check_clipping",
+    "check_exclude",
+    "clip_after_closure",
+    "clip_factors",
+    "clipped_parameters",
+    "unit_norms",
+]
 
 #: The paper's floor on the weight norm of a unit.
 AGC_EPS = 1e-3
@@ -233,3 +244,65 @@ class AdaptiveClipper:
                     gs: list[Tensor] = [p.grad for p in ws]  # type: ignore[misc]
                     counts.append(_clip_group_(ws, gs, matrix, clipping, eps, grad_scale))
         return _total(counts)
+
+
+def check_exclude(exclude: Any) -> list[str] | None:
+    """``exclude`` as a list of module names (``None`` stays ``None``: the last ``nn.Linear``)."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, str):
+        return [exclude]
+    try:
+        names = list(exclude)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"exclude must be None (the last nn.Linear), a module name or a list of them, got {exclude!r}")
+    return names
+
+
+def clipped_parameters(module: nn.Module, exclude: list[str] | None) -> tuple[list[str], dict[str, nn.Parameter]]:
+    """``(excluded module names, {name: parameter to clip})``; ``exclude=None`` leaves out the last ``nn.Linear``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> excluded, clipped = clipped_parameters(net, None)
+        >>> excluded, list(clipped)
+        (['2'], ['0.weight', '0.bias'])
+    """
+    modules = dict(module.named_modules())
+    if exclude is None:
+        excluded = [n for n, m in modules.items() if isinstance(m, nn.Linear)][-1:]
+    else:
+        unknown = [n for n in exclude if n not in modules]
+        if unknown:
+            known = [n for n in modules if n][:8]
+            raise ValueError(f"AGC exclude={exclude!r}: no module named {unknown} (modules: {known} ...)")
+        excluded = list(exclude)
+    skip = {id(p) for n in excluded for p in modules[n].parameters()}
+    return excluded, {n: p for n, p in module.named_parameters() if id(p) not in skip}
+
+
+def clip_after_closure(clip: Callable[[torch.optim.Optimizer], None]) -> Callable[..., Any]:
+    """An optimizer step pre-hook that runs ``clip(optimizer)`` once the step's gradients are final.
+
+    With a closure (Lightning's runs the backward and the hooks), the clip runs right after it; without one
+    (e.g. ``GradScaler.step`` after the closure ran), at once.
+    """
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            clip(optimizer)
+            return None
+
+        def closure_then_clip() -> Any:
+            loss = closure()
+            clip(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_clip}
+        return (args[0], closure_then_clip, *args[2:]), kwargs
+
+    return hook

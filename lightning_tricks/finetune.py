@@ -33,6 +33,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_tricks.checks import check_int
 from lightning_tricks.optim import no_decay_parameter_names
 
 NamedParams = list[tuple[str, nn.Parameter]]
@@ -234,3 +235,34 @@ def params_by_name(module: nn.Module, names: Sequence[str]) -> list[nn.Parameter
     if missing:
         raise ValueError(f"parameters {missing[:5]} not found in the module (architecture changed?)")
     return [table[n] for n in names]
+
+
+def check_finetune_args(backbone: Any, unfreeze_at_epoch: Any, lr_factor: Any, layer_decay: Any) -> None:
+    """Raise ``ValueError`` naming the first bad :class:`~lightning_tricks.callbacks.FreezeUnfreeze` argument."""
+    if not isinstance(backbone, str) or not backbone:
+        raise ValueError(f"backbone must be a non-empty attribute path, got {backbone!r}")
+    check_int("unfreeze_at_epoch", unfreeze_at_epoch, 0, allow_none=True)
+    if not (isinstance(lr_factor, (int, float)) and lr_factor > 0):
+        raise ValueError(f"lr_factor must be > 0, got {lr_factor!r}")
+    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
+        raise ValueError(f"layer_decay must be None or in (0, 1], got {layer_decay!r}")
+
+
+def frozen_part_check(name: str, backbone: nn.Module) -> list[nn.Parameter]:
+    """The backbone's own classifier parameters (kept trainable); refuses a backbone with nothing to freeze."""
+    if not any(True for _ in backbone.parameters()):
+        raise ValueError(f"backbone {name!r} has no parameters to freeze")
+    inner_head = classifier_parameters(backbone)
+    if inner_head and len(inner_head) == len(list(backbone.parameters())):
+        raise ValueError(f"backbone {name!r} is all classifier (get_classifier()): nothing to freeze")
+    return inner_head
+
+
+def weight_decay_rule(config: Any, groups: Sequence[dict[str, Any]]) -> tuple[float, bool]:
+    """``(weight_decay, split_no_decay)`` for the backbone groups: the module's optimizer config if it has one,
+    else read off the optimizer's groups (a ``"no_decay"`` group means split; the ``"decay"`` group's, else
+    the first group's, weight decay)."""
+    if config is not None and hasattr(config, "weight_decay"):
+        return float(config.weight_decay), bool(getattr(config, "no_decay_bias_norm", False))
+    named = {g.get("name"): g for g in groups}
+    return float((named.get("decay") or groups[0]).get("weight_decay") or 0.0), "no_decay" in named

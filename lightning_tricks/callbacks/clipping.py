@@ -23,23 +23,16 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.callbacks._common import check_bool
 from lightning_tricks.callbacks.sanity import log_to_loggers
-from lightning_tricks.clipping import AGC_EPS, AdaptiveClipper, check_clipping
+from lightning_tricks.clipping import (
+    AGC_EPS,
+    AdaptiveClipper,
+    check_clipping,
+    check_exclude,
+    clip_after_closure,
+    clipped_parameters,
+)
 
 __all__ = ["AGC"]
-
-
-def _check_exclude(exclude: Any) -> list[str] | None:
-    if exclude is None:
-        return None
-    if isinstance(exclude, str):
-        return [exclude]
-    try:
-        names = list(exclude)
-    except TypeError:
-        names = None
-    if names is None or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"exclude must be None (the last nn.Linear), a module name or a list of them, got {exclude!r}")
-    return names
 
 
 class AGC(Callback):
@@ -72,7 +65,7 @@ class AGC(Callback):
         log_clipped_fraction: bool = True,
     ) -> None:
         self.clipping, self.eps = check_clipping(clipping, eps)
-        self.exclude = _check_exclude(exclude)
+        self.exclude = check_exclude(exclude)
         self.log_clipped_fraction = check_bool("log_clipped_fraction", log_clipped_fraction)
         self.excluded: list[str] = []  # the excluded module names, resolved at setup
         self.names: list[str] = []  # the clipped parameter names
@@ -96,21 +89,10 @@ class AGC(Callback):
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise ValueError(f"AGC needs whole parameter tensors; the {strategy} shards them (use DDP or one device)")
-        modules = dict(pl_module.named_modules())
-        if self.exclude is None:
-            self.excluded = [n for n, m in modules.items() if isinstance(m, nn.Linear)][-1:]
-            if not self.excluded:
-                rank_zero_info(f"AGC: {type(pl_module).__name__} has no nn.Linear; every parameter is clipped")
-        else:
-            unknown = [n for n in self.exclude if n not in modules]
-            if unknown:
-                known = [n for n in modules if n][:8]
-                raise ValueError(f"AGC exclude={self.exclude!r}: no module named {unknown} (modules: {known} ...)")
-            self.excluded = list(self.exclude)
-        skip = {id(p) for n in self.excluded for p in modules[n].parameters()}
-        chosen = [(n, p) for n, p in pl_module.named_parameters() if id(p) not in skip]
-        self.names = [n for n, _ in chosen]
-        self._params = [p for _, p in chosen]
+        self.excluded, chosen = clipped_parameters(pl_module, self.exclude)
+        if self.exclude is None and not self.excluded:
+            rank_zero_info(f"AGC: {type(pl_module).__name__} has no nn.Linear; every parameter is clipped")
+        self.names, self._params = list(chosen), list(chosen.values())
         self._per_optimizer.clear()
 
     def _clipper_for(self, optimizer: torch.optim.Optimizer) -> AdaptiveClipper:
@@ -131,23 +113,8 @@ class AGC(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
-
-        def clip_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
-            if closure is None:  # the gradients are final (e.g. GradScaler.step after the closure ran)
-                self._clip(trainer, optimizer)
-                return None
-
-            def closure_then_clip() -> Any:  # Lightning's closure runs the backward and the hooks before it
-                loss = closure()
-                self._clip(trainer, optimizer)
-                return loss
-
-            if "closure" in kwargs:
-                return args, {**kwargs, "closure": closure_then_clip}
-            return (args[0], closure_then_clip, *args[2:]), kwargs
-
-        self._hooks = [opt.register_step_pre_hook(clip_before_step) for opt in trainer.optimizers]
+        hook = clip_after_closure(lambda optimizer: self._clip(trainer, optimizer))
+        self._hooks = [opt.register_step_pre_hook(hook) for opt in trainer.optimizers]
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:

@@ -15,15 +15,16 @@ from lightning_tricks._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
-from lightning_tricks.checks import check_int
 from lightning_tricks.finetune import (
     backbone_param_groups,
-    classifier_parameters,
+    check_finetune_args,
     freeze,
+    frozen_part_check,
     params_by_name,
     resolve_module,
     set_bn_eval,
     unfreeze,
+    weight_decay_rule,
 )
 
 
@@ -62,13 +63,7 @@ class FreezeUnfreeze(Callback):
         train_bn: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, str) or not backbone:
-            raise ValueError(f"backbone must be a non-empty attribute path, got {backbone!r}")
-        check_int("unfreeze_at_epoch", unfreeze_at_epoch, 0, allow_none=True)
-        if not (isinstance(lr_factor, (int, float)) and lr_factor > 0):
-            raise ValueError(f"lr_factor must be > 0, got {lr_factor!r}")
-        if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
-            raise ValueError(f"layer_decay must be None or in (0, 1], got {layer_decay!r}")
+        check_finetune_args(backbone, unfreeze_at_epoch, lr_factor, layer_decay)
         self.backbone = backbone
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.lr_factor = float(lr_factor)
@@ -98,11 +93,7 @@ class FreezeUnfreeze(Callback):
         if stage != "fit":
             return
         self._name, self._module = resolve_module(pl_module, self.backbone)
-        if not any(True for _ in self._module.parameters()):
-            raise ValueError(f"backbone {self._name!r} has no parameters to freeze")
-        self._inner_head = classifier_parameters(self._module)
-        if self._inner_head and len(self._inner_head) == len(list(self._module.parameters())):
-            raise ValueError(f"backbone {self._name!r} is all classifier (get_classifier()): nothing to freeze")
+        self._inner_head = frozen_part_check(self._name, self._module)
         self._frozen_bns = freeze(self._module, train_bn=self.train_bn, keep=self._inner_head)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -159,13 +150,7 @@ class FreezeUnfreeze(Callback):
         assert self._module is not None
         optimizer = self._optimizer(trainer)
         head = optimizer.param_groups[0]
-        cfg = getattr(pl_module, "optimizer_config", None)
-        if cfg is not None and hasattr(cfg, "weight_decay"):
-            weight_decay, split = float(cfg.weight_decay), bool(getattr(cfg, "no_decay_bias_norm", False))
-        else:
-            named = {g.get("name"): g for g in optimizer.param_groups}
-            split = "no_decay" in named
-            weight_decay = float((named.get("decay") or head).get("weight_decay") or 0.0)
+        weight_decay, split = weight_decay_rule(getattr(pl_module, "optimizer_config", None), optimizer.param_groups)
         in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
         unfreeze(self._module)
         self._frozen_bns = []

@@ -69,6 +69,10 @@ class ClassificationMixin:
     exactly the plain path.
     """
 
+    #: the names the training step's metrics reach ``trainer.callback_metrics`` under (``train/loss`` is
+    #: logged per step and per epoch, ``train/acc`` per epoch)
+    training_metrics: tuple[str, ...] = ("train/loss", "train/loss_step", "train/loss_epoch", "train/acc")
+
     num_classes: int
     label_smoothing: float
     tta: str

@@ -196,6 +196,21 @@ def _check_validation(
         raise ConfigError(f"trainer.limit_val_batches=0 runs no validation, but {who} is a validation metric")
 
 
+def _check_training_monitors(callbacks: list[Callback], module: Any) -> None:
+    """A criterion's training metric (PQ's ``train_monitor``) must be one the module logs in training: otherwise
+    Lightning's loop would find it missing only at the end of the first strip of epochs."""
+    logged = getattr(module, "training_metrics", None)
+    if not logged:
+        return
+    for callback in callbacks:
+        metric = getattr(getattr(callback, "criterion", None), "train_monitor", None)
+        if isinstance(metric, str) and metric not in logged:
+            raise ConfigError(
+                f"{type(callback).__name__}: the criterion's train_monitor={metric!r} is never logged; "
+                f"the module logs {list(logged)} in training"
+            )
+
+
 class MonitorsLogged(Callback):
     """After the sanity check (a validation before training), every monitor on ``val*`` must have been logged.
 
@@ -437,6 +452,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     _check_run_length(trainer_kwargs)
     _check_validation(cfg, datamodule, callbacks, trainer_kwargs)
     _check_run_options(cfg, callbacks, trainer_kwargs, module)
+    _check_training_monitors(callbacks, module)
     refusal = _check_refit(cfg, datamodule, callbacks)
     if refusal:
         raise ConfigError(refusal)

@@ -138,6 +138,10 @@ RUNTIME_CASES = [
         ["+callbacks.stop._target_=lightning_tricks._lightning.PLEarlyStopping", "+callbacks.stop.monitor=val/nope"],
         "EarlyStopping(monitor='val/nope') was never logged",
     ),
+    (
+        ["+callbacks=early_stopping_pq", "callbacks.early_stopping_pq.criterion.train_monitor=train/nope"],
+        "EarlyStopping: the criterion's train_monitor='train/nope' is never logged",
+    ),
     (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 runs no training step"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 makes a run without an end unless trainer.max_steps is set"),
     (

@@ -544,6 +544,69 @@ def judge_ratio(name: str, ratio: float, band: tuple[float, float]) -> tuple[boo
     return True, f"update/weight ratio of {name} is {ratio:.3g}, inside [{low:g}, {high:g}]"
 
 
+def check_band(band: Sequence[float]) -> tuple[float, float]:
+    """``band`` as ``(low, high)`` floats; ``ValueError`` unless ``0 < low < high``."""
+    values = tuple(float(b) for b in band)
+    if len(values) != 2 or not 0 < values[0] < values[1]:
+        raise ValueError(f"band must be (low, high) with 0 < low < high, got {values!r}")
+    return values[0], values[1]
+
+
+def tracked_params(
+    named: Iterable[tuple[str, Tensor]], optimizers: Iterable[torch.optim.Optimizer], which: str
+) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors of the trainable parameters in ``optimizers`` (``which``: weights|all), each once.
+
+    ``"weights"`` keeps tensors with ``ndim >= 2``; a tensor missing from ``named`` is ``param<i>``.
+
+    Example:
+        >>> net = nn.Linear(2, 3)
+        >>> tracked_params(net.named_parameters(), [torch.optim.SGD(net.parameters(), lr=0.1)], "weights")[0]
+        ['weight']
+    """
+    names = {id(p): n for n, p in named}
+    out_n: list[str] = []
+    out_p: list[Tensor] = []
+    seen: set[int] = set()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in seen or not p.requires_grad or (which == "weights" and p.ndim < 2):
+                    continue
+                seen.add(id(p))
+                out_n.append(names.get(id(p), f"param{len(out_n)}"))
+                out_p.append(p)
+    return out_n, out_p
+
+
+def param_layout(optimizers: Iterable[torch.optim.Optimizer]) -> tuple[int, ...]:
+    """The tensor count of every parameter group: a changed layout means the tracked tensors must be rebuilt."""
+    return tuple(len(g["params"]) for opt in optimizers for g in opt.param_groups)
+
+
+def relu_metrics(stats: Mapping[str, Sequence[tuple[Tensor, Tensor]]]) -> dict[str, float]:
+    """``dead_units/<name>``, ``relu_zeros/<name>`` and their means from :func:`relu_stats` calls per module.
+
+    A module called several times in the batch gets the mean of its calls; one host sync.
+
+    Example:
+        >>> relu_metrics({"act": [relu_stats(torch.tensor([[0.0, 1.0], [0.0, 2.0]]))]})["dead_units/act"]
+        0.5
+    """
+    names = [n for n, calls in stats.items() if calls]
+    if not names:
+        return {}
+    per = torch.stack([torch.stack([torch.stack(c) for c in stats[n]]).mean(0) for n in names])
+    values = per.tolist()  # [[zero_frac, dead_frac], ...]
+    metrics: dict[str, float] = {}
+    for n, (zero, dead) in zip(names, values):
+        metrics[f"dead_units/{n}"] = dead
+        metrics[f"relu_zeros/{n}"] = zero
+    metrics["dead_units/mean"] = sum(v[1] for v in values) / len(values)
+    metrics["relu_zeros/mean"] = sum(v[0] for v in values) / len(values)
+    return metrics
+
+
 def median(values: Iterable[float]) -> float:
     """The median of finite values (mean of the two middle ones for an even count); nan if none."""
     finite = [v for v in values if math.isfinite(v)]

@@ -275,7 +275,7 @@ def test_overfit_check_callback_keeps_real_run_bit_identical(digits):
         ({"num_samples": 0}, "num_samples must be an int >= 1, got 0"),
         ({"steps": 0}, "steps must be an int >= 1, got 0"),
         ({"target_loss": 0.0}, "target_loss must be a number in \\(0, inf\\], got 0.0"),
-        ({"lr": -1.0}, "lr must be a number in \\[0, inf\\], got -1.0"),
+        ({"lr": -1.0}, "lr must be a number in \\[0, inf\\] or None, got -1.0"),
     ],
 )
 def test_overfit_check_validates(kwargs, match):

@@ -21,6 +21,7 @@ from lightning_tricks.sanity import (
     OverfitResult,
     SanityCheckError,
     UpdateRatio,
+    check_band,
     check_expected_loss,
     check_overfit_args,
     grad_norms,
@@ -28,7 +29,10 @@ from lightning_tricks.sanity import (
     judge_ratio,
     median,
     overfit_check,
+    param_layout,
+    relu_metrics,
     relu_stats,
+    tracked_params,
 )
 
 __all__ = [
@@ -69,8 +73,8 @@ class InitialLossCheck(Callback):
         loss_fn: ``(logits, y) -> loss``; default softmax cross-entropy (hard or soft targets).
 
     Example:
-        >>> from lightning_tricks._lightning import Trainer
-        >>> trainer = Trainer(callbacks=[InitialLossCheck(rtol=0.1, action="raise")])  # doctest: +SKIP
+        >>> InitialLossCheck(rtol=0.1, action="raise").expected
+        'log_num_classes'
     """
 
     def __init__(
@@ -100,17 +104,10 @@ class InitialLossCheck(Callback):
             rank_zero_info(f"InitialLossCheck: skipped, the run resumed at step {trainer.global_step}")
             return
         num_classes = getattr(pl_module, "num_classes", None)
-        self.report = initial_loss(
-            pl_module,
-            batch,
-            self.expected,
-            self.rtol,
-            num_classes=num_classes if isinstance(num_classes, int) else None,
-            loss_fn=self.loss_fn,
-        )
-        log_to_loggers(
-            trainer, {"sanity/initial_loss": self.report.loss, "sanity/initial_loss_expected": self.report.expected}
-        )
+        num_classes = num_classes if isinstance(num_classes, int) else None
+        self.report = initial_loss(pl_module, batch, self.expected, self.rtol, num_classes, loss_fn=self.loss_fn)
+        metrics = {"sanity/initial_loss": self.report.loss, "sanity/initial_loss_expected": self.report.expected}
+        log_to_loggers(trainer, metrics)
         _report(trainer, "InitialLossCheck", self.report.passed, self.report.reason, self.action)
 
 
@@ -159,47 +156,13 @@ class OverfitCheck(Callback):
             raise ValueError("OverfitCheck: the Trainer has no training dataloader")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.result = overfit_check(
-            pl_module,
-            data,
-            num_samples=self.num_samples,
-            steps=self.steps,
-            target_loss=self.target_loss,
-            lr=self.lr,
-            optimizer=optimizer,
-            loss_fn=self.loss_fn,
-            seed=self.seed,
-        )
+            pl_module, data, num_samples=self.num_samples, steps=self.steps, target_loss=self.target_loss,
+            lr=self.lr, optimizer=optimizer, loss_fn=self.loss_fn, seed=self.seed,
+        )  # fmt: skip
         r = self.result
-        log_to_loggers(
-            trainer,
-            {
-                "sanity/overfit_loss": r.final_loss,
-                "sanity/overfit_passed": float(r.passed),
-                "sanity/overfit_steps": float(r.steps),
-            },
-        )
+        metrics = {"sanity/overfit_loss": r.final_loss, "sanity/overfit_passed": float(r.passed)}
+        log_to_loggers(trainer, {**metrics, "sanity/overfit_steps": float(r.steps)})
         _report(trainer, "OverfitCheck", r.passed, r.reason, self.action)
-
-
-def _tracked_params(trainer: Trainer, pl_module: LightningModule, which: str) -> tuple[list[str], list[Tensor]]:
-    """Names and tensors of the trainable parameters in the Trainer's optimizers (``which``: weights|all)."""
-    names = {id(p): n for n, p in pl_module.named_parameters()}
-    out_n: list[str] = []
-    out_p: list[Tensor] = []
-    seen: set[int] = set()
-    for opt in trainer.optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if id(p) in seen or not p.requires_grad or (which == "weights" and p.ndim < 2):
-                    continue
-                seen.add(id(p))
-                out_n.append(names.get(id(p), f"param{len(out_n)}"))
-                out_p.append(p)
-    return out_n, out_p
-
-
-def _layout(trainer: Trainer) -> tuple[int, ...]:
-    return tuple(len(g["params"]) for opt in trainer.optimizers for g in opt.param_groups)
 
 
 class UpdateRatioMonitor(Callback):
@@ -226,10 +189,7 @@ class UpdateRatioMonitor(Callback):
         super().__init__()
         check_int("every_n_steps", every_n_steps, 1)
         self.every_n_steps = every_n_steps
-        band = tuple(float(b) for b in band)
-        if len(band) != 2 or not 0 < band[0] < band[1]:
-            raise ValueError(f"band must be (low, high) with 0 < low < high, got {band!r}")
-        self.band: tuple[float, float] = band  # type: ignore[assignment]
+        self.band = check_band(band)
         self.params = check_choice("params", params, ("weights", "all"))
         self.log_per_tensor = bool(log_per_tensor)
         self.warned: set[str] = set()
@@ -258,9 +218,9 @@ class UpdateRatioMonitor(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self._pending or trainer.global_step % self.every_n_steps:
             return
-        layout = _layout(trainer)
+        layout = param_layout(trainer.optimizers)
         if self._tracker is None or layout != self._layout:
-            self._names, params = _tracked_params(trainer, pl_module, self.params)
+            self._names, params = tracked_params(pl_module.named_parameters(), trainer.optimizers, self.params)
             self._tracker, self._layout = UpdateRatio(params), layout
             if not params:
                 rank_zero_warn(f"UpdateRatioMonitor: no trainable tensors to monitor (params={self.params!r})")
@@ -323,9 +283,9 @@ class GradNormMonitor(Callback):
         if step % self.every_n_steps or step == self._step:
             return
         self._step = step
-        layout = _layout(trainer)
+        layout = param_layout(trainer.optimizers)
         if layout != self._layout:
-            self._names, self._params = _tracked_params(trainer, pl_module, "all")
+            self._names, self._params = tracked_params(pl_module.named_parameters(), trainer.optimizers, "all")
             self._layout = layout
         if not self._params:
             return
@@ -387,21 +347,10 @@ class DeadUnitMonitor(Callback):
     ) -> None:
         if not self._handles:
             return
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        names = [n for n, calls in self._stats.items() if calls]
-        if not names:
+        self.on_train_end(trainer, pl_module)  # removes the hooks
+        metrics, self._stats = relu_metrics(self._stats), {}
+        if not metrics:
             return
-        per = torch.stack([torch.stack([torch.stack(c) for c in self._stats[n]]).mean(0) for n in names])
-        values = per.tolist()  # [[zero_frac, dead_frac], ...]: one host sync
-        metrics: dict[str, float] = {}
-        for n, (zero, dead) in zip(names, values):
-            metrics[f"dead_units/{n}"] = dead
-            metrics[f"relu_zeros/{n}"] = zero
-        metrics["dead_units/mean"] = sum(v[1] for v in values) / len(values)
-        metrics["relu_zeros/mean"] = sum(v[0] for v in values) / len(values)
-        self._stats = {}
         self.last = metrics
         log_to_loggers(trainer, metrics, step=self._step)
 

@@ -62,9 +62,18 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
+
+from lightning_tricks.checks import check_int
 
 __all__ = [
+    "FINDER_STAGES",
+    "bounded_search",
+    "check_finder_args",
+    "fewest_samples",
+    "batch_size_attribute",
+    "loader_batch_size",
+    "scaling_message",
     "Schedule",
     "StepValue",
     "resolve_steps",
@@ -1226,3 +1235,119 @@ def scaling_factor(global_batch: int, reference_batch_size: int, rule: str = "li
         raise ValueError(f"rule must be one of {SCALING_RULES}, got {rule!r}")
     ratio = global_batch / reference_batch_size
     return ratio if rule == "linear" else math.sqrt(ratio)
+
+
+def _positive_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def batch_size_attribute(datamodule: Any, module: Any) -> tuple[int, str] | None:
+    """``(batch size, where)`` from ``datamodule.batch_size``, ``module.batch_size`` or
+    ``module.hparams.batch_size`` (the first positive int), else ``None``."""
+    name = type(module).__name__
+    candidates = [
+        (getattr(datamodule, "batch_size", None), f"{type(datamodule).__name__}.batch_size"),
+        (getattr(module, "batch_size", None), f"{name}.batch_size"),
+        ((getattr(module, "hparams", None) or {}).get("batch_size"), f"{name}.hparams.batch_size"),
+    ]
+    for value, where in candidates:
+        if _positive_int(value):
+            return value, where
+    return None
+
+
+def loader_batch_size(loader: Any) -> tuple[int, str] | None:
+    """``(batch size, where)`` of a loader (or a one-loader list): its ``batch_size`` or its batch sampler's."""
+    if isinstance(loader, (list, tuple)) and len(loader) == 1:
+        loader = loader[0]
+    value = getattr(loader, "batch_size", None)
+    if value is None:
+        value = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return (value, f"the train dataloader ({type(loader).__name__}.batch_size)") if _positive_int(value) else None
+
+
+def scaling_message(
+    rule: str, batch: tuple[int, str, int, int], reference: int, changes: Sequence[str], resuming_from: Any = None
+) -> str:
+    """The line that says how the LR was scaled; ``batch``: ``(per device, where from, accumulated, devices)``."""
+    per_device, where, accumulate, world = batch
+    global_batch = global_batch_size(per_device, accumulate, world)
+    factor = scaling_factor(global_batch, reference, rule)
+    note = ""
+    if resuming_from:
+        note = f" (resuming from {resuming_from}: its optimizer state, already scaled, replaces these)"
+    return (
+        f"LinearScaling ({rule}): global batch {global_batch} = {per_device} per device "
+        f"(from {where}) x {accumulate} accumulated x {world} device(s); reference {reference}; "
+        f"LR x {factor:.4g}: {', '.join(changes)}" + note
+    )
+
+
+FINDER_STAGES = ("fit", "validate", "test", "predict")
+
+
+def check_finder_args(
+    mode: Any,
+    modes: Sequence[str],
+    steps_per_trial: Any,
+    init_val: Any,
+    max_trials: Any,
+    max_val: Any,
+    batch_arg_name: Any,
+    stages: Any,
+) -> tuple[str, ...]:
+    """Check a batch-size finder's arguments; return ``stages`` as a tuple without repeats."""
+    if not isinstance(mode, str) or mode.lower() not in modes:
+        raise ValueError(f"`mode` should be either of {modes}, got {mode!r}")
+    for name, value in (
+        ("steps_per_trial", steps_per_trial),
+        ("init_val", init_val),
+        ("max_trials", max_trials),
+        ("max_val", max_val),
+    ):
+        check_int(name, value, 1)
+    if not isinstance(batch_arg_name, str) or not batch_arg_name:
+        raise ValueError(f"batch_arg_name must be a non-empty attribute name, got {batch_arg_name!r}")
+    chosen = [stages] if isinstance(stages, str) else list(stages)
+    if not chosen or any(s not in FINDER_STAGES for s in chosen):
+        raise ValueError(f"stages must be a non-empty list of {FINDER_STAGES}, got {stages!r}")
+    return tuple(dict.fromkeys(chosen))
+
+
+def fewest_samples(loaders: Any) -> int | None:
+    """The smallest sample count over ``loaders`` (one, a list or a dict), or ``None`` when none has one.
+
+    Read from each loader's ``dataset`` (when it has a length) or its ``num_samples`` (this rank's share).
+    """
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    counts = []
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        try:
+            count = len(dataset) if dataset is not None else getattr(loader, "num_samples", None)
+        except TypeError:  # an iterable-style dataset
+            count = getattr(loader, "num_samples", None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            counts.append(count)
+    return min(counts) if counts else None
+
+
+def bounded_search(init_val: int, max_trials: int, max_val: int, cap: int | None, mode: str) -> tuple[int, int, int]:
+    """``(init_val, max_trials, max_val)`` of a batch-size search that tries no size above ``cap``.
+
+    ``"power"`` doubling ignores ``max_val``, so the number of doublings is bounded instead: the largest
+    ``k`` with ``init * 2**k <= cap``; ``"binsearch"`` caps every size at ``max_val``.
+
+    Example:
+        >>> bounded_search(2, 25, 8192, 100, "power"), bounded_search(2, 25, 8192, 100, "binsearch")
+        ((2, 6, 8192), (2, 25, 100))
+    """
+    if cap is None:
+        return init_val, max_trials, max_val
+    init_val = min(init_val, cap)
+    if mode == "power":
+        return init_val, min(max_trials, max(0, (cap // init_val).bit_length() - 1) + 1), max_val
+    return init_val, max_trials, min(max_val, cap)

@@ -19,11 +19,10 @@ from lightning_tricks._lightning import (
     reset_dataloaders,
     resume_path_kept,
 )
-from lightning_tricks.checks import check_int
+from lightning_tricks.schedules import FINDER_STAGES as STAGES
+from lightning_tricks.schedules import bounded_search, check_finder_args, fewest_samples
 
 __all__ = ["BatchSizeFinder", "STAGES", "train_samples"]
-
-STAGES = ("fit", "validate", "test", "predict")
 
 
 def train_samples(trainer: Trainer) -> int | None:
@@ -34,21 +33,7 @@ def train_samples(trainer: Trainer) -> int | None:
     """
     if trainer.train_dataloader is None:
         trainer.fit_loop.setup_data()  # what Lightning's finder does first too
-    loaders: Any = trainer.train_dataloader
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    elif not isinstance(loaders, (list, tuple)):
-        loaders = [loaders]
-    counts = []
-    for loader in loaders:
-        dataset = getattr(loader, "dataset", None)
-        try:
-            count = len(dataset) if dataset is not None else getattr(loader, "num_samples", None)
-        except TypeError:  # an iterable-style dataset
-            count = getattr(loader, "num_samples", None)
-        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            counts.append(count)
-    return min(counts) if counts else None
+    return fewest_samples(trainer.train_dataloader)
 
 
 class BatchSizeFinder(_LightningBatchSizeFinder):
@@ -82,19 +67,10 @@ class BatchSizeFinder(_LightningBatchSizeFinder):
         *,
         stages: Sequence[str] = STAGES,
     ) -> None:
-        if not isinstance(mode, str) or mode.lower() not in self.SUPPORTED_MODES:
-            raise ValueError(f"`mode` should be either of {self.SUPPORTED_MODES}, got {mode!r}")
-        check_int("steps_per_trial", steps_per_trial, 1)
-        check_int("init_val", init_val, 1)
-        check_int("max_trials", max_trials, 1)
-        check_int("max_val", max_val, 1)
-        if not isinstance(batch_arg_name, str) or not batch_arg_name:
-            raise ValueError(f"batch_arg_name must be a non-empty attribute name, got {batch_arg_name!r}")
-        chosen = [stages] if isinstance(stages, str) else list(stages)
-        if not chosen or any(s not in STAGES for s in chosen):
-            raise ValueError(f"stages must be a non-empty list of {STAGES}, got {stages!r}")
+        modes = self.SUPPORTED_MODES
+        chosen = check_finder_args(mode, modes, steps_per_trial, init_val, max_trials, max_val, batch_arg_name, stages)
         super().__init__(mode, steps_per_trial, init_val, max_trials, batch_arg_name, margin, max_val)
-        self.stages = tuple(dict.fromkeys(chosen))
+        self.stages = chosen
         self.found: int | None = None  # the batch size of the fit (checkpoint state)
 
     def state_dict(self) -> dict[str, Any]:
@@ -132,12 +108,7 @@ class BatchSizeFinder(_LightningBatchSizeFinder):
             return
         cap = train_samples(trainer) if stage == "fit" else None
         saved = (self._init_val, self._max_trials, self._max_val)
-        if cap is not None:
-            self._init_val = min(self._init_val, cap)
-            if self._mode == "power":  # its doubling ignores max_val: bound the number of doublings instead
-                self._max_trials = min(self._max_trials, _doublings(self._init_val, cap) + 1)
-            else:  # binsearch caps every size at max_val
-                self._max_val = min(self._max_val, cap)
+        self._init_val, self._max_trials, self._max_val = bounded_search(*saved, cap, self._mode)
         bounded = (self._init_val, self._max_trials, self._max_val) != saved
         # Lightning sets init_val but runs its first trial on the loader already built with the configured
         # batch size; set it and rebuild the loaders first, so that the first size tried is init_val
@@ -156,9 +127,3 @@ class BatchSizeFinder(_LightningBatchSizeFinder):
                 f"BatchSizeFinder ({self._mode}, up to {self._max_trials} trial(s) from {self._init_val}{note}): "
                 f"{stage} runs with {self._batch_arg_name}={self.optimal_batch_size}"
             )
-
-
-def _doublings(start: int, limit: int) -> int:
-    """How many times ``start`` can be doubled without exceeding ``limit``: the largest ``k`` with
-    ``start * 2**k <= limit``, i.e. ``2**k <= limit // start``."""
-    return max(0, (limit // start).bit_length() - 1)

@@ -17,7 +17,13 @@ from lightning_tricks._lightning import (
 from lightning_tricks.callbacks.lr_schedule import LRSchedule, change_base_lrs
 from lightning_tricks.checks import check_choice, check_int
 from lightning_tricks.schedules import SCALING_RULES as RULES
-from lightning_tricks.schedules import global_batch_size, scaling_factor
+from lightning_tricks.schedules import (
+    batch_size_attribute,
+    global_batch_size,
+    loader_batch_size,
+    scaling_factor,
+    scaling_message,
+)
 
 __all__ = ["LinearScaling", "find_batch_size", "global_batch_size", "scaling_factor"]
 
@@ -28,28 +34,14 @@ def find_batch_size(trainer: Trainer, pl_module: LightningModule) -> tuple[int, 
     Looks at ``datamodule.batch_size``, ``module.batch_size`` / ``module.hparams.batch_size``, then the
     train dataloader's ``batch_size`` (or its ``batch_sampler.batch_size``).
     """
-    datamodule = getattr(trainer, "datamodule", None)
-    module = type(pl_module).__name__
-    candidates = [
-        (getattr(datamodule, "batch_size", None), f"{type(datamodule).__name__}.batch_size"),
-        (getattr(pl_module, "batch_size", None), f"{module}.batch_size"),
-        ((getattr(pl_module, "hparams", None) or {}).get("batch_size"), f"{module}.hparams.batch_size"),
-    ]
-    for value, where in candidates:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value, where
+    found = batch_size_attribute(getattr(trainer, "datamodule", None), pl_module)
+    if found is not None:
+        return found
     loader = trainer.train_dataloader
     if loader is None:
         trainer.fit_loop.setup_data()  # what trainer.estimated_stepping_batches does too
         loader = trainer.train_dataloader
-    if isinstance(loader, (list, tuple)) and len(loader) == 1:
-        loader = loader[0]
-    value = getattr(loader, "batch_size", None)
-    if value is None:
-        value = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value, f"the train dataloader ({type(loader).__name__}.batch_size)"
-    return None
+    return loader_batch_size(loader)
 
 
 class LinearScaling(Callback):
@@ -127,14 +119,8 @@ class LinearScaling(Callback):
                 "bounds it keeps elsewhere (max_lr, eta_min, ...) are not scaled. "
                 "lightning_tricks.callbacks.LRSchedule has none of these."
             )
-        resume_note = ""
-        if self._resuming_from:
-            resume_note = f" (resuming from {self._resuming_from}: its optimizer state, already scaled, replaces these)"
-        rank_zero_info(
-            f"LinearScaling ({self.rule}): global batch {self.global_batch_size} = {per_device} per device "
-            f"(from {where}) x {accumulate} accumulated x {world} device(s); reference {self.reference_batch_size}; "
-            f"LR x {self.factor:.4g}: {', '.join(changes)}" + resume_note
-        )
+        batch = (per_device, where, accumulate, world)
+        rank_zero_info(scaling_message(self.rule, batch, self.reference_batch_size, changes, self._resuming_from))
         if self.factor >= 2 and not self._has_warmup(trainer):
             rank_zero_warn(
                 f"LinearScaling multiplies the LR by {self.factor:.3g} without a warmup; Goyal et al. "

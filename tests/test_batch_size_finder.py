@@ -228,3 +228,15 @@ def test_config_runs_with_linear_scaling(make_cfg) -> None:
     group = objects["trainer"].optimizers[0].param_groups[0]
     assert group["initial_lr"] == pytest.approx(cfg.optimizer.lr * 4.0)  # the base LR the schedule scales
     assert objects["trainer"].global_step == 6 and 0.0 <= metrics["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize("init_val,cap", [(2, 100), (3, 3), (5, 4), (1, 1024), (7, 1000)])
+def test_power_search_bound_is_the_last_doubling_within_the_cap(init_val: int, cap: int) -> None:
+    from lightning_tricks.schedules import bounded_search
+
+    start, trials, max_val = bounded_search(init_val, 25, 8192, cap, "power")
+    sizes = [start * 2**k for k in range(trials)]
+    assert start == min(init_val, cap) and max_val == 8192
+    assert sizes[-1] <= cap < sizes[-1] * 2  # every size tried fits, one more doubling would not
+    assert bounded_search(init_val, 25, 8192, cap, "binsearch") == (min(init_val, cap), 25, min(8192, cap))
+    assert bounded_search(init_val, 25, 8192, None, "power") == (init_val, 25, 8192)

@@ -432,3 +432,19 @@ def test_range_test_from_a_diverging_start_leaves_the_lr(tmp_path):
     assert finder.result is not None and not finder.result.fell
     assert finder.applied_lr is None
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # the configured LR stays
+
+
+def test_sweep_record_ignores_the_first_points_for_the_best_loss_but_stops_on_a_non_finite_one() -> None:
+    from lightning_tricks.lr_range_test import SweepRecord
+
+    rec = SweepRecord(smooth=0.0, diverge_threshold=2.0, skip_begin=2)
+    # points 1-2 are skipped: a low first loss must not become the best, so 1.5 later is no divergence
+    assert rec.add(1e-4, 0.1) == (False, "")
+    assert rec.add(1e-3, 1.0) == (False, "")
+    assert rec.add(1e-2, 1.5) == (False, "")
+    assert rec.best == 1.5
+    assert rec.add(1e-1, 3.5) == (True, "smoothed loss 3.5 > 2 x best 1.5")
+    early = SweepRecord(smooth=0.0, diverge_threshold=None, skip_begin=5)
+    stop, reason = early.add(1e-4, math.inf)
+    assert stop and reason == "loss is inf"
+    assert early.lrs == [1e-4] and early.raw == [math.inf]

@@ -231,3 +231,16 @@ def test_swa_config_composes_and_instantiates() -> None:
         cfg = compose(config_name="callbacks/swa")
     swa = instantiate(cfg.callbacks.swa)
     assert isinstance(swa, SWA) and swa.start == 0.75 and swa.bn_update
+
+
+def test_swa_phase_starts_at_the_first_step_of_the_start_epoch() -> None:
+    from lightning_tricks.averaging import check_start_in_run, swa_phase, swa_start_epoch
+
+    assert swa_start_epoch(0.75, 8) == 6 and swa_start_epoch(2, None) == 2
+    # 10 batches with 3 accumulated: ceil(10 / 3) = 4 optimizer steps per epoch
+    assert swa_phase(0.05, 6, 10, 3).start_step == 24
+    with pytest.raises(ValueError, match="needs the number of batches per epoch"):
+        swa_phase(0.05, 1, float("inf"), 1)
+    check_start_in_run(3, 16.0, 10, 3)  # 16 steps of 4 per epoch: epochs 0..3
+    with pytest.raises(ValueError, match="about 4 epochs of 16 optimizer steps"):
+        check_start_in_run(4, 16.0, 10, 3)

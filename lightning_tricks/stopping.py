@@ -627,3 +627,41 @@ def first_stop(
         if d.stop:
             return FirstStop(t - 1, d)
     return FirstStop(None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the callback stores and says: checkpoint values and messages, built without a Trainer
+# ------------------------------------------------------------------------------------------------
+def nan_as_none(values: Sequence[float]) -> list[float | None]:
+    """Floats for a checkpoint, ``nan`` as ``None`` (``nan != nan`` would break state comparisons).
+
+    Example:
+        >>> nan_as_none([1.0, math.nan]), none_as_nan([1, None])
+        ([1.0, None], [1.0, nan])
+    """
+    return [None if math.isnan(v) else v for v in values]
+
+
+def none_as_nan(values: Any) -> list[float]:
+    """The inverse of :func:`nan_as_none`."""
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def missing_monitor_message(monitor: str, logged: Sequence[str]) -> str:
+    """Lightning's message for a monitor that was not logged, then which names were and how to log it."""
+    return (
+        f"Early stopping conditioned on metric `{monitor}` which is not available."
+        " Pass in or modify your `EarlyStopping` callback to use any of the following:"
+        f" `{'`, `'.join(list(logged))}` (EarlyStopping monitor={monitor!r} was not logged; the "
+        f"logged metrics are {sorted(logged) or 'none'}. Log it, e.g. self.log({monitor!r}, ...) in "
+        "validation_step, or set monitor to one of these)"
+    )
+
+
+def missing_train_message(train_monitor: str, logged: Sequence[str]) -> str:
+    """What PQ says when its training metric was not logged at a check."""
+    return (
+        f"EarlyStopping(criterion=PQ) needs the training metric train_monitor={train_monitor!r} at every check, but "
+        f"it was not logged; the logged metrics are {sorted(logged)}. Log it once per epoch "
+        "(self.log(..., on_epoch=True)) or set train_monitor to one of these"
+    )

@@ -270,7 +270,7 @@ def test_zero_and_negative_errors():
         (lambda: StopRule(mode="maximize"), r"mode must be one of \('min', 'max'\), got 'maximize'"),
         (lambda: StopRule(GL(), min_delta=-0.1), r"min_delta must be a number in \[0, inf\), got -0\.1"),
         (lambda: StopRule(min_checks=-1), r"min_checks must be an int >= 0, got -1"),
-        (lambda: GL(optimum=math.inf), r"optimum must be a number in \(-inf, inf\), got inf"),
+        (lambda: GL(optimum=math.inf), r"optimum must be a number in \(-inf, inf\) or None, got inf"),
     ],
 )
 def test_bad_arguments_name_the_value_and_the_choices(make, message):

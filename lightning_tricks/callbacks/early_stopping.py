@@ -1,10 +1,7 @@
 """Lightning's ``EarlyStopping`` with Prechelt's GL / PQ / UP and restore-best, opt-in; one rule decides.
 
-With Lightning's arguments only, :class:`EarlyStopping` takes, accepts, raises, logs and checkpoints
-what Lightning's does (same ``state_key``; checkpoints move both ways). Every check goes through
-``_evaluate_stopping_criteria``, which asks the pure rule :class:`lightning_tricks.stopping.StopRule`
-(non-finite value, thresholds, then the criterion) and copies its counters into Lightning's fields.
-The how and why (formulas, DDP, calibration) are in ``docs/method_cards.md``, early stopping.
+With Lightning's arguments only it behaves and checkpoints as Lightning's (same ``state_key``); every
+check asks the pure :class:`lightning_tricks.stopping.StopRule`. How and why: ``docs/method_cards.md``.
 
 Example:
     >>> from lightning_tricks.callbacks import EarlyStopping
@@ -25,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_tricks import stopping
 from lightning_tricks._lightning import (
     EarlyStoppingReason,
     LightningModule,
@@ -51,15 +49,6 @@ _REASON = {
 
 class EarlyStoppingConfigError(MisconfigurationException, ValueError):
     """A bad argument of Lightning's (``mode``): Lightning's ``MisconfigurationException`` and a ``ValueError``."""
-
-
-def _plain(values: list[float]) -> list[float | None]:
-    """Floats for the checkpoint, ``nan`` as ``None`` (``nan != nan`` would break state comparisons)."""
-    return [None if math.isnan(v) else v for v in values]
-
-
-def _floats(values: Any) -> list[float]:
-    return [math.nan if v is None else float(v) for v in values]
 
 
 def _number(x: Any) -> Any:
@@ -90,10 +79,8 @@ class EarlyStopping(PLEarlyStopping):
             prefix given as a string); ``None``: on with our criteria, off with Lightning's rule.
 
     Attributes:
-        rule: the :class:`~lightning_tricks.stopping.StopRule` made from the current arguments.
-        stop_reason: ``"stopped at epoch 23: GL=5.4 > alpha=5 (best 0.081 at 17)"`` or ``None``.
-        history, train_history, epochs, measured: per check, the monitored metric, the training metric
-            (``nan`` when not logged), the epoch and what the metric was measured on (``"raw"``, ``"ema"``...).
+        rule, stop_reason (``"stopped at epoch 23: GL=5.4 > alpha=5 (best 0.081 at 17)"`` or ``None``).
+        history, train_history (``nan`` when not logged), epochs, measured (``"raw"``, ``"ema"``...): per check.
         best_check, best_epoch, best_value: the best check so far (-1 / ``None`` before the first).
     """
 
@@ -212,8 +199,8 @@ class EarlyStopping(PLEarlyStopping):
         state = super().state_dict()  # wait_count, stopped_epoch, best_score, patience, stopping_reason...
         state.update(
             version=_STATE_VERSION,
-            history=_plain(self.history),
-            train_history=_plain(self.train_history),
+            history=stopping.nan_as_none(self.history),
+            train_history=stopping.nan_as_none(self.train_history),
             epochs=list(self.epochs),
             stop_reason=self.stop_reason,
             measured=list(self.measured),
@@ -232,8 +219,8 @@ class EarlyStopping(PLEarlyStopping):
             state_dict.get("stopping_reason", EarlyStoppingReason.NOT_STOPPED.value)
         )
         self.stopping_reason_message = state_dict.get("stopping_reason_message")
-        self.history = _floats(state_dict.get("history", []))
-        self.train_history = _floats(state_dict.get("train_history", [None] * len(self.history)))
+        self.history = stopping.none_as_nan(state_dict.get("history", []))
+        self.train_history = stopping.none_as_nan(state_dict.get("train_history", [None] * len(self.history)))
         self.epochs = [int(e) for e in state_dict.get("epochs", range(len(self.history)))]
         self.measured = [str(m) for m in state_dict.get("measured", [RAW] * len(self.history))]
         self.stop_reason = state_dict.get("stop_reason")
@@ -293,13 +280,7 @@ class EarlyStopping(PLEarlyStopping):
     def _validate_condition_metric(self, logs: dict[str, Tensor]) -> bool:
         if logs.get(self.monitor) is not None:
             return True
-        msg = (
-            f"Early stopping conditioned on metric `{self.monitor}` which is not available."
-            " Pass in or modify your `EarlyStopping` callback to use any of the following:"
-            f" `{'`, `'.join(list(logs.keys()))}` (EarlyStopping monitor={self.monitor!r} was not logged; the "
-            f"logged metrics are {sorted(logs) or 'none'}. Log it, e.g. self.log({self.monitor!r}, ...) in "
-            "validation_step, or set monitor to one of these)"
-        )
+        msg = stopping.missing_monitor_message(self.monitor, list(logs))
         if self.strict:
             raise RuntimeError(msg)
         self._warn_once("monitor", msg + " (strict=False: these checks are skipped)")  # Lightning: only if verbose
@@ -367,11 +348,7 @@ class EarlyStopping(PLEarlyStopping):
         if value is not None:
             return float(torch.as_tensor(value).squeeze())
         if isinstance(self.criterion, PQ):
-            msg = (
-                f"EarlyStopping(criterion=PQ) needs the training metric train_monitor={name!r} at every check, but "
-                f"it was not logged; the logged metrics are {sorted(logs)}. Log it once per epoch "
-                "(self.log(..., on_epoch=True)) or set train_monitor to one of these"
-            )
+            msg = stopping.missing_train_message(name, list(logs))
             never = all(math.isnan(v) for v in self.train_history)
             if never and len(self.history) + 1 >= self.criterion.strip:  # checks after validation miss one
                 raise RuntimeError(msg)

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, MutableMapping
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -896,3 +897,59 @@ def tta_predict(model_fn: Callable[[Tensor], Tensor], x: Tensor, mode: str = "no
     for view in views[1:]:
         total = total + model_fn(view).float().softmax(dim=-1)
     return total / len(views) if len(views) > 1 else total
+
+
+# ------------------------------------------------------------------------------------------------
+# what the batch callbacks decide without a Trainer: seeds, epochs on, batch entries
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def rank_seed(seed: int, rank: int) -> int:
+    """``SeedSequence([seed, rank])``'s first word: batch ``count`` draws from the seed ``rank_seed + count``
+    (mod 2**64), numbers every rank knows, so a checkpoint (rank zero's) resumes every rank's draws.
+
+    Example:
+        >>> rank_seed(0, 0) == rank_seed(0, 0) != rank_seed(0, 1)
+        True
+    """
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
+
+
+def check_batch_keys(input_key: Any, target_key: Any) -> None:
+    """``ValueError`` unless both are list positions (int) or dict keys (str), and differ."""
+    for what, key in (("input_key", input_key), ("target_key", target_key)):
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise ValueError(f"{what} must be an int (list position) or a str (dict key), got {key!r}")
+    if input_key == target_key:
+        raise ValueError(f"input_key and target_key must differ, got {input_key!r} for both")
+
+
+def active_in(epoch: int, max_epochs: int | None, until_epoch: int | None, off_last_epochs: int) -> bool:
+    """Whether an augmentation is on in ``epoch`` (0-based): before ``until_epoch`` and the last ``off_last_epochs``.
+
+    Example:
+        >>> [active_in(e, 10, None, 2) for e in (7, 8)]
+        [True, False]
+    """
+    if until_epoch is not None and epoch >= until_epoch:
+        return False
+    return not (off_last_epochs and max_epochs is not None and epoch >= max_epochs - off_last_epochs)
+
+
+def read_batch(batch: Any, input_key: int | str, target_key: int | str, name: str, needs_y: bool) -> tuple[Tensor, Any]:
+    """``(batch[input_key], batch[target_key] or None)``; ``TypeError`` naming ``name`` and the fix otherwise."""
+    if not isinstance(batch, (list, MutableMapping)):
+        raise TypeError(
+            f"{name} replaces tensors inside the batch, so the batch must be a list or a dict; got a "
+            f"{type(batch).__name__}. Make the train loader (or on_after_batch_transfer) return a list, or "
+            "call lightning_tricks.augment's functions in training_step"
+        )
+    try:
+        x = batch[input_key]  # type: ignore[index]
+        y = batch[target_key] if needs_y else None  # type: ignore[index]
+    except (IndexError, KeyError) as err:
+        raise TypeError(
+            f"{name}: the batch has no entry {err} (input_key={input_key!r}, target_key={target_key!r})"
+        ) from None
+    if not isinstance(x, Tensor) or (needs_y and not isinstance(y, Tensor)):
+        raise TypeError(f"{name}: batch[{input_key!r}] and batch[{target_key!r}] must be tensors")
+    return x, y

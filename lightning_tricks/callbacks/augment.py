@@ -6,11 +6,8 @@ the batch; how they draw, stack and resume: ``docs/method_cards.md``.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import MutableMapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,12 +21,16 @@ from lightning_tricks._lightning import (
 )
 from lightning_tricks.augment import (
     MixedTargets,
+    active_in,
+    check_batch_keys,
     check_mixup_cutmix,
     cutmix_batch,
     cutout_batch,
     cutout_size,
     mixup_batch,
     mixup_cutmix_batch,
+    rank_seed,
+    read_batch,
 )
 from lightning_tricks.callbacks._common import MemoStateKey, check_float, check_int
 
@@ -41,18 +42,6 @@ ORDER = ("Cutout", "Mixup", "CutMix", "MixupCutmix")
 
 def _place(augment: BatchAugment) -> int:  # the position of its class (or first listed base) in ORDER
     return next((ORDER.index(k.__name__) for k in type(augment).__mro__ if k.__name__ in ORDER), len(ORDER))
-
-
-@functools.lru_cache(maxsize=64)
-def rank_seed(seed: int, rank: int) -> int:
-    """``SeedSequence([seed, rank])``'s first word: batch ``count`` draws from the seed ``rank_seed + count``
-    (mod 2**64), numbers every rank knows, so a checkpoint (rank zero's) resumes every rank's draws.
-
-    Example:
-        >>> rank_seed(0, 0) == rank_seed(0, 0) != rank_seed(0, 1)
-        True
-    """
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
 class BatchAugment(MemoStateKey, Callback):
@@ -74,11 +63,7 @@ class BatchAugment(MemoStateKey, Callback):
         check_int("until_epoch", until_epoch, 1, allow_none=True)
         check_int("off_last_epochs", off_last_epochs, 0)
         check_int("seed", seed, 0, allow_none=True)
-        for what, key in (("input_key", input_key), ("target_key", target_key)):
-            if isinstance(key, bool) or not isinstance(key, (int, str)):
-                raise ValueError(f"{what} must be an int (list position) or a str (dict key), got {key!r}")
-        if input_key == target_key:
-            raise ValueError(f"input_key and target_key must differ, got {input_key!r} for both")
+        check_batch_keys(input_key, target_key)
         self.p = float(p)
         self.until_epoch = until_epoch
         self.off_last_epochs = off_last_epochs
@@ -146,9 +131,7 @@ class BatchAugment(MemoStateKey, Callback):
 
     def active(self, epoch: int, max_epochs: int | None) -> bool:
         """Whether the augmentation is on in ``epoch`` (0-based)."""
-        if self.until_epoch is not None and epoch >= self.until_epoch:
-            return False
-        return not (self.off_last_epochs and max_epochs is not None and epoch >= max_epochs - self.off_last_epochs)
+        return active_in(epoch, max_epochs, self.until_epoch, self.off_last_epochs)
 
     def augment(self, trainer: Trainer, batch: Any) -> None:
         """Augment ``batch`` in place, batch ``count`` drawing from ``rank_seed(seed, rank) + count``."""
@@ -178,23 +161,7 @@ class BatchAugment(MemoStateKey, Callback):
         return False
 
     def _read(self, batch: Any) -> tuple[Tensor, Any]:
-        name = type(self).__name__
-        if not isinstance(batch, (list, MutableMapping)):
-            raise TypeError(
-                f"{name} replaces tensors inside the batch, so the batch must be a list or a dict; got a "
-                f"{type(batch).__name__}. Make the train loader (or on_after_batch_transfer) return a list, or "
-                "call lightning_tricks.augment's functions in training_step"
-            )
-        try:
-            x = batch[self.input_key]  # type: ignore[index]
-            y = batch[self.target_key] if self.mixes_labels else None  # type: ignore[index]
-        except (IndexError, KeyError) as err:
-            raise TypeError(
-                f"{name}: the batch has no entry {err} (input_key={self.input_key!r}, target_key={self.target_key!r})"
-            ) from None
-        if not isinstance(x, Tensor) or (self.mixes_labels and not isinstance(y, Tensor)):
-            raise TypeError(f"{name}: batch[{self.input_key!r}] and batch[{self.target_key!r}] must be tensors")
-        return x, y
+        return read_batch(batch, self.input_key, self.target_key, type(self).__name__, self.mixes_labels)
 
     def _num_classes(self, y: Tensor) -> int | None:
         if self._classes is None and not y.dtype.is_floating_point:

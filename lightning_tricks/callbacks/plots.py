@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
-from lightning_tricks.plots import plot_curves
+from lightning_tricks.plots import plot_curves, record_epoch_metrics
 
 
 class CurvePlot(Callback):
@@ -44,20 +43,9 @@ class CurvePlot(Callback):
                 series.append((step, float(group["lr"])))
 
     def _record(self, trainer: Trainer, keys: tuple[str, ...]) -> None:
-        if trainer.sanity_checking:
-            return
-        for name, value in trainer.callback_metrics.items():
-            if not any(k in name for k in keys) or name.endswith("_step"):
-                continue
-            v = float(value)
-            if math.isfinite(v):
-                label = name[: -len("_epoch")] if name.endswith("_epoch") else name
-                series = self.epoch_metrics.setdefault(label, [])
-                point = (trainer.current_epoch + 1, v)
-                if series and series[-1][0] == point[0]:
-                    series[-1] = point
-                else:
-                    series.append(point)
+        if not trainer.sanity_checking:
+            metrics = {n: float(v) for n, v in trainer.callback_metrics.items() if any(k in n for k in keys)}
+            record_epoch_metrics(self.epoch_metrics, metrics, keys, trainer.current_epoch + 1)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._record(trainer, ("val/",))

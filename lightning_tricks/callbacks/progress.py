@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_info
+from lightning_tricks.plots import epoch_line
 
 __all__ = ["EpochLines"]
 
@@ -16,8 +16,7 @@ class EpochLines(Callback):
     ``epoch 3/30  step 60  train/loss 0.1234  val/loss 0.0567  val/acc 0.9812  lr 0.0491  0.4 s``: the
     epoch-level metrics whose names hold ``loss`` or ``acc`` (from ``trainer.callback_metrics``, already
     on the host at epoch end), the LR of the first parameter group and the epoch's wall time.
-    ``python -m lightning_tricks.train`` uses it instead of the progress bar when stdout is not a terminal,
-    so a 100-epoch job leaves 100 short lines in its log rather than progress-bar frames.
+    ``python -m lightning_tricks.train`` uses it when stdout is not a terminal.
     """
 
     def __init__(self) -> None:
@@ -31,23 +30,9 @@ class EpochLines(Callback):
 
     @staticmethod
     def line(trainer: Trainer, seconds: float) -> str:
-        """The line for the epoch that just ended."""
-        total = "?" if trainer.max_epochs in (None, -1) else str(trainer.max_epochs)
-        parts = [f"epoch {trainer.current_epoch + 1}/{total}", f"step {trainer.global_step}"]
-        seen: set[str] = set()
-        for name in sorted(trainer.callback_metrics):
-            if name.endswith("_step") or not ("loss" in name or "acc" in name):
-                continue
-            value = trainer.callback_metrics[name]
-            if getattr(value, "numel", lambda: 1)() != 1:
-                continue
-            v = float(value)
-            label = name[: -len("_epoch")] if name.endswith("_epoch") else name
-            if label in seen:
-                continue
-            seen.add(label)
-            parts.append(f"{label} {v:.4f}" if math.isfinite(v) else f"{label} {v}")
-        if trainer.optimizers and trainer.optimizers[0].param_groups:
-            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.4g}")
-        parts.append(f"{seconds:.1f} s")
-        return "  ".join(parts)
+        """The line for the epoch that just ended: :func:`lightning_tricks.plots.epoch_line`."""
+        metrics = trainer.callback_metrics
+        scalars = {n: float(v) for n, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        lr = float(groups[0]["lr"]) if groups else None
+        return epoch_line(trainer.current_epoch + 1, trainer.max_epochs, trainer.global_step, scalars, lr, seconds)

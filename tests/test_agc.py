@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import pickle
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_tricks._lightning import Callback, ModelCheckpoint, Trainer, seed_everything
+from lightning_tricks._lightning import Callback, ModelCheckpoint, Trainer, namespace_of, seed_everything
 from lightning_tricks.callbacks import AGC, L1Regularization
 from lightning_tricks.clipping import AdaptiveClipper, adaptive_clip_, clip_factors, unit_norms
 from lightning_tricks.data import DigitsDataModule
@@ -286,7 +287,7 @@ def test_explicit_exclude_and_empty_exclude(tmp_path):
 
 
 def test_under_16_mixed_agc_sees_the_unscaled_gradients(tmp_path):
-    from pytorch_lightning.plugins.precision import MixedPrecision
+    MixedPrecision = importlib.import_module(f"{namespace_of(Trainer)}.plugins.precision").MixedPrecision
 
     plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))
     pre, weights = _Pre(), _Weights()
@@ -299,7 +300,7 @@ def test_under_16_mixed_agc_sees_the_unscaled_gradients(tmp_path):
 
 
 def test_under_16_mixed_with_a_fused_optimizer_the_scale_is_used(tmp_path):
-    from pytorch_lightning.plugins.precision import MixedPrecision
+    MixedPrecision = importlib.import_module(f"{namespace_of(Trainer)}.plugins.precision").MixedPrecision
 
     plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))
     pre, weights = _Pre(), _Weights()

@@ -398,3 +398,49 @@ def plot_histograms(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+HISTOGRAMS = ("auto", "tensorboard", "png", "both", "none")
+SCALAR_STATS = ("act_mean", "act_std", "act_zero_frac", "dead_frac", "grad_norm", "weight_norm")
+
+
+def check_output(dirpath: Any, filename: Any) -> None:
+    """``ValueError`` unless ``dirpath`` is ``None`` or a path and ``filename`` ends with ``.csv``."""
+    if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+        raise ValueError(f"dirpath must be None or a folder path, got {dirpath!r}")
+    if not (isinstance(filename, str) and filename.endswith(".csv")):
+        raise ValueError(f"filename must end with .csv, got {filename!r}")
+
+
+def histogram_targets(histograms: str, has_tensorboard: bool) -> tuple[bool, bool]:
+    """``(to_tensorboard, to_png)`` for a ``histograms`` choice; "auto" prefers TensorBoard when it is there.
+
+    Example:
+        >>> histogram_targets("auto", False), histogram_targets("both", True)
+        ((False, True), (True, True))
+    """
+    if histograms == "tensorboard" and not has_tensorboard:
+        raise ValueError("LayerStats histograms='tensorboard' needs a TensorBoardLogger among the Trainer's loggers")
+    to_png = histograms in ("png", "both") or (histograms == "auto" and not has_tensorboard)
+    return has_tensorboard and histograms in ("auto", "tensorboard", "both"), to_png
+
+
+def scalar_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """``layer_stats/<stat>/<layer>`` for every statistic a row holds (``None``: not measured)."""
+    return {
+        f"layer_stats/{key}/{row['layer']}": float(row[key])
+        for row in rows
+        for key in SCALAR_STATS
+        if row[key] is not None
+    }
+
+
+def histogram_panels(result: LayerMeasurement) -> list[tuple[str, Tensor]]:
+    """``("<layer> act" | "<layer> grad", values)`` per layer, in row order, for :func:`plot_histograms`."""
+    panels = []
+    for row in result.rows:
+        name = row["layer"]
+        for kind, values in (("act", result.activations.get(name)), ("grad", result.gradients.get(name))):
+            if values is not None:
+                panels.append((f"{name} {kind}", values))
+    return panels

@@ -1,7 +1,6 @@
 """LayerStats: per-layer activation and gradient statistics every N optimizer steps, to a CSV and histograms.
 
-Thin wiring over :mod:`lightning_tricks.layer_stats`. Owns its output files; reads the outputs and
-gradients and writes neither.
+Wiring over :mod:`lightning_tricks.layer_stats`; reads outputs and gradients, writes only its files.
 """
 
 from __future__ import annotations
@@ -9,14 +8,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lightning_tricks import layer_stats as core
 from lightning_tricks._lightning import TENSORBOARD_LOGGER_TYPES, Callback, LightningModule, Trainer, rank_zero_info
 from lightning_tricks.callbacks._common import check_bool, check_choice, check_int, log_to_loggers
-from lightning_tricks.layer_stats import ActivationRecorder, LayerMeasurement, measure, plot_histograms, select_layers
-from lightning_tricks.layer_stats import write_csv as _write_csv
+from lightning_tricks.layer_stats import HISTOGRAMS, ActivationRecorder, LayerMeasurement
 
 __all__ = ["LayerStats"]
-
-HISTOGRAMS = ("auto", "tensorboard", "png", "both", "none")
 
 
 class LayerStats(Callback):
@@ -55,10 +52,7 @@ class LayerStats(Callback):
         self.every_n_steps: int = check_int("every_n_steps", every_n_steps, 1)  # type: ignore[assignment]
         self.histograms = check_choice("histograms", histograms, HISTOGRAMS)
         self.max_values: int = check_int("max_values", max_values, 1)  # type: ignore[assignment]
-        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
-            raise ValueError(f"dirpath must be None or a folder path, got {dirpath!r}")
-        if not (isinstance(filename, str) and filename.endswith(".csv")):
-            raise ValueError(f"filename must end with .csv, got {filename!r}")
+        core.check_output(dirpath, filename)
         self.dirpath = None if dirpath is None else str(dirpath)
         self.filename = filename
         self.log_scalars = check_bool("log_scalars", log_scalars)
@@ -88,12 +82,7 @@ class LayerStats(Callback):
         self.directory = self.dirpath or trainer.log_dir or trainer.default_root_dir
         self.path = os.path.join(self.directory, self.filename)
         has_tb = any(isinstance(logger, TENSORBOARD_LOGGER_TYPES) for logger in trainer.loggers)
-        if self.histograms == "tensorboard" and not has_tb:
-            raise ValueError(
-                "LayerStats histograms='tensorboard' needs a TensorBoardLogger among the Trainer's loggers"
-            )
-        self._to_tensorboard = has_tb and self.histograms in ("auto", "tensorboard", "both")
-        self._to_png = self.histograms in ("png", "both") or (self.histograms == "auto" and not has_tb)
+        self._to_tensorboard, self._to_png = core.histogram_targets(self.histograms, has_tb)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -101,7 +90,7 @@ class LayerStats(Callback):
             return
         self._step, self._pending = step, True
         keep = self.max_values if (self._to_tensorboard or self._to_png) else 0
-        self._recorder = ActivationRecorder(select_layers(pl_module), keep)
+        self._recorder = ActivationRecorder(core.select_layers(pl_module), keep)
         self._recorder.start()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -136,31 +125,21 @@ class LayerStats(Callback):
             return
         recorder.stop()
         step = self._step
-        result = measure(recorder, step, trainer.current_epoch, gradients, self.max_values)
+        result = core.measure(recorder, step, trainer.current_epoch, gradients, self.max_values)
         self._recorder = None
         self.last = result
         self.measured_steps.append(step)
         assert self.path is not None and self.directory is not None
-        _write_csv(self.path, result.rows)
+        core.write_csv(self.path, result.rows)
         if self.log_scalars:
-            metrics = {
-                f"layer_stats/{key}/{row['layer']}": float(row[key])
-                for row in result.rows
-                for key in ("act_mean", "act_std", "act_zero_frac", "dead_frac", "grad_norm", "weight_norm")
-                if row[key] is not None
-            }
-            log_to_loggers(trainer, metrics, step=step)
+            log_to_loggers(trainer, core.scalar_metrics(result.rows), step=step)
         if self._to_tensorboard:
             self._tensorboard(trainer, result, step)
         if self._to_png and (result.activations or result.gradients):
-            panels = []
-            for row in result.rows:
-                name = row["layer"]
-                for kind, values in (("act", result.activations.get(name)), ("grad", result.gradients.get(name))):
-                    if values is not None:
-                        panels.append((f"{name} {kind}", values))
             png = os.path.join(self.directory, "layer_stats", f"step{step:07d}.png")
-            plot_histograms(panels, png, title=f"step {step}, epoch {trainer.current_epoch}")
+            core.plot_histograms(
+                core.histogram_panels(result), png, title=f"step {step}, epoch {trainer.current_epoch}"
+            )
             rank_zero_info(f"LayerStats: wrote {png}")
 
     @staticmethod

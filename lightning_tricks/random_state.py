@@ -141,3 +141,19 @@ def set_rng_states(states: dict[str, Any], cuda: bool | None = None) -> int:
     gauss_next = py_state["gauss_next"]
     random.setstate((int(py_state["version"]), internal, None if gauss_next is None else float(gauss_next)))
     return n_cuda
+
+
+def check_checkpoint_states(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``{"world_size", "ranks"}`` from a saved state, every rank's states checked; errors name the rank."""
+    ranks = state_dict.get("ranks")
+    if not isinstance(ranks, (list, tuple)) or not ranks:
+        raise ValueError(
+            f"RandomState: the checkpoint's state has no 'ranks' list of RNG states, "
+            f"got keys {sorted(map(str, state_dict))}"
+        )
+    for i, states in enumerate(ranks):
+        try:
+            check_rng_states(states)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"RandomState: rank {i} in the checkpoint: {e}") from None
+    return {"world_size": int(state_dict.get("world_size", len(ranks))), "ranks": list(ranks)}

@@ -2,10 +2,8 @@
 uninterrupted one drew.
 
 The core :mod:`lightning_tricks.random_state` collects and sets the states; this callback decides
-when. Saved in :meth:`RandomState.state_dict` (called while Lightning builds the checkpoint, every
-rank's states gathered under DDP); restored at ``on_fit_start``, the last hook before Lightning's
-``setup_data`` draws the first loader seed and not inside the sanity check's ``isolate_rng``. Why
-these points, DDP and mid-epoch resume: ``docs/method_cards.md`` (exact resume).
+when: saved in :meth:`RandomState.state_dict`, restored at ``on_fit_start`` (before Lightning's
+``setup_data`` draws the first loader seed). Why there: ``docs/method_cards.md`` (exact resume).
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer, rank_zero_warn
-from lightning_tricks.random_state import check_rng_states, get_rng_states, set_rng_states
+from lightning_tricks.random_state import check_checkpoint_states, get_rng_states, set_rng_states
 
 __all__ = ["RandomState"]
 
@@ -28,12 +26,8 @@ def _distributed() -> bool:
 class RandomState(Callback):
     """Save the global RNG states (torch CPU/CUDA, numpy, Python) in checkpoints; restore them on resume.
 
-    With it, a run killed and resumed from a checkpoint ends bit-identical to the uninterrupted run
-    even with dropout, drop path, DropConnect or a shuffling ``DataLoader`` (for mid-epoch
-    checkpoints the loader must be resumable too, see the method card). Tricks with their own
-    generator (Mixup, CutMix, Cutout) keep their state in their own ``state_dict``.
-
-    Cost: one collection of ~5 KB of state per checkpoint (and a gather of it under DDP); nothing per step.
+    A resumed run then ends bit-identical to the uninterrupted one, dropout and shuffling included
+    (mid-epoch: the loader must be resumable too). Cost: ~5 KB per checkpoint, nothing per step.
 
     Args:
         cuda: also save and restore the CUDA generators; ``None`` = when CUDA is available.
@@ -61,18 +55,7 @@ class RandomState(Callback):
         return {"world_size": len(ranks), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ranks = state_dict.get("ranks")
-        if not isinstance(ranks, (list, tuple)) or not ranks:
-            raise ValueError(
-                f"RandomState: the checkpoint's state has no 'ranks' list of RNG states, "
-                f"got keys {sorted(map(str, state_dict))}"
-            )
-        for i, states in enumerate(ranks):
-            try:
-                check_rng_states(states)
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"RandomState: rank {i} in the checkpoint: {e}") from None
-        self._pending = {"world_size": int(state_dict.get("world_size", len(ranks))), "ranks": list(ranks)}
+        self._pending = check_checkpoint_states(state_dict)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pending, self._pending = self._pending, None

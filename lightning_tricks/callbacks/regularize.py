@@ -28,12 +28,8 @@ class L1Regularization(Callback):
     """L1 regularization of the chosen weights, ``lam * sum |w|`` (Tibshirani 1996).
 
     ``mode="proximal"`` (default) soft-thresholds the weights by ``lr * lam`` after each optimizer step
-    (ISTA: exact zeros, one pass, decoupled from momentum/Adam like AdamW's decay); ``mode="subgradient"``
-    adds ``lam * sign(w)`` to the gradients before it, which equals the penalty in the loss (it goes
-    through momentum, Adam's scaling and clipping; weights hover around zero rather than land on it).
-    Both without the extra autograd graph of :func:`lightning_tricks.regularize.l1_penalty`. Weight decay
-    (L2) on weights only is the optimizer config's ``weight_decay`` (see
-    :func:`lightning_tricks.mixins.param_groups_weight_decay`).
+    (ISTA: exact zeros); ``mode="subgradient"`` adds ``lam * sign(w)`` to the gradients before it (the
+    penalty in the loss, without its autograd graph). When to pick which: ``docs/method_cards.md``.
 
     Args:
         lam: L1 strength, >= 0 (0 turns it off; typical 1e-6 .. 1e-4 per weight).
@@ -41,8 +37,7 @@ class L1Regularization(Callback):
         exclude_bias: leave out biases and normalization parameters (as weight decay does).
         mode: ``"proximal"`` or ``"subgradient"`` (above).
 
-    Parameters without a gradient in a step (frozen, unused) are left alone, as the optimizer leaves
-    them. With several optimizers, each step touches only the chosen parameters of that optimizer.
+    Parameters without a gradient in a step are left alone, as the optimizer leaves them.
 
     Example:
         >>> cb = L1Regularization(1e-5, include="backbone")   # Trainer(callbacks=[cb])
@@ -66,13 +61,12 @@ class L1Regularization(Callback):
         self.exclude_bias = exclude_bias
         self.names: list[str] = []
         self._params: list[torch.nn.Parameter] = []
-        self._per_optimizer: dict[int, tuple[int, list[torch.nn.Parameter]]] = {}
         self._groups: dict[int, list[tuple[dict[str, Any], list[torch.nn.Parameter]]]] = {}
         self._sizes: dict[int, int] = {}
         self._handles: list[Any] = []
 
     def __getstate__(self) -> dict[str, Any]:  # hook handles do not travel (pickling, ddp_spawn)
-        return {**self.__dict__, "_handles": [], "_groups": {}, "_sizes": {}, "_per_optimizer": {}}
+        return {**self.__dict__, "_handles": [], "_groups": {}, "_sizes": {}}
 
     @property
     def state_key(self) -> str:
@@ -89,22 +83,13 @@ class L1Regularization(Callback):
             )
         self.names = [n for n, _ in chosen]
         self._params = [p for _, p in chosen]
-        self._per_optimizer.clear()
         self._groups.clear()
-
-    def _params_for(self, optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-        size = sum(len(g["params"]) for g in optimizer.param_groups)
-        cached = self._per_optimizer.get(id(optimizer))
-        if cached is None or cached[0] != size:
-            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            cached = (size, [p for p in self._params if id(p) in in_opt])
-            self._per_optimizer[id(optimizer)] = cached
-        return cached[1]
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self.lam == 0 or self.mode != "subgradient":
             return
-        add_l1_grad_(self._params_for(optimizer), self.lam, pending_grad_scale(trainer, optimizer))
+        params = [p for _, chosen in self._chosen_groups(optimizer) for p in chosen]
+        add_l1_grad_(params, self.lam, pending_grad_scale(trainer, optimizer))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.on_train_end(trainer, pl_module)

@@ -24,25 +24,14 @@ __all__ = [
 class MemoStateKey:
     """A mixin (before Lightning's ``Callback`` in the bases) that memoizes ``_generate_state_key``.
 
-    Lightning reads ``state_key`` at every hook call; a key built from the current arguments is
-    compared with the last ones, so a changed argument still gives the new key. Only worth it where
-    ``benchmarks/overhead.py`` shows the formatting in a callback's step ratio; a plain
-    ``state_key`` property is the default.
+    Lightning reads ``state_key`` at every hook call; the key is rebuilt only when the arguments
+    change. Worth it only where ``benchmarks/overhead.py`` shows the formatting in the step time.
 
     Example:
-        >>> from lightning_tricks._lightning import Callback
-        >>> class Probe(MemoStateKey, Callback):
-        ...     def __init__(self, alpha):
-        ...         self.alpha = alpha
-        ...     @property
-        ...     def state_key(self):
-        ...         return self._generate_state_key(alpha=self.alpha)
-        >>> probe = Probe(0.5)
-        >>> probe.state_key, probe.state_key is probe.state_key
-        ("Probe{'alpha': 0.5}", True)
-        >>> probe.alpha = 0.25
-        >>> probe.state_key
-        "Probe{'alpha': 0.25}"
+        >>> from lightning_tricks.callbacks import Mixup
+        >>> cb = Mixup(alpha=0.5)
+        >>> cb.state_key is cb.state_key, cb.state_key
+        (True, "Mixup{'alpha': 0.5, 'p': 1.0}")
     """
 
     def _generate_state_key(self, **kwargs: Any) -> str:
@@ -58,10 +47,8 @@ class MemoStateKey:
 class StepWatch:
     """Tells, once per batch, whether an optimizer step happened since the last look.
 
-    ``trainer.global_step`` counts optimizer steps, so with gradient accumulation (or a batch whose step
-    was skipped) a batch end may come without a step. Per-step tricks (EMA and SWA updates, snapshots)
-    act only when :meth:`stepped` says so. The last step seen is part of the callback's checkpoint
-    state (:attr:`last`), so a resumed run continues the count exactly.
+    With gradient accumulation (or a skipped step) a batch end may come without an optimizer step;
+    :attr:`last` goes into the callback's checkpoint so a resumed run continues the count.
 
     Example:
         >>> watch = StepWatch()

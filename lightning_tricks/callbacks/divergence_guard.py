@@ -19,10 +19,8 @@ __all__ = ["DivergenceGuard", "Diverged"]
 class DivergenceGuard(Callback):
     """Stop training at the first non-finite training loss or weight, with one line naming step, epoch, LR.
 
-    Raises :class:`~lightning_tricks.sanity.Diverged` at a non-finite loss (in ``on_before_backward``, so
-    the weights stay as they were), a non-finite weight norm (in an optimizer step post-hook, before any
-    callback's ``on_train_batch_end``) or a non-finite validation loss (before ``ModelCheckpoint`` or early
-    stopping act on it). ``every_n_steps`` and the cost on an accelerator: ``docs/method_cards.md``.
+    Raises :class:`~lightning_tricks.sanity.Diverged` before the weights, averages or checkpoints take
+    the bad value; where each check runs and its cost: ``docs/method_cards.md``.
 
     Args:
         check_weights: also check that the weights are finite after optimizer steps.

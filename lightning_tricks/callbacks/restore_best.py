@@ -1,9 +1,7 @@
 """Put the weights of the best validation back into the module at the end of fit.
 
-:class:`RestoreBest` works beside any early stopping (Lightning's ``EarlyStopping`` or ours, which
-builds one with ``restore_best=True``) or none. The weights it restores are the ones the best value
-was measured on: beside ``EMA``/``SWA`` evaluating their average, the average at that validation,
-else the raw weights (the weights service, :mod:`lightning_tricks.callbacks._weights`, says which).
+Works beside any early stopping or none; restores the weights the best value was measured on (an
+``EMA``/``SWA`` average when one was evaluated, else the raw weights).
 
 Example:
     >>> from lightning_tricks.callbacks import RestoreBest
@@ -44,16 +42,12 @@ class RestoreBest(Callback):
         monitor: the validation metric; ``None`` takes the ``monitor`` of the trainer's early stopping
             callback at ``setup``.
         mode: ``"min"`` or ``"max"``; ``None`` takes the early stopping callback's (else ``"min"``).
-        source: ``"memory"``: one ``torch._foreach_copy_`` into buffers allocated once, at each new best;
-            ``"checkpoint"``: no copy, the best checkpoint of a ``ModelCheckpoint`` on the same metric
-            (its raw weights, or the average stored in it when the best value was measured on one).
-        on_cpu: keep the in-memory copy on the CPU (device memory saved, a transfer per new best).
-        save_weights: keep the in-memory copy in checkpoints, so a resumed run can restore a best
-            validation from before the interruption (the checkpoint grows by one model).
+        source: ``"memory"`` (a copy at each new best) or ``"checkpoint"`` (the best checkpoint of a
+            ``ModelCheckpoint`` on the same metric, no copy).
+        on_cpu: keep the in-memory copy on the CPU.
+        save_weights: keep the in-memory copy in checkpoints (a resumed run can restore an earlier best).
 
-    The best is the first minimum (``mode="max"``: maximum) of the metric over this fit's
-    validations; under DDP, rank zero's value (one broadcast per validation), so every rank restores
-    the same weights.
+    The best is the first minimum (``mode="max"``: maximum); under DDP, rank zero's value.
     """
 
     def __init__(

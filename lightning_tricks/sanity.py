@@ -696,3 +696,22 @@ def divergence_message(
         f"diverged: the {what} is {value} at optimizer step {step} (epoch {epoch}), {lr}; {done}. Lower "
         "optimizer.lr (or add warmup / gradient clipping)"
     )
+
+
+def non_finite_val_loss(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
+    """The first scalar ``val*loss*`` metric that is not finite, as ``(name, value)``; ``None`` if all are."""
+    for name, value in metrics.items():
+        if name.startswith("val") and "loss" in name and value.numel() == 1:
+            number = float(value)
+            if not math.isfinite(number):
+                return name, number
+    return None
+
+
+def val_divergence_message(name: str, value: float, step: int, epoch: int, lrs: Sequence[float]) -> str:
+    """The line for a non-finite validation loss: where, and why this validation is not checkpointed."""
+    where = divergence_message(f"validation loss {name}", value, step, epoch, lrs).split(";")[0]
+    return (
+        f"{where}; the weights give non-finite outputs on the validation data, so this validation "
+        "is not checkpointed. Lower optimizer.lr (or add warmup / gradient clipping)"
+    )

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_tricks._lightning import Callback, LightningModule, Trainer
 from lightning_tricks.callbacks._common import check_bool, check_int
-from lightning_tricks.sanity import Diverged, divergence_message
+from lightning_tricks.sanity import Diverged, divergence_message, non_finite_val_loss, val_divergence_message
 
 __all__ = ["DivergenceGuard", "Diverged"]
 
@@ -128,18 +128,11 @@ class DivergenceGuard(Callback):
         (Lightning runs checkpoint callbacks' hooks after every other callback's)."""
         if not self.check_val_loss or trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        for name, value in trainer.callback_metrics.items():
-            if name.startswith("val") and "loss" in name and value.numel() == 1:
-                number = float(value)
-                if not math.isfinite(number):
-                    lrs = [float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
-                    step, epoch = trainer.global_step, trainer.current_epoch
-                    where = divergence_message(f"validation loss {name}", number, step, epoch, lrs).split(";")[0]
-                    message = (
-                        f"{where}; the weights give non-finite outputs on the validation data, so this validation "
-                        "is not checkpointed. Lower optimizer.lr (or add warmup / gradient clipping)"
-                    )
-                    raise Diverged(message, step, epoch, lrs)
+        bad = non_finite_val_loss(trainer.callback_metrics)
+        if bad is not None:
+            lrs = [float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
+            step, epoch = trainer.global_step, trainer.current_epoch
+            raise Diverged(val_divergence_message(*bad, step, epoch, lrs), step, epoch, lrs)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._flush(trainer)  # raising here keeps a diverged run from writing the checkpoint

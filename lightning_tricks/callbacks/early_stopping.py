@@ -61,22 +61,18 @@ class EarlyStopping(PLEarlyStopping):
 
     Args:
         monitor, min_delta, patience, verbose, mode, strict, check_finite, stopping_threshold,
-            divergence_threshold, check_on_train_epoch_end, log_rank_zero_only: Lightning's, in its
-            order, with its defaults, accepted values and exceptions (a bad ``mode`` raises
-            :class:`EarlyStoppingConfigError`, a ``MisconfigurationException`` that is also a
-            ``ValueError``). ``monitor`` defaults to ``"val/loss"`` (our modules' name).
-            ``strict=False`` also warns once when the metric is missing.
+            divergence_threshold, check_on_train_epoch_end, log_rank_zero_only: Lightning's (a bad
+            ``mode`` raises :class:`EarlyStoppingConfigError`); ``monitor`` defaults to ``"val/loss"``.
 
     Keyword-only args (ours):
         criterion: ``"patience"`` (Lightning's), ``"increase"`` (``patience`` rises in a row), or
             Prechelt's ``GL(alpha)``, ``PQ(alpha, strip, ...)``, ``UP(strips, strip)`` from
             :mod:`lightning_tricks.stopping` (or their names, with Prechelt's defaults).
         min_checks: nothing but a non-finite value stops before the ``min_checks``-th check.
-        restore_best: ``True`` or a :class:`~lightning_tricks.callbacks.RestoreBest` (to set where the
-            copy lives) puts the best validation's weights back at the end of fit. Off by default,
-            as in Lightning; on in our Hydra configs.
-        log_values: log every criterion's value each check under ``"early_stopping/"`` (or under the
-            prefix given as a string); ``None``: on with our criteria, off with Lightning's rule.
+        restore_best: ``True`` or a :class:`~lightning_tricks.callbacks.RestoreBest`: the best
+            validation's weights go back into the module at the end of fit.
+        log_values: log the criterion's values under ``"early_stopping/"`` (or this prefix); ``None``:
+            on with our criteria.
 
     Attributes:
         rule, stop_reason (``"stopped at epoch 23: GL=5.4 > alpha=5 (best 0.081 at 17)"`` or ``None``).

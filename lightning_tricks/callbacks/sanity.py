@@ -62,9 +62,7 @@ def _report(trainer: Trainer, name: str, passed: bool, reason: str, action: str)
 class InitialLossCheck(Callback):
     """On the first training batch, the loss with regularization off must be within ``rtol`` of ``log(C)``.
 
-    ``C`` is the module's ``num_classes``, else the logits' width; see
-    :func:`lightning_tricks.sanity.initial_loss`. A resumed run is not checked. Logged:
-    ``sanity/initial_loss``, ``sanity/initial_loss_expected``.
+    :func:`lightning_tricks.sanity.initial_loss`; not on resume. Logged: ``sanity/initial_loss(_expected)``.
 
     Args:
         expected: ``"log_num_classes"`` or the expected loss as a number (> 0).
@@ -114,9 +112,8 @@ class InitialLossCheck(Callback):
 class OverfitCheck(Callback):
     """Before training, a copy of the module must overfit a tiny training subset.
 
-    Runs :func:`lightning_tricks.sanity.overfit_check` at ``on_train_start`` (not on resume) with an
-    optimizer like the real one; the real module, optimizer and RNG are untouched. Logged:
-    ``sanity/overfit_loss``, ``sanity/overfit_passed``, ``sanity/overfit_steps``.
+    :func:`lightning_tricks.sanity.overfit_check` at ``on_train_start`` (not on resume); the real module,
+    optimizer and RNG are untouched. Logged: ``sanity/overfit_loss``, ``_passed``, ``_steps``.
 
     Args:
         num_samples: subset size, >= 1.
@@ -168,9 +165,8 @@ class OverfitCheck(Callback):
 class UpdateRatioMonitor(Callback):
     """Every ``every_n_steps`` optimizer steps, log ``||w_after - w_before|| / ||w_before||`` per tensor.
 
-    Other steps cost one integer test. Weights only by default: biases often start at zero, where the
-    ratio is undefined. Logged: ``update_ratio/<param name>``, ``update_ratio/median``; a tensor outside
-    ``band`` is warned about once (the warned names are in the checkpoint).
+    Weights only by default (a zero bias has no ratio). Logged: ``update_ratio/<param name>``,
+    ``update_ratio/median``; a tensor outside ``band`` is warned about once (checkpointed).
 
     Args:
         every_n_steps: measure every this many optimizer steps, >= 1.
@@ -300,9 +296,8 @@ class GradNormMonitor(Callback):
 class DeadUnitMonitor(Callback):
     """Log the fraction of dead ReLU units every ``every_n_steps`` optimizer steps.
 
-    Forward hooks sit on every ``nn.ReLU`` module for the measured batch only (``F.relu`` is not
-    seen). Logged per module and as means: ``dead_units/<name>`` (units zero over the whole batch),
-    ``relu_zeros/<name>`` (outputs that are zero); see :func:`lightning_tricks.sanity.relu_stats`.
+    Hooks on every ``nn.ReLU`` module (not ``F.relu``) for the measured batch only; logged per module and
+    as means: ``dead_units/<name>``, ``relu_zeros/<name>`` (:func:`lightning_tricks.sanity.relu_metrics`).
 
     Args:
         every_n_steps: measure every this many optimizer steps, >= 1.

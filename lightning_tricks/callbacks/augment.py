@@ -1,7 +1,6 @@
-"""Mixup, CutMix, MixupCutmix and Cutout as callbacks: adapters over :mod:`lightning_tricks.augment`.
+"""Mixup, CutMix, MixupCutmix and Cutout as callbacks over :mod:`lightning_tricks.augment`.
 
-:class:`BatchAugment` is the one place that decides when to act, seeds the generator and reads and writes
-the batch; how they draw, stack and resume: ``docs/method_cards.md``.
+How they draw, stack and resume: ``docs/method_cards.md``.
 """
 
 from __future__ import annotations
@@ -200,17 +199,15 @@ class _Mix(BatchAugment):
 class Mixup(_Mix):
     """Mixup on training batches (Zhang et al. 2018, arXiv:1710.09412): :func:`~lightning_tricks.augment.mixup_batch`.
 
-    The targets become :class:`~lightning_tricks.augment.MixedTargets` ``(N, C)``: the loss must accept
-    soft targets (``F.cross_entropy`` does), metrics read ``labels_of(y)``.
+    The targets become soft :class:`~lightning_tricks.augment.MixedTargets` ``(N, C)``.
 
     Args:
         alpha: Beta concentration, > 0 (the paper: 0.2 on ImageNet, 1.0 on CIFAR-10).
         p: probability of mixing a batch, in (0, 1].
         until_epoch: mix only in epochs ``< until_epoch`` (0-based); ``None`` = always.
         off_last_epochs: do not mix in the last ``off_last_epochs`` epochs of ``max_epochs``.
-        num_classes: number of classes; ``None`` takes ``num_classes`` from the LightningModule or the
-            DataModule.
-        seed: base seed of the draws; ``None`` takes ``torch.initial_seed()`` (set by ``seed_everything``).
+        num_classes: number of classes; ``None``: the LightningModule's or DataModule's ``num_classes``.
+        seed: base seed of the draws; ``None``: ``torch.initial_seed()``.
         input_key, target_key: where ``x`` and ``y`` are in the batch (list positions or dict keys).
 
     Example:
@@ -238,9 +235,8 @@ class CutMix(_Mix):
 class MixupCutmix(BatchAugment):
     """Mixup or CutMix on training batches, chosen per batch, pair or sample: timm's ``Mixup`` as a callback.
 
-    The math is :func:`~lightning_tricks.augment.mixup_cutmix_batch`; ``label_smoothing`` is folded into the
-    targets, so a module with its own ``label_smoothing > 0`` is refused. DeiT (arXiv:2012.12877) uses
-    ``mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1``.
+    :func:`~lightning_tricks.augment.mixup_cutmix_batch`; a module with its own ``label_smoothing > 0``
+    is refused (the targets would be smoothed twice).
 
     Args:
         mixup_alpha: mixup's Beta concentration, >= 0 (0 turns mixup off).
@@ -309,8 +305,7 @@ class Cutout(BatchAugment):
     set to ``value``, by :func:`~lightning_tricks.augment.cutout_batch`; labels are unchanged.
 
     Args:
-        size: side in pixels (int >= 1) or as a fraction of ``min(H, W)`` (float in (0, 1]); a square larger
-            than the image is refused (at ``setup`` if the DataModule has ``input_shape``, else at the first batch).
+        size: side in pixels (int >= 1) or as a fraction of ``min(H, W)`` (float in (0, 1]).
         count: squares per image, >= 1.
         value: fill value (0 is the mean of standardized data).
         p, until_epoch, off_last_epochs, seed, input_key: as :class:`Mixup`.

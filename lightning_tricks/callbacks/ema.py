@@ -1,8 +1,4 @@
-"""EMA: an exponential moving average of the weights (Polyak averaging), evaluated in place of them.
-
-The formula is :func:`lightning_tricks.averaging.ema_decay`; the weight swaps are in
-:mod:`lightning_tricks.callbacks._averaging`.
-"""
+"""EMA: an exponential moving average of the weights, over :func:`lightning_tricks.averaging.ema_decay`."""
 
 from __future__ import annotations
 

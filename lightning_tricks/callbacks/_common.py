@@ -9,16 +9,8 @@ from typing import Any
 from lightning_tricks._lightning import Trainer, pending_grad_scale
 from lightning_tricks.checks import check_bool, check_choice, check_float, check_int
 
-__all__ = [
-    "check_int",
-    "check_float",
-    "check_choice",
-    "check_bool",
-    "StepWatch",
-    "MemoStateKey",
-    "pending_grad_scale",
-    "log_to_loggers",
-]
+__all__ = ["check_int", "check_float", "check_choice", "check_bool"]
+__all__ += ["StepWatch", "MemoStateKey", "pending_grad_scale", "log_to_loggers"]
 
 
 class MemoStateKey:

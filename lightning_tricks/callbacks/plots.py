@@ -12,9 +12,8 @@ from lightning_tricks.plots import plot_curves, record_epoch_metrics
 class CurvePlot(Callback):
     """Keep the curves of a run and save them as ``curves.png`` when fit ends.
 
-    Epoch-level ``train/`` and ``val/`` metrics are read from ``trainer.callback_metrics`` once per
-    epoch; each group's LR right before every optimizer step (the LR that step used, whatever the
-    callback order). The history is in checkpoints, so a resumed run plots the whole curve.
+    Epoch-level ``train/`` and ``val/`` metrics once per epoch, each group's LR at every optimizer step;
+    the history is in checkpoints, so a resumed run plots the whole curve.
 
     Args:
         dirpath: folder of the PNG; defaults to the Trainer's ``log_dir`` (or ``default_root_dir``).

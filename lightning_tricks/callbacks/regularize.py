@@ -1,8 +1,4 @@
-"""L1 regularization as a callback: a proximal step after each optimizer step, or the subgradient before it.
-
-The math is in :mod:`lightning_tricks.regularize`; the two modes, where Lightning runs the hooks and
-their cost are in ``docs/method_cards.md`` (L1 regularization).
-"""
+"""L1 regularization as a callback over :mod:`lightning_tricks.regularize`: proximal step or subgradient."""
 
 from __future__ import annotations
 

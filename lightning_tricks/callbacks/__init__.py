@@ -11,7 +11,7 @@ from typing import Any
 
 # public name -> submodule of lightning_tricks.callbacks that defines it
 _WHERE: dict[str, str] = {
-    # learning rate (issue: schedules)
+    # learning rate
     "LRSchedule": "lr_schedule",
     "LinearScaling": "lr_scaling",
     "LRRangeTest": "lr_range_test",

@@ -54,6 +54,8 @@ __all__ = [
     "cutout_size",
     "cutout_boxes",
     "cutout_batch",
+    "cutout_centers",
+    "cutout_images",
     "box_mask",
     "mix_pair",
     "paste_box",
@@ -688,22 +690,45 @@ def cutout_batch(
         >>> boxes.tolist(), int(out.sum())
         ([[[0, 0, 1, 1]]], 15)
     """
+    check_int("count", count, 1)
+    if centers is None:
+        centers = cutout_centers(x, count, generator)
+    out = cutout_images(x, size, centers, value)
+    n, _, h, w = x.shape
+    return out, cutout_boxes(n, count, cutout_size(size, h, w), h, w, centers=centers)
+
+
+def cutout_centers(x: Tensor, count: int, generator: torch.Generator | None = None) -> Tensor:
+    """The ``(N, count, 2)`` (row, col) square centers :func:`cutout_batch` draws for images ``x``: rows, then
+    columns, uniform over the image, from ``generator``."""
     if x.ndim != 4:
         raise ValueError(f"cutout needs images (N, C, H, W), got shape {tuple(x.shape)}")
-    check_int("count", count, 1)
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, count), generator=generator)
+    cx = torch.randint(0, w, (n, count), generator=generator)
+    return torch.stack([cy, cx], dim=-1)
+
+
+def cutout_images(x: Tensor, size: int | float, centers: Tensor, value: float = 0.0) -> Tensor:
+    """The images of :func:`cutout_batch` without its boxes (what a training step needs): squares of side
+    ``size`` at ``centers`` ``(N, count, 2)`` set to ``value``.
+
+    Example:
+        >>> int(cutout_images(torch.ones(1, 1, 4, 4), 2, torch.tensor([[[0, 0]]])).sum())
+        15
+    """
+    if x.ndim != 4:
+        raise ValueError(f"cutout needs images (N, C, H, W), got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
     side = cutout_size(size, h, w)
-    if centers is None:
-        cy = torch.randint(0, h, (n, count), generator=generator)
-        cx = torch.randint(0, w, (n, count), generator=generator)
-        centers = torch.stack([cy, cx], dim=-1)
+    count = centers.shape[1]
     centers = centers.to(x.device, non_blocking=True)
     cy, cx = centers[..., 0].reshape(-1).long(), centers[..., 1].reshape(-1).long()
     # row c of a window table marks what a square centered at c covers, clipped as cutout_boxes clips
     in_rows = _windows(side, h, x.device).index_select(0, cy).view(n, count, h, 1)
     in_cols = _windows(side, w, x.device).index_select(0, cx).view(n, count, 1, w)
     mask = in_rows & in_cols if count == 1 else (in_rows & in_cols).any(dim=1, keepdim=True)
-    return torch.where(mask.view(n, 1, h, w), value, x), cutout_boxes(n, count, side, h, w, centers=centers)
+    return torch.where(mask.view(n, 1, h, w), value, x)
 
 
 @functools.lru_cache(maxsize=16)

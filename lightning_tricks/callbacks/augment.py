@@ -24,7 +24,8 @@ from lightning_tricks.augment import (
     check_batch_keys,
     check_mixup_cutmix,
     cutmix_batch,
-    cutout_batch,
+    cutout_centers,
+    cutout_images,
     cutout_size,
     mixup_batch,
     mixup_cutmix_batch,
@@ -342,4 +343,5 @@ class Cutout(BatchAugment):
             cutout_size(self.size, int(shape[1]), int(shape[2]))  # raises if it does not fit
 
     def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        return cutout_batch(x, self.size, self.count, generator, value=self.value)[0], y
+        # the draws and images of cutout_batch, without the boxes it also returns
+        return cutout_images(x, self.size, cutout_centers(x, self.count, generator), self.value), y

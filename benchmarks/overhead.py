@@ -31,9 +31,18 @@ CPU as on a GPU.
     python benchmarks/overhead.py --full --device cuda     # GPU setting (FULL)
     python benchmarks/overhead.py --configs lightning,ema,lightning_ema --models mlp
     python benchmarks/overhead.py --profile stack          # torch profiler table of one configuration
+    python benchmarks/overhead.py --paired --configs mixup,cutmix,cutout --models mlp
+
+**Paired (``--paired``).** On a shared machine the step time drifts by several % between fits, more than
+the 2% a light callback may add. The paired measure takes the cost within one fit instead: the
+configuration's per-step hooks run on odd steps only, each odd step is compared with the even step just
+before it, and the differences are averaged with the top and bottom tenth dropped (epoch ends, collector
+pauses). A drift slower than two steps cancels. Its hooks run colder than every step (their kernels wait
+two steps), so it errs on the high side. It suits configurations whose whole cost is in their per-step
+hooks (the light callbacks and the batch augmentations, not SWA's epoch ends).
 
 Writes ``benchmarks/results/overhead_<device>[_<models>].md`` / ``.csv`` (and
-``overhead_profile_<config>_<model>_<device>.txt``).
+``overhead_profile_<config>_<model>_<device>.txt``, ``overhead_paired_<device>[_<models>].md`` / ``.csv``).
 """
 
 from __future__ import annotations
@@ -246,6 +255,32 @@ def _cutout(s: dict, bs: int) -> list:
     return [Cutout(size=0.5)]
 
 
+def _floor_augment(kind: str) -> Callable[[dict, int], list]:
+    """A callback doing only the floor arithmetic of Mixup, CutMix or Cutout (:func:`batch_floor_ops`, every
+    draw fixed) and putting its result in the batch, so the step pays what the augmented batch costs (the
+    soft-target loss): what the augmentation cannot cost less than, the paired measure's reference."""
+
+    def make(s: dict, bs: int) -> list:
+        from lightning_tricks._lightning import Callback
+
+        class FloorAugment(Callback):
+            op: Callable[[Any, Any], Any] | None = None
+
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                x = batch[0]
+                if self.op is None:
+                    self.op = batch_floor_ops(x.shape[0], tuple(x.shape[1:]), x.device)[kind]
+                out = self.op(x, batch[1])
+                if kind == "cutout":
+                    batch[0] = out
+                else:
+                    batch[0], batch[1] = out
+
+        return [FloorAugment()]
+
+    return make
+
+
 def _stack(s: dict, bs: int) -> list:
     from lightning_tricks.callbacks import LinearScaling
 
@@ -303,6 +338,13 @@ CONFIGS: dict[str, Config] = {
     "mixup": Config("+ Mixup", _mixup, needs="augment"),
     "cutmix": Config("+ CutMix", _cutmix, needs="augment"),
     "cutout": Config("+ Cutout", _cutout, needs="augment"),
+    "mixup_floor": Config(
+        "+ Mixup's floor (its arithmetic, draws given; soft targets in the loss)", _floor_augment("mixup")
+    ),
+    "cutmix_floor": Config(
+        "+ CutMix's floor (its arithmetic, draws given; soft targets in the loss)", _floor_augment("cutmix")
+    ),
+    "cutout_floor": Config("+ Cutout's floor (its arithmetic, draws given)", _floor_augment("cutout")),
     "stack": Config(
         "+ whole bag-of-tricks stack",
         _stack,
@@ -395,6 +437,51 @@ def time_hooks(callbacks: list, timer: Any) -> dict[str, float]:
 
             setattr(callback, hook, wrapped)
     return totals
+
+
+def time_paired(model: str, name: str, s: dict, device: torch.device, seed: int) -> tuple[float, float]:
+    """(seconds per step without configuration ``name``, seconds it adds per step), from one fit in which its
+    per-step hooks run on odd steps only: the trimmed mean of (odd step - the even step before it)."""
+    import time
+
+    from lightning_tricks._lightning import Callback, seed_everything
+
+    start, steps = s["warmup_steps"], 2 * (s["timed_steps"] // 2)
+    clock: list[float] = []
+
+    class StepClock(Callback):
+        calls = 0
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if start <= self.calls <= start + steps:
+                C.sync(device)
+                clock.append(time.perf_counter())
+            self.calls += 1
+
+    timer = StepClock()
+    callbacks = CONFIGS[name].callbacks(s, s["batch_size"][model])
+    for callback in callbacks:
+        for hook in PER_STEP_HOOKS:
+            fn = getattr(callback, hook, None)
+            if fn is not None and getattr(type(callback), hook, None) is not getattr(Callback, hook, None):
+                # timer.calls - 1 is the step under way: its batch start has run
+                setattr(callback, hook, lambda *a, _fn=fn, **k: _fn(*a, **k) if timer.calls % 2 == 0 else None)
+    seed_everything(seed, verbose=False)
+    config = CONFIGS[name]
+    module = make_module(
+        build_net(model, s), optimizer_cfg(s, no_decay_bias_norm=config.stack), 0.1 if config.stack else 0.0
+    )
+    trainer = build_trainer([timer, *callbacks], s, device)
+    trainer.fit(module, train_dataloaders=make_loader(model, s, device))
+    if len(clock) != steps + 1:
+        raise RuntimeError(f"{name}: the run ended after {timer.calls} batches, before the paired window closed")
+    step = [b - a for a, b in zip(clock, clock[1:])]  # step start + i: with the hooks when start + i is odd
+    with_first = start % 2  # 1: the window's first step runs the hooks
+    off, on = step[with_first::2], step[1 - with_first :: 2]
+    diffs = sorted(b - a for a, b in zip(off, on))  # adjacent steps, one with the hooks and one without
+    cut = len(diffs) // 10
+    kept = diffs[cut : len(diffs) - cut]
+    return sum(sorted(off)[cut : len(off) - cut]) / max(1, len(off) - 2 * cut), sum(kept) / len(kept)
 
 
 def time_raw(model: str, s: dict, device: torch.device, seed: int) -> float:
@@ -609,6 +696,10 @@ _HOOKS = (
     "_shrink",  # L1Regularization(mode="proximal")
     "_after_step",  # DivergenceGuard's weight check
 )
+
+
+#: the hooks that run every step (the paired measure skips them on even steps)
+PER_STEP_HOOKS = tuple(h for h in _HOOKS if "epoch" not in h)
 
 
 def _label_hooks(callback: Any) -> None:
@@ -1018,6 +1109,69 @@ def _stack_profile(
     )
 
 
+def paired_table(s: dict, device: torch.device, out: Path, args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Run :func:`time_paired` for every configuration but the references, ``repeats`` times, interleaved;
+    print and write the table."""
+    names = [c for c in s["configs"] if CONFIGS[c].callbacks is not None and c != "lightning"]
+    names = [c for c in names if not missing_modules(CONFIGS[c])]
+    got: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for model in s["models"]:
+        time_config(model, "lightning", s, device, s["seed"])  # warm-up run
+        for rep in range(s["repeats"]):
+            for name in names:
+                base, added = time_paired(model, name, s, device, s["seed"] + rep)
+                got.setdefault((model, name), []).append((base, added))
+                print(
+                    f"{model:6s} repeat {rep} {name:17s} {1e3 * base:8.3f} ms/step without, {1e6 * added:+7.1f} µs",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows, table = [], []
+    for (model, name), runs in got.items():
+        ratios = [1.0 + added / base for base, added in runs]
+        ratio, spread = C.mean_std(ratios)
+        goal = GOAL_LIGHT_RATIO if model == "mlp" and name in LIGHT + AUGMENT else None
+        verdict = _verdict(ratio, goal, spread) if goal else ""
+        row = {
+            "model": model,
+            "configuration": name,
+            "ms_per_step_without": 1e3 * C.mean_std(b for b, _ in runs)[0],
+            "added_us": C.mean_std(1e6 * a for _, a in runs)[0],
+            "added_us_std": C.mean_std(1e6 * a for _, a in runs)[1],
+            "x_without": ratio,
+            "x_without_std": spread,
+            "verdict": verdict,
+        }
+        rows.append(row)
+        table.append(
+            [
+                model,
+                CONFIGS[name].label,
+                f"{row['ms_per_step_without']:.3f}",
+                f"{row['added_us']:+.0f} ± {row['added_us_std']:.0f}",
+                f"{ratio:.3f} ± {spread:.3f}",
+                " ".join(f"{r:.3f}" for r in ratios),
+                f"≤ {goal}x" if goal else "",
+                verdict,
+            ]
+        )
+    header = ["model", "configuration", "ms/step without", "added µs/step", "x without", "per repeat", "goal"]
+    header.append("verdict")
+    md = (
+        f"Paired per-step cost, {s['repeats']} repeats x {2 * (s['timed_steps'] // 2)} steps, a fit each "
+        "(`--paired` in the module docstring): the configuration's per-step hooks run on every other step; "
+        "`added` is the trimmed mean of the differences between adjacent steps with and without them, "
+        "`x without` is 1 + added over the step without them (mean ± std over repeats).\n\n"
+        + C.markdown_table(header, table, right=(2, 3, 4))
+        + f"\n\nMachine: {C.machine(device)}; {C.stamp()}.\n"
+    )
+    print(md)
+    suffix = ("" if args.models is None else "_" + "_".join(s["models"])) + ("_tiny" if args.tiny else "")
+    md_path, _ = C.write_results(f"overhead_paired_{device.type}{suffix}", rows, md, out)
+    print(f"wrote {md_path} and .csv", file=sys.stderr)
+    return rows, md
+
+
 def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="the GPU setting (FULL)")
@@ -1034,6 +1188,9 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
         metavar="CONFIG",
         help="print a torch profiler table of this configuration "
         "(on the first of --models) instead of the timing table",
+    )
+    parser.add_argument(
+        "--paired", action="store_true", help="the paired measure of each configuration (see the module docstring)"
     )
     parser.add_argument("--tiny", action="store_true", help="tiny models and few steps (smoke tests)")
     parser.add_argument("--out-dir", default=str(C.RESULTS))
@@ -1081,6 +1238,9 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], str]:
             path.write_text(text + "\n")
             print(f"wrote {path}", file=sys.stderr)
             return [], text
+
+        if args.paired:
+            return paired_table(s, device, out, args)
 
         skipped: dict[str, str] = {}
         for name in s["configs"]:

@@ -49,13 +49,20 @@ __all__ = [
     "sample_beta",
     "soft_targets",
     "mixup_batch",
+    "mixup_params",
+    "mixup_apply",
     "cutmix_batch",
+    "cutmix_params",
+    "cutmix_apply",
+    "CutMixParams",
     "cutmix_box",
     "cutout_size",
     "cutout_boxes",
     "cutout_batch",
     "cutout_centers",
     "cutout_images",
+    "cutout_windows",
+    "cutout_fill",
     "box_mask",
     "mix_pair",
     "paste_box",
@@ -111,9 +118,10 @@ class MixedTargets(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def,override]
+        # every use of the targets passes here (``y.dtype`` too): the common path is one lookup and the call
         kwargs = kwargs or {}
-        mine = next(a for a in (*args, *kwargs.values()) if isinstance(a, MixedTargets))
         if func in _READS_AS_LABELS:
+            mine = _mixed_in(args, kwargs)
             raise ValueError(  # not TypeError: Tensor.__eq__ turns that into NotImplemented, then False
                 f"{mine.made_by} replaced the class labels of this training batch by soft targets of shape "
                 f"{tuple(mine.shape)}; {getattr(func, '__name__', func)} on them reads them as labels (as a metric "
@@ -124,10 +132,15 @@ class MixedTargets(Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if func in _KEEPS_TARGETS and isinstance(out, Tensor) and not isinstance(out, MixedTargets):
+            mine = _mixed_in(args, kwargs)
             if not out.dtype.is_floating_point:  # to(torch.long), type(torch.LongTensor): a cast to labels
                 raise ValueError(f"{mine.made_by}: casting the soft targets to {out.dtype} reads them as labels")
             out = MixedTargets.wrap(out, mine.labels.to(out.device), mine.made_by)
         return out
+
+
+def _mixed_in(args: tuple, kwargs: dict) -> MixedTargets:
+    return next(a for a in (*args, *kwargs.values()) if isinstance(a, MixedTargets))
 
 
 def labels_of(y: Tensor) -> Tensor:
@@ -191,10 +204,15 @@ def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float
         True
     """
     _check_alpha(alpha)
-    g1, g2 = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=generator).tolist()
+    g1, g2 = torch._standard_gamma(_alpha_pair(float(alpha)), generator=generator).tolist()
     if g1 + g2 == 0.0:  # both underflowed (tiny alpha): the limit, 0 or 1 with probability 1/2
         return float(torch.randint(0, 2, (1,), generator=generator).item())
     return g1 / (g1 + g2)
+
+
+@functools.lru_cache(maxsize=16)
+def _alpha_pair(alpha: float) -> Tensor:  # built once: a fill is one more cold kernel on every batch
+    return torch.full((2,), alpha, dtype=torch.float64)
 
 
 def soft_targets(y: Tensor, num_classes: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -207,9 +225,21 @@ def soft_targets(y: Tensor, num_classes: int | None, dtype: torch.dtype = torch.
         raise ValueError(f"class-index targets must have shape (N,), got {tuple(y.shape)}")
     if num_classes is None:
         raise ValueError("num_classes is needed to turn class indices into soft targets, got None")
-    # the values of F.one_hot(y, C).to(dtype), in one kernel and without one_hot's range check (a
-    # device-wide min/max); an index out of range still raises (CPU) or asserts on the device (CUDA)
+    # the values of F.one_hot(y, C).to(dtype) without one_hot's range check (a device-wide min/max); an
+    # index out of range still raises (CPU) or asserts on the device (CUDA)
+    if num_classes <= IDENTITY_CLASSES:  # rows of a kept identity: one gather, the kernel mixing runs anyway
+        return _identity(num_classes, dtype, y.device).index_select(0, y.long())
     return torch.zeros((y.shape[0], num_classes), dtype=dtype, device=y.device).scatter_(1, y.long()[:, None], 1.0)
+
+
+#: up to this many classes :func:`soft_targets` gathers rows of an identity it keeps per dtype and device
+#: (at most 4 MB in float32); beyond, it scatters ones into zeros (two kernels, nothing kept)
+IDENTITY_CLASSES = 1024
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(num_classes: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(num_classes, dtype=dtype, device=device)
 
 
 def _partner_index(n: int, index: Tensor | None, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -217,7 +247,7 @@ def _partner_index(n: int, index: Tensor | None, generator: torch.Generator | No
         index = torch.randperm(n, generator=generator)
     if index.shape != (n,):
         raise ValueError(f"index must have shape ({n},), got {tuple(index.shape)}")
-    return index.to(device, non_blocking=True)
+    return index if index.device == device else index.to(device, non_blocking=True)
 
 
 def _target_dtype(x: Tensor) -> torch.dtype:
@@ -262,6 +292,18 @@ def mixup_batch(
         ([[0.5, 1.5], [1.5, 2.5]], [[0.75, 0.25], [0.25, 0.75]])
     """
     _check_batch(x, y)
+    return mixup_apply(x, y, num_classes, *mixup_params(x, alpha, lam, index, generator))
+
+
+def mixup_params(
+    x: Tensor,
+    alpha: float = 1.0,
+    lam: float | None = None,
+    index: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[float, Tensor]:
+    """``(lam, index)`` for a batch of inputs ``x``: those not given drawn in this order, ``lam ~ Beta(alpha,
+    alpha)``, then a random permutation of the batch (on ``x``'s device)."""
     if not x.dtype.is_floating_point:
         raise ValueError(f"mixup needs floating point inputs, got dtype {x.dtype}")
     if lam is None:
@@ -269,9 +311,14 @@ def mixup_batch(
     else:
         _check_alpha(alpha)
         _check_lam(lam)
-    idx = _partner_index(x.shape[0], index, generator, x.device)
-    new_x, new_y = mix_pair(x, soft_targets(y, num_classes, _target_dtype(x)), float(lam), idx)
-    return MixedBatch(new_x, new_y, float(lam), idx, None)
+    return float(lam), _partner_index(x.shape[0], index, generator, x.device)
+
+
+def mixup_apply(x: Tensor, y: Tensor, num_classes: int | None, lam: float, index: Tensor) -> MixedBatch:
+    """Mixup's arithmetic with the draws given (:func:`mixup_params`): :func:`mix_pair` of ``x`` and the soft
+    targets of ``y``."""
+    new_x, new_y = mix_pair(x, soft_targets(y, num_classes, _target_dtype(x)), lam, index)
+    return MixedBatch(new_x, new_y, lam, index, None)
 
 
 def mix_pair(x: Tensor, q: Tensor, lam: float, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -306,14 +353,15 @@ def cutmix_box(
     _check_lam(lam)
     cut = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * cut), int(width * cut)
-    if center is None:
-        cy = int(torch.randint(0, height, (1,), generator=generator).item())
-        cx = int(torch.randint(0, width, (1,), generator=generator).item())
-    else:
-        cy, cx = (int(c) for c in center)
+    cy, cx = _box_center(height, width, generator) if center is None else (int(c) for c in center)
     top, bottom = min(max(cy - cut_h // 2, 0), height), min(max(cy - cut_h // 2 + cut_h, 0), height)
     left, right = min(max(cx - cut_w // 2, 0), width), min(max(cx - cut_w // 2 + cut_w, 0), width)
     return top, left, bottom, right
+
+
+def _box_center(height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
+    cy = int(torch.randint(0, height, (1,), generator=generator).item())
+    return cy, int(torch.randint(0, width, (1,), generator=generator).item())
 
 
 def cutmix_batch(
@@ -346,28 +394,62 @@ def cutmix_batch(
         ((0, 0, 2, 2), 0.75, [0.75, 0.25])
     """
     _check_batch(x, y)
+    return cutmix_apply(x, y, num_classes, cutmix_params(x, alpha, lam, index, generator, center))
+
+
+class CutMixParams(NamedTuple):
+    """What :func:`cutmix_apply` needs: the draws of :func:`cutmix_params` and what follows from them."""
+
+    lam: float  # the kept area fraction: the weight of each sample's own label
+    index: Tensor  # type: ignore[assignment]  # shadows tuple.index: the partner of each sample
+    box: tuple[int, int, int, int]  # the pasted box (top, left, bottom, right), end-exclusive
+    inside: Tensor  # (H, W): 1 inside the box, 0 outside (see box_inside)
+
+
+def cutmix_params(
+    x: Tensor,
+    alpha: float = 1.0,
+    lam: float | None = None,
+    index: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    center: tuple[int, int] | None = None,
+) -> CutMixParams:
+    """CutMix's draws for images shaped as ``x`` ``(N, C, H, W)``, those not given and in this order:
+    ``lam ~ Beta(alpha, alpha)``, the partner permutation, the box center; then the box
+    (:func:`cutmix_box`), the kept area as ``lam`` and the box's 0/1 map."""
     if x.ndim != 4:
         raise ValueError(f"cutmix needs images (N, C, H, W), got shape {tuple(x.shape)}")
-    if lam is None:
-        lam = sample_beta(alpha, generator)
-    else:
-        _check_alpha(alpha)
-        _check_lam(lam)
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"cutmix needs floating point inputs, got dtype {x.dtype}")
+    lam, idx = mixup_params(x, alpha, lam, index, generator)  # the same first two draws
     h, w = x.shape[-2:]
-    idx = _partner_index(x.shape[0], index, generator, x.device)
     top, left, bottom, right = box = cutmix_box(h, w, lam, generator, center)
-    out = paste_box(x, idx, box)
-    lam = 1.0 - (bottom - top) * (right - left) / (h * w)
+    return CutMixParams(1.0 - (bottom - top) * (right - left) / (h * w), idx, box, box_inside(box, x))
+
+
+def cutmix_apply(x: Tensor, y: Tensor, num_classes: int | None, params: CutMixParams) -> MixedBatch:
+    """CutMix's arithmetic with every draw given (``params`` from :func:`cutmix_params`): the box of each image
+    from its partner, ``y' = lam * q + (1 - lam) * q[index]``."""
     q = soft_targets(y, num_classes, _target_dtype(x))
-    return MixedBatch(out, q.index_select(0, idx).lerp_(q, lam), lam, idx, box)
+    out = paste_box(x, params.index, params.box, params.inside)
+    return MixedBatch(out, q.index_select(0, params.index).lerp_(q, params.lam), params.lam, params.index, params.box)
 
 
-def paste_box(x: Tensor, index: Tensor, box: tuple[int, int, int, int]) -> Tensor:
-    """A copy of images ``x`` ``(N, C, H, W)`` whose ``box`` ``(top, left, bottom, right)`` holds ``x[index]``'s."""
+def box_inside(box: tuple[int, int, int, int], like: Tensor) -> Tensor:
+    """``(H, W)`` in ``like``'s float dtype on its device: 1 inside ``box`` (top, left, bottom, right), else 0."""
     top, left, bottom, right = box
-    out = x.clone()
-    out[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right].index_select(0, index)
-    return out
+    inside = torch.zeros(like.shape[-2:], dtype=_target_dtype(like), device=like.device)
+    inside[top:bottom, left:right] = 1.0
+    return inside
+
+
+def paste_box(x: Tensor, index: Tensor, box: tuple[int, int, int, int], inside: Tensor | None = None) -> Tensor:
+    """A copy of float images ``x`` ``(N, C, H, W)`` whose ``box`` ``(top, left, bottom, right)`` holds ``x[index]``'s.
+
+    ``lerp(x, x[index], inside)`` with ``inside`` the box's 0/1 map (:func:`box_inside`, made unless given):
+    exact, since ``lerp`` gives its ends at weights 0 and 1 (for finite pixels).
+    """
+    return torch.lerp(x, x.index_select(0, index), box_inside(box, x) if inside is None else inside)
 
 
 # -- mixup or CutMix, timm semantics ------------------------------------------------------------
@@ -472,8 +554,9 @@ def mixup_cutmix_params(
     > 0); ``lam ~ Beta(alpha, alpha)`` of the chosen method; a box center uniform over the image (when
     ``cutmix_alpha > 0``). A CutMix box has sides ``int(sqrt(1 - lam) * (H, W))`` around its center
     (as :func:`cutmix_box`), is clipped at the border, and ``lam`` becomes its kept area
-    ``1 - box_area / (H * W)``. A slot that does not apply has ``lam = 1``. Both samples of a pair share
-    their slot's ``lam`` and box; with an odd ``N`` in pair mode the middle sample is left as it is.
+    ``1 - box_area / (H * W)``. A slot that does not apply has ``lam = 1`` (``prob = 0`` draws nothing).
+    Both samples of a pair share their slot's ``lam`` and box; with an odd ``N`` in pair mode the middle
+    sample is left as it is.
 
     Args:
         n: batch size.
@@ -495,8 +578,15 @@ def mixup_cutmix_params(
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if cutmix_alpha > 0 and image_size is None:
         raise ValueError("cutmix needs the image size (H, W), got image_size=None")
-    slots = 1 if mode == "batch" else n if mode == "elem" else n // 2
     f64 = torch.float64
+    if prob == 0.0:  # no slot applies: nothing to draw
+        return MixCutParams(
+            torch.ones(n, dtype=f64),
+            torch.zeros(n, dtype=torch.bool),
+            torch.zeros((n, 4), dtype=torch.long),
+            _partner_of(n),
+        )
+    slots = 1 if mode == "batch" else n if mode == "elem" else n // 2
     apply = torch.rand(slots, generator=generator, dtype=f64) < prob
     if mixup_alpha > 0 and cutmix_alpha > 0:
         cut = torch.rand(slots, generator=generator, dtype=f64) < switch_prob
@@ -711,32 +801,56 @@ def cutout_centers(x: Tensor, count: int, generator: torch.Generator | None = No
 
 def cutout_images(x: Tensor, size: int | float, centers: Tensor, value: float = 0.0) -> Tensor:
     """The images of :func:`cutout_batch` without its boxes (what a training step needs): squares of side
-    ``size`` at ``centers`` ``(N, count, 2)`` set to ``value``.
+    ``size`` at ``centers`` ``(N, count, 2)`` set to ``value``; :func:`cutout_fill` of :func:`cutout_windows`.
 
     Example:
         >>> int(cutout_images(torch.ones(1, 1, 4, 4), 2, torch.tensor([[[0, 0]]])).sum())
         15
     """
+    return cutout_fill(x, cutout_windows(x, size, centers), value)
+
+
+def cutout_windows(x: Tensor, size: int | float, centers: Tensor) -> tuple[Tensor, Tensor]:
+    """``(in_rows, in_cols)``, ``(N, count, H)`` and ``(N, count, W)`` 0/1 in ``x``'s float dtype on its device: the
+    rows and the columns each square at ``centers`` ``(N, count, 2)`` covers in images shaped as ``x``
+    ``(N, C, H, W)``, clipped as :func:`cutout_boxes` clips."""
     if x.ndim != 4:
         raise ValueError(f"cutout needs images (N, C, H, W), got shape {tuple(x.shape)}")
-    n, _, h, w = x.shape
-    side = cutout_size(size, h, w)
-    count = centers.shape[1]
-    centers = centers.to(x.device, non_blocking=True)
-    cy, cx = centers[..., 0].reshape(-1).long(), centers[..., 1].reshape(-1).long()
-    # row c of a window table marks what a square centered at c covers, clipped as cutout_boxes clips
-    in_rows = _windows(side, h, x.device).index_select(0, cy).view(n, count, h, 1)
-    in_cols = _windows(side, w, x.device).index_select(0, cx).view(n, count, 1, w)
-    mask = in_rows & in_cols if count == 1 else (in_rows & in_cols).any(dim=1, keepdim=True)
-    return torch.where(mask.view(n, 1, h, w), value, x)
+    height, width, dtype, device = x.shape[-2], x.shape[-1], _target_dtype(x), x.device
+    side = cutout_size(size, height, width)
+    n, count = centers.shape[:2]
+    cy, cx = centers.to(device).reshape(n * count, 2).long().unbind(1)
+    in_rows = _windows(side, height, device, dtype).index_select(0, cy).view(n, count, height)
+    return in_rows, _windows(side, width, device, dtype).index_select(0, cx).view(n, count, width)
+
+
+def cutout_fill(x: Tensor, windows: tuple[Tensor, Tensor], value: float = 0.0) -> Tensor:
+    """Images ``x`` ``(N, C, H, W)`` with the squares of ``windows`` (:func:`cutout_windows`) set to ``value``.
+
+    One ``lerp(x, value, cut)`` with ``cut`` the 0/1 squares (float: it runs vectorized where a boolean
+    ``where`` over a broadcast mask does not): exactly ``x`` outside the squares and ``value`` inside for
+    finite pixels.
+    """
+    in_rows, in_cols = windows
+    n, count, h = in_rows.shape
+    cut = in_rows.view(n, count, h, 1) * in_cols.view(n, count, 1, in_cols.shape[-1])
+    if count > 1:
+        cut = cut.amax(dim=1, keepdim=True)
+    return torch.lerp(x if x.dtype == cut.dtype else x.to(cut.dtype), _scalar(float(value), cut.dtype, x.device), cut)
 
 
 @functools.lru_cache(maxsize=16)
-def _windows(side: int, length: int, device: torch.device) -> Tensor:
-    """``(length, length)`` bool: row ``c`` is ``[c - side // 2, c - side // 2 + side)`` clipped to ``[0, length)``."""
+def _windows(side: int, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``(length, length)`` 0/1: row ``c`` is 1 on ``[c - side // 2, c - side // 2 + side)``, clipped to the
+    image."""
     pos = torch.arange(length, device=device)
     start = pos[:, None] - side // 2
-    return (pos[None, :] >= start) & (pos[None, :] < start + side)
+    return ((pos[None, :] >= start) & (pos[None, :] < start + side)).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:

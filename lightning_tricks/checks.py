@@ -55,13 +55,17 @@ def check_float(
     """
     if value is None and allow_none:
         return None
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" + (
-        " or None" if allow_none else ""
-    )
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or value < low
+        or value > high
+        or (low_open and value == low)
+        or (high_open and value == high)
+    ):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}{' or None' if allow_none else ''}, got {value!r}")
     return float(value)
 
 

@@ -530,3 +530,122 @@ def test_draws_depend_on_seed_rank_and_batch_count_only():
         assert not torch.equal(a, first(cls, rank=1, **kw))  # DDP ranks draw differently
         assert not torch.equal(a, first(cls, batches=1, **kw))  # each batch draws anew
         assert not torch.equal(a, first(cls, seed=8, **kw))
+
+
+def test_draws_of_a_batch_do_not_depend_on_other_shapes_in_its_block():
+    """A ragged last batch (another shape) in the middle of a block leaves the full batches' draws as they are,
+    so a run resumed at any batch count draws what the uninterrupted run drew."""
+    x, y = torch.randn(8, 1, 6, 6), torch.arange(8) % 4
+    small = [torch.randn(3, 1, 6, 6), torch.arange(3) % 4]
+    for cls, kw in ((Mixup, {"num_classes": 4}), (CutMix, {"num_classes": 4}), (Cutout, {"size": 2})):
+        through, fresh = cls(seed=3, **kw), cls(seed=3, **kw)
+        for cb in (through, fresh):
+            cb.setup(_fake_trainer(), None, "fit")
+        _run_hook(through, [x, y])
+        _run_hook(through, list(small))  # batch 1: another shape
+        resumed_state = through.state_dict()
+        fresh.load_state_dict(resumed_state)
+        assert resumed_state["batches"] == 2
+        a, b = _run_hook(through, [x, y])[0], _run_hook(fresh, [x, y])[0]
+        assert torch.equal(a, b)
+
+
+def test_block_draws_are_the_core_draws_made_in_turn():
+    """Batch ``count`` of a callback is the ``count % BLOCK``-th call of the core's draw function on a generator
+    seeded with ``rank_seed(seed, rank) + count // BLOCK``, applied by the core's arithmetic."""
+    from lightning_tricks.augment import (
+        cutmix_apply,
+        cutmix_params,
+        cutout_centers,
+        cutout_images,
+        mixup_apply,
+        mixup_params,
+        rank_seed,
+    )
+    from lightning_tricks.callbacks.augment import BLOCK
+
+    x, y = torch.randn(8, 2, 6, 7), torch.arange(8) % 4
+    for count in (0, 5, BLOCK + 2):
+        for cls, kw, draw, apply in (
+            (
+                Mixup,
+                {"num_classes": 4},
+                lambda g: mixup_params(x, 1.0, generator=g),
+                lambda d: mixup_apply(x, y, 4, *d),
+            ),
+            (
+                CutMix,
+                {"num_classes": 4},
+                lambda g: cutmix_params(x, 1.0, generator=g),
+                lambda d: cutmix_apply(x, y, 4, d),
+            ),
+            (Cutout, {"size": 3, "count": 2}, lambda g: cutout_centers(x, 2, g), lambda d: (cutout_images(x, 3, d),)),
+        ):
+            cb = cls(seed=11, **kw)
+            cb.setup(_fake_trainer(rank=1), None, "fit")
+            cb.batches = count
+            got = _run_hook(cb, [x, y])
+            g = _gen(rank_seed(11, 1) + count // BLOCK)
+            for _ in range(count % BLOCK):
+                draw(g)
+            want = apply(draw(g))
+            assert torch.equal(got[0], want[0])
+            if cls is not Cutout:
+                assert torch.equal(got[1], want[1]) and torch.equal(got[1].labels, y)
+
+
+def test_split_core_functions_equal_the_one_call_forms():
+    """mixup_batch, cutmix_batch and cutout_images are their params/windows function then their arithmetic, with
+    the draws in the documented order; the soft targets equal one_hot for small and large class counts."""
+    from lightning_tricks.augment import (
+        IDENTITY_CLASSES,
+        box_inside,
+        cutmix_apply,
+        cutmix_params,
+        cutout_fill,
+        cutout_windows,
+        mixup_apply,
+        mixup_params,
+        paste_box,
+        soft_targets,
+    )
+
+    x, y = torch.randn(6, 3, 9, 8), torch.tensor([0, 3, 1, 3, 2, 0])
+    a, b = mixup_batch(x, y, 4, 0.4, generator=_gen(5)), mixup_apply(x, y, 4, *mixup_params(x, 0.4, generator=_gen(5)))
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.lam == b.lam
+    g = _gen(5)
+    lam = sample_beta(0.4, g)
+    assert a.lam == lam and torch.equal(a.index, torch.randperm(6, generator=g))  # lam, then the permutation
+    a, b = (
+        cutmix_batch(x, y, 4, 1.0, generator=_gen(6)),
+        cutmix_apply(x, y, 4, cutmix_params(x, 1.0, generator=_gen(6))),
+    )
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.box == b.box
+    top, left, bottom, right = a.box
+    want = x.clone()
+    want[:, :, top:bottom, left:right] = x[a.index][:, :, top:bottom, left:right]  # slicing reference
+    assert torch.equal(a.x, want) and torch.equal(paste_box(x, a.index, a.box), want)
+    assert int(box_inside(a.box, x).sum()) == (bottom - top) * (right - left)
+    with pytest.raises(ValueError, match="cutmix needs floating point inputs, got dtype torch.uint8"):
+        cutmix_batch(x.to(torch.uint8), y, 4, generator=_gen(0))
+    centers = torch.stack(
+        [torch.randint(0, 9, (6, 2), generator=_gen(1)), torch.randint(0, 8, (6, 2), generator=_gen(2))], -1
+    )
+    assert torch.equal(
+        cutout_fill(x, cutout_windows(x, 4, centers), -1.0), cutout_batch(x, 4, 2, centers=centers, value=-1.0)[0]
+    )
+    for classes in (4, IDENTITY_CLASSES, IDENTITY_CLASSES + 1):
+        labels = torch.tensor([0, classes - 1, 1])
+        assert torch.equal(soft_targets(labels, classes), F.one_hot(labels, classes).float())
+    with pytest.raises(IndexError):
+        soft_targets(torch.tensor([4]), 4)  # out of range still raises on the CPU
+
+
+def test_mixup_cutmix_params_with_prob_zero_draws_nothing():
+    from lightning_tricks.augment import mixup_cutmix_params
+
+    g = _gen(9)
+    state = g.get_state()
+    p = mixup_cutmix_params(5, (8, 8), prob=0.0, mode="elem", generator=g)
+    assert torch.equal(g.get_state(), state)
+    assert torch.equal(p.lam, torch.ones(5, dtype=torch.float64)) and not p.use_cutmix.any() and not p.mixed

@@ -122,6 +122,33 @@ def test_overhead_table(tmp_path: Path) -> None:
     assert (tmp_path / "overhead_cpu_mlp_tiny.md").read_text().startswith("Per-step cost")
 
 
+def test_overhead_paired_measures_each_configuration_against_itself(tmp_path: Path) -> None:
+    """``--paired``: one row per configuration (the references left out), its step without the hooks and what
+    they add; a configuration that sleeps 2 ms in its batch start adds about 2 ms, one that does nothing ~0."""
+    import time
+
+    overhead = load("overhead")
+    from lightning_tricks._lightning import Callback
+
+    class Sleeps(Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            time.sleep(0.002)
+
+    overhead.CONFIGS["sleeps_2ms"] = overhead.Config("+ sleeps 2 ms", lambda s, bs: [Sleeps()])
+    overhead.CONFIGS["does_nothing"] = overhead.Config("+ does nothing", lambda s, bs: [Callback()])
+    try:
+        argv = ["--paired", "--tiny", "--models", "mlp", "--repeats", "1", "--timed-steps", "40"]
+        rows, md = overhead.main([*argv, "--configs", "sleeps_2ms,does_nothing,cutout", "--out-dir", str(tmp_path)])
+    finally:
+        del overhead.CONFIGS["sleeps_2ms"], overhead.CONFIGS["does_nothing"]
+    by = {r["configuration"]: r for r in rows}
+    assert set(by) == {"sleeps_2ms", "does_nothing", "cutout"}
+    assert 1500 < by["sleeps_2ms"]["added_us"] < 6000
+    assert abs(by["does_nothing"]["added_us"]) < 500
+    assert by["cutout"]["verdict"] and "| mlp | + Cutout |" in md
+    assert (tmp_path / "overhead_paired_cpu_mlp_tiny.md").read_text().startswith("Paired per-step cost")
+
+
 def test_overhead_profile_names_the_hooks(tmp_path: Path) -> None:
     overhead = load("overhead")
     _, text = overhead.main(

@@ -37,9 +37,10 @@ def _images(n: int = 8, h: int = 8, w: int = 10, c: int = 2) -> torch.Tensor:
     return torch.randn(n, c, h, w, generator=_gen(123))
 
 
-def _reference(n, h, w, mixup_alpha, cutmix_alpha, prob, switch_prob, mode, seed):
-    """The documented draws, one slot at a time, each box worked out here (a plain loop)."""
-    g = _gen(seed)
+def _reference(n, h, w, mixup_alpha, cutmix_alpha, prob, switch_prob, mode, seed=None, g=None):
+    """The documented draws, one slot at a time, each box worked out here (a plain loop); from ``g`` when
+    given (it goes on from where it is), else from a generator seeded with ``seed``."""
+    g = _gen(seed) if g is None else g
     k = 1 if mode == "batch" else n if mode == "elem" else n // 2
     apply = (torch.rand(k, generator=g, dtype=F64) < prob).tolist()
     if mixup_alpha > 0 and cutmix_alpha > 0:
@@ -294,22 +295,29 @@ def _ready(cb):
 
 
 def test_callback_draws_batch_count_from_its_seed_sequence_as_documented():
-    """Batch ``count`` of rank 0 draws from ``SeedSequence([seed, 0])`` + count, in the order the core documents."""
+    """Batch ``count`` of rank 0 is row ``count % BLOCK`` of block ``count // BLOCK``, whose batches draw in turn
+    from ``SeedSequence([seed, 0])`` + block, in the order the core documents."""
     import numpy as np
+
+    from lightning_tricks.callbacks.augment import BLOCK
 
     cb = _ready(MixupCutmix(0.8, 1.0, mode="elem", num_classes=3, seed=5))
     x, y = _images(8), torch.arange(8) % 3
-    for count in range(3):
+    first = int(np.random.SeedSequence([5, 0]).generate_state(1, dtype=np.uint64)[0])
+    for count in (0, 1, 2, BLOCK - 1, BLOCK, 2 * BLOCK + 1):
+        cb.batches = count
         xm, ym = _hook(cb, [x, y])
-        seed = int(np.random.SeedSequence([5, 0]).generate_state(1, dtype=np.uint64)[0]) + count
-        ref = _reference(8, 8, 10, 0.8, 1.0, 1.0, 0.5, "elem", seed)
+        g = _gen(first + count // BLOCK)
+        for _ in range(count % BLOCK):  # the rows before it
+            _reference(8, 8, 10, 0.8, 1.0, 1.0, 0.5, "elem", g=g)
+        ref = _reference(8, 8, 10, 0.8, 1.0, 1.0, 0.5, "elem", g=g)
         torch.testing.assert_close(xm, _reference_images(x, ref), rtol=0, atol=1e-6)
         for i in range(8):
             lam, j = ref[i][0], 7 - i
             want = lam * F.one_hot(y[i], 3).double() + (1 - lam) * F.one_hot(y[j], 3).double()
             torch.testing.assert_close(ym[i], want.float(), rtol=0, atol=1e-6)
         assert torch.equal(ym.labels, y)
-    assert cb.batches == 3
+        assert cb.batches == count + 1
 
 
 def test_callback_prob_zero_keeps_the_very_same_batch():

@@ -19,16 +19,22 @@ from lightning_tricks._lightning import (
     trainer_datamodule,
 )
 from lightning_tricks.augment import (
+    CutMixParams,
+    MixCutParams,
     MixedTargets,
     active_in,
     check_batch_keys,
     check_mixup_cutmix,
-    cutmix_batch,
+    cutmix_apply,
+    cutmix_params,
     cutout_centers,
-    cutout_images,
+    cutout_fill,
     cutout_size,
-    mixup_batch,
+    cutout_windows,
+    mixup_apply,
     mixup_cutmix_batch,
+    mixup_cutmix_params,
+    mixup_params,
     rank_seed,
     read_batch,
 )
@@ -39,14 +45,18 @@ __all__ = ["BatchAugment", "Mixup", "CutMix", "MixupCutmix", "Cutout", "ORDER", 
 #: the order stacked augmentations act in, whatever the list order: occlude the clean images, then mix labels
 ORDER = ("Cutout", "Mixup", "CutMix", "MixupCutmix")
 
+#: training batches whose draws are made together, from one seed: a draw's kernels run cold right after a
+#: training step (tens of µs each on a CPU) and warm in a loop
+BLOCK = 64
+
 
 def _place(augment: BatchAugment) -> int:  # the position of its class (or first listed base) in ORDER
     return next((ORDER.index(k.__name__) for k in type(augment).__mro__ if k.__name__ in ORDER), len(ORDER))
 
 
 class BatchAugment(MemoStateKey, Callback):
-    """The wiring shared by the batch augmentations: when to act, the per-batch generator, the batch;
-    a subclass gives :meth:`transform` (one call of the core) and ``mixes_labels`` (it replaces the targets)."""
+    """The wiring shared by the batch augmentations: when to act, the draws, the batch; a subclass gives
+    :meth:`draw` and :meth:`transform` (calls of the core) and ``mixes_labels`` (it replaces the targets)."""
 
     mixes_labels = True
 
@@ -74,6 +84,8 @@ class BatchAugment(MemoStateKey, Callback):
         self._seed = seed
         self._rank = 0
         self._generator = torch.Generator()
+        self._block_key: tuple[int, int, int] | None = None  # (seed, rank, block) of the draws in _blocks
+        self._blocks: dict[tuple[Any, ...], list[Any]] = {}  # a block's draws per input shape, dtype and device
         self._classes: int | None = None
         self._stack: list[BatchAugment] | None = None  # what this callback's hook applies (None: itself)
         self._announced_off = False
@@ -134,7 +146,7 @@ class BatchAugment(MemoStateKey, Callback):
         return active_in(epoch, max_epochs, self.until_epoch, self.off_last_epochs)
 
     def augment(self, trainer: Trainer, batch: Any) -> None:
-        """Augment ``batch`` in place, batch ``count`` drawing from ``rank_seed(seed, rank) + count``."""
+        """Augment ``batch`` in place with the draws of training batch ``self.batches`` (see :meth:`draws_of`)."""
         count = self.batches
         self.batches += 1
         on = self.active(trainer.current_epoch, trainer.max_epochs)
@@ -143,18 +155,46 @@ class BatchAugment(MemoStateKey, Callback):
             self._announced_off = True
         if not on and not self._acts_when_off():
             return
-        generator = self._generator.manual_seed((rank_seed(self._seed or 0, self._rank) + count) % 2**64)
-        if self.p < 1.0 and torch.rand((), generator=generator, dtype=torch.float64).item() >= self.p:
-            return
         x, y = self._read(batch)
-        new_x, new_y = self.transform(x, y, generator, on)
+        draws = self.draws_of(count, x)
+        if draws is None:  # not applied to this batch (p)
+            return
+        new_x, new_y = self.transform(x, y, draws, on)
         if new_x is not x:
             batch[self.input_key] = new_x
         if new_y is not y:
             batch[self.target_key] = MixedTargets.wrap(new_y, y, type(self).__name__)
 
-    def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        """The augmented ``(x, y)``, every draw from ``generator``; ``on``: False in an epoch off (MixupCutmix)."""
+    def draws_of(self, count: int, x: Tensor) -> Any:
+        """The draws of training batch ``count`` for inputs like ``x`` (``None``: the batch is left as is).
+
+        Block ``b = count // BLOCK`` seeds the generator with ``rank_seed(seed, rank) + b`` and draws its
+        ``BLOCK`` batches in turn (each: ``U < p``, then :meth:`draw`); batch ``count`` takes row ``count % BLOCK``.
+        So the draws depend on the seed, the rank, the batch count and the input shape only; a block is
+        drawn once per input shape, dtype and device.
+        """
+        block, row = divmod(count, BLOCK)
+        key = (self._seed or 0, self._rank, block)
+        if key != self._block_key:
+            self._block_key, self._blocks = key, {}
+        like = (x.shape, x.dtype, x.device)  # draws can hold tensors made for the inputs (Cutout's squares)
+        draws = self._blocks.get(like)
+        if draws is None:
+            generator = self._generator.manual_seed((rank_seed(key[0], key[1]) + block) % 2**64)
+            draws = self._blocks[like] = [self._draw_batch(x, generator) for _ in range(BLOCK)]
+        return draws[row]
+
+    def _draw_batch(self, x: Tensor, generator: torch.Generator) -> Any:
+        if self.p < 1.0 and torch.rand((), generator=generator, dtype=torch.float64).item() >= self.p:
+            return None
+        return self.draw(x, generator)
+
+    def draw(self, x: Tensor, generator: torch.Generator) -> Any:
+        """One batch's draws for inputs shaped as ``x``, from ``generator`` (a call of the core)."""
+        raise NotImplementedError
+
+    def transform(self, x: Tensor, y: Tensor, draws: Any, on: bool) -> tuple[Tensor, Tensor]:
+        """The augmented ``(x, y)`` with ``draws`` (from :meth:`draw`); ``on``: False in an epoch off (MixupCutmix)."""
         raise NotImplementedError
 
     def _acts_when_off(self) -> bool:
@@ -217,8 +257,11 @@ class Mixup(_Mix):
         [True, True, False, False]
     """
 
-    def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        out = mixup_batch(x, y, self._num_classes(y), self.alpha, generator=generator)
+    def draw(self, x: Tensor, generator: torch.Generator) -> tuple[float, Tensor]:
+        return mixup_params(x, self.alpha, generator=generator)
+
+    def transform(self, x: Tensor, y: Tensor, draws: tuple[float, Tensor], on: bool) -> tuple[Tensor, Tensor]:
+        out = mixup_apply(x, y, self._num_classes(y), *draws)
         return out.x, out.y
 
 
@@ -228,8 +271,11 @@ class CutMix(_Mix):
     Images ``(N, C, H, W)`` only. Arguments as :class:`Mixup` (the paper uses ``alpha=1``).
     """
 
-    def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        out = cutmix_batch(x, y, self._num_classes(y), self.alpha, generator=generator)
+    def draw(self, x: Tensor, generator: torch.Generator) -> CutMixParams:
+        return cutmix_params(x, self.alpha, generator=generator)
+
+    def transform(self, x: Tensor, y: Tensor, draws: CutMixParams, on: bool) -> tuple[Tensor, Tensor]:
+        out = cutmix_apply(x, y, self._num_classes(y), draws)
         return out.x, out.y
 
 
@@ -293,9 +339,21 @@ class MixupCutmix(BatchAugment):
     def _acts_when_off(self) -> bool:
         return self.label_smoothing > 0  # the smoothing stays after the mixing stops
 
-    def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
+    def draw(self, x: Tensor, generator: torch.Generator) -> MixCutParams:
+        if self.cutmix_alpha > 0 and x.ndim != 4:
+            raise ValueError(
+                f"MixupCutmix(cutmix_alpha={self.cutmix_alpha}) needs images (N, C, H, W), got shape "
+                f"{tuple(x.shape)}; or set cutmix_alpha=0"
+            )
+        size = (x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
+        mixing = (self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob, self.mode)
+        return mixup_cutmix_params(x.shape[0], size, *mixing, generator)
+
+    def transform(self, x: Tensor, y: Tensor, draws: MixCutParams, on: bool) -> tuple[Tensor, Tensor]:
+        # off (the smoothing goes on): prob 0 mixes nothing and draws nothing
         mixing = (self.mixup_alpha, self.cutmix_alpha, self.prob if on else 0.0, self.switch_prob, self.mode)
-        out = mixup_cutmix_batch(x, y, self._num_classes(y), *mixing, self.label_smoothing, generator)
+        params = draws if on else None
+        out = mixup_cutmix_batch(x, y, self._num_classes(y), *mixing, self.label_smoothing, params=params)
         if not self.label_smoothing and not out.params.mixed:
             return x, y  # nothing mixed: the batch stays exactly as it is
         return out.x, out.y
@@ -342,6 +400,10 @@ class Cutout(BatchAugment):
         if shape is not None and len(shape) == 3:
             cutout_size(self.size, int(shape[1]), int(shape[2]))  # raises if it does not fit
 
-    def transform(self, x: Tensor, y: Tensor, generator: torch.Generator, on: bool) -> tuple[Tensor, Tensor]:
-        # the draws and images of cutout_batch, without the boxes it also returns
-        return cutout_images(x, self.size, cutout_centers(x, self.count, generator), self.value), y
+    def draw(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        # the squares' rows and columns, ready to fill: made with the block's draws, not per batch
+        return cutout_windows(x, self.size, cutout_centers(x, self.count, generator))
+
+    def transform(self, x: Tensor, y: Tensor, draws: tuple[Tensor, Tensor], on: bool) -> tuple[Tensor, Tensor]:
+        # the images of cutout_batch, without the boxes it also returns
+        return cutout_fill(x, draws, self.value), y

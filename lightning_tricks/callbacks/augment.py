@@ -155,7 +155,7 @@ class BatchAugment(MemoStateKey, Callback):
             self._announced_off = True
         if not on and not self._acts_when_off():
             return
-        x, y = self._read(batch)
+        x, y = read_batch(batch, self.input_key, self.target_key, type(self).__name__, self.mixes_labels)
         draws = self.draws_of(count, x)
         if draws is None:  # not applied to this batch (p)
             return
@@ -166,13 +166,9 @@ class BatchAugment(MemoStateKey, Callback):
             batch[self.target_key] = MixedTargets.wrap(new_y, y, type(self).__name__)
 
     def draws_of(self, count: int, x: Tensor) -> Any:
-        """The draws of training batch ``count`` for inputs like ``x`` (``None``: the batch is left as is).
-
-        Block ``b = count // BLOCK`` seeds the generator with ``rank_seed(seed, rank) + b`` and draws its
-        ``BLOCK`` batches in turn (each: ``U < p``, then :meth:`draw`); batch ``count`` takes row ``count % BLOCK``.
-        So the draws depend on the seed, the rank, the batch count and the input shape only; a block is
-        drawn once per input shape, dtype and device.
-        """
+        """The draws of training batch ``count`` (``None``: not applied): row ``count % BLOCK`` of block
+        ``count // BLOCK``, whose batches draw in turn (``U < p``, then :meth:`draw`) from the seed
+        ``rank_seed(seed, rank) + block``; made once per input shape, dtype and device."""
         block, row = divmod(count, BLOCK)
         key = (self._seed or 0, self._rank, block)
         if key != self._block_key:
@@ -199,9 +195,6 @@ class BatchAugment(MemoStateKey, Callback):
 
     def _acts_when_off(self) -> bool:
         return False
-
-    def _read(self, batch: Any) -> tuple[Tensor, Any]:
-        return read_batch(batch, self.input_key, self.target_key, type(self).__name__, self.mixes_labels)
 
     def _num_classes(self, y: Tensor) -> int | None:
         if self._classes is None and not y.dtype.is_floating_point:
@@ -261,8 +254,7 @@ class Mixup(_Mix):
         return mixup_params(x, self.alpha, generator=generator)
 
     def transform(self, x: Tensor, y: Tensor, draws: tuple[float, Tensor], on: bool) -> tuple[Tensor, Tensor]:
-        out = mixup_apply(x, y, self._num_classes(y), *draws)
-        return out.x, out.y
+        return mixup_apply(x, y, self._num_classes(y), *draws)[:2]
 
 
 class CutMix(_Mix):
@@ -275,8 +267,7 @@ class CutMix(_Mix):
         return cutmix_params(x, self.alpha, generator=generator)
 
     def transform(self, x: Tensor, y: Tensor, draws: CutMixParams, on: bool) -> tuple[Tensor, Tensor]:
-        out = cutmix_apply(x, y, self._num_classes(y), draws)
-        return out.x, out.y
+        return cutmix_apply(x, y, self._num_classes(y), draws)[:2]
 
 
 class MixupCutmix(BatchAugment):
@@ -387,8 +378,7 @@ class Cutout(BatchAugment):
         super().__init__(p, until_epoch, off_last_epochs, seed, input_key, target_key)
         check_int("size", size, 1) if isinstance(size, int) else check_float("size", size, 0.0, 1.0, low_open=True)
         check_int("count", count, 1)
-        self.size = size
-        self.count = count
+        self.size, self.count = size, count
         check_float("value", value)
         self.value = float(value)
 
@@ -405,5 +395,4 @@ class Cutout(BatchAugment):
         return cutout_windows(x, self.size, cutout_centers(x, self.count, generator))
 
     def transform(self, x: Tensor, y: Tensor, draws: tuple[Tensor, Tensor], on: bool) -> tuple[Tensor, Tensor]:
-        # the images of cutout_batch, without the boxes it also returns
         return cutout_fill(x, draws, self.value), y

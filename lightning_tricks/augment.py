@@ -439,7 +439,7 @@ def box_inside(box: tuple[int, int, int, int], like: Tensor) -> Tensor:
     """``(H, W)`` in ``like``'s float dtype on its device: 1 inside ``box`` (top, left, bottom, right), else 0."""
     top, left, bottom, right = box
     inside = torch.zeros(like.shape[-2:], dtype=_target_dtype(like), device=like.device)
-    inside[top:bottom, left:right] = 1.0
+    inside.narrow(0, top, bottom - top).narrow(1, left, right - left).fill_(1.0)  # a slice assignment's work
     return inside
 
 

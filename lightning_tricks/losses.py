@@ -31,7 +31,8 @@ def classification_loss(
     (Szegedy et al. 2016, arXiv:1512.00567), for hard and soft targets alike. ``reduction`` is
     ``torch.nn.functional.cross_entropy``'s (``"none"`` gives the per-sample losses).
     """
-    if target.dtype.is_floating_point:
+    dtype = target.dtype  # read once: on MixedTargets every access is a Python call
+    if dtype.is_floating_point and dtype != logits.dtype:
         target = target.to(logits.dtype)
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)
 

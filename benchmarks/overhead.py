@@ -402,6 +402,27 @@ def make_timer(start: int, steps: int, device: torch.device):
 CALLS: dict[str, list[float]] | None = None
 
 
+def overridden_hooks(callback: Any, hooks: tuple[str, ...]) -> list[tuple[str, Callable]]:
+    """``(hook, bound method)`` for the hooks of ``hooks`` that ``callback`` overrides (not Lightning's no-ops)."""
+    from lightning_tricks._lightning import Callback
+
+    found = []
+    for hook in hooks:
+        fn = getattr(callback, hook, None)
+        if fn is not None and getattr(type(callback), hook, None) is not getattr(Callback, hook, None):
+            found.append((hook, fn))
+    return found
+
+
+def config_module(model: str, config: Config, s: dict):
+    """The module a configuration trains: the stack's has label smoothing and no-decay groups."""
+    return make_module(
+        build_net(model, s),
+        optimizer_cfg(s, no_decay_bias_norm=config.stack),
+        label_smoothing=0.1 if config.stack else 0.0,
+    )
+
+
 def time_hooks(callbacks: list, timer: Any) -> dict[str, float]:
     """Wrap the per-step hooks of ``callbacks`` with a clock; returns a dict that sums, in seconds and per
     hook (``Class.hook``), the time spent inside them while ``timer`` is in its timed window.
@@ -412,14 +433,9 @@ def time_hooks(callbacks: list, timer: Any) -> dict[str, float]:
     """
     import time
 
-    from lightning_tricks._lightning import Callback
-
     totals: dict[str, float] = {}
     for callback in callbacks:
-        for hook in _HOOKS:
-            fn = getattr(callback, hook, None)
-            if fn is None or getattr(type(callback), hook, None) is getattr(Callback, hook, None):
-                continue  # not overridden: Lightning's no-op
+        for hook, fn in overridden_hooks(callback, _HOOKS):
             key = f"{type(callback).__name__}.{hook}"
             totals.setdefault(key, 0.0)
 
@@ -461,16 +477,11 @@ def time_paired(model: str, name: str, s: dict, device: torch.device, seed: int)
     timer = StepClock()
     callbacks = CONFIGS[name].callbacks(s, s["batch_size"][model])
     for callback in callbacks:
-        for hook in PER_STEP_HOOKS:
-            fn = getattr(callback, hook, None)
-            if fn is not None and getattr(type(callback), hook, None) is not getattr(Callback, hook, None):
-                # timer.calls - 1 is the step under way: its batch start has run
-                setattr(callback, hook, lambda *a, _fn=fn, **k: _fn(*a, **k) if timer.calls % 2 == 0 else None)
+        for hook, fn in overridden_hooks(callback, PER_STEP_HOOKS):
+            # timer.calls - 1 is the step under way: its batch start has run
+            setattr(callback, hook, lambda *a, _fn=fn, **k: _fn(*a, **k) if timer.calls % 2 == 0 else None)
     seed_everything(seed, verbose=False)
-    config = CONFIGS[name]
-    module = make_module(
-        build_net(model, s), optimizer_cfg(s, no_decay_bias_norm=config.stack), 0.1 if config.stack else 0.0
-    )
+    module = config_module(model, CONFIGS[name], s)
     trainer = build_trainer([timer, *callbacks], s, device)
     trainer.fit(module, train_dataloaders=make_loader(model, s, device))
     if len(clock) != steps + 1:
@@ -657,11 +668,7 @@ def time_lightning(
     config = CONFIGS[name]
     seed_everything(seed, verbose=False)
     bs = s["batch_size"][model]
-    module = make_module(
-        build_net(model, s),
-        optimizer_cfg(s, no_decay_bias_norm=config.stack),
-        label_smoothing=0.1 if config.stack else 0.0,
-    )
+    module = config_module(model, config, s)
     timer = make_timer(s["warmup_steps"], s["timed_steps"], device)
     callbacks = config.callbacks(s, bs)
     hooks = time_hooks(callbacks, timer)
@@ -704,12 +711,7 @@ PER_STEP_HOOKS = tuple(h for h in _HOOKS if "epoch" not in h)
 
 def _label_hooks(callback: Any) -> None:
     """Wrap the callback's per-step hooks in ``record_function`` ranges named ``Class.hook``."""
-    from lightning_tricks._lightning import Callback
-
-    for hook in _HOOKS:
-        fn = getattr(callback, hook, None)
-        if fn is None or getattr(type(callback), hook, None) is getattr(Callback, hook, None):
-            continue  # not overridden: Lightning's no-op
+    for hook, fn in overridden_hooks(callback, _HOOKS):
 
         def wrapped(*args: Any, _fn: Callable = fn, _name: str = f"{type(callback).__name__}.{hook}", **kw: Any):
             with torch.profiler.record_function(_name):
@@ -757,11 +759,7 @@ def profile(model: str, name: str, s: dict, device: torch.device, rows: int = 25
     callbacks = config.callbacks(s, bs)
     for cb in callbacks:
         _label_hooks(cb)
-    module = make_module(
-        build_net(model, s),
-        optimizer_cfg(s, no_decay_bias_norm=config.stack),
-        label_smoothing=0.1 if config.stack else 0.0,
-    )
+    module = config_module(model, config, s)
     s = {**s, "timed_steps": steps}
     trainer = build_trainer([ProfileWindow(), *callbacks], s, device)
     trainer.fit(module, train_dataloaders=make_loader(model, s, device))

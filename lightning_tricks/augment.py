@@ -51,11 +51,17 @@ __all__ = [
     "mixup_batch",
     "mixup_params",
     "mixup_apply",
+    "mixup_draws",
+    "random_permutations",
     "cutmix_batch",
     "cutmix_params",
     "cutmix_apply",
     "CutMixParams",
     "cutmix_box",
+    "cutmix_boxes",
+    "cutmix_draws",
+    "box_centers",
+    "kept_area",
     "cutout_size",
     "cutout_boxes",
     "cutout_batch",
@@ -194,25 +200,14 @@ def _check_lam(lam: float) -> None:
 
 
 def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float:
-    """One draw of ``Beta(alpha, alpha)`` from ``generator``, as ``G1 / (G1 + G2)`` with ``Gi ~ Gamma(alpha)``.
-
-    The draws of :func:`sample_beta_n` with ``n = 1``, with the arithmetic in Python (one kernel, not six).
+    """One draw of ``Beta(alpha, alpha)`` from ``generator``: :func:`sample_beta_n` with ``n = 1``, as a float.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> 0.0 <= sample_beta(0.4, g) <= 1.0
         True
     """
-    _check_alpha(alpha)
-    g1, g2 = torch._standard_gamma(_alpha_pair(float(alpha)), generator=generator).tolist()
-    if g1 + g2 == 0.0:  # both underflowed (tiny alpha): the limit, 0 or 1 with probability 1/2
-        return float(torch.randint(0, 2, (1,), generator=generator).item())
-    return g1 / (g1 + g2)
-
-
-@functools.lru_cache(maxsize=16)
-def _alpha_pair(alpha: float) -> Tensor:  # built once: a fill is one more cold kernel on every batch
-    return torch.full((2,), alpha, dtype=torch.float64)
+    return float(sample_beta_n(alpha, 1, generator)[0])
 
 
 def soft_targets(y: Tensor, num_classes: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -242,9 +237,23 @@ def _identity(num_classes: int, dtype: torch.dtype, device: torch.device) -> Ten
     return torch.eye(num_classes, dtype=dtype, device=device)
 
 
+def random_permutations(batches: int, n: int, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
+    """``(batches, n)`` int64 on ``device``: a uniform random permutation of ``range(n)`` per row, the ``argsort``
+    of ``batches x n`` float64 uniforms from ``generator`` (one draw for a whole block of batches; two equal
+    keys, which would favour the lower index, have probability below ``n**2 * 2**-54``).
+
+    Example:
+        >>> sorted(random_permutations(2, 4, torch.Generator().manual_seed(0))[1].tolist())
+        [0, 1, 2, 3]
+    """
+    keys = torch.rand((batches, n), generator=generator, dtype=torch.float64)
+    perms = keys.argsort(dim=1)
+    return perms if device is None else perms.to(device)
+
+
 def _partner_index(n: int, index: Tensor | None, generator: torch.Generator | None, device: torch.device) -> Tensor:
     if index is None:
-        index = torch.randperm(n, generator=generator)
+        return random_permutations(1, n, generator, device)[0]
     if index.shape != (n,):
         raise ValueError(f"index must have shape ({n},), got {tuple(index.shape)}")
     return index if index.device == device else index.to(device, non_blocking=True)
@@ -303,15 +312,30 @@ def mixup_params(
     generator: torch.Generator | None = None,
 ) -> tuple[float, Tensor]:
     """``(lam, index)`` for a batch of inputs ``x``: those not given drawn in this order, ``lam ~ Beta(alpha,
-    alpha)``, then a random permutation of the batch (on ``x``'s device)."""
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"mixup needs floating point inputs, got dtype {x.dtype}")
+    alpha)``, then a random permutation of the batch (on ``x``'s device); with neither given, the draws of
+    :func:`mixup_draws` for one batch."""
+    _check_float_inputs(x, "mixup")
     if lam is None:
         lam = sample_beta(alpha, generator)
     else:
         _check_alpha(alpha)
         _check_lam(lam)
     return float(lam), _partner_index(x.shape[0], index, generator, x.device)
+
+
+def mixup_draws(
+    x: Tensor, alpha: float, batches: int, generator: torch.Generator | None = None
+) -> list[tuple[float, Tensor]]:
+    """:func:`mixup_params` for ``batches`` batches shaped as ``x`` at once: their ``lam`` (one
+    :func:`sample_beta_n`), then their permutations (one :func:`random_permutations`)."""
+    _check_float_inputs(x, "mixup")
+    lams = sample_beta_n(alpha, batches, generator).tolist()
+    return list(zip(lams, random_permutations(batches, x.shape[0], generator, x.device).unbind(0)))
+
+
+def _check_float_inputs(x: Tensor, name: str) -> None:
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} needs floating point inputs, got dtype {x.dtype}")
 
 
 def mixup_apply(x: Tensor, y: Tensor, num_classes: int | None, lam: float, index: Tensor) -> MixedBatch:
@@ -344,24 +368,45 @@ def cutmix_box(
     generator: torch.Generator | None = None,
     center: tuple[int, int] | None = None,
 ) -> tuple[int, int, int, int]:
-    """The CutMix box ``(top, left, bottom, right)`` for a target mixing weight ``lam``.
-
-    Sides ``int(H * sqrt(1 - lam))`` and ``int(W * sqrt(1 - lam))`` around a center drawn uniformly over
-    the image (or given as ``(row, col)``), clipped at the border; so the area can be smaller than
-    ``(1 - lam) * H * W``, which is why :func:`cutmix_batch` recomputes ``lam`` from the box.
-    """
+    """The CutMix box ``(top, left, bottom, right)`` for a target mixing weight ``lam``: :func:`cutmix_boxes` of
+    one box, its center drawn by :func:`box_centers` unless given as ``(row, col)``."""
     _check_lam(lam)
-    cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
-    cy, cx = _box_center(height, width, generator) if center is None else (int(c) for c in center)
-    top, bottom = min(max(cy - cut_h // 2, 0), height), min(max(cy - cut_h // 2 + cut_h, 0), height)
-    left, right = min(max(cx - cut_w // 2, 0), width), min(max(cx - cut_w // 2 + cut_w, 0), width)
+    centers = box_centers(1, height, width, generator) if center is None else torch.tensor([center]).long()
+    lams = torch.tensor([lam], dtype=torch.float64)
+    top, left, bottom, right = cutmix_boxes(lams, height, width, centers)[0].tolist()
     return top, left, bottom, right
 
 
-def _box_center(height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
-    cy = int(torch.randint(0, height, (1,), generator=generator).item())
-    return cy, int(torch.randint(0, width, (1,), generator=generator).item())
+def box_centers(batches: int, height: int, width: int, generator: torch.Generator | None = None) -> Tensor:
+    """``(batches, 2)`` int64 (row, col) box centers uniform over an ``height x width`` image: the rows, then
+    the columns, from ``generator``."""
+    rows = torch.randint(0, height, (batches,), generator=generator)
+    return torch.stack([rows, torch.randint(0, width, (batches,), generator=generator)], 1)
+
+
+def cutmix_boxes(lam: Tensor, height: int, width: int, centers: Tensor) -> Tensor:
+    """``(B, 4)`` int64 CutMix boxes ``(top, left, bottom, right)``, end-exclusive, for float64 mixing weights
+    ``lam`` ``(B,)`` and (row, col) ``centers`` ``(B, 2)``.
+
+    Sides ``int(H * sqrt(1 - lam))`` and ``int(W * sqrt(1 - lam))`` around the center, clipped at the border;
+    so the area can be smaller than ``(1 - lam) * H * W``, which is why CutMix takes ``lam`` from the box
+    (:func:`kept_area`). Yun et al. 2019, arXiv:1905.04899.
+
+    Example:
+        >>> cutmix_boxes(torch.tensor([0.75], dtype=torch.float64), 8, 8, torch.tensor([[0, 4]])).tolist()
+        [[0, 2, 2, 6]]
+    """
+    side = torch.sqrt(1.0 - lam)  # float64, as math.sqrt: the int() of the paper's sides
+    cut_h, cut_w = (height * side).long(), (width * side).long()
+    top, left = centers[:, 0] - cut_h // 2, centers[:, 1] - cut_w // 2
+    ends = (top + cut_h).clamp(0, height), (left + cut_w).clamp(0, width)
+    return torch.stack([top.clamp(0, height), left.clamp(0, width), *ends], 1)
+
+
+def kept_area(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``(B,)`` float64: the share of an ``height x width`` image outside each box ``(B, 4)``, CutMix's ``lam``."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return 1.0 - area.to(torch.float64) / (height * width)
 
 
 def cutmix_batch(
@@ -416,15 +461,40 @@ def cutmix_params(
 ) -> CutMixParams:
     """CutMix's draws for images shaped as ``x`` ``(N, C, H, W)``, those not given and in this order:
     ``lam ~ Beta(alpha, alpha)``, the partner permutation, the box center; then the box
-    (:func:`cutmix_box`), the kept area as ``lam`` and the box's 0/1 map."""
-    if x.ndim != 4:
-        raise ValueError(f"cutmix needs images (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"cutmix needs floating point inputs, got dtype {x.dtype}")
+    (:func:`cutmix_boxes`), the kept area as ``lam`` and the box's 0/1 map. With none given, the draws of
+    :func:`cutmix_draws` for one batch."""
+    _check_images(x)
     lam, idx = mixup_params(x, alpha, lam, index, generator)  # the same first two draws
     h, w = x.shape[-2:]
-    top, left, bottom, right = box = cutmix_box(h, w, lam, generator, center)
-    return CutMixParams(1.0 - (bottom - top) * (right - left) / (h * w), idx, box, box_inside(box, x))
+    centers = box_centers(1, h, w, generator) if center is None else torch.tensor([center]).long()
+    return _cutmix_block(x, torch.tensor([lam], dtype=torch.float64), idx[None], centers)[0]
+
+
+def cutmix_draws(x: Tensor, alpha: float, batches: int, generator: torch.Generator | None = None) -> list[CutMixParams]:
+    """:func:`cutmix_params` for ``batches`` batches shaped as ``x`` at once: their ``lam`` (one
+    :func:`sample_beta_n`), their permutations (one :func:`random_permutations`), their box centers (one
+    :func:`box_centers`)."""
+    _check_images(x)
+    lams = sample_beta_n(alpha, batches, generator)
+    indexes = random_permutations(batches, x.shape[0], generator, x.device)
+    return _cutmix_block(x, lams, indexes, box_centers(batches, x.shape[-2], x.shape[-1], generator))
+
+
+def _check_images(x: Tensor) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"cutmix needs images (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_float_inputs(x, "cutmix")
+
+
+def _cutmix_block(x: Tensor, lams: Tensor, indexes: Tensor, centers: Tensor) -> list[CutMixParams]:
+    h, w = x.shape[-2:]
+    boxes = cutmix_boxes(lams, h, w, centers)
+    maps = box_mask(boxes.to(x.device), h, w).to(_target_dtype(x))
+    rows = zip(kept_area(boxes, h, w).tolist(), indexes.unbind(0), boxes.tolist(), maps.unbind(0))
+    return [
+        CutMixParams(lam, index, (top, left, bottom, right), inside)
+        for lam, index, (top, left, bottom, right), inside in rows
+    ]
 
 
 def cutmix_apply(x: Tensor, y: Tensor, num_classes: int | None, params: CutMixParams) -> MixedBatch:
@@ -435,21 +505,15 @@ def cutmix_apply(x: Tensor, y: Tensor, num_classes: int | None, params: CutMixPa
     return MixedBatch(out, q.index_select(0, params.index).lerp_(q, params.lam), params.lam, params.index, params.box)
 
 
-def box_inside(box: tuple[int, int, int, int], like: Tensor) -> Tensor:
-    """``(H, W)`` in ``like``'s float dtype on its device: 1 inside ``box`` (top, left, bottom, right), else 0."""
-    top, left, bottom, right = box
-    inside = torch.zeros(like.shape[-2:], dtype=_target_dtype(like), device=like.device)
-    inside.narrow(0, top, bottom - top).narrow(1, left, right - left).fill_(1.0)  # a slice assignment's work
-    return inside
-
-
 def paste_box(x: Tensor, index: Tensor, box: tuple[int, int, int, int], inside: Tensor | None = None) -> Tensor:
     """A copy of float images ``x`` ``(N, C, H, W)`` whose ``box`` ``(top, left, bottom, right)`` holds ``x[index]``'s.
 
-    ``lerp(x, x[index], inside)`` with ``inside`` the box's 0/1 map (:func:`box_inside`, made unless given):
+    ``lerp(x, x[index], inside)`` with ``inside`` the box's 0/1 map (:func:`box_mask`, made unless given):
     exact, since ``lerp`` gives its ends at weights 0 and 1 (for finite pixels).
     """
-    return torch.lerp(x, x.index_select(0, index), box_inside(box, x) if inside is None else inside)
+    if inside is None:
+        inside = box_mask(torch.tensor(box, device=x.device), x.shape[-2], x.shape[-1]).to(x.dtype)
+    return torch.lerp(x, x.index_select(0, index), inside)
 
 
 # -- mixup or CutMix, timm semantics ------------------------------------------------------------
@@ -600,15 +664,8 @@ def mixup_cutmix_params(
     if cutmix_alpha > 0:
         assert image_size is not None
         h, w = (int(s) for s in image_size)
-        cy = torch.randint(0, h, (slots,), generator=generator)
-        cx = torch.randint(0, w, (slots,), generator=generator)
-        side = torch.sqrt(1.0 - lam)  # float64: the same numbers as cutmix_box's math.sqrt and int()
-        cut_h, cut_w = (h * side).long(), (w * side).long()
-        top, left = cy - cut_h // 2, cx - cut_w // 2
-        box = torch.stack([top.clamp(0, h), left.clamp(0, w), (top + cut_h).clamp(0, h), (left + cut_w).clamp(0, w)], 1)
-        boxes = torch.where(cut[:, None], box, boxes)
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        lam = torch.where(cut, 1.0 - area.to(f64) / (h * w), lam)
+        boxes = torch.where(cut[:, None], cutmix_boxes(lam, h, w, box_centers(slots, h, w, generator)), boxes)
+        lam = torch.where(cut, kept_area(boxes, h, w), lam)
     # slot of each sample; the extra last slot leaves a sample as it is (the middle one of an odd pair batch)
     lam = torch.cat([lam, torch.ones(1, dtype=f64)])
     cut = torch.cat([cut, torch.zeros(1, dtype=torch.bool)])
@@ -788,14 +845,14 @@ def cutout_batch(
     return out, cutout_boxes(n, count, cutout_size(size, h, w), h, w, centers=centers)
 
 
-def cutout_centers(x: Tensor, count: int, generator: torch.Generator | None = None) -> Tensor:
-    """The ``(N, count, 2)`` (row, col) square centers :func:`cutout_batch` draws for images ``x``: rows, then
-    columns, uniform over the image, from ``generator``."""
+def cutout_centers(x: Tensor, count: int, generator: torch.Generator | None = None, batches: int = 1) -> Tensor:
+    """The ``(batches * N, count, 2)`` (row, col) square centers :func:`cutout_batch` draws for ``batches``
+    batches of images shaped as ``x``: rows, then columns, uniform over the image, from ``generator``."""
     if x.ndim != 4:
         raise ValueError(f"cutout needs images (N, C, H, W), got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n, count), generator=generator)
-    cx = torch.randint(0, w, (n, count), generator=generator)
+    cy = torch.randint(0, h, (batches * n, count), generator=generator)
+    cx = torch.randint(0, w, (batches * n, count), generator=generator)
     return torch.stack([cy, cx], dim=-1)
 
 

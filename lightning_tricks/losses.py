@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_tricks.augment import MixedTargets
+
 __all__ = ["classification_loss", "probability_nll", "PROB_FLOOR"]
 
 #: probabilities are clamped to at least this before the log (a float32 softmax can underflow to 0)
@@ -31,7 +33,9 @@ def classification_loss(
     (Szegedy et al. 2016, arXiv:1512.00567), for hard and soft targets alike. ``reduction`` is
     ``torch.nn.functional.cross_entropy``'s (``"none"`` gives the per-sample losses).
     """
-    dtype = target.dtype  # read once: on MixedTargets every access is a Python call
+    if isinstance(target, MixedTargets):  # a loss reads them as probabilities: the label guard's dispatch is not needed
+        target = target.as_subclass(Tensor)
+    dtype = target.dtype
     if dtype.is_floating_point and dtype != logits.dtype:
         target = target.to(logits.dtype)
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)

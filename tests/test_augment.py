@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -550,16 +551,17 @@ def test_draws_of_a_batch_do_not_depend_on_other_shapes_in_its_block():
         assert torch.equal(a, b)
 
 
-def test_block_draws_are_the_core_draws_made_in_turn():
-    """Batch ``count`` of a callback is the ``count % BLOCK``-th call of the core's draw function on a generator
-    seeded with ``rank_seed(seed, rank) + count // BLOCK``, applied by the core's arithmetic."""
+def test_block_draws_are_the_core_block_draws():
+    """Batch ``count`` of a callback is row ``count % BLOCK`` of the core's draws for ``BLOCK`` batches from a
+    generator seeded with ``rank_seed(seed, rank) + count // BLOCK`` (after ``BLOCK`` uniforms for ``U < p``
+    when ``p < 1``), applied by the core's arithmetic."""
     from lightning_tricks.augment import (
         cutmix_apply,
-        cutmix_params,
+        cutmix_draws,
         cutout_centers,
         cutout_images,
         mixup_apply,
-        mixup_params,
+        mixup_draws,
         rank_seed,
     )
     from lightning_tricks.callbacks.augment import BLOCK
@@ -567,31 +569,83 @@ def test_block_draws_are_the_core_draws_made_in_turn():
     x, y = torch.randn(8, 2, 6, 7), torch.arange(8) % 4
     for count in (0, 5, BLOCK + 2):
         for cls, kw, draw, apply in (
+            (Mixup, {"num_classes": 4}, lambda g: mixup_draws(x, 1.0, BLOCK, g), lambda d: mixup_apply(x, y, 4, *d)),
+            (CutMix, {"num_classes": 4}, lambda g: cutmix_draws(x, 1.0, BLOCK, g), lambda d: cutmix_apply(x, y, 4, d)),
             (
-                Mixup,
-                {"num_classes": 4},
-                lambda g: mixup_params(x, 1.0, generator=g),
-                lambda d: mixup_apply(x, y, 4, *d),
+                Cutout,
+                {"size": 3, "count": 2},
+                lambda g: cutout_centers(x, 2, g, BLOCK).split(8),
+                lambda d: (cutout_images(x, 3, d),),
             ),
-            (
-                CutMix,
-                {"num_classes": 4},
-                lambda g: cutmix_params(x, 1.0, generator=g),
-                lambda d: cutmix_apply(x, y, 4, d),
-            ),
-            (Cutout, {"size": 3, "count": 2}, lambda g: cutout_centers(x, 2, g), lambda d: (cutout_images(x, 3, d),)),
         ):
             cb = cls(seed=11, **kw)
             cb.setup(_fake_trainer(rank=1), None, "fit")
             cb.batches = count
             got = _run_hook(cb, [x, y])
-            g = _gen(rank_seed(11, 1) + count // BLOCK)
-            for _ in range(count % BLOCK):
-                draw(g)
-            want = apply(draw(g))
+            want = apply(draw(_gen(rank_seed(11, 1) + count // BLOCK))[count % BLOCK])
             assert torch.equal(got[0], want[0])
             if cls is not Cutout:
                 assert torch.equal(got[1], want[1]) and torch.equal(got[1].labels, y)
+    # p < 1: the block's first BLOCK uniforms say which batches are mixed, then the draws follow
+    cb = Mixup(p=0.5, seed=4, num_classes=4)
+    cb.setup(_fake_trainer(), None, "fit")
+    g = _gen(rank_seed(4, 0))
+    applied = (torch.rand(BLOCK, generator=g, dtype=torch.float64) < 0.5).tolist()
+    draws = mixup_draws(x, 1.0, BLOCK, g)
+    assert 0 < sum(applied) < BLOCK
+    for row in range(BLOCK):
+        got = _run_hook(cb, [x, y])
+        if applied[row]:
+            assert torch.equal(got[0], mixup_apply(x, y, 4, *draws[row]).x)
+        else:
+            assert got[0] is x and got[1] is y
+
+
+def test_block_draws_follow_their_formulas_and_one_batch_is_a_block_of_one():
+    """The block draws in their documented order (every ``lam``, then every permutation as the argsort of float64
+    uniforms, then every box center, rows before columns), the paper's CutMix box, and the single-batch
+    functions equal to a block of one."""
+    from lightning_tricks.augment import (
+        box_mask,
+        cutmix_box,
+        cutmix_draws,
+        cutmix_params,
+        mixup_draws,
+        mixup_params,
+        random_permutations,
+        sample_beta_n,
+    )
+
+    x = torch.randn(5, 1, 7, 9)
+    g = _gen(3)
+    lams = sample_beta_n(0.4, 4, g)
+    keys = torch.rand((4, 5), generator=g, dtype=torch.float64)
+    rows, cols = torch.randint(0, 7, (4,), generator=g), torch.randint(0, 9, (4,), generator=g)
+    mixed = mixup_draws(x, 0.4, 4, _gen(3))
+    assert [m[0] for m in mixed] == lams.tolist()
+    assert all(torch.equal(m[1], keys[i].argsort()) for i, m in enumerate(mixed))
+    for i, params in enumerate(cutmix_draws(x, 0.4, 4, _gen(3))):
+        lam, cy, cx = lams[i].item(), int(rows[i]), int(cols[i])
+        cut_h, cut_w = int(7 * math.sqrt(1 - lam)), int(9 * math.sqrt(1 - lam))  # the paper's box, clipped
+        top, left = min(max(cy - cut_h // 2, 0), 7), min(max(cx - cut_w // 2, 0), 9)
+        bottom, right = min(max(cy - cut_h // 2 + cut_h, 0), 7), min(max(cx - cut_w // 2 + cut_w, 0), 9)
+        assert params.box == (top, left, bottom, right) == cutmix_box(7, 9, lam, center=(cy, cx))
+        assert params.lam == 1 - (bottom - top) * (right - left) / 63
+        assert torch.equal(params.index, keys[i].argsort())
+        want = torch.zeros(7, 9)
+        want[top:bottom, left:right] = 1.0
+        assert torch.equal(params.inside, want)
+    one, drawn = cutmix_params(x, 0.4, generator=_gen(8)), cutmix_draws(x, 0.4, 1, _gen(8))[0]
+    assert one.lam == drawn.lam and one.box == drawn.box and torch.equal(one.index, drawn.index)
+    assert torch.equal(one.inside, drawn.inside)
+    (lam, index), (lam1, index1) = mixup_params(x, 0.4, generator=_gen(8)), mixup_draws(x, 0.4, 1, _gen(8))[0]
+    assert lam == lam1 and torch.equal(index, index1)
+    assert torch.equal(box_mask(torch.tensor([one.box]), 7, 9)[0].float(), one.inside)
+    # every permutation of 3 equally often: 6,000 rows, about 1,000 each (5 standard deviations: 144)
+    perms = random_permutations(6000, 3, _gen(1))
+    assert all(sorted(p) == [0, 1, 2] for p in perms.tolist())
+    counts = torch.unique(perms, dim=0, return_counts=True)[1]
+    assert len(counts) == 6 and int((counts - 1000).abs().max()) < 144
 
 
 def test_split_core_functions_equal_the_one_call_forms():
@@ -599,7 +653,7 @@ def test_split_core_functions_equal_the_one_call_forms():
     the draws in the documented order; the soft targets equal one_hot for small and large class counts."""
     from lightning_tricks.augment import (
         IDENTITY_CLASSES,
-        box_inside,
+        box_mask,
         cutmix_apply,
         cutmix_params,
         cutout_fill,
@@ -615,7 +669,8 @@ def test_split_core_functions_equal_the_one_call_forms():
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.lam == b.lam
     g = _gen(5)
     lam = sample_beta(0.4, g)
-    assert a.lam == lam and torch.equal(a.index, torch.randperm(6, generator=g))  # lam, then the permutation
+    keys = torch.rand((1, 6), generator=g, dtype=torch.float64)
+    assert a.lam == lam and torch.equal(a.index, keys[0].argsort())  # lam, then the permutation
     a, b = (
         cutmix_batch(x, y, 4, 1.0, generator=_gen(6)),
         cutmix_apply(x, y, 4, cutmix_params(x, 1.0, generator=_gen(6))),
@@ -625,7 +680,7 @@ def test_split_core_functions_equal_the_one_call_forms():
     want = x.clone()
     want[:, :, top:bottom, left:right] = x[a.index][:, :, top:bottom, left:right]  # slicing reference
     assert torch.equal(a.x, want) and torch.equal(paste_box(x, a.index, a.box), want)
-    assert int(box_inside(a.box, x).sum()) == (bottom - top) * (right - left)
+    assert int(box_mask(torch.tensor(a.box), 9, 8).sum()) == (bottom - top) * (right - left)
     with pytest.raises(ValueError, match="cutmix needs floating point inputs, got dtype torch.uint8"):
         cutmix_batch(x.to(torch.uint8), y, 4, generator=_gen(0))
     centers = torch.stack(

@@ -26,7 +26,7 @@ from lightning_tricks.augment import (
     check_batch_keys,
     check_mixup_cutmix,
     cutmix_apply,
-    cutmix_params,
+    cutmix_draws,
     cutout_centers,
     cutout_fill,
     cutout_size,
@@ -34,7 +34,7 @@ from lightning_tricks.augment import (
     mixup_apply,
     mixup_cutmix_batch,
     mixup_cutmix_params,
-    mixup_params,
+    mixup_draws,
     rank_seed,
     read_batch,
 )
@@ -167,8 +167,9 @@ class BatchAugment(MemoStateKey, Callback):
 
     def draws_of(self, count: int, x: Tensor) -> Any:
         """The draws of training batch ``count`` (``None``: not applied): row ``count % BLOCK`` of block
-        ``count // BLOCK``, whose batches draw in turn (``U < p``, then :meth:`draw`) from the seed
-        ``rank_seed(seed, rank) + block``; made once per input shape, dtype and device."""
+        ``count // BLOCK``, drawn from the seed ``rank_seed(seed, rank) + block``: ``BLOCK`` uniforms for
+        ``U < p`` (when ``p < 1``), then :meth:`draw` for ``BLOCK`` batches; made once per input shape, dtype
+        and device."""
         block, row = divmod(count, BLOCK)
         key = (self._seed or 0, self._rank, block)
         if key != self._block_key:
@@ -177,16 +178,15 @@ class BatchAugment(MemoStateKey, Callback):
         draws = self._blocks.get(like)
         if draws is None:
             generator = self._generator.manual_seed((rank_seed(key[0], key[1]) + block) % 2**64)
-            draws = self._blocks[like] = [self._draw_batch(x, generator) for _ in range(BLOCK)]
+            applied = [True] * BLOCK
+            if self.p < 1.0:
+                applied = (torch.rand(BLOCK, generator=generator, dtype=torch.float64) < self.p).tolist()
+            drawn = self.draw(x, BLOCK, generator)
+            draws = self._blocks[like] = [d if a else None for d, a in zip(drawn, applied)]
         return draws[row]
 
-    def _draw_batch(self, x: Tensor, generator: torch.Generator) -> Any:
-        if self.p < 1.0 and torch.rand((), generator=generator, dtype=torch.float64).item() >= self.p:
-            return None
-        return self.draw(x, generator)
-
-    def draw(self, x: Tensor, generator: torch.Generator) -> Any:
-        """One batch's draws for inputs shaped as ``x``, from ``generator`` (a call of the core)."""
+    def draw(self, x: Tensor, batches: int, generator: torch.Generator) -> list[Any]:
+        """The draws of ``batches`` batches shaped as ``x``, from ``generator`` (a call of the core)."""
         raise NotImplementedError
 
     def transform(self, x: Tensor, y: Tensor, draws: Any, on: bool) -> tuple[Tensor, Tensor]:
@@ -250,8 +250,8 @@ class Mixup(_Mix):
         [True, True, False, False]
     """
 
-    def draw(self, x: Tensor, generator: torch.Generator) -> tuple[float, Tensor]:
-        return mixup_params(x, self.alpha, generator=generator)
+    def draw(self, x: Tensor, batches: int, generator: torch.Generator) -> list[tuple[float, Tensor]]:
+        return mixup_draws(x, self.alpha, batches, generator)
 
     def transform(self, x: Tensor, y: Tensor, draws: tuple[float, Tensor], on: bool) -> tuple[Tensor, Tensor]:
         return mixup_apply(x, y, self._num_classes(y), *draws)[:2]
@@ -263,8 +263,8 @@ class CutMix(_Mix):
     Images ``(N, C, H, W)`` only. Arguments as :class:`Mixup` (the paper uses ``alpha=1``).
     """
 
-    def draw(self, x: Tensor, generator: torch.Generator) -> CutMixParams:
-        return cutmix_params(x, self.alpha, generator=generator)
+    def draw(self, x: Tensor, batches: int, generator: torch.Generator) -> list[CutMixParams]:
+        return cutmix_draws(x, self.alpha, batches, generator)
 
     def transform(self, x: Tensor, y: Tensor, draws: CutMixParams, on: bool) -> tuple[Tensor, Tensor]:
         return cutmix_apply(x, y, self._num_classes(y), draws)[:2]
@@ -330,7 +330,7 @@ class MixupCutmix(BatchAugment):
     def _acts_when_off(self) -> bool:
         return self.label_smoothing > 0  # the smoothing stays after the mixing stops
 
-    def draw(self, x: Tensor, generator: torch.Generator) -> MixCutParams:
+    def draw(self, x: Tensor, batches: int, generator: torch.Generator) -> list[MixCutParams]:
         if self.cutmix_alpha > 0 and x.ndim != 4:
             raise ValueError(
                 f"MixupCutmix(cutmix_alpha={self.cutmix_alpha}) needs images (N, C, H, W), got shape "
@@ -338,7 +338,7 @@ class MixupCutmix(BatchAugment):
             )
         size = (x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
         mixing = (self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob, self.mode)
-        return mixup_cutmix_params(x.shape[0], size, *mixing, generator)
+        return [mixup_cutmix_params(x.shape[0], size, *mixing, generator) for _ in range(batches)]
 
     def transform(self, x: Tensor, y: Tensor, draws: MixCutParams, on: bool) -> tuple[Tensor, Tensor]:
         # off (the smoothing goes on): prob 0 mixes nothing and draws nothing
@@ -390,9 +390,10 @@ class Cutout(BatchAugment):
         if shape is not None and len(shape) == 3:
             cutout_size(self.size, int(shape[1]), int(shape[2]))  # raises if it does not fit
 
-    def draw(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def draw(self, x: Tensor, batches: int, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
         # the squares' rows and columns, ready to fill: made with the block's draws, not per batch
-        return cutout_windows(x, self.size, cutout_centers(x, self.count, generator))
+        rows, cols = cutout_windows(x, self.size, cutout_centers(x, self.count, generator, batches))
+        return list(zip(rows.split(x.shape[0]), cols.split(x.shape[0])))
 
     def transform(self, x: Tensor, y: Tensor, draws: tuple[Tensor, Tensor], on: bool) -> tuple[Tensor, Tensor]:
         return cutout_fill(x, draws, self.value), y

@@ -24,8 +24,8 @@ within each repeat; ratios are taken per repeat against bare Lightning of the sa
 averaged. The same repeat also times the floor: one ``torch._foreach_lerp_`` pass over the model's
 parameters after each optimizer step of the raw loop; every configuration's added ms per step (vs bare
 Lightning of the same repeat) is also given in floors, and the time inside its callback hooks is clocked.
-The goals of issue 15 (``LIGHT`` / ``ONE_PASS`` / ``GOAL_*`` below) are judged on the MLP rows, on the
-CPU as on a GPU.
+The goals (``LIGHT`` / ``ONE_PASS`` / ``GOAL_*`` below) are judged on the MLP rows, on the CPU as on a
+GPU.
 
     python benchmarks/overhead.py                          # small CPU setting (SETTINGS)
     python benchmarks/overhead.py --full --device cuda     # GPU setting (FULL)
@@ -92,18 +92,17 @@ FULL: dict[str, Any] = {
     "profile_steps": 50,
 }
 
-#: Goals of issue 15, judged on the MLP rows on every device (the CPU included): a light callback adds
-#: at most 2% to a bare Lightning step and spends at most 30 µs per step in its hooks; a batch
-#: augmentation likewise, with its floor (its arithmetic alone, see ``time_floors``) + 30 µs in its
-#: hooks; a callback that makes one pass over the weights per step (EMA, L1, the every-step weight check)
-#: at most 1.2 floors in its hooks, the floor being one ``torch._foreach_lerp_`` pass over the model's
-#: parameters measured in the same run; the whole stack at most 28%, each of its hooks within its floor
-#: + 30 µs; Lightning's ``EMAWeightAveraging`` adds at least 3x (CPU; 5x on a GPU) what our EMA adds.
+#: Goals, judged on the MLP rows on every device (the CPU included): a light callback or a batch
+#: augmentation adds at most 2% to a bare Lightning step; a callback that makes one pass over the weights
+#: per step (EMA, L1, the every-step weight check) at most 1.2 floors in its hooks, the floor being one
+#: ``torch._foreach_lerp_`` pass over the model's parameters measured in the same run; the whole stack at
+#: most 28%; Lightning's ``EMAWeightAveraging`` adds at least 3x (CPU; 5x on a GPU) what our EMA adds.
+#: The hooks' own µs are reported against their floors, not judged: a simpler form that stays inside
+#: these ratios wins over a faster one.
 LIGHT = ("lr_schedule", "lr_schedule_nolog", "early_stopping", "update_ratio", "divergence_guard_50")
 AUGMENT = ("mixup", "cutmix", "cutout")
 ONE_PASS = ("ema", "l1", "l1_subgradient", "divergence_guard")
 GOAL_LIGHT_RATIO = 1.02
-GOAL_LIGHT_HOOK_US = 30.0
 GOAL_ONE_PASS_FLOORS = 1.2
 GOAL_STACK_RATIO = 1.28
 GOAL_EMA_VS_LIGHTNING = {"cpu": 3.0, "cuda": 5.0}
@@ -777,26 +776,28 @@ def profile(model: str, name: str, s: dict, device: torch.device, rows: int = 25
         per_step = e.cpu_time_total / steps  # µs
         kind = HOOK_FLOOR.get(e.key)
         scale = FLOOR_SCALE.get(e.key, (1.0, ""))[0]
-        allowed = (1e6 * scale * floors[kind] if kind else 0.0) + GOAL_LIGHT_HOOK_US
+        own = 1e6 * scale * floors[kind] if kind else 0.0
         body.append(
             [
                 f"`{e.key}`",
                 f"{per_step:.0f}",
                 f"{per_step / (1e6 * floor):.2f}",
-                (f"{kind} floor + 30" if kind else "30") + f" = {allowed:.0f}",
-                "met" if per_step <= allowed else f"above by {per_step - allowed:.0f} µs",
+                f"{own:.0f} ({kind})" if kind else "—",
+                f"{per_step - own:.0f}",
             ]
         )
     hooks_table = C.markdown_table(
-        ["hook", "µs per step (profiled)", "x floor", "allowed µs", "verdict"], body, right=(1, 2)
+        ["hook", "µs per step (profiled)", "x weights floor", "its floor µs", "above its floor µs"],
+        body,
+        right=(1, 2, 3, 4),
     )
     return "\n\n".join(
         [
             head,
             f"Callback hooks, CPU time per step under the profiler (which adds a few µs per op and per hook) vs "
             f"the weights floor, one `_foreach_lerp_` pass over the weights = {1e6 * floor:.0f} µs measured right "
-            "after (a hook with tensor work is allowed its floor + 30 µs, every other hook 30 µs; the timing table "
-            "of a normal run has the same per hook without the profiler):",
+            "after, and against its own floor (a hook with tensor work: the floor of that work; every other hook: "
+            "0); the timing table of a normal run has the same per hook without the profiler:",
             hooks_table,
             f"Top {rows} by total CPU time (includes the per-hook ranges `Class.hook` and the whole step):",
             events.table(sort_by="cpu_time_total", row_limit=rows),
@@ -822,16 +823,12 @@ def goal_of(model: str, name: str, floor_frac: float, device: torch.device) -> t
     """The goal of a row as (kind, text), or ``None`` (no goal: the ResNet rows, SWA, references)."""
     if model != "mlp":
         return None
-    if name in LIGHT and name in FLOOR_OF:
-        return "light", f"≤ {GOAL_LIGHT_RATIO:.2f}x, hooks ≤ its floor + {GOAL_LIGHT_HOOK_US:.0f} µs"
-    if name in LIGHT:
-        return "light", f"≤ {GOAL_LIGHT_RATIO:.2f}x, hooks ≤ {GOAL_LIGHT_HOOK_US:.0f} µs"
-    if name in AUGMENT:
-        return "augment", f"≤ {GOAL_LIGHT_RATIO:.2f}x, hooks ≤ its floor + {GOAL_LIGHT_HOOK_US:.0f} µs"
+    if name in LIGHT or name in AUGMENT:
+        return "light", f"≤ {GOAL_LIGHT_RATIO:.2f}x"
     if name in ONE_PASS:
         return "one_pass", f"hooks ≤ {GOAL_ONE_PASS_FLOORS} floors (≤ {1 + GOAL_ONE_PASS_FLOORS * floor_frac:.3f}x)"
     if name == "stack":
-        return "stack", f"≤ {GOAL_STACK_RATIO:.2f}x, every hook ≤ its floor + {GOAL_LIGHT_HOOK_US:.0f} µs"
+        return "stack", f"≤ {GOAL_STACK_RATIO:.2f}x"
     if name == "lightning_ema":
         return "vs_ema", (
             f"costs ≥ {GOAL_EMA_VS_LIGHTNING.get(device.type, 3.0):.0f}x our EMA "
@@ -942,18 +939,14 @@ def summarize(
             verdict = ""
             if goal is not None:
                 goal_kind, _ = goal
-                if goal_kind in ("light", "augment"):
-                    parts = [
-                        _verdict(r_mean, GOAL_LIGHT_RATIO, r_std),
-                        _verdict(1e6 * e_mean, GOAL_LIGHT_HOOK_US, 1e6 * e_std, " µs", ".0f"),
-                    ]
-                    verdict = "met" if parts == ["met", "met"] else f"ratio {parts[0]}; hooks {parts[1]}"
+                if goal_kind == "light":
+                    verdict = _verdict(r_mean, GOAL_LIGHT_RATIO, r_std)
                 elif goal_kind == "one_pass":  # judged on the hooks' own time: the added ms carry ±0.5 floor of noise
                     verdict = f"hooks {hf_mean:.2f} ± {hf_std:.2f} floors: " + _verdict(
                         hf_mean, GOAL_ONE_PASS_FLOORS, hf_std, " floors", ".2f"
                     )
                 elif goal_kind == "stack":
-                    verdict = _verdict(r_mean, GOAL_STACK_RATIO, r_std) + "; hooks: see the profile below"
+                    verdict = _verdict(r_mean, GOAL_STACK_RATIO, r_std)
                 elif goal_kind == "vs_ema":
                     # on a CPU the hooks hold the whole cost (kernels run in them): judged on them; on a GPU
                     # the kernels are asynchronous, so on the added ms
@@ -1036,10 +1029,9 @@ def summarize(
             "step of the raw loop; for Mixup, CutMix and Cutout their arithmetic alone on the batch and targets, "
             "every draw given, in the `on_train_batch_start` of a bare Lightning fit); `hooks x its floor` and "
             "`hooks − its floor`: the hooks against it (what the callback adds on top: draws, batch handling, "
-            "Python). Goals (issue 15, MLP rows): a light callback ≤ 1.02x and ≤ 30 µs in its hooks (≤ its floor "
-            "+ 30 µs for one that measures every n steps); a batch augmentation ≤ 1.02x and ≤ its floor + 30 µs; "
-            "EMA, L1 and the every-step weight check ≤ 1.2 floors (judged on the hooks); the whole stack ≤ 1.28x "
-            "with every hook ≤ its floor + 30 µs; Lightning's EMAWeightAveraging costs ≥ 3x what our EMA costs "
+            "Python; reported, not judged). Goals (MLP rows): a light callback or a batch augmentation ≤ 1.02x; "
+            "EMA, L1 and the every-step weight check ≤ 1.2 floors (judged on the hooks); the whole stack ≤ 1.28x; "
+            "Lightning's EMAWeightAveraging costs ≥ 3x what our EMA costs "
             "(CPU, judged on the hooks) or ≥ 5x (GPU, on the added ms). `within noise`: the miss is smaller than "
             "the spread over repeats.",
             "",
@@ -1079,29 +1071,25 @@ def _stack_profile(
         kind = HOOK_FLOOR.get(key)
         scale, why = FLOOR_SCALE.get(key, (1.0, ""))
         own = [1e6 * scale * f for f in floor_of(kind, n)]
-        allowed = [f + GOAL_LIGHT_HOOK_US for f in own]
-        over = [u - a for u, a in zip(us, allowed)]
-        o_mean, o_std = C.mean_std(over)
         body.append(
             [
                 f"`{key}`",
                 C.pm(us, 0),
                 " ".join(f"{u:.0f}" for u in us),
                 "—" if kind is None else f"{C.pm(own, 0)} ({kind}{', ' + why if why else ''})",
-                C.pm(allowed, 0),
-                "met" if o_mean <= 0 else _verdict(o_mean, 0.0, o_std, " µs", ".0f"),
+                C.pm([u - f for u, f in zip(us, own)], 0),
             ]
         )
     return "\n".join(
         [
             "",
             f"Profile of the whole stack ({model}): each callback hook's time per step, clocked inside the hook in "
-            "the timed window of every repeat (the clock costs under a µs), against its floor + "
-            f"{GOAL_LIGHT_HOOK_US:.0f} µs (hooks without tensor work: 30 µs). `EarlyStopping` acts at epoch "
-            "ends, amortized over the epoch's steps.",
+            "the timed window of every repeat (the clock costs under a µs), and what it spends above its floor "
+            "(hooks without tensor work: a floor of 0). `EarlyStopping` acts at epoch ends, amortized over the "
+            "epoch's steps.",
             "",
             C.markdown_table(
-                ["hook", "µs per step", "per repeat", "its floor µs", "allowed µs", "verdict"], body, right=(1, 3, 4)
+                ["hook", "µs per step", "per repeat", "its floor µs", "above its floor µs"], body, right=(1, 4)
             ),
         ]
     )

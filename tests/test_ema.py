@@ -226,6 +226,34 @@ def test_ema_without_an_average_evaluates_raw_weights_and_says_so() -> None:
     assert got == _trainer([]).test(module, _loader(32), verbose=False)[0]
 
 
+@pytest.mark.parametrize("first", ["validate", "test"])
+def test_ema_and_swa_after_an_evaluation_before_fit_train_and_average_exactly(first: str) -> None:
+    """validate() or test() before fit (inference mode) leaves an average that the fit then updates: EMA equals
+    torch's AveragedModel, SWA the equal-weight mean, as without the evaluation first."""
+    seed_everything(0)
+    module = RefClassifier(0.8)
+    ema = EMA(decay=0.8, warmup=False, average_at_end=False)
+    trainer = _trainer([ema])
+    with pytest.warns(UserWarning, match="no average yet"):
+        getattr(trainer, first)(module, _loader(32), verbose=False)
+    trainer.fit(module, _loader())
+    assert ema.num_updates == module.steps == 12
+    _assert_ema_equals_ref(ema, module)
+
+    def swa_average(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        seed_everything(0)
+        module, swa = RefClassifier(), SWA(start=1, average_at_end=False)
+        trainer = _trainer([swa], max_epochs=3)
+        if evaluate_first:
+            with pytest.warns(UserWarning, match="no average yet"):
+                getattr(trainer, first)(module, _loader(32), verbose=False)
+        trainer.fit(module, _loader())
+        return swa.average_tensors()
+
+    with_evaluation, without = swa_average(True), swa_average(False)
+    assert with_evaluation and all(torch.equal(with_evaluation[k], without[k]) for k in without)
+
+
 def test_ema_keeps_float32_average_of_bfloat16_weights() -> None:
     seed_everything(0)
     module = RefClassifier()

@@ -168,12 +168,15 @@ class _Averaging(Callback):
     def _bind(self, pl_module: LightningModule) -> None:
         """Create (or rebind after a device move) the average and apply a loaded state."""
         self._module = weakref.ref(pl_module)
-        if self._average is None:
-            device = torch.device("cpu") if self.on_cpu else None
-            self._average = WeightAverage(pl_module, buffers=self._include_buffers(), device=device)
-        else:
-            self._average.bind(pl_module)
-        self._apply_pending()
+        # validate() or test() run in inference mode: an average made there would be an inference tensor,
+        # which a later fit cannot update in place
+        with torch.inference_mode(False):
+            if self._average is None:
+                device = torch.device("cpu") if self.on_cpu else None
+                self._average = WeightAverage(pl_module, buffers=self._include_buffers(), device=device)
+            else:
+                self._average.bind(pl_module)
+            self._apply_pending()
 
     def _apply_pending(self) -> None:
         """Load a state read from a checkpoint into the (bound) average."""

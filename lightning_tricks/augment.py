@@ -508,11 +508,13 @@ def cutmix_apply(x: Tensor, y: Tensor, num_classes: int | None, params: CutMixPa
 def paste_box(x: Tensor, index: Tensor, box: tuple[int, int, int, int], inside: Tensor | None = None) -> Tensor:
     """A copy of float images ``x`` ``(N, C, H, W)`` whose ``box`` ``(top, left, bottom, right)`` holds ``x[index]``'s.
 
-    ``lerp(x, x[index], inside)`` with ``inside`` the box's 0/1 map (:func:`box_mask`, made unless given):
-    exact, since ``lerp`` gives its ends at weights 0 and 1 (for finite pixels).
+    ``lerp(x, x[index], inside)`` with ``inside`` the box's 0/1 map ``(H, W)`` (the one :func:`box_mask` gives,
+    made unless given): exact, since ``lerp`` gives its ends at weights 0 and 1 (for finite pixels).
     """
-    if inside is None:
-        inside = box_mask(torch.tensor(box, device=x.device), x.shape[-2], x.shape[-1]).to(x.dtype)
+    if inside is None:  # one box on the per-batch path (MixupCutmix's batch mode): two kernels, not box_mask's ten
+        top, left, bottom, right = box
+        inside = torch.zeros(x.shape[-2:], dtype=x.dtype, device=x.device)
+        inside.narrow(0, top, bottom - top).narrow(1, left, right - left).fill_(1.0)
     return torch.lerp(x, x.index_select(0, index), inside)
 
 
